@@ -1,0 +1,152 @@
+# -*- test-case-name: tests.test_cache -*-
+"""
+The image cache (restore host): receives images from an image proxy and
+serves them to C{criu restore --remote} on a local socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_criu import wire
+from twisted_criu.endpoints import ObservedServerEndpoint
+from twisted_criu.errors import ImageKey
+from twisted_criu.interfaces import IImageStore, IStoredImage
+from twisted_criu.local import ILocalImageService, LocalImageFactory
+from twisted_criu.registry import SessionSummary, SnapshotRegistry
+from twisted_criu.remote import IRemoteImageSink, RemoteReceiver, RemoteReceiverFactory
+from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.variants import ReadVariant, readsInline
+
+
+class CacheSession:
+    """
+    One restore: the images received for it and the two ends that must both
+    finish before it is over (the proxy's EOF and criu's restore finish).
+    """
+
+    def __init__(self) -> None:
+        self.registry = SnapshotRegistry(waitForMissing=True)
+        self.registry.onPublish(self._published)
+        self.links: set[RemoteReceiver] = set()
+        self.remoteDone = False
+        self.restoreDone = False
+        self.seed = False
+
+    @property
+    def complete(self) -> bool:
+        return self.remoteDone and self.restoreDone
+
+    def _published(self, key: ImageKey, image: IStoredImage) -> None:
+        if key[0] == wire.SEED_NULL_SNAPSHOT:
+            self.seed = True
+
+
+@implementer(ILocalImageService, IRemoteImageSink)
+class ImageCacheService(MultiService):
+    """
+    The image cache, embeddable in any Twisted application.
+
+    @param local: where criu restore connects (C{unix:DIR/img-cache.sock}).
+    @param listen: where the image proxy connects.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        local: IStreamServerEndpoint,
+        listen: IStreamServerEndpoint,
+        store: IImageStore | None = None,
+        readVariant: ReadVariant = ReadVariant.AUTO,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.store: IImageStore = store if store is not None else MemoryStore()
+        self.readVariant = readVariant
+        self.session = CacheSession()
+        self.sessionsCompleted = 0
+        self._observers: list[Deferred[SessionSummary]] = []
+        self.remoteEndpoint = ObservedServerEndpoint(listen)
+        self.localEndpoint = ObservedServerEndpoint(local)
+        for endpoint, factory in (
+            (self.remoteEndpoint, RemoteReceiverFactory(self)),
+            (self.localEndpoint, LocalImageFactory(self)),
+        ):
+            listener = StreamServerEndpointService(endpoint, factory)
+            listener._raiseSynchronously = True
+            listener.setServiceParent(self)
+
+    def whenSessionDone(self) -> Deferred[SessionSummary]:
+        """Fires with a summary when the current (or next) session completes."""
+        d: Deferred[SessionSummary] = Deferred()
+        self._observers.append(d)
+        return d
+
+    def _maybeComplete(self) -> None:
+        session = self.session
+        if not session.complete:
+            return
+        summary = session.registry.summary()
+        self.log.info(
+            "session complete: {images} images, {bytes} bytes",
+            images=summary.images,
+            bytes=summary.bytes,
+        )
+        session.registry.release()
+        self.session = CacheSession()
+        self.sessionsCompleted += 1
+        observers, self._observers = self._observers, []
+        for d in observers:
+            d.callback(summary)
+
+    # -- IRemoteImageSink ----------------------------------------------------
+
+    def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+        session = self.session
+        if session.remoteDone:  # another dump for the same restore
+            session.remoteDone = False
+            session.registry.reopen()
+        session.links.add(receiver)
+        return session.registry
+
+    def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
+        session = self.session
+        if receiver not in session.links:
+            return
+        session.links.discard(receiver)
+        if not clean:
+            self.log.warn("link to the proxy lost; waiting for it to reconnect")
+            return
+        if session.links:
+            return
+        self.log.info(
+            "proxy finished sending ({images} images)",
+            images=len(session.registry.keys()),
+        )
+        session.remoteDone = True
+        session.registry.close()
+        self._maybeComplete()
+
+    # -- ILocalImageService --------------------------------------------------
+
+    def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
+        if request.isSeed:
+            self.session.seed = True
+        return self.session.registry
+
+    def finishRequested(self, request: wire.LocalRequest) -> None:
+        self.log.info("criu finished its restore")
+        self.session.restoreDone = True
+        self._maybeComplete()
+
+    def readsInline(self, request: wire.LocalRequest) -> bool:
+        return readsInline(self.readVariant, request, self.session.seed)

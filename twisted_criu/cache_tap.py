@@ -1,0 +1,42 @@
+# -*- test-case-name: tests.test_taps -*-
+"""C{twistd criu-cache}: the restore-side daemon."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+
+from twisted_criu.cache import ImageCacheService
+from twisted_criu.options import DaemonOptions
+
+
+class Options(DaemonOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Receive checkpoint images from a criu-proxy and serve them to "
+        "`criu restore --remote -D DIR` on DIR/img-cache.sock."
+    )
+    socketName = "img-cache.sock"
+    optParameters = [
+        ["address", None, "127.0.0.1", "Interface to listen on for the proxy (use 0.0.0.0 or the host's address for a real migration)."],
+        ["listen", None, None, "Server endpoint for the proxy (overrides --address/--port), e.g. tcp:9996:interface=10.0.0.2."],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["listen"] is None:
+            self["listen"] = f"tcp:{self['port']}:interface={self['address']}"
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    service = ImageCacheService(
+        reactor,
+        serverFromString(reactor, options["local"]),
+        serverFromString(reactor, options["listen"]),
+        readVariant=options["read-variant"],
+    )
+    if options["once"]:
+        service.whenSessionDone().addCallback(lambda _: reactor.stop())
+    return service

@@ -1,0 +1,281 @@
+# -*- test-case-name: tests.test_client -*-
+"""
+A blocking client of the local protocol: what C{criu --remote} does.
+
+Used by the tests, the demo and the benchmark; also handy to push or pull
+images by hand.  Each operation opens its own connection, like criu.  The
+variants:
+
+  - C{pipe}: criu-dev 2020.  Image bytes go through a pipe passed with
+    SCM_RIGHTS whenever the snapshot id is not empty; C{parent} and the
+    finish use an empty snapshot id.
+  - C{seed}: the 2015 seed.  Bytes always flow on the socket; C{parent}
+    and the finish use the markers C{null} / C{DUMP_FINISH}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Iterable
+
+from twisted_criu import wire
+
+PIPE = "pipe"
+SEED = "seed"
+
+#: Pipe size criu asks for on large images.
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+class LocalProtocolError(Exception):
+    """The daemon answered something criu would not accept."""
+
+
+def _recvExactly(sock: socket.socket, n: int) -> bytes:
+    parts = []
+    while n:
+        part = sock.recv(n)
+        if not part:
+            raise LocalProtocolError("daemon closed the connection early")
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def _recvAll(sock: socket.socket) -> bytes:
+    parts = []
+    while part := sock.recv(1 << 16):
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _readAll(fd: int) -> bytes:
+    parts = []
+    while part := os.read(fd, 1 << 20):
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _writeAll(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _enlarge(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # unprivileged limit: keep the default size
+
+
+class ImageWriter:
+    """An image being written: L{write} any number of times, then L{close}."""
+
+    def __init__(self, sock: socket.socket, pipeFd: int | None) -> None:
+        self._sock: socket.socket | None = sock
+        self._pipe = pipeFd
+        self.size = 0
+        if pipeFd is not None:  # criu closes its socket once the pipe is passed
+            sock.close()
+            self._sock = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self._pipe is not None:
+            _writeAll(self._pipe, data)
+        else:
+            assert self._sock is not None
+            self._sock.sendall(data)
+
+    def close(self) -> None:
+        """End the image (EOF on the pipe or the socket)."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ImageReader:
+    """An image being read from the daemon, to EOF."""
+
+    def __init__(self, sock: socket.socket | None, pipeFd: int | None) -> None:
+        self._sock = sock
+        self._pipe = pipeFd
+
+    def read(self, size: int = 1 << 20) -> bytes:
+        if self._pipe is not None:
+            return os.read(self._pipe, size)
+        assert self._sock is not None
+        return self._sock.recv(size)
+
+    def readAll(self) -> bytes:
+        if self._pipe is not None:
+            return _readAll(self._pipe)
+        assert self._sock is not None
+        return _recvAll(self._sock)
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ImageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalImageClient:
+    """
+    Talk to C{img-proxy.sock} or C{img-cache.sock} as criu does.
+
+    @param path: the daemon's socket.
+    @param variant: L{PIPE} (criu-dev 2020) or L{SEED} (2015).
+    @param timeout: seconds a read may wait for the daemon's reply.
+    """
+
+    def __init__(self, path: str, variant: str = PIPE, timeout: float | None = None) -> None:
+        if variant not in (PIPE, SEED):
+            raise ValueError(f"unknown variant {variant!r}")
+        self.path = path
+        self.variant = variant
+        self.timeout = timeout
+
+    @property
+    def noSnapshot(self) -> str:
+        """The snapshot id of C{parent} and of the finish in this variant."""
+        return wire.SEED_NULL_SNAPSHOT if self.variant == SEED else ""
+
+    def _connect(self, name: str, snapshotId: str, mode: int) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+            sock.sendall(wire.LocalRequest(name, snapshotId, mode).toBytes())
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _usesPipe(self, snapshotId: str) -> bool:
+        return self.variant == PIPE and snapshotId != ""
+
+    # -- dump side -------------------------------------------------------------
+
+    def openWrite(self, snapshotId: str, name: str, mode: int = wire.O_WRONLY) -> ImageWriter:
+        sock = self._connect(name, snapshotId, mode)
+        if not self._usesPipe(snapshotId):
+            return ImageWriter(sock, None)
+        readEnd, writeEnd = os.pipe()
+        _enlarge(writeEnd)
+        try:
+            socket.send_fds(sock, [b"\0"], [readEnd])
+        finally:
+            os.close(readEnd)
+        return ImageWriter(sock, writeEnd)
+
+    def write(
+        self,
+        snapshotId: str,
+        name: str,
+        data: bytes | Iterable[bytes],
+        mode: int = wire.O_WRONLY,
+    ) -> int:
+        """Write a whole image; returns its size."""
+        with self.openWrite(snapshotId, name, mode) as writer:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                writer.write(data)
+            else:
+                for chunk in data:
+                    writer.write(chunk)
+        return writer.size
+
+    def append(self, snapshotId: str, name: str, data: bytes) -> int:
+        return self.write(snapshotId, name, data, wire.O_APPEND)
+
+    def pushSnapshotId(self, snapshotId: str) -> None:
+        """Append C{snapshotId} to C{parent}, as every dump starts by doing."""
+        self.append(self.noSnapshot, wire.PARENT_IMAGE, wire.encodeSnapshotId(snapshotId))
+
+    def finishDump(self) -> None:
+        """Tell the proxy no more images will come."""
+        self._finish(wire.O_WRONLY)
+
+    # -- restore side ----------------------------------------------------------
+
+    def openRead(self, snapshotId: str, name: str) -> ImageReader | None:
+        """Ask for an image; L{None} if the daemon says ENOENT."""
+        sock = self._connect(name, snapshotId, wire.O_RDONLY)
+        try:
+            (length,) = wire.U32.unpack(_recvExactly(sock, wire.U32.size))
+            if length > wire.MAX_HEADER_LENGTH:
+                raise LocalProtocolError(f"reply frame of {length} bytes")
+            reply = wire.Reply.fromBytes(_recvExactly(sock, length))
+        except BaseException:
+            sock.close()
+            raise
+        if reply.error == wire.ENOENT:
+            sock.close()
+            return None
+        if reply.error:
+            sock.close()
+            raise LocalProtocolError(f"daemon answered error {reply.error}")
+        sock.settimeout(None)
+        if not self._usesPipe(snapshotId):
+            return ImageReader(sock, None)
+        readEnd, writeEnd = os.pipe()
+        _enlarge(writeEnd)
+        try:
+            socket.send_fds(sock, [b"\0"], [writeEnd])
+        finally:
+            os.close(writeEnd)
+            sock.close()
+        return ImageReader(None, readEnd)
+
+    def read(self, snapshotId: str, name: str) -> bytes | None:
+        """A whole image, or L{None} if it does not exist."""
+        reader = self.openRead(snapshotId, name)
+        if reader is None:
+            return None
+        with reader:
+            return reader.readAll()
+
+    def snapshotIds(self) -> list[str]:
+        """The C{parent} list: every snapshot id pushed so far, in order."""
+        data = self.read(self.noSnapshot, wire.PARENT_IMAGE)
+        return [] if data is None else wire.decodeSnapshotIds(data)
+
+    def finishRestore(self) -> None:
+        """Tell the cache the restore is over; waits for it to close."""
+        self._finish(wire.O_RDONLY)
+
+    def _finish(self, mode: int) -> None:
+        if self.variant == SEED:
+            name, snapshotId = wire.SEED_DUMP_FINISH, wire.SEED_NULL_SNAPSHOT
+        else:
+            name, snapshotId = "", ""
+        sock = self._connect(name, snapshotId, mode)
+        try:
+            if mode == wire.O_RDONLY:
+                extra = _recvAll(sock)
+                if extra:
+                    raise LocalProtocolError(f"{len(extra)} bytes after the finish")
+        finally:
+            sock.close()

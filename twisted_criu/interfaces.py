@@ -1,0 +1,52 @@
+"""The seams of twisted-criu: where storage plugs in."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IImageReader(Interface):
+    """A file-like view of a stored image, read front to back in chunks."""
+
+    def read(size: int) -> bytes:
+        """Up to C{size} next bytes; C{b""} at the end."""
+
+    def close() -> None:
+        """Release whatever the reader holds."""
+
+
+class IStoredImage(Interface):
+    """A complete image, readable any number of times."""
+
+    size = Attribute("Length of the image in bytes.")
+
+    def open() -> IImageReader:
+        """A new reader positioned at the start."""
+
+    def release() -> None:
+        """Give the storage back; the image must not be opened again."""
+
+
+class IImageWriter(Interface):
+    """An image being received, chunk by chunk."""
+
+    size = Attribute("Bytes written so far.")
+
+    def write(data: bytes) -> None:
+        """Append C{data}."""
+
+    def commit() -> IStoredImage:
+        """Seal the image: nothing more will be written."""
+
+    def abort() -> None:
+        """Throw away what was written."""
+
+
+class IImageStore(Interface):
+    """Where images are kept between their arrival and their last read."""
+
+    def newWriter(base: IStoredImage | None = None) -> IImageWriter:
+        """
+        Start a new image, empty or (for an append) holding a copy of
+        C{base}'s bytes.  C{base} itself is left untouched.
+        """

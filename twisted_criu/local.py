@@ -1,0 +1,317 @@
+# -*- test-case-name: tests.test_local -*-
+"""
+The local leg: criu <-> daemon over a UNIX socket, one connection per image.
+
+criu sends one C{local_image_entry} frame.  For a write or append the image
+bytes follow either through a pipe passed with SCM_RIGHTS (criu-dev 2020)
+or inline on the socket until criu closes it (the 2015 seed, and C{parent}).
+For a read the daemon answers with a C{local_image_reply_entry}, then sends
+the bytes inline or into a pipe criu passes.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum, auto
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IFileDescriptorReceiver, IReactorFDSet
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from twisted_criu import wire
+from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
+from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
+from twisted_criu.pipes import PipeReader, PipeWriter
+from twisted_criu.registry import SnapshotRegistry
+from twisted_criu.transfer import sendImage
+
+
+class ILocalImageService(Interface):
+    """What a daemon offers the criu-facing protocol."""
+
+    reactor = Attribute("The reactor pipes are registered with.")
+    store = Attribute("The L{IImageStore} new images go to.")
+
+    def registryFor(request: wire.LocalRequest) -> SnapshotRegistry:
+        """The registry a write or read of C{request} belongs to."""
+
+    def finishRequested(request: wire.LocalRequest) -> None:
+        """criu says its dump (or restore) is over."""
+
+    def readsInline(request: wire.LocalRequest) -> bool:
+        """Does the reader expect the bytes on the socket (not in a pipe)?"""
+
+
+class _State(Enum):
+    HEADER = auto()
+    WRITE_START = auto()  # header parsed; an fd or inline bytes come next
+    WRITE_INLINE = auto()
+    WRITE_PIPE = auto()
+    READ_WAIT = auto()  # waiting for the image
+    READ_FD = auto()  # replied 0, waiting for criu's pipe
+    READ_SEND = auto()
+    DONE = auto()
+
+
+def describe(key: ImageKey) -> str:
+    snapshotId, name = key
+    return f"{snapshotId}/{name}" if snapshotId else name
+
+
+@implementer(IFileDescriptorReceiver)
+class LocalImageProtocol(Protocol):
+    """One criu request: a write, an append, a read or the finish."""
+
+    log = Logger()
+    transport: Any  # a UNIX transport: also IFileDescriptorReceiver-aware
+
+    def __init__(self, service: ILocalImageService) -> None:
+        self.service = service
+        self._state = _State.HEADER
+        self._frames = wire.FrameBuffer()
+        self._fds: list[int] = []
+        self._key: ImageKey = ("", "")
+        self._registry: SnapshotRegistry | None = None
+        self._writer: IImageWriter | None = None
+        self._pipe: PipeReader | PipeWriter | None = None
+        self._waiting: Deferred[IStoredImage] | None = None
+        self._image: IStoredImage | None = None
+        self._inlineRead = False
+
+    # -- events from the socket -------------------------------------------
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        if self._state in (_State.HEADER, _State.WRITE_START, _State.READ_WAIT):
+            self._fds.append(descriptor)
+            if self._state is _State.WRITE_START:
+                self._startPipeWrite()
+        elif self._state is _State.READ_FD and not self._fds:
+            self._fds.append(descriptor)
+            self._startPipeRead()
+        else:
+            os.close(descriptor)
+            self._protocolError(ProtocolError("unexpected file descriptor"))
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state is _State.WRITE_INLINE:
+            assert self._writer is not None
+            self._writer.write(data)
+        elif state is _State.HEADER:
+            try:
+                payload = self._frames.feed(data)
+                if payload is None:
+                    return
+                request = wire.LocalRequest.fromBytes(payload)
+            except ProtocolError as e:
+                self._protocolError(e)
+                return
+            self._handle(request, self._frames.takeRest())
+        elif state is _State.WRITE_START:
+            if self._fds:  # pragma: no cover - fds start the pipe at once
+                self._startPipeWrite()
+            else:
+                self._state = _State.WRITE_INLINE
+                self.dataReceived(data)
+        elif state in (_State.WRITE_PIPE, _State.READ_FD, _State.READ_SEND):
+            pass  # the dummy byte that carried the descriptor
+        elif state is _State.READ_WAIT:
+            pass  # seed clients send nothing; tolerate a stray dummy byte
+        else:
+            self._protocolError(ProtocolError("data after the request was served"))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._closeFds()
+        state = self._state
+        if state in (_State.WRITE_START, _State.WRITE_INLINE):
+            if reason.check(ConnectionDone):
+                self._commit()
+            else:
+                self._abort(f"socket closed uncleanly: {reason.getErrorMessage()}")
+        elif state is _State.READ_WAIT and self._waiting is not None:
+            self._waiting.cancel()
+        elif state is _State.READ_FD:
+            self.log.warn(
+                "criu closed the connection for {image} before passing its pipe",
+                image=describe(self._key),
+            )
+        elif state is _State.HEADER and self._frames.pending:
+            self.log.warn(
+                "connection closed inside a request frame ({n} bytes)",
+                n=self._frames.pending,
+            )
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _handle(self, request: wire.LocalRequest, rest: bytes) -> None:
+        if request.isFinish:
+            self._state = _State.DONE
+            self.service.finishRequested(request)
+            self.transport.loseConnection()
+            return
+        self._key = (request.snapshotId, request.name)
+        self._registry = self.service.registryFor(request)
+        kind = request.kind
+        if kind is wire.OpenKind.READ:
+            self._inlineRead = self.service.readsInline(request)
+            self._state = _State.READ_WAIT
+            self._waiting = self._registry.whenAvailable(self._key)
+            self._waiting.addCallbacks(self._imageReady, self._imageMissing)
+            return
+        base = None
+        if kind is wire.OpenKind.APPEND:
+            base = self._registry.get(self._key)
+        self._registry.beginWrite(self._key)
+        store: IImageStore = self.service.store
+        self._writer = store.newWriter(base)
+        self._state = _State.WRITE_START
+        if self._fds:
+            self._startPipeWrite()
+        if rest:
+            self.dataReceived(rest)
+
+    # -- writes --------------------------------------------------------------
+
+    def _startPipeWrite(self) -> None:
+        if len(self._fds) != 1:
+            self._protocolError(ProtocolError(f"{len(self._fds)} descriptors passed"))
+            return
+        fd = self._fds.pop()
+        self._state = _State.WRITE_PIPE
+        writer = self._writer
+        assert writer is not None
+        self._pipe = PipeReader(
+            self._reactor(), fd, writer.write, self._pipeWriteEnded
+        )
+
+    def _pipeWriteEnded(self, reason: Failure) -> None:
+        self._pipe = None
+        if reason.check(ConnectionDone):
+            self._commit()
+        else:
+            self._abort(f"pipe read failed: {reason.getErrorMessage()}")
+
+    def _commit(self) -> None:
+        writer, self._writer = self._writer, None
+        self._state = _State.DONE
+        if writer is None or self._registry is None:
+            return
+        image = writer.commit()
+        self.log.info(
+            "stored {image} ({size} bytes)", image=describe(self._key), size=image.size
+        )
+        self._registry.publish(self._key, image)
+
+    def _abort(self, why: str) -> None:
+        writer, self._writer = self._writer, None
+        self._state = _State.DONE
+        if writer is None or self._registry is None:
+            return
+        self.log.error(
+            "discarded {image} after {size} bytes: {why}",
+            image=describe(self._key),
+            size=writer.size,
+            why=why,
+        )
+        writer.abort()
+        self._registry.abortWrite(self._key)
+
+    # -- reads ---------------------------------------------------------------
+
+    def _imageMissing(self, failure: Failure) -> None:
+        self._waiting = None
+        if failure.check(CancelledError):
+            return
+        failure.trap(ImageNotFound)
+        self.log.debug("no image {image}: ENOENT", image=describe(self._key))
+        self._state = _State.DONE
+        self.transport.write(wire.REPLY_ENOENT)
+        self.transport.loseConnection()
+
+    def _imageReady(self, image: IStoredImage) -> None:
+        self._waiting = None
+        self._image = image
+        self.transport.write(wire.REPLY_OK)
+        if self._inlineRead:
+            self._state = _State.READ_SEND
+            self._send(self.transport)
+        else:
+            self._state = _State.READ_FD
+            if self._fds:
+                self._startPipeRead()
+
+    def _startPipeRead(self) -> None:
+        if len(self._fds) != 1:
+            self._protocolError(ProtocolError(f"{len(self._fds)} descriptors passed"))
+            return
+        fd = self._fds.pop()
+        self._state = _State.READ_SEND
+        pipe = PipeWriter(self._reactor(), fd, self._pipeReadEnded)
+        self._pipe = pipe
+        self._send(pipe)
+
+    def _send(self, consumer: Any) -> None:
+        assert self._image is not None
+        image, key = self._image, self._key
+
+        def sent(_: None) -> None:
+            self.log.info(
+                "served {image} ({size} bytes)", image=describe(key), size=image.size
+            )
+            consumer.loseConnection()
+            if consumer is not self.transport:
+                self.transport.loseConnection()
+
+        def failed(reason: Failure) -> None:
+            self.log.warn(
+                "reader of {image} went away: {why}",
+                image=describe(key),
+                why=reason.getErrorMessage(),
+            )
+            self.transport.loseConnection()
+
+        sendImage(image, consumer).addCallbacks(sent, failed)
+
+    def _pipeReadEnded(self, reason: Failure) -> None:
+        self._state = _State.DONE
+        self._pipe = None
+
+    # -- errors --------------------------------------------------------------
+
+    def _protocolError(self, error: ProtocolError) -> None:
+        self.log.error(
+            "bad request from criu, closing its connection: {error}", error=str(error)
+        )
+        if self._writer is not None:
+            self._abort(str(error))
+        self._closeFds()
+        self._state = _State.DONE
+        self.transport.abortConnection()
+
+    def _closeFds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def _reactor(self) -> IReactorFDSet:
+        reactor: IReactorFDSet = self.service.reactor
+        return reactor
+
+
+class LocalImageFactory(Factory):
+    """Builds a L{LocalImageProtocol} per criu connection."""
+
+    noisy = False
+
+    def __init__(self, service: ILocalImageService) -> None:
+        self.service = service
+
+    def buildProtocol(self, addr: Any) -> LocalImageProtocol:
+        protocol = LocalImageProtocol(self.service)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,131 @@
+# -*- test-case-name: tests.test_pipes -*-
+"""
+Pipes handed over by criu with SCM_RIGHTS, as non-blocking reactor citizens.
+
+A L{PipeReader} is a push producer of the bytes criu writes into a pipe;
+a L{PipeWriter} is a consumer that writes into a pipe criu reads.  Both
+close their descriptor when done and report how they ended.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Callable
+
+from twisted.internet import abstract, error, main
+from twisted.internet.interfaces import IReactorFDSet
+from twisted.python.failure import Failure
+
+#: How much one read from a pipe may return.
+PIPE_READ_SIZE = 1 << 18
+
+
+class PipeReader(abstract.FileDescriptor):
+    """
+    Read a pipe to EOF, handing every chunk to C{dataReceived}.
+
+    C{ended(reason)} is called once: with L{ConnectionDone} at EOF, with
+    another failure if reading failed or L{stopProducing} was called.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        fd: int,
+        dataReceived: Callable[[bytes], None],
+        ended: Callable[[Failure], None],
+        readSize: int = PIPE_READ_SIZE,
+    ) -> None:
+        super().__init__(reactor)
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._dataReceived = dataReceived
+        self._ended: Callable[[Failure], None] | None = ended
+        self.readSize = readSize
+        self.connected = 1
+        self.bytesRead = 0
+        self.startReading()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self._fd, self.readSize)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return error.ConnectionLost(e.strerror)
+        if not data:
+            return main.CONNECTION_DONE
+        self.bytesRead += len(data)
+        self._dataReceived(data)
+        return None
+
+    def writeSomeData(self, data: bytes) -> int:  # pragma: no cover
+        raise NotImplementedError("a PipeReader is read-only")
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended(reason)
+
+    def stopProducing(self) -> None:
+        """Abandon the pipe (criu sees EPIPE or simply no reader)."""
+        if self.connected:
+            self.connectionLost(Failure(main.CONNECTION_LOST))
+
+
+class PipeWriter(abstract.FileDescriptor):
+    """
+    A consumer writing into a pipe; L{loseConnection} closes it once the
+    buffer is flushed, so the reader sees EOF.
+
+    C{ended(reason)} is called once: with L{ConnectionDone} after a clean
+    close, with L{ConnectionLost} if the reader went away (EPIPE).
+    """
+
+    def __init__(
+        self, reactor: IReactorFDSet, fd: int, ended: Callable[[Failure], None]
+    ) -> None:
+        super().__init__(reactor)
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._ended: Callable[[Failure], None] | None = ended
+        self.connected = 1
+        self.bytesWritten = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def writeSomeData(self, data: bytes) -> int | BaseException:
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return 0
+            return error.ConnectionLost(e.strerror)
+        self.bytesWritten += written
+        return written
+
+    def _postLoseConnection(self) -> Any:
+        return main.CONNECTION_DONE
+
+    def doRead(self) -> Any:  # pragma: no cover - never registered for reading
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended(reason)

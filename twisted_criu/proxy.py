@@ -1,0 +1,205 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The image proxy (dump host): takes images from C{criu dump --remote} on a
+local socket and forwards each, once complete, to an image cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.internet import ClientService, StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_criu import wire
+from twisted_criu.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
+from twisted_criu.errors import ImageKey
+from twisted_criu.interfaces import IImageStore, IStoredImage
+from twisted_criu.local import ILocalImageService, LocalImageFactory
+from twisted_criu.registry import SessionSummary, SnapshotRegistry
+from twisted_criu.remote import RemoteSender, RemoteSenderFactory
+from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.variants import ReadVariant, readsInline
+
+RetryPolicy = Callable[[int], float]
+
+
+class ProxySession:
+    """
+    One dump: a registry of its images and a link forwarding them.
+
+    Every connection of the link starts by sending everything published so
+    far (the protocol has no acknowledgements, and a restarted cache holds
+    nothing), then follows new publications.  Once the dump finished, no
+    write is pending and the link is idle, the link is closed: that EOF tells
+    the cache the session is over.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, cache: IStreamClientEndpoint, retryPolicy: RetryPolicy | None
+    ) -> None:
+        self.registry = SnapshotRegistry(waitForMissing=False)
+        self.registry.onPublish(self._published)
+        self.seed = False
+        self.done: Deferred[SessionSummary] = Deferred()
+        self._sender: RemoteSender | None = None
+        self._dumpComplete = False
+        self._closing = False
+        kwargs: dict[str, Any] = {"clock": reactor}
+        if retryPolicy is not None:
+            kwargs["retryPolicy"] = retryPolicy
+        self._link = ClientService(cache, RemoteSenderFactory(self._linkUp), **kwargs)
+
+    def start(self) -> None:
+        self._link.startService()
+        self.registry.whenComplete().addCallback(self._dumpFinished)
+
+    def stop(self) -> Deferred[None]:
+        return self._link.stopService()
+
+    def _linkUp(self, sender: RemoteSender) -> None:
+        self.log.info("connected to the cache")
+        self._sender = sender
+        latest: dict[ImageKey, None] = {}
+        for key in self.registry.publishOrder:
+            latest.pop(key, None)
+            latest[key] = None
+        for key in latest:
+            image = self.registry.get(key)
+            if image is not None:
+                sender.enqueue(key, image)
+        self._maybeClose()
+
+    def _published(self, key: ImageKey, image: IStoredImage) -> None:
+        sender = self._sender
+        if sender is not None and not sender.lost:
+            sender.enqueue(key, image)
+            self._maybeClose()
+
+    def _dumpFinished(self, _: None) -> None:
+        self._dumpComplete = True
+        self.log.info(
+            "dump finished: {n} images, {size} bytes",
+            n=len(self.registry.keys()),
+            size=self.registry.totalBytes,
+        )
+        self._maybeClose()
+
+    def _maybeClose(self) -> None:
+        sender = self._sender
+        if not self._dumpComplete or self._closing or sender is None or sender.lost:
+            return
+        self._closing = True
+        sender.whenIdle().addCallback(lambda _: self._closeLink(sender))
+
+    def _closeLink(self, sender: RemoteSender) -> None:
+        if sender.lost:  # a new connection will resend and close
+            self._closing = False
+            return
+        summary = self.registry.summary()
+        self.log.info(
+            "session complete: forwarded {images} images, {bytes} bytes",
+            images=summary.images,
+            bytes=summary.bytes,
+        )
+        self._link.stopService().addCallback(lambda _: self.done.callback(summary))
+
+
+@implementer(ILocalImageService)
+class ImageProxyService(MultiService):
+    """
+    The image proxy, embeddable in any Twisted application.
+
+    @param local: where criu connects (C{unix:DIR/img-proxy.sock:mode=600}).
+    @param cache: where the image cache listens.
+    @param once: serve one session only; L{whenDone} then fires.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        local: IStreamServerEndpoint,
+        cache: IStreamClientEndpoint,
+        store: IImageStore | None = None,
+        readVariant: ReadVariant = ReadVariant.AUTO,
+        retryPolicy: RetryPolicy | None = None,
+        cacheDescription: str = "the cache",
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.store: IImageStore = store if store is not None else MemoryStore()
+        self.readVariant = readVariant
+        self._cache = LoggingClientEndpoint(cache, cacheDescription)
+        self._retryPolicy = retryPolicy
+        self._observers: list[Deferred[SessionSummary]] = []
+        self.session: ProxySession | None = None
+        self.sessionsCompleted = 0
+        self.localEndpoint = ObservedServerEndpoint(local)
+        listener = StreamServerEndpointService(self.localEndpoint, LocalImageFactory(self))
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self._newSession()
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[Any] = super().stopService()
+        session = self.session
+        if session is not None:
+            d.addCallback(lambda _: session.stop())
+        return d
+
+    def whenSessionDone(self) -> Deferred[SessionSummary]:
+        """Fires with a summary when the current (or next) session completes."""
+        d: Deferred[SessionSummary] = Deferred()
+        self._observers.append(d)
+        return d
+
+    def _newSession(self) -> ProxySession:
+        session = ProxySession(self.reactor, self._cache, self._retryPolicy)
+        self.session = session
+        session.done.addCallback(self._sessionDone, session)
+        session.start()
+        return session
+
+    def _sessionDone(self, summary: SessionSummary, session: ProxySession) -> None:
+        self.sessionsCompleted += 1
+        session.registry.release()
+        if self.session is session:
+            self.session = None
+        observers, self._observers = self._observers, []
+        for d in observers:
+            d.callback(summary)
+
+    # -- ILocalImageService --------------------------------------------------
+
+    def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
+        session = self.session
+        if session is None or (
+            session.registry.closed and request.kind is not wire.OpenKind.READ
+        ):
+            session = self._newSession()
+        if request.isSeed:
+            session.seed = True
+        return session.registry
+
+    def finishRequested(self, request: wire.LocalRequest) -> None:
+        session = self.session
+        if session is None:
+            self.log.warn("finish from criu with no dump in progress")
+            return
+        self.log.info("criu finished its dump")
+        session.registry.close()
+
+    def readsInline(self, request: wire.LocalRequest) -> bool:
+        session = self.session
+        return readsInline(self.readVariant, request, session is not None and session.seed)

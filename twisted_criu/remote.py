@@ -1,0 +1,237 @@
+# -*- test-case-name: tests.test_remote -*-
+"""
+The remote leg: proxy -> cache over one stream connection (TCP, TLS, ...).
+
+For every image, a C{remote_image_entry} frame then exactly C{size} raw
+bytes; a clean close where a header would start ends the session.  Nothing
+flows from the cache to the proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from twisted_criu import wire
+from twisted_criu.errors import ImageKey, ProtocolError
+from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
+from twisted_criu.local import describe
+from twisted_criu.registry import SnapshotRegistry
+from twisted_criu.transfer import sendImage
+
+#: Socket read size on the link (Twisted's default is 64 KiB).
+LINK_READ_SIZE = 1 << 18
+
+
+class RemoteSender(Protocol):
+    """
+    The proxy's end of a link: forwards images one at a time, in the order
+    L{enqueue} was called, each as a header frame plus its raw bytes.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, connected: Callable[[RemoteSender], None]) -> None:
+        self._connected = connected
+        self._queue: list[tuple[ImageKey, IStoredImage]] = []
+        self._sending = False
+        self._idleWaiters: list[Deferred[None]] = []
+        self.imagesSent = 0
+        self.bytesSent = 0
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self._connected(self)
+
+    def enqueue(self, key: ImageKey, image: IStoredImage) -> None:
+        self._queue.append((key, image))
+        self._sendNext()
+
+    @property
+    def idle(self) -> bool:
+        return not self._sending and not self._queue
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires once everything enqueued so far has been handed over."""
+        d: Deferred[None] = Deferred()
+        self._idleWaiters.append(d)
+        self._sendNext()
+        return d
+
+    def _sendNext(self) -> None:
+        if self._sending or self.lost:
+            return
+        if not self._queue:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        key, image = self._queue.pop(0)
+        snapshotId, name = key
+        header = wire.RemoteHeader(name, snapshotId, wire.O_WRONLY, image.size)
+        self._sending = True
+        self.transport.write(header.toBytes())
+
+        def sent(_: None) -> None:
+            self._sending = False
+            self.imagesSent += 1
+            self.bytesSent += image.size
+            self.log.info(
+                "forwarded {image} ({size} bytes)", image=describe(key), size=image.size
+            )
+            self._sendNext()
+
+        def failed(reason: Failure) -> None:
+            self._sending = False
+            self.log.warn(
+                "link lost while forwarding {image}: {why}",
+                image=describe(key),
+                why=reason.getErrorMessage(),
+            )
+
+        sendImage(image, self.transport).addCallbacks(sent, failed)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = True
+
+
+class IRemoteImageSink(Interface):
+    """What the cache offers the receiving end of a link."""
+
+    store = Attribute("The L{IImageStore} received images go to.")
+
+    def linkOpened(receiver: RemoteReceiver) -> SnapshotRegistry:
+        """A proxy connected; return the registry its images go to."""
+
+    def linkClosed(receiver: RemoteReceiver, clean: bool) -> None:
+        """The link ended: cleanly (session over) or not (it may come back)."""
+
+
+class RemoteReceiver(Protocol):
+    """The cache's end of a link: header, then exactly C{size} bytes, repeat."""
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, sink: IRemoteImageSink) -> None:
+        self.sink = sink
+        self._frames = wire.FrameBuffer()
+        self._registry: SnapshotRegistry | None = None
+        self._header: wire.RemoteHeader | None = None
+        self._writer: IImageWriter | None = None
+        self._remaining = 0
+        self.imagesReceived = 0
+        self.bytesReceived = 0
+
+    def connectionMade(self) -> None:
+        self.transport.bufferSize = LINK_READ_SIZE
+        self._registry = self.sink.linkOpened(self)
+        peer = self.transport.getPeer()
+        self.log.info("proxy connected from {peer}", peer=str(peer))
+
+    def dataReceived(self, data: bytes) -> None:
+        while data:
+            if self._writer is not None:
+                remaining = self._remaining
+                if len(data) <= remaining:
+                    chunk, data = data, b""
+                else:
+                    chunk, data = data[:remaining], data[remaining:]
+                self._writer.write(chunk)
+                self._remaining -= len(chunk)
+                if not self._remaining:
+                    self._finishImage()
+                continue
+            try:
+                payload = self._frames.feed(data)
+                if payload is None:
+                    return
+                header = wire.RemoteHeader.fromBytes(payload)
+            except ProtocolError as e:
+                self.log.error(
+                    "bad frame from the proxy, dropping the link: {error}",
+                    error=str(e),
+                )
+                self.transport.abortConnection()
+                return
+            data = self._frames.takeRest()
+            self._startImage(header)
+
+    def _startImage(self, header: wire.RemoteHeader) -> None:
+        registry = self._registry
+        assert registry is not None
+        key = (header.snapshotId, header.name)
+        base = None
+        if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
+            base = registry.get(key)
+        registry.beginWrite(key)
+        store: IImageStore = self.sink.store
+        self._header = header
+        self._writer = store.newWriter(base)
+        self._remaining = header.size
+        if not self._remaining:
+            self._finishImage()
+
+    def _finishImage(self) -> None:
+        header, writer = self._header, self._writer
+        assert header is not None and writer is not None and self._registry
+        self._header, self._writer = None, None
+        image = writer.commit()
+        key = (header.snapshotId, header.name)
+        self.imagesReceived += 1
+        self.bytesReceived += header.size
+        self.log.info("received {image} ({size} bytes)", image=describe(key), size=header.size)
+        self._registry.publish(key, image)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        header, writer = self._header, self._writer
+        clean = reason.check(ConnectionDone) is not None and writer is None
+        if header is not None and writer is not None and self._registry is not None:
+            self._header, self._writer = None, None
+            self.log.error(
+                "link lost in the middle of {image}: {got} of {size} bytes arrived;"
+                " discarded ({why})",
+                image=describe((header.snapshotId, header.name)),
+                got=header.size - self._remaining,
+                size=header.size,
+                why=reason.getErrorMessage(),
+            )
+            writer.abort()
+            self._registry.abortWrite((header.snapshotId, header.name))
+        elif self._frames.pending:
+            clean = False
+            self.log.error(
+                "link lost inside a header frame ({n} bytes)", n=self._frames.pending
+            )
+        self.sink.linkClosed(self, clean)
+
+
+class RemoteReceiverFactory(Factory):
+    noisy = False
+
+    def __init__(self, sink: IRemoteImageSink) -> None:
+        self.sink = sink
+
+    def buildProtocol(self, addr: Any) -> RemoteReceiver:
+        protocol = RemoteReceiver(self.sink)
+        protocol.factory = self
+        return protocol
+
+
+class RemoteSenderFactory(Factory):
+    noisy = False
+
+    def __init__(self, connected: Callable[[RemoteSender], None]) -> None:
+        self.connected = connected
+
+    def buildProtocol(self, addr: Any) -> RemoteSender:
+        protocol = RemoteSender(self.connected)
+        protocol.factory = self
+        return protocol

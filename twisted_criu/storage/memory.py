@@ -1,0 +1,87 @@
+# -*- test-case-name: tests.test_storage -*-
+"""Keep every image in memory, as the chunks it arrived in."""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
+
+
+@implementer(IImageReader)
+class _ChunkReader:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+        self._index = 0
+        self._offset = 0
+
+    def read(self, size: int) -> bytes:
+        if self._index >= len(self._chunks):
+            return b""
+        chunk = self._chunks[self._index]
+        if self._offset == 0 and len(chunk) <= size:
+            self._index += 1
+            return chunk
+        piece = chunk[self._offset : self._offset + size]
+        self._offset += len(piece)
+        if self._offset >= len(chunk):
+            self._index += 1
+            self._offset = 0
+        return piece
+
+    def close(self) -> None:
+        self._index = len(self._chunks)
+
+
+@implementer(IStoredImage)
+class MemoryImage:
+    """An immutable image made of the chunks it was written in."""
+
+    def __init__(self, chunks: list[bytes], size: int) -> None:
+        self._chunks = chunks
+        self.size = size
+
+    def open(self) -> IImageReader:
+        return _ChunkReader(self._chunks)
+
+    def release(self) -> None:
+        self._chunks = []
+
+    def chunks(self) -> list[bytes]:
+        return list(self._chunks)
+
+
+@implementer(IImageWriter)
+class _MemoryWriter:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+        self.size = sum(len(c) for c in chunks)
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(bytes(data))
+            self.size += len(data)
+
+    def commit(self) -> IStoredImage:
+        return MemoryImage(self._chunks, self.size)
+
+    def abort(self) -> None:
+        self._chunks = []
+        self.size = 0
+
+
+@implementer(IImageStore)
+class MemoryStore:
+    """
+    An unbounded in-memory store.  Chunks are kept as received and never
+    joined, so storing costs no copies beyond the socket read.
+    """
+
+    def newWriter(self, base: IStoredImage | None = None) -> IImageWriter:
+        chunks: list[bytes] = []
+        if base is not None:
+            reader = base.open()
+            while chunk := reader.read(1 << 20):
+                chunks.append(chunk)
+            reader.close()
+        return _MemoryWriter(chunks)

@@ -1,0 +1,306 @@
+# -*- test-case-name: tests.test_wire -*-
+"""
+The wire: frames and the control messages of CRIU's image protocols.
+
+A frame is a u32 little-endian length followed by that many bytes of a
+proto2 message.  This is the only module that touches the generated
+protobuf classes; everything else sees the frozen values defined here.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import Enum
+from typing import Iterable, TypeVar
+
+from attrs import frozen
+from google.protobuf.message import DecodeError, EncodeError, Message
+
+from twisted_criu._pb import criu_image_pb2 as _pb
+from twisted_criu.errors import ProtocolError
+
+U32 = struct.Struct("<I")
+
+#: Longest control message we accept; real ones are a few hundred bytes.
+MAX_HEADER_LENGTH = 64 * 1024
+
+#: Longest image name or snapshot id we accept (PATH_MAX).
+MAX_NAME_LENGTH = 4096
+
+O_RDONLY = 0
+O_WRONLY = 1
+O_RDWR = 2
+O_ACCMODE = 3
+O_APPEND = 0o2000
+
+ENOENT = 2
+
+#: Name of the image holding the ordered list of snapshot ids.
+PARENT_IMAGE = "parent"
+
+#: The 2015 seed's markers for "no snapshot" and "dump finished".
+SEED_NULL_SNAPSHOT = "null"
+SEED_DUMP_FINISH = "DUMP_FINISH"
+
+
+class OpenKind(Enum):
+    """What a request's raw C{open_mode} asks for."""
+
+    READ = "read"
+    WRITE = "write"
+    APPEND = "append"
+
+
+def openKind(openMode: int) -> OpenKind:
+    """
+    Classify a raw Linux open flag word as CRIU uses it.
+
+    @raise ProtocolError: for flag words that are neither a read, a write
+        nor an append.
+    """
+    if openMode == O_RDONLY:
+        return OpenKind.READ
+    if openMode & O_APPEND:
+        return OpenKind.APPEND
+    if openMode & O_ACCMODE in (O_WRONLY, O_RDWR):
+        return OpenKind.WRITE
+    raise ProtocolError(f"unknown open mode {openMode:#o}")
+
+
+def frame(payload: bytes) -> bytes:
+    """Prefix C{payload} with its u32 little-endian length."""
+    return U32.pack(len(payload)) + payload
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _parse(cls: type[_M], raw: bytes) -> _M:
+    try:
+        message = cls.FromString(raw)
+    except (DecodeError, ValueError) as e:
+        raise ProtocolError(f"malformed {cls.__name__}: {e}") from None
+    if not message.IsInitialized():
+        missing = ", ".join(message.FindInitializationErrors())  # type: ignore[attr-defined]
+        raise ProtocolError(f"{cls.__name__} lacks required fields: {missing}")
+    return message
+
+
+def _serialize(message: Message) -> bytes:
+    try:
+        return frame(message.SerializeToString())
+    except EncodeError as e:  # pragma: no cover - our own values are complete
+        raise ProtocolError(str(e)) from None
+
+
+def checkName(name: str) -> str:
+    """
+    Refuse image names that could never be a CRIU image file name.
+
+    Names are only ever used as keys, never as paths, but an image set must
+    be extractable into one directory, so names are flat.
+    """
+    if not name:
+        raise ProtocolError("empty image name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_LENGTH:
+        raise ProtocolError(f"image name longer than {MAX_NAME_LENGTH} bytes")
+    if "\0" in name or "/" in name or name in (".", ".."):
+        raise ProtocolError(f"hostile image name {name[:64]!r}")
+    return name
+
+
+def checkSnapshotId(snapshotId: str) -> str:
+    """Refuse snapshot ids with NUL bytes or of absurd length."""
+    if len(snapshotId.encode("utf-8", "surrogatepass")) > MAX_NAME_LENGTH:
+        raise ProtocolError(f"snapshot id longer than {MAX_NAME_LENGTH} bytes")
+    if "\0" in snapshotId:
+        raise ProtocolError("snapshot id contains a NUL byte")
+    return snapshotId
+
+
+@frozen
+class LocalRequest:
+    """A C{local_image_entry}: what criu asks of a daemon on one connection."""
+
+    name: str
+    snapshotId: str
+    openMode: int
+
+    @property
+    def isFinish(self) -> bool:
+        """Is this the end-of-dump / end-of-restore marker (either variant)?"""
+        return (self.name == "" and self.snapshotId == "") or (
+            self.name == SEED_DUMP_FINISH and self.snapshotId == SEED_NULL_SNAPSHOT
+        )
+
+    @property
+    def isSeed(self) -> bool:
+        """Does it carry one of the 2015 seed's markers?"""
+        return self.snapshotId == SEED_NULL_SNAPSHOT
+
+    @property
+    def kind(self) -> OpenKind:
+        return openKind(self.openMode)
+
+    def toBytes(self) -> bytes:
+        return _serialize(
+            _pb.local_image_entry(
+                name=self.name, snapshot_id=self.snapshotId, open_mode=self.openMode
+            )
+        )
+
+    @classmethod
+    def fromBytes(cls, raw: bytes) -> LocalRequest:
+        m = _parse(_pb.local_image_entry, raw)
+        request = cls(m.name, m.snapshot_id, m.open_mode)
+        if not request.isFinish:
+            checkName(request.name)
+            checkSnapshotId(request.snapshotId)
+            request.kind  # validates the mode
+        return request
+
+
+@frozen
+class RemoteHeader:
+    """A C{remote_image_entry}: announces C{size} raw bytes of one image."""
+
+    name: str
+    snapshotId: str
+    openMode: int
+    size: int
+
+    def toBytes(self) -> bytes:
+        return _serialize(
+            _pb.remote_image_entry(
+                name=self.name,
+                snapshot_id=self.snapshotId,
+                open_mode=self.openMode,
+                size=self.size,
+            )
+        )
+
+    @classmethod
+    def fromBytes(cls, raw: bytes) -> RemoteHeader:
+        m = _parse(_pb.remote_image_entry, raw)
+        checkName(m.name)
+        checkSnapshotId(m.snapshot_id)
+        openKind(m.open_mode)
+        return cls(m.name, m.snapshot_id, m.open_mode, m.size)
+
+
+@frozen
+class Reply:
+    """A C{local_image_reply_entry}: 0, or an errno."""
+
+    error: int
+
+    def toBytes(self) -> bytes:
+        return _serialize(_pb.local_image_reply_entry(error=self.error))
+
+    @classmethod
+    def fromBytes(cls, raw: bytes) -> Reply:
+        return cls(_parse(_pb.local_image_reply_entry, raw).error)
+
+
+REPLY_OK = Reply(0).toBytes()
+REPLY_ENOENT = Reply(ENOENT).toBytes()
+
+
+def encodeSnapshotId(snapshotId: str) -> bytes:
+    """One framed C{snapshot_id_entry}, as criu appends it to C{parent}."""
+    return _serialize(_pb.snapshot_id_entry(snapshot_id=snapshotId))
+
+
+def decodeSnapshotIds(data: bytes) -> list[str]:
+    """The snapshot ids in a C{parent} image, in push order."""
+    ids = []
+    for payload in iterFrames(data):
+        ids.append(_parse(_pb.snapshot_id_entry, payload).snapshot_id)
+    return ids
+
+
+@frozen
+class StreamRequest:
+    """An C{img_streamer_request_entry} of criu C{--stream}."""
+
+    filename: str
+
+    def toBytes(self) -> bytes:
+        return _serialize(_pb.img_streamer_request_entry(filename=self.filename))
+
+    @classmethod
+    def fromBytes(cls, raw: bytes) -> StreamRequest:
+        m = _parse(_pb.img_streamer_request_entry, raw)
+        return cls(checkName(m.filename))
+
+
+@frozen
+class StreamReply:
+    """An C{img_streamer_reply_entry}: does the requested file exist?"""
+
+    exists: bool
+
+    def toBytes(self) -> bytes:
+        return _serialize(_pb.img_streamer_reply_entry(exists=self.exists))
+
+    @classmethod
+    def fromBytes(cls, raw: bytes) -> StreamReply:
+        return cls(_parse(_pb.img_streamer_reply_entry, raw).exists)
+
+
+def iterFrames(data: bytes) -> Iterable[bytes]:
+    """
+    Split a complete byte string into frame payloads.
+
+    @raise ProtocolError: if C{data} ends inside a frame.
+    """
+    buffer = FrameBuffer()
+    rest = data
+    while rest:
+        payload = buffer.feed(rest)
+        if payload is None:
+            raise ProtocolError("truncated frame")
+        yield payload
+        rest = buffer.takeRest()
+
+
+class FrameBuffer:
+    """
+    Collects one frame from data split at any byte.
+
+    L{feed} returns the payload once it is complete; the bytes that came
+    after it are then available from L{takeRest}.  The length prefix is
+    checked before any payload is buffered, so a hostile length costs
+    nothing.
+    """
+
+    def __init__(self, maxLength: int = MAX_HEADER_LENGTH) -> None:
+        self.maxLength = maxLength
+        self._buffer = b""
+        self._rest = b""
+
+    def feed(self, data: bytes) -> bytes | None:
+        self._buffer += data
+        if len(self._buffer) < U32.size:
+            return None
+        (length,) = U32.unpack_from(self._buffer)
+        if length > self.maxLength:
+            raise ProtocolError(
+                f"frame of {length} bytes exceeds the {self.maxLength}-byte limit"
+            )
+        end = U32.size + length
+        if len(self._buffer) < end:
+            return None
+        payload = self._buffer[U32.size : end]
+        self._rest = self._buffer[end:]
+        self._buffer = b""
+        return payload
+
+    @property
+    def pending(self) -> int:
+        """How many bytes of an incomplete frame are buffered."""
+        return len(self._buffer)
+
+    def takeRest(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        return rest
