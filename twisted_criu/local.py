@@ -289,6 +289,9 @@ class LocalImageProtocol(Protocol):
         )
         if self._writer is not None:
             self._abort(str(error))
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.stopProducing()
         self._closeFds()
         self._state = _State.DONE
         self.transport.abortConnection()

@@ -1,0 +1,87 @@
+"""Test helpers: a fake daemon for the local protocol, a selectable pump."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_criu import wire
+from twisted_criu.local import ILocalImageService
+from twisted_criu.registry import SnapshotRegistry
+from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.variants import ReadVariant, readsInline
+
+
+@implementer(ILocalImageService)
+class FakeLocalService:
+    """One registry, a memory store, and a reactor whose fds we pump by hand."""
+
+    def __init__(self, waitForMissing: bool = True) -> None:
+        self.reactor = MemoryReactor()
+        self.store = MemoryStore()
+        self.registry = SnapshotRegistry(waitForMissing)
+        self.finishes: list[wire.LocalRequest] = []
+
+    def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
+        return self.registry
+
+    def finishRequested(self, request: wire.LocalRequest) -> None:
+        self.finishes.append(request)
+        self.registry.close()
+
+    def readsInline(self, request: wire.LocalRequest) -> bool:
+        return readsInline(ReadVariant.AUTO, request, False)
+
+
+def pump(reactor: MemoryReactor, drain: int | None = None, sink: list[bytes] | None = None) -> None:
+    """
+    Run the reactor's readers and writers until nothing moves, as a real
+    reactor would.  If C{drain} is a pipe's read end, whatever the writers
+    put in it is read into C{sink} as we go (so pipes never fill up).
+    """
+    for _ in range(100000):
+        moved = False
+        for selectable in list(reactor.readers) + list(reactor.writers):
+            isReader = selectable in reactor.readers
+            counter = "bytesRead" if isReader else "bytesWritten"
+            before = getattr(selectable, counter, 0)
+            why = selectable.doRead() if isReader else selectable.doWrite()
+            if why is not None:
+                reactor.removeReader(selectable)
+                reactor.removeWriter(selectable)
+                selectable.connectionLost(Failure(why))
+                moved = True
+            elif getattr(selectable, counter, 0) != before:
+                moved = True
+        if drain is not None and sink is not None:
+            try:
+                data = os.read(drain, 1 << 20)
+            except BlockingIOError:
+                data = b""
+            if data:
+                sink.append(data)
+                moved = True
+        if not moved:
+            return
+    raise AssertionError("pump did not settle")
+
+
+def driveProducer(transport: Any) -> None:
+    """Pull every chunk from a pull producer registered on a StringTransport."""
+    for _ in range(100000):
+        if transport.producer is None:
+            return
+        transport.producer.resumeProducing()
+    raise AssertionError("producer never finished")
+
+
+def isClosed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False

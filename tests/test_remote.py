@@ -1,0 +1,224 @@
+"""Tests for the proxy -> cache link, L{twisted_criu.remote}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from twisted_criu import wire
+from twisted_criu.errors import ImageNotFound
+from twisted_criu.registry import SnapshotRegistry, readAll
+from twisted_criu.remote import IRemoteImageSink, RemoteReceiver, RemoteSender
+from twisted_criu.storage.memory import MemoryStore
+
+from .helpers import driveProducer
+
+
+class RecordingTransport(StringTransport):
+    """Remembers every write() call separately."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+@implementer(IRemoteImageSink)
+class FakeSink:
+    def __init__(self) -> None:
+        self.store = MemoryStore()
+        self.registry = SnapshotRegistry(waitForMissing=True)
+        self.closed: list[bool] = []
+
+    def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+        return self.registry
+
+    def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
+        self.closed.append(clean)
+
+
+def _image(data: bytes) -> Any:
+    writer = MemoryStore().newWriter()
+    writer.write(data)
+    return writer.commit()
+
+
+def _stream(*images: tuple[str, bytes]) -> bytes:
+    out = b""
+    for name, data in images:
+        out += wire.RemoteHeader(name, "snap1", 1, len(data)).toBytes() + data
+    return out
+
+
+class ReceiverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sink = FakeSink()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def connect(self) -> tuple[RemoteReceiver, StringTransport]:
+        receiver = RemoteReceiver(self.sink)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        return receiver, transport
+
+    def stored(self, name: str) -> bytes | None:
+        image = self.sink.registry.get(("snap1", name))
+        return None if image is None else readAll(image)
+
+    def errors(self) -> list[str]:
+        return [
+            e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error
+        ]
+
+    def test_everySplitPoint(self) -> None:
+        """Headers and bodies cut at any byte give the same images."""
+        data = _stream(("a.img", b"alpha"), ("empty.img", b""), ("b.img", b"bravo!"))
+        for cut in range(len(data) + 1):
+            self.sink = FakeSink()
+            receiver, _ = self.connect()
+            receiver.dataReceived(data[:cut])
+            receiver.dataReceived(data[cut:])
+            receiver.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(
+                [self.stored(n) for n in ("a.img", "empty.img", "b.img")],
+                [b"alpha", b"", b"bravo!"],
+                cut,
+            )
+            self.assertEqual(self.sink.closed, [True])
+
+    def test_byteByByte(self) -> None:
+        data = _stream(("a.img", b"alpha"), ("b.img", b"bravo"))
+        receiver, _ = self.connect()
+        for i in range(len(data)):
+            receiver.dataReceived(data[i : i + 1])
+        self.assertEqual(self.stored("b.img"), b"bravo")
+
+    def test_zeroLengthDoesNotSwallowTheRest(self) -> None:
+        """C bug: size 0 was read as 'until EOF'."""
+        receiver, _ = self.connect()
+        receiver.dataReceived(_stream(("empty.img", b""), ("next.img", b"next")))
+        self.assertEqual(self.stored("empty.img"), b"")
+        self.assertEqual(self.stored("next.img"), b"next")
+
+    def test_sameImageTwiceReplaces(self) -> None:
+        receiver, _ = self.connect()
+        receiver.dataReceived(_stream(("a.img", b"old"), ("a.img", b"new")))
+        self.assertEqual(self.stored("a.img"), b"new")
+
+    def test_appendMode(self) -> None:
+        """A C proxy may forward appends with O_APPEND: they append."""
+        receiver, _ = self.connect()
+        first = wire.encodeSnapshotId("snap1")
+        second = wire.encodeSnapshotId("snap2")
+        for payload in (first, second):
+            receiver.dataReceived(
+                wire.RemoteHeader("parent", "", wire.O_APPEND, len(payload)).toBytes() + payload
+            )
+        self.assertEqual(self.sink.registry.snapshotIds(), ["snap1", "snap2"])
+
+    def test_linkDiesMidImage(self) -> None:
+        """A truncated image is never published; its readers keep waiting."""
+        receiver, _ = self.connect()
+        read = self.sink.registry.whenAvailable(("snap1", "big.img"))
+        header = wire.RemoteHeader("big.img", "snap1", 1, 1000).toBytes()
+        receiver.dataReceived(_stream(("a.img", b"a")) + header + b"x" * 400)
+        receiver.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.stored("a.img"), b"a")
+        self.assertIsNone(self.stored("big.img"))
+        self.assertNoResult(read)
+        self.assertEqual(self.sink.closed, [False])
+        self.assertIn("snap1/big.img: 400 of 1000 bytes arrived", self.errors()[0])
+        self.sink.registry.close()
+        self.failureResultOf(read, ImageNotFound)
+
+    def test_cleanCloseMidImageIsNotClean(self) -> None:
+        receiver, _ = self.connect()
+        receiver.dataReceived(wire.RemoteHeader("a.img", "snap1", 1, 10).toBytes() + b"12345")
+        receiver.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.sink.closed, [False])
+        self.assertIsNone(self.stored("a.img"))
+
+    def test_closeInsideHeader(self) -> None:
+        receiver, _ = self.connect()
+        receiver.dataReceived(wire.RemoteHeader("a.img", "snap1", 1, 10).toBytes()[:7])
+        receiver.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.sink.closed, [False])
+        self.assertIn("inside a header frame", self.errors()[0])
+
+    def test_malformedHeader(self) -> None:
+        receiver, transport = self.connect()
+        receiver.dataReceived(wire.frame(b"\x0a\x01a"))  # name only
+        self.assertTrue(transport.disconnected)
+        self.assertIn("lacks required fields", self.errors()[0])
+
+    def test_oversizedHeader(self) -> None:
+        receiver, transport = self.connect()
+        receiver.dataReceived(wire.U32.pack(wire.MAX_HEADER_LENGTH + 1))
+        self.assertTrue(transport.disconnected)
+        self.assertIn("exceeds", self.errors()[0])
+
+    def test_hostileName(self) -> None:
+        receiver, transport = self.connect()
+        receiver.dataReceived(wire.RemoteHeader("../../etc/x", "s", 1, 0).toBytes())
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.sink.registry.keys(), [])
+
+    def test_readWaitsDuringTransfer(self) -> None:
+        """A restore read of an image in flight waits for its last byte."""
+        receiver, _ = self.connect()
+        receiver.dataReceived(wire.RemoteHeader("a.img", "snap1", 1, 6).toBytes() + b"abc")
+        read = self.sink.registry.whenAvailable(("snap1", "a.img"))
+        self.assertNoResult(read)
+        receiver.dataReceived(b"def")
+        self.assertEqual(readAll(self.successResultOf(read)), b"abcdef")
+
+
+class SenderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.connected: list[RemoteSender] = []
+        self.sender = RemoteSender(self.connected.append)
+        self.transport = RecordingTransport()
+        self.sender.makeConnection(self.transport)
+
+    def test_connected(self) -> None:
+        self.assertEqual(self.connected, [self.sender])
+
+    def test_forwardsInOrderHeaderInOneWrite(self) -> None:
+        big = bytes(range(256)) * 4096  # 1 MiB: several chunks
+        self.sender.enqueue(("snap1", "pages-1.img"), _image(big))
+        self.sender.enqueue(("snap1", "empty.img"), _image(b""))
+        self.sender.enqueue(("snap1", "inventory.img"), _image(b"inv"))
+        idle = self.sender.whenIdle()
+        for _ in range(3):
+            driveProducer(self.transport)
+        self.successResultOf(idle)
+        expected = _stream(("pages-1.img", big), ("empty.img", b""), ("inventory.img", b"inv"))
+        self.assertEqual(self.transport.value(), expected)
+        headers = [
+            wire.RemoteHeader(n, "snap1", 1, s).toBytes()
+            for n, s in (("pages-1.img", len(big)), ("empty.img", 0), ("inventory.img", 3))
+        ]
+        for header in headers:  # every frame in a single write (C readers need it)
+            self.assertIn(header, self.transport.writes)
+        self.assertEqual(self.sender.imagesSent, 3)
+
+    def test_oneImageAtATime(self) -> None:
+        self.sender.enqueue(("s", "a"), _image(b"a" * 10))
+        self.sender.enqueue(("s", "b"), _image(b"b" * 10))
+        self.assertEqual(len(self.transport.writes), 1)  # a's header only
+        self.assertFalse(self.sender.idle)
+
+    def test_linkLostStopsSending(self) -> None:
+        self.sender.enqueue(("s", "a"), _image(b"a" * 10))
+        self.sender.connectionLost(Failure(ConnectionLost()))
+        self.transport.producer.stopProducing()
+        self.assertTrue(self.sender.lost)

@@ -1,0 +1,290 @@
+"""
+End-to-end tests of L{ImageProxyService} and L{ImageCacheService} in one
+process: real sockets on loopback, criu played by the blocking client in
+threads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable, TypeVar
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from twisted_criu import wire
+from twisted_criu.cache import ImageCacheService
+from twisted_criu.client import LocalImageClient
+from twisted_criu.options import unixEndpoint
+from twisted_criu.proxy import ImageProxyService
+
+T = TypeVar("T")
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Migration:
+    """A cache and a proxy wired together, plus clients playing criu."""
+
+    def __init__(self, test: TestCase) -> None:
+        base = test.mktemp()
+        self.src = os.path.join(base, "src")
+        self.dst = os.path.join(base, "dst")
+        os.makedirs(self.src)
+        os.makedirs(self.dst)
+        self.test = test
+        self.cache: ImageCacheService | None = None
+        self.proxy: ImageProxyService | None = None
+        self.dump = LocalImageClient(os.path.join(self.src, "img-proxy.sock"), timeout=20)
+        self.restore = LocalImageClient(os.path.join(self.dst, "img-cache.sock"), timeout=20)
+
+    def startCache(self, port: int = 0) -> Deferred[Any]:
+        self.cache = ImageCacheService(
+            reactor,
+            serverFromString(reactor, unixEndpoint(os.path.join(self.dst, "img-cache.sock"))),
+            serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"),
+        )
+        self.cache.startService()
+        self.test.addCleanup(self.cache.stopService)
+        return self.cache.remoteEndpoint.whenListening()
+
+    def startProxy(self, port: int) -> None:
+        self.proxy = ImageProxyService(
+            reactor,
+            serverFromString(reactor, unixEndpoint(os.path.join(self.src, "img-proxy.sock"))),
+            clientFromString(reactor, f"tcp:host=127.0.0.1:port={port}"),
+            retryPolicy=lambda attempt: 0.05,
+        )
+        self.proxy.startService()
+        self.test.addCleanup(self.proxy.stopService)
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        port = yield self.startCache()
+        self.startProxy(port.getHost().port)
+
+
+def inThread(f: Callable[..., T], *args: Any) -> Deferred[T]:
+    return deferToThread(f, *args)
+
+
+@inlineCallbacks
+def waitFor(condition: Callable[[], bool], timeout: float = 10) -> Any:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition never became true")
+
+
+class ServiceTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.m = Migration(self)
+        yield self.m.start()
+
+    @inlineCallbacks
+    def test_fullSession(self) -> Any:
+        """Images round-trip byte-exact and both sessions complete."""
+        m = self.m
+        assert m.cache and m.proxy
+        cacheDone = m.cache.whenSessionDone()
+        proxyDone = m.proxy.whenSessionDone()
+        images = {"pages-1.img": os.urandom(3 << 20), "core-1.img": b"core", "empty.img": b""}
+
+        def dump() -> list[str]:
+            m.dump.pushSnapshotId("snap1")
+            ids = m.dump.snapshotIds()
+            for name, data in images.items():
+                m.dump.write("snap1", name, data)
+            m.dump.finishDump()
+            return ids
+
+        ids = yield inThread(dump)
+        self.assertEqual(ids, ["snap1"])
+        proxySummary = yield proxyDone
+        self.assertEqual(proxySummary.images, 4)  # + parent
+        self.assertEqual(proxySummary.snapshotIds, ["snap1"])
+
+        def restore() -> dict[str, Any]:
+            got: dict[str, Any] = {"ids": m.restore.snapshotIds()}
+            for name in list(images) + ["memfd.img"]:
+                got[name] = m.restore.read("snap1", name)
+            m.restore.finishRestore()
+            return got
+
+        got = yield inThread(restore)
+        self.assertEqual(got.pop("ids"), ["snap1"])
+        self.assertIsNone(got.pop("memfd.img"))
+        self.assertEqual(got, images)
+        cacheSummary = yield cacheDone
+        self.assertEqual((cacheSummary.images, cacheSummary.bytes), (4, sum(map(len, images.values())) + 11))
+
+    @inlineCallbacks
+    def test_readBeforeImageArrives(self) -> Any:
+        m = self.m
+        assert m.cache
+        read = inThread(m.restore.read, "snap1", "late.img")
+        yield waitFor(lambda: m.cache.session.registry.waiting == 1)  # type: ignore[union-attr]
+        yield inThread(m.dump.write, "snap1", "late.img", b"finally")
+        self.assertEqual((yield read), b"finally")
+
+    @inlineCallbacks
+    def test_imageThatNeverComes(self) -> Any:
+        """ENOENT when the proxy finishes, then at once for later reads."""
+        m = self.m
+        assert m.cache
+        read = inThread(m.restore.read, "snap1", "never.img")
+        yield waitFor(lambda: m.cache.session.registry.waiting == 1)  # type: ignore[union-attr]
+        self.assertNoResult(read)
+        yield inThread(m.dump.finishDump)
+        self.assertIsNone((yield read))
+        self.assertTrue(m.cache.session.remoteDone)
+        self.assertIsNone((yield inThread(m.restore.read, "snap1", "other.img")))
+
+    @inlineCallbacks
+    def test_finishWhileDataInPipe(self) -> Any:
+        """The C proxy lost an image whose pipe was still draining at FINISH."""
+        m = self.m
+        data = os.urandom(5 << 20)
+
+        def dump() -> None:
+            writer = m.dump.openWrite("snap1", "pages-1.img")
+            writer.write(data[: 1 << 20])
+            m.dump.finishDump()
+            writer.write(data[1 << 20 :])
+            writer.close()
+
+        yield inThread(dump)
+        self.assertEqual((yield inThread(m.restore.read, "snap1", "pages-1.img")), data)
+
+    @inlineCallbacks
+    def test_zeroLengthTwiceWrittenAndParentAppendedTwice(self) -> Any:
+        """The C bugs of remote-images.md section 5, items 1 to 4."""
+        m = self.m
+
+        def dump() -> list[str]:
+            m.dump.pushSnapshotId("pre")
+            m.dump.pushSnapshotId("dump")
+            m.dump.write("dump", "zero.img", b"")
+            m.dump.write("dump", "twice.img", b"first version")
+            m.dump.write("dump", "twice.img", b"second")
+            ids = m.dump.snapshotIds()
+            m.dump.finishDump()
+            return ids
+
+        self.assertEqual((yield inThread(dump)), ["pre", "dump"])
+
+        def restore() -> tuple[Any, ...]:
+            return (
+                m.restore.snapshotIds(),
+                m.restore.read("dump", "zero.img"),
+                m.restore.read("dump", "twice.img"),
+                m.restore.read("dump", "after.img"),
+            )
+
+        self.assertEqual((yield inThread(restore)), (["pre", "dump"], b"", b"second", None))
+
+    @inlineCallbacks
+    def test_proxyAnswersItsOwnReads(self) -> Any:
+        """criu dump re-reads parent (and parent pagemaps) from the proxy."""
+        m = self.m
+
+        def dump() -> tuple[Any, ...]:
+            m.dump.write("snap1", "pagemap-1.img", b"pm")
+            return (m.dump.read("snap1", "pagemap-1.img"), m.dump.read("snap1", "nope.img"))
+
+        self.assertEqual((yield inThread(dump)), (b"pm", None))
+
+    @inlineCallbacks
+    def test_rereadsAndConcurrentReaders(self) -> Any:
+        m = self.m
+        data = os.urandom(1 << 20)
+        yield inThread(m.dump.write, "snap1", "pages-1.img", data)
+        reads = [inThread(m.restore.read, "snap1", "pages-1.img") for _ in range(4)]
+        for read in reads:
+            self.assertEqual((yield read), data)
+
+    @inlineCallbacks
+    def test_badClientDoesNotDisturbOthers(self) -> Any:
+        m = self.m
+
+        def garbage() -> bytes:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(m.dump.path)
+                s.sendall(b"\xff\xff\xff\x7f" + b"x" * 100)
+                return s.recv(10)
+
+        def good() -> bytes | None:
+            m.dump.write("snap1", "ok.img", b"ok")
+            return m.dump.read("snap1", "ok.img")
+
+        self.assertEqual((yield inThread(garbage)), b"")
+        self.assertEqual((yield inThread(good)), b"ok")
+
+    @inlineCallbacks
+    def test_seedVariant(self) -> Any:
+        """The 2015 seed: inline data, null snapshot id, DUMP_FINISH."""
+        m = self.m
+        m.dump.variant = m.restore.variant = "seed"
+        data = os.urandom(200000)
+
+        def migrate() -> tuple[Any, ...]:
+            m.dump.pushSnapshotId("snap1")
+            m.dump.write("snap1", "pages-1.img", data)
+            m.dump.finishDump()
+            result = (m.restore.snapshotIds(), m.restore.read("snap1", "pages-1.img"))
+            m.restore.finishRestore()
+            return result
+
+        self.assertEqual((yield inThread(migrate)), (["snap1"], data))
+
+    @inlineCallbacks
+    def test_nextSession(self) -> Any:
+        """Without --once both daemons serve one migration after another."""
+        m = self.m
+        assert m.cache and m.proxy
+        for n in range(3):
+            done = m.cache.whenSessionDone()
+
+            def migrate() -> bytes | None:
+                m.dump.write(f"snap{n}", "a.img", b"a%d" % n)
+                m.dump.finishDump()
+                data = m.restore.read(f"snap{n}", "a.img")
+                m.restore.finishRestore()
+                return data
+
+            self.assertEqual((yield inThread(migrate)), b"a%d" % n)
+            yield done
+        self.assertEqual(m.cache.sessionsCompleted, 3)
+        self.assertEqual(m.proxy.sessionsCompleted, 3)
+        self.assertEqual(m.cache.session.registry.keys(), [])
+
+
+class StartupOrderTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_proxyBeforeCache(self) -> Any:
+        """The proxy retries until the cache comes up; nothing is lost."""
+        m = Migration(self)
+        port = freePort()
+        m.startProxy(port)
+        yield inThread(m.dump.write, "snap1", "early.img", b"early")
+        yield deferLater(reactor, 0.3, lambda: None)
+        yield m.startCache(port)
+        yield inThread(m.dump.finishDump)
+        self.assertEqual((yield inThread(m.restore.read, "snap1", "early.img")), b"early")

@@ -1,0 +1,155 @@
+"""Tests for L{twisted_criu.wire}: frames split anywhere, hostile frames."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_criu import wire
+from twisted_criu.errors import ProtocolError
+
+
+def _stream() -> tuple[bytes, list[bytes]]:
+    frames = [
+        wire.LocalRequest("pages-1.img", "snap1", 1).toBytes(),
+        wire.encodeSnapshotId("snap1"),
+        wire.RemoteHeader("inventory.img", "snap1", 1, 19).toBytes(),
+    ]
+    return b"".join(frames), [f[4:] for f in frames]
+
+
+def _collect(pieces: list[bytes]) -> list[bytes]:
+    buffer = wire.FrameBuffer()
+    payloads = []
+    for piece in pieces:
+        while piece:
+            payload = buffer.feed(piece)
+            if payload is None:
+                break
+            payloads.append(payload)
+            piece = buffer.takeRest()
+    return payloads
+
+
+class FrameBufferTests(SynchronousTestCase):
+    def test_everySplitPoint(self) -> None:
+        """Three frames cut in two at every byte parse to the same payloads."""
+        data, expected = _stream()
+        for cut in range(len(data) + 1):
+            self.assertEqual(_collect([data[:cut], data[cut:]]), expected, cut)
+
+    def test_byteByByte(self) -> None:
+        data, expected = _stream()
+        self.assertEqual(_collect([data[i : i + 1] for i in range(len(data))]), expected)
+
+    def test_oversizedLengthRefusedBeforePayload(self) -> None:
+        """A hostile length is refused from its 4 bytes alone."""
+        buffer = wire.FrameBuffer(maxLength=100)
+        with self.assertRaises(ProtocolError) as e:
+            buffer.feed(wire.U32.pack(101))
+        self.assertIn("exceeds the 100-byte limit", str(e.exception))
+
+    def test_defaultLimit(self) -> None:
+        self.assertEqual(wire.FrameBuffer().maxLength, 64 * 1024)
+        with self.assertRaises(ProtocolError):
+            wire.FrameBuffer().feed(b"\xff\xff\xff\xff")
+
+    def test_pending(self) -> None:
+        buffer = wire.FrameBuffer()
+        self.assertIsNone(buffer.feed(b"\x05\x00\x00\x00ab"))
+        self.assertEqual(buffer.pending, 6)
+
+    def test_iterFramesTruncated(self) -> None:
+        data = wire.encodeSnapshotId("a") + wire.encodeSnapshotId("b")[:-1]
+        with self.assertRaises(ProtocolError):
+            list(wire.iterFrames(data))
+
+
+class MessageTests(SynchronousTestCase):
+    def test_localRequestRoundTrip(self) -> None:
+        request = wire.LocalRequest("foo.img", "X", 1)
+        raw = request.toBytes()
+        self.assertEqual(raw.hex(), "0e0000000a07666f6f2e696d671201581801")
+        self.assertEqual(wire.LocalRequest.fromBytes(raw[4:]), request)
+
+    def test_missingRequiredField(self) -> None:
+        """protobuf does not enforce proto2 required fields on parse; we do."""
+        raw = bytes.fromhex("0a07666f6f2e696d67")  # name only
+        with self.assertRaises(ProtocolError) as e:
+            wire.LocalRequest.fromBytes(raw)
+        self.assertIn("lacks required fields", str(e.exception))
+        self.assertIn("snapshot_id", str(e.exception))
+
+    def test_garbage(self) -> None:
+        with self.assertRaises(ProtocolError) as e:
+            wire.RemoteHeader.fromBytes(b"\xff\xff\xff\xff\xff")
+        self.assertIn("malformed", str(e.exception))
+
+    def test_remoteHeaderRoundTrip(self) -> None:
+        header = wire.RemoteHeader("after.img", "X", 1, 19)
+        raw = header.toBytes()
+        self.assertEqual(raw.hex(), "120000000a0961667465722e696d67120158180120" + "13")
+        self.assertEqual(wire.RemoteHeader.fromBytes(raw[4:]), header)
+
+    def test_hugeSize(self) -> None:
+        header = wire.RemoteHeader("pages-1.img", "s", 1, 2**63)
+        self.assertEqual(wire.RemoteHeader.fromBytes(header.toBytes()[4:]).size, 2**63)
+
+    def test_finishVariants(self) -> None:
+        self.assertTrue(wire.LocalRequest("", "", 1).isFinish)
+        self.assertTrue(wire.LocalRequest("", "", 0).isFinish)
+        seed = wire.LocalRequest("DUMP_FINISH", "null", 1)
+        self.assertTrue(seed.isFinish)
+        self.assertTrue(seed.isSeed)
+        self.assertFalse(wire.LocalRequest("DUMP_FINISH", "snap", 1).isFinish)
+        self.assertFalse(wire.LocalRequest("x", "", 1).isFinish)
+
+    def test_finishFrame(self) -> None:
+        raw = bytes.fromhex("060000000a0012001801")
+        self.assertTrue(wire.LocalRequest.fromBytes(raw[4:]).isFinish)
+
+    def test_openKinds(self) -> None:
+        self.assertIs(wire.openKind(0), wire.OpenKind.READ)
+        self.assertIs(wire.openKind(1), wire.OpenKind.WRITE)
+        self.assertIs(wire.openKind(0o1101), wire.OpenKind.WRITE)  # O_WRONLY|O_CREAT|O_TRUNC
+        self.assertIs(wire.openKind(1024), wire.OpenKind.APPEND)
+        self.assertIs(wire.openKind(1025), wire.OpenKind.APPEND)
+        with self.assertRaises(ProtocolError) as e:
+            wire.openKind(0o100)  # O_CREAT alone: neither
+        self.assertIn("unknown open mode", str(e.exception))
+
+    def test_unknownModeRejectedOnParse(self) -> None:
+        raw = wire.LocalRequest("a.img", "s", 0o100).toBytes()[4:]
+        with self.assertRaises(ProtocolError):
+            wire.LocalRequest.fromBytes(raw)
+
+    def test_hostileNames(self) -> None:
+        for name in ["../etc/passwd", "a/b", "..", ".", "a\0b", "x" * 4097, ""]:
+            raw = wire.LocalRequest(name, "snap", 1).toBytes()[4:]
+            if name == "":
+                raw = wire.RemoteHeader(name, "snap", 1, 0).toBytes()[4:]
+                with self.assertRaises(ProtocolError):
+                    wire.RemoteHeader.fromBytes(raw)
+                continue
+            with self.assertRaises(ProtocolError, msg=repr(name[:10])):
+                wire.LocalRequest.fromBytes(raw)
+            raw = wire.RemoteHeader(name, "snap", 1, 0).toBytes()[4:]
+            with self.assertRaises(ProtocolError):
+                wire.RemoteHeader.fromBytes(raw)
+
+    def test_snapshotIdMayBeAPath(self) -> None:
+        """criu's snapshot id is its -D argument as typed."""
+        request = wire.LocalRequest("a.img", "/var/lib/criu/out", 1)
+        self.assertEqual(wire.LocalRequest.fromBytes(request.toBytes()[4:]), request)
+        with self.assertRaises(ProtocolError):
+            wire.LocalRequest.fromBytes(wire.LocalRequest("a.img", "a\0", 1).toBytes()[4:])
+
+    def test_snapshotIds(self) -> None:
+        data = wire.encodeSnapshotId("snap1") + wire.encodeSnapshotId("snap2")
+        self.assertEqual(data.hex(), "070000000a05736e617031070000000a05736e617032")
+        self.assertEqual(wire.decodeSnapshotIds(data), ["snap1", "snap2"])
+        self.assertEqual(wire.decodeSnapshotIds(b""), [])
+
+    def test_replies(self) -> None:
+        self.assertEqual(wire.REPLY_OK.hex(), "020000000800")
+        self.assertEqual(wire.REPLY_ENOENT.hex(), "020000000802")
+        self.assertEqual(wire.Reply.fromBytes(wire.REPLY_ENOENT[4:]).error, 2)
