@@ -50,6 +50,8 @@ class DaemonOptions(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        if isinstance(self["read-variant"], str):  # the default is not coerced
+            self["read-variant"] = parseVariant(self["read-variant"])
         if self["local"] is None:
             directory = os.path.abspath(self["images-dir"])
             if not os.path.isdir(directory):
