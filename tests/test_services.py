@@ -288,3 +288,28 @@ class StartupOrderTests(TestCase):
         yield m.startCache(port)
         yield inThread(m.dump.finishDump)
         self.assertEqual((yield inThread(m.restore.read, "snap1", "early.img")), b"early")
+
+
+class StalledClientTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_stalledClientsDoNotBlockOthers(self) -> Any:
+        """C bug 6: one stalled client blocked the single-threaded daemon."""
+        m = Migration(self)
+        yield m.start()
+        big = os.urandom(8 << 20)
+        yield inThread(m.dump.write, "snap1", "pages-1.img", big)
+        yield inThread(m.dump.finishDump)
+        silent = socket.socket(socket.AF_UNIX)
+        self.addCleanup(silent.close)
+        silent.connect(m.restore.path)  # connects, never speaks
+        halfHeader = socket.socket(socket.AF_UNIX)
+        self.addCleanup(halfHeader.close)
+        halfHeader.connect(m.restore.path)
+        halfHeader.sendall(wire.LocalRequest("a.img", "snap1", 0).toBytes()[:5])
+        reader = yield inThread(m.restore.openRead, "snap1", "pages-1.img")
+        self.addCleanup(reader.close)  # never reads its 8 MiB: the pipe fills up
+        self.assertEqual((yield inThread(reader.read, 10)), big[:10])
+        for _ in range(3):
+            self.assertEqual((yield inThread(m.restore.read, "snap1", "pages-1.img")), big)
