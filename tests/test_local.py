@@ -263,3 +263,21 @@ class LocalProtocolTests(SynchronousTestCase):
         protocol, _ = self.connect()
         protocol.dataReceived(wire.LocalRequest("DUMP_FINISH", "null", 1).toBytes())
         self.assertEqual(len(self.service.finishes), 1)
+
+
+class OverlappingAppendTests(SynchronousTestCase):
+    def test_overlappingAppendsBothLand(self) -> None:
+        """A second append that starts before the first ends still appends."""
+        service = FakeLocalService()
+        protocols = []
+        for snapshotId in ("pre", "dump"):
+            protocol = LocalImageProtocol(service)
+            protocol.makeConnection(StringTransport())
+            protocol.dataReceived(
+                wire.LocalRequest("parent", "", wire.O_APPEND).toBytes()
+                + wire.encodeSnapshotId(snapshotId)
+            )
+            protocols.append(protocol)
+        for protocol in protocols:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(service.registry.snapshotIds(), ["pre", "dump"])

@@ -12,6 +12,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -23,6 +24,7 @@ from twisted_criu.local import ILocalImageService, LocalImageFactory
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.remote import IRemoteImageSink, RemoteReceiver, RemoteReceiverFactory
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.stream import StreamServeFactory
 from twisted_criu.variants import ReadVariant, readsInline
 
 
@@ -54,7 +56,9 @@ class ImageCacheService(MultiService):
     """
     The image cache, embeddable in any Twisted application.
 
-    @param local: where criu restore connects (C{unix:DIR/img-cache.sock}).
+    @param local: where criu restore --remote connects (C{unix:DIR/img-cache.sock}).
+    @param streamLocal: where criu restore --stream connects, if at all
+        (C{unix:DIR/streamer-serve.sock}).
     @param listen: where the image proxy connects.
     """
 
@@ -67,6 +71,7 @@ class ImageCacheService(MultiService):
         listen: IStreamServerEndpoint,
         store: IImageStore | None = None,
         readVariant: ReadVariant = ReadVariant.AUTO,
+        streamLocal: IStreamServerEndpoint | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -77,10 +82,15 @@ class ImageCacheService(MultiService):
         self._observers: list[Deferred[SessionSummary]] = []
         self.remoteEndpoint = ObservedServerEndpoint(listen)
         self.localEndpoint = ObservedServerEndpoint(local)
-        for endpoint, factory in (
+        listeners: list[tuple[ObservedServerEndpoint, Factory]] = [
             (self.remoteEndpoint, RemoteReceiverFactory(self)),
             (self.localEndpoint, LocalImageFactory(self)),
-        ):
+        ]
+        self.streamEndpoint: ObservedServerEndpoint | None = None
+        if streamLocal is not None:
+            self.streamEndpoint = ObservedServerEndpoint(streamLocal)
+            listeners.append((self.streamEndpoint, StreamServeFactory(self)))
+        for endpoint, factory in listeners:
             listener = StreamServerEndpointService(endpoint, factory)
             listener._raiseSynchronously = True
             listener.setServiceParent(self)

@@ -16,6 +16,7 @@ class Options(DaemonOptions):
         "Receive checkpoint images from a criu-proxy and serve them to "
         "`criu restore --remote -D DIR` on DIR/img-cache.sock."
     )
+    streamSocketName = "streamer-serve.sock"
     socketName = "img-cache.sock"
     optParameters = [
         ["address", None, "127.0.0.1", "Interface to listen on for the proxy (use 0.0.0.0 or the host's address for a real migration)."],
@@ -31,11 +32,15 @@ class Options(DaemonOptions):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    stream = None
+    if options["stream-local"] is not None:
+        stream = serverFromString(reactor, options["stream-local"])
     service = ImageCacheService(
         reactor,
         serverFromString(reactor, options["local"]),
         serverFromString(reactor, options["listen"]),
         readVariant=options["read-variant"],
+        streamLocal=stream,
     )
     if options["once"]:
         service.whenSessionDone().addCallback(lambda _: reactor.stop())

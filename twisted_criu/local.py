@@ -82,6 +82,7 @@ class LocalImageProtocol(Protocol):
         self._waiting: Deferred[IStoredImage] | None = None
         self._image: IStoredImage | None = None
         self._inlineRead = False
+        self._append = False
 
     # -- events from the socket -------------------------------------------
 
@@ -163,12 +164,10 @@ class LocalImageProtocol(Protocol):
             self._waiting = self._registry.whenAvailable(self._key)
             self._waiting.addCallbacks(self._imageReady, self._imageMissing)
             return
-        base = None
-        if kind is wire.OpenKind.APPEND:
-            base = self._registry.get(self._key)
+        self._append = kind is wire.OpenKind.APPEND
         self._registry.beginWrite(self._key)
         store: IImageStore = self.service.store
-        self._writer = store.newWriter(base)
+        self._writer = store.newWriter()
         self._state = _State.WRITE_START
         if self._fds:
             self._startPipeWrite()
@@ -203,9 +202,15 @@ class LocalImageProtocol(Protocol):
             return
         image = writer.commit()
         self.log.info(
-            "stored {image} ({size} bytes)", image=describe(self._key), size=image.size
+            "stored {image} ({size} bytes{appended})",
+            image=describe(self._key),
+            size=image.size,
+            appended=" appended" if self._append else "",
         )
-        self._registry.publish(self._key, image)
+        if self._append:
+            self._registry.publishAppend(self._key, image, self.service.store)
+        else:
+            self._registry.publish(self._key, image)
 
     def _abort(self, why: str) -> None:
         writer, self._writer = self._writer, None

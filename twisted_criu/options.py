@@ -38,6 +38,7 @@ class DaemonOptions(usage.Options):
     """Flags both daemons share; subclasses add their link option."""
 
     socketName = ""
+    streamSocketName = ""
 
     optFlags = [
         ["once", None, "Serve one migration session, then exit."],
@@ -45,16 +46,23 @@ class DaemonOptions(usage.Options):
     optParameters = [
         ["images-dir", "D", ".", "The directory criu is given with -D; the criu socket is created there."],
         ["port", None, DEFAULT_PORT, "TCP port of the proxy -> cache link.", parsePort],
-        ["local", None, None, "Endpoint criu connects to (default: unix socket in --images-dir)."],
+        ["local", None, None, "Endpoint criu --remote connects to (default: unix socket in --images-dir)."],
+        ["stream-local", None, None, "Endpoint criu --stream connects to (default: unix socket in --images-dir; 'none' to disable)."],
         ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
     ]
 
     def postOptions(self) -> None:
         if isinstance(self["read-variant"], str):  # the default is not coerced
             self["read-variant"] = parseVariant(self["read-variant"])
-        if self["local"] is None:
-            directory = os.path.abspath(self["images-dir"])
-            if not os.path.isdir(directory):
-                raise usage.UsageError(f"images directory {directory} does not exist")
-            self["images-dir"] = directory
-            self["local"] = unixEndpoint(os.path.join(directory, self.socketName))
+        for option, name in (("local", self.socketName), ("stream-local", self.streamSocketName)):
+            if self[option] is None:
+                self[option] = unixEndpoint(os.path.join(self._imagesDir(), name))
+        if self["stream-local"] == "none":
+            self["stream-local"] = None
+
+    def _imagesDir(self) -> str:
+        directory = os.path.abspath(self["images-dir"])
+        if not os.path.isdir(directory):
+            raise usage.UsageError(f"images directory {directory} does not exist")
+        self["images-dir"] = directory
+        return directory

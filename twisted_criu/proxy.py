@@ -23,6 +23,7 @@ from twisted_criu.local import ILocalImageService, LocalImageFactory
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.remote import RemoteSender, RemoteSenderFactory
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.stream import StreamCaptureFactory
 from twisted_criu.variants import ReadVariant, readsInline
 
 RetryPolicy = Callable[[int], float]
@@ -116,7 +117,9 @@ class ImageProxyService(MultiService):
     """
     The image proxy, embeddable in any Twisted application.
 
-    @param local: where criu connects (C{unix:DIR/img-proxy.sock:mode=600}).
+    @param local: where criu --remote connects (C{unix:DIR/img-proxy.sock}).
+    @param streamLocal: where criu --stream connects, if at all
+        (C{unix:DIR/streamer-capture.sock}).
     @param cache: where the image cache listens.
     @param once: serve one session only; L{whenDone} then fires.
     """
@@ -132,6 +135,7 @@ class ImageProxyService(MultiService):
         readVariant: ReadVariant = ReadVariant.AUTO,
         retryPolicy: RetryPolicy | None = None,
         cacheDescription: str = "the cache",
+        streamLocal: IStreamServerEndpoint | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -146,6 +150,14 @@ class ImageProxyService(MultiService):
         listener = StreamServerEndpointService(self.localEndpoint, LocalImageFactory(self))
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
+        self.streamEndpoint: ObservedServerEndpoint | None = None
+        if streamLocal is not None:
+            self.streamEndpoint = ObservedServerEndpoint(streamLocal)
+            streamListener = StreamServerEndpointService(
+                self.streamEndpoint, StreamCaptureFactory(self)
+            )
+            streamListener._raiseSynchronously = True
+            streamListener.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()

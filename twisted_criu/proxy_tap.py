@@ -17,6 +17,7 @@ class Options(DaemonOptions):
         "Receive checkpoint images from `criu dump --remote -D DIR` on "
         "DIR/img-proxy.sock and forward each, once complete, to a criu-cache."
     )
+    streamSocketName = "streamer-capture.sock"
     socketName = "img-proxy.sock"
     optParameters = [
         ["address", None, "localhost", "Host of the criu-cache."],
@@ -33,11 +34,15 @@ class Options(DaemonOptions):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    stream = None
+    if options["stream-local"] is not None:
+        stream = serverFromString(reactor, options["stream-local"])
     service = ImageProxyService(
         reactor,
         serverFromString(reactor, options["local"]),
         clientFromString(reactor, options["connect"]),
         readVariant=options["read-variant"],
+        streamLocal=stream,
         retryPolicy=backoffPolicy(maxDelay=options["max-retry-delay"]),
         cacheDescription=options["connect"],
     )

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from twisted_criu import wire
 from twisted_criu.errors import ImageKey, ImageNotFound
-from twisted_criu.interfaces import IStoredImage
+from twisted_criu.interfaces import IImageStore, IStoredImage
 
 
 def readAll(image: IStoredImage) -> bytes:
@@ -80,6 +80,22 @@ class SnapshotRegistry:
             observer(key, image)
         self._settle(key)
         self._checkComplete()
+
+    def publishAppend(self, key: ImageKey, tail: IStoredImage, store: IImageStore) -> None:
+        """
+        An append to C{key} completed: publish the version current I{now}
+        followed by C{tail}, so that overlapping appends all land.
+        """
+        base = self._images.get(key)
+        if base is not None:
+            writer = store.newWriter(base)
+            reader = tail.open()
+            while chunk := reader.read(1 << 20):
+                writer.write(chunk)
+            reader.close()
+            tail.release()
+            tail = writer.commit()
+        self.publish(key, tail)
 
     def abortWrite(self, key: ImageKey) -> None:
         """A write of C{key} broke off; the previous version, if any, stays."""

@@ -168,13 +168,10 @@ class RemoteReceiver(Protocol):
         registry = self._registry
         assert registry is not None
         key = (header.snapshotId, header.name)
-        base = None
-        if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
-            base = registry.get(key)
         registry.beginWrite(key)
         store: IImageStore = self.sink.store
         self._header = header
-        self._writer = store.newWriter(base)
+        self._writer = store.newWriter()
         self._remaining = header.size
         if not self._remaining:
             self._finishImage()
@@ -188,7 +185,10 @@ class RemoteReceiver(Protocol):
         self.imagesReceived += 1
         self.bytesReceived += header.size
         self.log.info("received {image} ({size} bytes)", image=describe(key), size=header.size)
-        self._registry.publish(key, image)
+        if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
+            self._registry.publishAppend(key, image, self.sink.store)
+        else:
+            self._registry.publish(key, image)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         header, writer = self._header, self._writer

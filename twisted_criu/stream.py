@@ -1,0 +1,308 @@
+# -*- test-case-name: tests.test_stream -*-
+"""
+The image-streamer protocol of released CRIU (C{criu dump|restore --stream}).
+
+criu makes one connection per run to C{DIR/streamer-capture.sock} (dump) or
+C{DIR/streamer-serve.sock} (restore) and sends one
+C{img_streamer_request_entry} frame per file.  Dump: criu then passes the
+read end of a pipe (SCM_RIGHTS, one C{00} byte) and writes the file into it.
+Restore: we answer C{img_streamer_reply_entry{exists}}; if true criu passes
+a pipe's write end and we write the file into it.  Many pipes may be open at
+once; each is its own reader or writer in the reactor.  A dump is complete
+when criu has closed the connection and every pipe has reached EOF.
+
+Stream images are registered under an empty snapshot id.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_criu import wire
+from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
+from twisted_criu.interfaces import IImageWriter, IStoredImage
+from twisted_criu.local import ILocalImageService
+from twisted_criu.pipes import PipeReader, PipeWriter
+from twisted_criu.registry import SnapshotRegistry
+from twisted_criu.transfer import sendImage
+
+#: The snapshot id stream images are kept under.
+STREAM_SNAPSHOT_ID = ""
+
+_DUMMY = b"\0"
+
+
+def _key(filename: str) -> ImageKey:
+    return (STREAM_SNAPSHOT_ID, filename)
+
+
+@implementer(IFileDescriptorReceiver)
+class _StreamControl(Protocol):
+    """
+    The control connection: request frames, each possibly followed by a
+    descriptor riding on one C{00} byte.  Subclasses say what a request
+    means (L{requestReceived}) and what its descriptor is for
+    (L{descriptorReceived}).
+    """
+
+    log = Logger()
+    transport: Any
+    mode = wire.O_WRONLY
+
+    def __init__(self, service: ILocalImageService) -> None:
+        self.service = service
+        self._frames = wire.FrameBuffer()
+        self._fds: list[int] = []
+        self._expectingFd = False
+        self._paused = False
+        self._pending = b""
+        self._pipes: set[PipeReader | PipeWriter] = set()
+        self._failed = False
+        self.registry: SnapshotRegistry | None = None
+
+    def connectionMade(self) -> None:
+        # A stream run belongs to one session: pick it now.
+        self.registry = self.service.registryFor(wire.LocalRequest("", "", self.mode))
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        if self._failed:
+            os.close(descriptor)
+            return
+        self._fds.append(descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
+        self._pending += data
+        try:
+            self._process()
+        except ProtocolError as e:
+            self.fail(str(e))
+
+    def _process(self) -> None:
+        while self._pending and not self._paused and not self._failed:
+            if self._expectingFd:
+                if self._pending[:1] != _DUMMY or len(self._fds) != 1:
+                    raise ProtocolError(
+                        f"expected one descriptor with a 00 byte, got {len(self._fds)}"
+                        f" descriptors and {self._pending[:1].hex() or 'no'} byte"
+                    )
+                self._pending = self._pending[1:]
+                self._expectingFd = False
+                self.descriptorReceived(self._fds.pop())
+                continue
+            if self._fds:
+                raise ProtocolError("descriptor passed without a request")
+            pending, self._pending = self._pending, b""
+            payload = self._frames.feed(pending)
+            if payload is None:
+                return
+            self._pending = self._frames.takeRest()
+            self.requestReceived(wire.StreamRequest.fromBytes(payload).filename)
+
+    def expectDescriptor(self) -> None:
+        self._expectingFd = True
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self.dataReceived(b"")
+
+    def requestReceived(self, filename: str) -> None:
+        raise NotImplementedError()
+
+    def descriptorReceived(self, fd: int) -> None:
+        raise NotImplementedError()
+
+    def trackPipe(self, pipe: PipeReader | PipeWriter) -> None:
+        self._pipes.add(pipe)
+
+    def pipeEnded(self, pipe: PipeReader | PipeWriter) -> None:
+        self._pipes.discard(pipe)
+        self.checkDone()
+
+    def checkDone(self) -> None:
+        """Called whenever the connection or a pipe ends."""
+
+    @property
+    def pipesOpen(self) -> int:
+        return len(self._pipes)
+
+    def fail(self, why: str) -> None:
+        """A fatal error: log it, close every pipe so criu fails fast."""
+        if self._failed:
+            return
+        self._failed = True
+        self.log.error("criu --stream session failed, closing its pipes: {why}", why=why)
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        for pipe in list(self._pipes):
+            pipe.stopProducing()
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        if self._frames.pending or self._expectingFd:
+            self.fail("criu closed the connection in the middle of a request")
+        self.connected = False
+        self.checkDone()
+
+
+class StreamCaptureProtocol(_StreamControl):
+    """C{criu dump --stream}: every file arrives through its own pipe."""
+
+    mode = wire.O_WRONLY
+
+    def __init__(self, service: ILocalImageService) -> None:
+        super().__init__(service)
+        self._filename: str | None = None
+        self._closed = False
+        self.files = 0
+
+    def requestReceived(self, filename: str) -> None:
+        self._filename = filename
+        self.expectDescriptor()
+
+    def descriptorReceived(self, fd: int) -> None:
+        filename, self._filename = self._filename, None
+        assert filename is not None and self.registry is not None
+        key = _key(filename)
+        registry = self.registry
+        writer: IImageWriter = self.service.store.newWriter()
+        registry.beginWrite(key)
+        self.files += 1
+
+        def ended(reason: Failure) -> None:
+            if reason.check(ConnectionDone) and not self._failed:
+                image = writer.commit()
+                self.log.info("stored {image} ({size} bytes)", image=filename, size=image.size)
+                registry.publish(key, image)
+            else:
+                self.log.error(
+                    "discarded {image} after {size} bytes: {why}",
+                    image=filename,
+                    size=writer.size,
+                    why=reason.getErrorMessage(),
+                )
+                writer.abort()
+                registry.abortWrite(key)
+            self.pipeEnded(pipe)
+
+        pipe = PipeReader(self.service.reactor, fd, writer.write, ended)
+        self.trackPipe(pipe)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._closed = True
+        super().connectionLost(reason)
+
+    def checkDone(self) -> None:
+        if self._closed and not self.pipesOpen and self.registry is not None:
+            registry, self.registry = self.registry, None
+            if self._failed:
+                self.log.error("criu dump --stream failed; the session stays open")
+                return
+            self.log.info("criu dump --stream finished: {n} files", n=self.files)
+            self.service.finishRequested(wire.LocalRequest("", "", wire.O_WRONLY))
+
+
+class StreamServeProtocol(_StreamControl):
+    """C{criu restore --stream}: answer C{exists}, then fill criu's pipe."""
+
+    mode = wire.O_RDONLY
+
+    def __init__(self, service: ILocalImageService) -> None:
+        super().__init__(service)
+        self._waiting: Deferred[IStoredImage] | None = None
+        self._image: tuple[str, IStoredImage] | None = None
+        self._closed = False
+
+    def requestReceived(self, filename: str) -> None:
+        assert self.registry is not None
+        self.pause()
+        self._waiting = self.registry.whenAvailable(_key(filename))
+        self._waiting.addCallbacks(
+            self._found, self._missing, callbackArgs=(filename,), errbackArgs=(filename,)
+        )
+
+    def _found(self, image: IStoredImage, filename: str) -> None:
+        self._waiting = None
+        self._image = (filename, image)
+        self.transport.write(wire.StreamReply(True).toBytes())
+        self.expectDescriptor()
+        self.resume()
+
+    def _missing(self, failure: Failure, filename: str) -> None:
+        self._waiting = None
+        if failure.check(CancelledError):
+            return
+        failure.trap(ImageNotFound)
+        self.log.debug("no file {image}: exists=false", image=filename)
+        self.transport.write(wire.StreamReply(False).toBytes())
+        self.resume()
+
+    def descriptorReceived(self, fd: int) -> None:
+        assert self._image is not None
+        (filename, image), self._image = self._image, None
+        pipe = PipeWriter(self.service.reactor, fd, lambda reason: self.pipeEnded(pipe))
+        self.trackPipe(pipe)
+
+        def sent(_: None) -> None:
+            self.log.info("served {image} ({size} bytes)", image=filename, size=image.size)
+            pipe.loseConnection()
+
+        def failed(reason: Failure) -> None:
+            self.log.warn(
+                "criu stopped reading {image}: {why}",
+                image=filename,
+                why=reason.getErrorMessage(),
+            )
+
+        sendImage(image, pipe).addCallbacks(sent, failed)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._closed = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        super().connectionLost(reason)
+
+    def checkDone(self) -> None:
+        if self._closed and not self.pipesOpen and self.registry is not None:
+            self.registry = None
+            if self._failed:
+                return
+            self.log.info("criu restore --stream closed its connection")
+            self.service.finishRequested(wire.LocalRequest("", "", wire.O_RDONLY))
+
+
+class StreamCaptureFactory(Factory):
+    noisy = False
+
+    def __init__(self, service: ILocalImageService) -> None:
+        self.service = service
+
+    def buildProtocol(self, addr: Any) -> StreamCaptureProtocol:
+        return StreamCaptureProtocol(self.service)
+
+
+class StreamServeFactory(Factory):
+    noisy = False
+
+    def __init__(self, service: ILocalImageService) -> None:
+        self.service = service
+
+    def buildProtocol(self, addr: Any) -> StreamServeProtocol:
+        return StreamServeProtocol(self.service)
