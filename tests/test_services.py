@@ -47,12 +47,15 @@ class Migration:
         self.proxy: ImageProxyService | None = None
         self.dump = LocalImageClient(os.path.join(self.src, "img-proxy.sock"), timeout=20)
         self.restore = LocalImageClient(os.path.join(self.dst, "img-cache.sock"), timeout=20)
+        self.captureSocket = os.path.join(self.src, "streamer-capture.sock")
+        self.serveSocket = os.path.join(self.dst, "streamer-serve.sock")
 
     def startCache(self, port: int = 0) -> Deferred[Any]:
         self.cache = ImageCacheService(
             reactor,
             serverFromString(reactor, unixEndpoint(os.path.join(self.dst, "img-cache.sock"))),
             serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"),
+            streamLocal=serverFromString(reactor, unixEndpoint(self.serveSocket)),
         )
         self.cache.startService()
         self.test.addCleanup(self.cache.stopService)
@@ -64,6 +67,7 @@ class Migration:
             serverFromString(reactor, unixEndpoint(os.path.join(self.src, "img-proxy.sock"))),
             clientFromString(reactor, f"tcp:host=127.0.0.1:port={port}"),
             retryPolicy=lambda attempt: 0.05,
+            streamLocal=serverFromString(reactor, unixEndpoint(self.captureSocket)),
         )
         self.proxy.startService()
         self.test.addCleanup(self.proxy.stopService)

@@ -76,12 +76,12 @@ def _enlarge(fd: int) -> None:
 class ImageWriter:
     """An image being written: L{write} any number of times, then L{close}."""
 
-    def __init__(self, sock: socket.socket, pipeFd: int | None) -> None:
-        self._sock: socket.socket | None = sock
+    def __init__(self, sock: socket.socket | None, pipeFd: int | None) -> None:
+        self._sock = sock
         self._pipe = pipeFd
         self.size = 0
-        if pipeFd is not None:  # criu closes its socket once the pipe is passed
-            sock.close()
+        if pipeFd is not None and sock is not None:
+            sock.close()  # criu closes its socket once the pipe is passed
             self._sock = None
 
     def write(self, data: bytes | memoryview) -> None:
@@ -279,3 +279,73 @@ class LocalImageClient:
                     raise LocalProtocolError(f"{len(extra)} bytes after the finish")
         finally:
             sock.close()
+
+
+class StreamClient:
+    """
+    Talk to C{streamer-capture.sock} / C{streamer-serve.sock} as
+    C{criu --stream} does: one connection for the whole run.
+    """
+
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+
+    def _connection(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+        return self._sock
+
+    def openWrite(self, filename: str) -> ImageWriter:
+        """Dump side: announce C{filename} and hand over a pipe for it."""
+        sock = self._connection()
+        sock.sendall(wire.StreamRequest(filename).toBytes())
+        readEnd, writeEnd = os.pipe()
+        _enlarge(writeEnd)
+        try:
+            socket.send_fds(sock, [b"\0"], [readEnd])
+        finally:
+            os.close(readEnd)
+        return ImageWriter(None, writeEnd)
+
+    def write(self, filename: str, data: bytes) -> None:
+        with self.openWrite(filename) as writer:
+            writer.write(data)
+
+    def openRead(self, filename: str) -> ImageReader | None:
+        """Restore side: ask for C{filename}; L{None} if it does not exist."""
+        sock = self._connection()
+        sock.sendall(wire.StreamRequest(filename).toBytes())
+        (length,) = wire.U32.unpack(_recvExactly(sock, wire.U32.size))
+        if length > wire.MAX_HEADER_LENGTH:
+            raise LocalProtocolError(f"reply frame of {length} bytes")
+        if not wire.StreamReply.fromBytes(_recvExactly(sock, length)).exists:
+            return None
+        readEnd, writeEnd = os.pipe()
+        _enlarge(writeEnd)
+        try:
+            socket.send_fds(sock, [b"\0"], [writeEnd])
+        finally:
+            os.close(writeEnd)
+        return ImageReader(None, readEnd)
+
+    def read(self, filename: str) -> bytes | None:
+        reader = self.openRead(filename)
+        if reader is None:
+            return None
+        with reader:
+            return reader.readAll()
+
+    def close(self) -> None:
+        """End the run, as criu does by closing its connection."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -89,25 +89,31 @@ class _StreamControl(Protocol):
             self.fail(str(e))
 
     def _process(self) -> None:
+        """
+        Consume requests and descriptor bytes.  The kernel may glue a request
+        and the next descriptor's byte into one read, but a descriptor always
+        arrives with the data of its own byte, so once that data is consumed
+        no descriptor may be left over.
+        """
         while self._pending and not self._paused and not self._failed:
             if self._expectingFd:
                 if self._pending[:1] != _DUMMY or len(self._fds) != 1:
                     raise ProtocolError(
                         f"expected one descriptor with a 00 byte, got {len(self._fds)}"
-                        f" descriptors and {self._pending[:1].hex() or 'no'} byte"
+                        f" descriptors and a {self._pending[:1].hex()} byte"
                     )
                 self._pending = self._pending[1:]
                 self._expectingFd = False
                 self.descriptorReceived(self._fds.pop())
                 continue
-            if self._fds:
-                raise ProtocolError("descriptor passed without a request")
             pending, self._pending = self._pending, b""
             payload = self._frames.feed(pending)
             if payload is None:
-                return
+                break
             self._pending = self._frames.takeRest()
             self.requestReceived(wire.StreamRequest.fromBytes(payload).filename)
+        if self._fds and not self._paused and not self._expectingFd:
+            raise ProtocolError("descriptor passed without a request")
 
     def expectDescriptor(self) -> None:
         self._expectingFd = True
