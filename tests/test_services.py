@@ -7,7 +7,9 @@ threads.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from typing import Any, Callable, TypeVar
 
 from twisted.internet import reactor
@@ -37,7 +39,8 @@ class Migration:
     """A cache and a proxy wired together, plus clients playing criu."""
 
     def __init__(self, test: TestCase) -> None:
-        base = test.mktemp()
+        base = tempfile.mkdtemp(prefix="tc-")  # AF_UNIX paths must stay short
+        test.addCleanup(shutil.rmtree, base, True)
         self.src = os.path.join(base, "src")
         self.dst = os.path.join(base, "dst")
         os.makedirs(self.src)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -10,6 +11,7 @@ from zope.interface.verify import verifyObject
 from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
 from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.storage.spill import SpillImage, SpillStore
 
 
 if TYPE_CHECKING:
@@ -90,3 +92,116 @@ class StoreTestsMixin(_Base):
 class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
     def setUp(self) -> None:
         self.store = MemoryStore()
+
+
+class SpillStoreAllInMemoryTests(StoreTestsMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = SpillStore(1 << 30, self.mktemp())
+        self.addCleanup(self.store.close)
+
+
+class SpillStoreAllOnDiskTests(StoreTestsMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = SpillStore(0, self.mktemp())
+        self.addCleanup(self.store.close)
+
+
+class SpillStoreMixedTests(StoreTestsMixin, SynchronousTestCase):
+    """The budget runs out in the middle of images."""
+
+    def setUp(self) -> None:
+        self.store = SpillStore(5, self.mktemp())
+        self.addCleanup(self.store.close)
+
+
+class SpillBehaviourTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.parent = self.mktemp()
+        self.store = SpillStore(100, self.parent)
+        self.addCleanup(self.store.close)
+
+    def spillFiles(self) -> list[str]:
+        directory = self.store.directory
+        if directory is None:
+            return []
+        return sorted(n for n in os.listdir(directory) if n != ".lock")
+
+    def test_budgetExactUnderConcurrentWriters(self) -> None:
+        """Interleaved writers never hold more than the budget in memory."""
+        writers = [self.store.newWriter() for _ in range(4)]
+        for round in range(10):
+            for i, writer in enumerate(writers):
+                writer.write(bytes([i]) * (7 + round))
+                self.assertLessEqual(self.store.inMemory, 100)
+        images = [w.commit() for w in writers]
+        total = sum(image.size for image in images)
+        self.assertEqual(self.store.inMemory + self.store.onDisk, total)
+        self.assertGreater(self.store.inMemory, 100 - 16)  # the budget was used
+        for i, image in enumerate(images):
+            self.assertEqual(
+                readAll(image), b"".join(bytes([i]) * (7 + r) for r in range(10))
+            )
+        for image in images:
+            image.release()
+        self.assertEqual((self.store.inMemory, self.store.onDisk), (0, 0))
+        self.assertEqual(self.spillFiles(), [])
+
+    def test_filesSecureAndGoneAfterDrop(self) -> None:
+        writer = self.store.newWriter()
+        writer.write(b"m" * 100)
+        writer.write(b"d" * 1000)
+        image = writer.commit()
+        self.assertIsInstance(image, SpillImage)
+        self.assertEqual(image.spilled, 1000)  # type: ignore[attr-defined]
+        directory = self.store.directory
+        assert directory is not None
+        self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700)
+        [name] = self.spillFiles()
+        self.assertEqual(os.stat(os.path.join(directory, name)).st_mode & 0o777, 0o600)
+        image.release()
+        self.assertEqual(self.spillFiles(), [])
+
+    def test_abortRemovesFile(self) -> None:
+        writer = self.store.newWriter()
+        writer.write(b"x" * 500)
+        self.assertEqual(len(self.spillFiles()), 1)
+        writer.abort()
+        self.assertEqual(self.spillFiles(), [])
+        self.assertEqual((self.store.inMemory, self.store.onDisk), (0, 0))
+
+    def test_closeRemovesEverything(self) -> None:
+        writer = self.store.newWriter()
+        writer.write(b"x" * 500)
+        writer.commit()
+        directory = self.store.directory
+        self.store.close()
+        self.assertFalse(os.path.exists(directory))  # type: ignore[arg-type]
+
+    def test_readWhileReleased(self) -> None:
+        """A reader already open keeps its bytes if the image is replaced."""
+        writer = self.store.newWriter()
+        writer.write(b"a" * 100)
+        writer.write(b"b" * 100)
+        image = writer.commit()
+        reader = image.open()
+        image.release()
+        data = b""
+        while chunk := reader.read(64):
+            data += chunk
+        reader.close()
+        self.assertEqual(data, b"a" * 100 + b"b" * 100)
+
+    def test_staleDirectoriesOfDeadDaemonsRemoved(self) -> None:
+        writer = self.store.newWriter()
+        writer.write(b"x" * 500)
+        live = self.store.directory
+        dead = os.path.join(self.parent, "twisted-criu-spill-999999-dead")
+        os.makedirs(dead)
+        open(os.path.join(dead, ".lock"), "w").close()
+        open(os.path.join(dead, "tmp123.img"), "w").close()
+        unrelated = os.path.join(self.parent, "something-else")
+        os.makedirs(unrelated)
+        SpillStore(100, self.parent)
+        self.assertFalse(os.path.exists(dead))
+        self.assertTrue(os.path.exists(live))  # type: ignore[arg-type]
+        self.assertTrue(os.path.exists(unrelated))

@@ -95,6 +95,16 @@ class ImageCacheService(MultiService):
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
 
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[Any] = super().stopService()
+
+        def closeStore(result: object) -> object:
+            self.session.registry.release()
+            self.store.close()
+            return result
+
+        return d.addBoth(closeStore)
+
     def whenSessionDone(self) -> Deferred[SessionSummary]:
         """Fires with a summary when the current (or next) session completes."""
         d: Deferred[SessionSummary] = Deferred()

@@ -7,7 +7,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 
 from twisted_criu.cache import ImageCacheService
-from twisted_criu.options import DaemonOptions
+from twisted_criu.options import DaemonOptions, makeStore
 
 
 class Options(DaemonOptions):
@@ -39,6 +39,7 @@ def makeService(options: Options) -> IService:
         reactor,
         serverFromString(reactor, options["local"]),
         serverFromString(reactor, options["listen"]),
+        store=makeStore(options),
         readVariant=options["read-variant"],
         streamLocal=stream,
     )

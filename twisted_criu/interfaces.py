@@ -50,3 +50,6 @@ class IImageStore(Interface):
         Start a new image, empty or (for an append) holding a copy of
         C{base}'s bytes.  C{base} itself is left untouched.
         """
+
+    def close() -> None:
+        """The daemon stops: free everything (e.g. remove spill files)."""

@@ -8,6 +8,7 @@ import os
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
+from twisted_criu.storage.spill import SpillStore
 from twisted_criu.variants import ReadVariant
 
 #: The port CRIU's remote-images daemons used.
@@ -21,6 +22,32 @@ def parsePort(value: str) -> int:
     return port
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parseSize(value: str) -> int:
+    """C{"512M"} -> 536870912; suffixes K, M, G, T (powers of 1024)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {value!r} (try 512M or 2G)") from None
+    if size < 0:
+        raise ValueError(f"negative size {value!r}")
+    return size
+
+
+def defaultMemoryLimit() -> int:
+    """A quarter of the machine's memory."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        pages = 4 << 30
+    return max(64 << 20, pages // 4)
+
+
 def parseVariant(value: str) -> ReadVariant:
     try:
         return ReadVariant(value)
@@ -32,6 +59,10 @@ def parseVariant(value: str) -> ReadVariant:
 def unixEndpoint(path: str, mode: str = "600") -> str:
     """A C{unix:} server endpoint string for C{path}, safely quoted."""
     return f"unix:{quoteStringArgument(path)}:mode={mode}"
+
+
+def makeStore(options: usage.Options) -> SpillStore:
+    return SpillStore(options["memory-limit"], options["spill-dir"])
 
 
 class DaemonOptions(usage.Options):
@@ -48,10 +79,14 @@ class DaemonOptions(usage.Options):
         ["port", None, DEFAULT_PORT, "TCP port of the proxy -> cache link.", parsePort],
         ["local", None, None, "Endpoint criu --remote connects to (default: unix socket in --images-dir)."],
         ["stream-local", None, None, "Endpoint criu --stream connects to (default: unix socket in --images-dir; 'none' to disable)."],
+        ["memory-limit", None, None, "Image bytes held in memory (all images together) before spilling to disk, e.g. 512M [default: a quarter of RAM].", parseSize],
+        ["spill-dir", None, None, "Where images past --memory-limit are spilled [default: the system temp dir]."],
         ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
     ]
 
     def postOptions(self) -> None:
+        if self["memory-limit"] is None:
+            self["memory-limit"] = defaultMemoryLimit()
         if isinstance(self["read-variant"], str):  # the default is not coerced
             self["read-variant"] = parseVariant(self["read-variant"])
         for option, name in (("local", self.socketName), ("stream-local", self.streamSocketName)):

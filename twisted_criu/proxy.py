@@ -168,7 +168,14 @@ class ImageProxyService(MultiService):
         session = self.session
         if session is not None:
             d.addCallback(lambda _: session.stop())
+        d.addBoth(self._closeStore)
         return d
+
+    def _closeStore(self, result: object) -> object:
+        if self.session is not None:
+            self.session.registry.release()
+        self.store.close()
+        return result
 
     def whenSessionDone(self) -> Deferred[SessionSummary]:
         """Fires with a summary when the current (or next) session completes."""

@@ -7,7 +7,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
 
-from twisted_criu.options import DaemonOptions
+from twisted_criu.options import DaemonOptions, makeStore
 from twisted_criu.proxy import ImageProxyService
 
 
@@ -41,6 +41,7 @@ def makeService(options: Options) -> IService:
         reactor,
         serverFromString(reactor, options["local"]),
         clientFromString(reactor, options["connect"]),
+        store=makeStore(options),
         readVariant=options["read-variant"],
         streamLocal=stream,
         retryPolicy=backoffPolicy(maxDelay=options["max-retry-delay"]),

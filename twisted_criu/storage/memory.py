@@ -85,3 +85,6 @@ class MemoryStore:
                 chunks.append(chunk)
             reader.close()
         return _MemoryWriter(chunks)
+
+    def close(self) -> None:
+        pass
