@@ -229,6 +229,20 @@ class LocalProtocolTests(SynchronousTestCase):
         self.assertEqual(os.read(readEnd, 1), b"")  # EOF
         self.assertTrue(transport.disconnecting)
 
+    def test_replacedBeforePipeArrives(self) -> None:
+        """The version answered is served whole, even if replaced meanwhile."""
+        self.publish(KEY, b"old version")
+        protocol, transport = self.connect()
+        protocol.dataReceived(wire.LocalRequest(KEY[1], KEY[0], 0).toBytes())
+        self.publish(KEY, b"new")  # releases the old image
+        readEnd, writeEnd = os.pipe()
+        os.set_blocking(readEnd, False)
+        self.addCleanup(os.close, readEnd)
+        protocol.fileDescriptorReceived(writeEnd)
+        received: list[bytes] = []
+        pump(self.service.reactor, drain=readEnd, sink=received)
+        self.assertEqual(b"".join(received), b"old version")
+
     def test_readWaitsForImage(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(wire.LocalRequest("parent", "", 0).toBytes())

@@ -52,10 +52,10 @@ def _image(data: bytes) -> Any:
     return writer.commit()
 
 
-def _stream(*images: tuple[str, bytes]) -> bytes:
+def _stream(*images: tuple[str, bytes], snapshotId: str = "snap1") -> bytes:
     out = b""
     for name, data in images:
-        out += wire.RemoteHeader(name, "snap1", 1, len(data)).toBytes() + data
+        out += wire.RemoteHeader(name, snapshotId, 1, len(data)).toBytes() + data
     return out
 
 
@@ -185,18 +185,23 @@ class ReceiverTests(SynchronousTestCase):
 class SenderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.connected: list[RemoteSender] = []
-        self.sender = RemoteSender(self.connected.append)
+        self.images: dict[tuple[str, str], Any] = {}
+        self.sender = RemoteSender(self.connected.append, self.images.get)
         self.transport = RecordingTransport()
         self.sender.makeConnection(self.transport)
+
+    def enqueue(self, key: tuple[str, str], data: bytes) -> None:
+        self.images[key] = _image(data)
+        self.sender.enqueue(key)
 
     def test_connected(self) -> None:
         self.assertEqual(self.connected, [self.sender])
 
     def test_forwardsInOrderHeaderInOneWrite(self) -> None:
         big = bytes(range(256)) * 4096  # 1 MiB: several chunks
-        self.sender.enqueue(("snap1", "pages-1.img"), _image(big))
-        self.sender.enqueue(("snap1", "empty.img"), _image(b""))
-        self.sender.enqueue(("snap1", "inventory.img"), _image(b"inv"))
+        self.enqueue(("snap1", "pages-1.img"), big)
+        self.enqueue(("snap1", "empty.img"), b"")
+        self.enqueue(("snap1", "inventory.img"), b"inv")
         idle = self.sender.whenIdle()
         for _ in range(3):
             driveProducer(self.transport)
@@ -212,13 +217,51 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual(self.sender.imagesSent, 3)
 
     def test_oneImageAtATime(self) -> None:
-        self.sender.enqueue(("s", "a"), _image(b"a" * 10))
-        self.sender.enqueue(("s", "b"), _image(b"b" * 10))
+        self.enqueue(("s", "a"), b"a" * 10)
+        self.enqueue(("s", "b"), b"b" * 10)
         self.assertEqual(len(self.transport.writes), 1)  # a's header only
         self.assertFalse(self.sender.idle)
 
     def test_linkLostStopsSending(self) -> None:
-        self.sender.enqueue(("s", "a"), _image(b"a" * 10))
+        self.enqueue(("s", "a"), b"a" * 10)
         self.sender.connectionLost(Failure(ConnectionLost()))
         self.transport.producer.stopProducing()
         self.assertTrue(self.sender.lost)
+
+    def test_replacedWhileQueuedSendsLatestOnce(self) -> None:
+        """An image replaced before its turn is sent once, as its new version."""
+        self.enqueue(("s", "busy"), b"b" * 10)
+        self.enqueue(("s", "twice"), b"first version")
+        old = self.images[("s", "twice")]
+        self.enqueue(("s", "other"), b"o")
+        self.enqueue(("s", "twice"), b"second")
+        old.release()  # what the registry does on replace
+        for _ in range(4):
+            driveProducer(self.transport)
+        self.assertEqual(
+            self.transport.value(),
+            _stream(("busy", b"b" * 10), ("other", b"o"), ("twice", b"second"), snapshotId="s"),
+        )
+
+    def test_replacedWhileSendingKeepsItsBytes(self) -> None:
+        """The version being sent is sent whole even if released meanwhile."""
+        big = b"x" * (1 << 20)
+        self.enqueue(("s", "a"), big)
+        self.images[("s", "a")].release()
+        driveProducer(self.transport)
+        self.assertEqual(len(self.transport.value()), len(big) + len(self.transport.writes[0]))
+        self.assertEqual(self.sender.imagesSent, 1)
+
+    def test_shortImageDropsTheLink(self) -> None:
+        """Never announce N bytes and send fewer (the C proxy desynced so)."""
+
+        class Liar:
+            size = 10
+
+            def open(self) -> Any:
+                return MemoryStore().newWriter().commit().open()
+
+        self.images[("s", "liar")] = Liar()
+        self.sender.enqueue(("s", "liar"))
+        driveProducer(self.transport)
+        self.assertTrue(self.transport.disconnected)

@@ -25,12 +25,19 @@ import sys
 import tempfile
 import time
 from types import FrameType
-from typing import NoReturn, Sequence
+from typing import NoReturn, Sequence, Union
 
 from attrs import frozen
 
 from twisted_criu import __version__, wire
-from twisted_criu.client import PIPE, SEED, LocalImageClient
+from twisted_criu.client import (
+    PIPE,
+    SEED,
+    ImageReader,
+    ImageWriter,
+    LocalImageClient,
+    StreamClient,
+)
 
 #: Bytes per read/write when moving an image through the daemons.
 CHUNK = 1 << 20
@@ -291,9 +298,91 @@ def waitForExit(daemons: Sequence[Daemon], timeout: float) -> None:
 # -- criu's side ------------------------------------------------------------
 
 
-def sendImage(client: LocalImageClient, snapshotId: str, image: Image) -> None:
+class RemoteCriu:
+    """C{criu dump|restore --remote}: one connection per image, snapshot ids."""
+
+    protocol = "remote"
+    proxySocket = "img-proxy.sock"
+    cacheSocket = "img-cache.sock"
+
+    def __init__(self, proxyPath: str, cachePath: str, variant: str, snapshotId: str, timeout: float) -> None:
+        self.dumper = LocalImageClient(proxyPath, variant, timeout=timeout)
+        self.restorer = LocalImageClient(cachePath, variant, timeout=timeout)
+        self.snapshotId = snapshotId
+        self.dumpCommand = f"criu dump --remote -D {snapshotId}"
+        self.restoreCommand = f"criu restore --remote -D {snapshotId}"
+
+    def startDump(self, width: int) -> None:
+        self.dumper.pushSnapshotId(self.snapshotId)
+        say(f"  append {wire.PARENT_IMAGE:<{width}} snapshot id {self.snapshotId!r}")
+        ids = self.dumper.snapshotIds()
+        if not ids or ids[-1] != self.snapshotId:
+            raise DemoError(
+                f"the proxy's parent list is {ids!r}, expected it to end with {self.snapshotId!r}"
+            )
+        say(f"  read   {wire.PARENT_IMAGE:<{width}} {ids!r}")
+
+    def openWrite(self, name: str) -> ImageWriter:
+        return self.dumper.openWrite(self.snapshotId, name)
+
+    def finishDump(self) -> None:
+        self.dumper.finishDump()
+        say("  finish (dump)")
+
+    def startRestore(self, width: int) -> None:
+        ids = self.restorer.snapshotIds()
+        if self.snapshotId not in ids:
+            raise DemoError(f"the cache's parent list {ids!r} lacks {self.snapshotId!r}")
+        say(f"  read   {wire.PARENT_IMAGE:<{width}} {ids!r}")
+
+    def openRead(self, name: str) -> ImageReader | None:
+        return self.restorer.openRead(self.snapshotId, name)
+
+    def finishRestore(self) -> None:
+        self.restorer.finishRestore()
+        say("  finish (restore)")
+
+
+class StreamCriu:
+    """C{criu dump|restore --stream}: one control connection per run."""
+
+    protocol = "stream"
+    proxySocket = "streamer-capture.sock"
+    cacheSocket = "streamer-serve.sock"
+
+    def __init__(self, proxyPath: str, cachePath: str, timeout: float) -> None:
+        self.dumper = StreamClient(proxyPath, timeout=timeout)
+        self.restorer = StreamClient(cachePath, timeout=timeout)
+        self.dumpCommand = "criu dump --stream -D DIR"
+        self.restoreCommand = "criu restore --stream -D DIR"
+
+    def startDump(self, width: int) -> None:
+        pass
+
+    def openWrite(self, name: str) -> ImageWriter:
+        return self.dumper.openWrite(name)
+
+    def finishDump(self) -> None:
+        self.dumper.close()
+        say("  close  (end of dump)")
+
+    def startRestore(self, width: int) -> None:
+        pass
+
+    def openRead(self, name: str) -> ImageReader | None:
+        return self.restorer.openRead(name)
+
+    def finishRestore(self) -> None:
+        self.restorer.close()
+        say("  close  (end of restore)")
+
+
+Criu = Union[RemoteCriu, StreamCriu]
+
+
+def sendImage(criu: Criu, image: Image) -> None:
     digest = hashlib.sha256()
-    with client.openWrite(snapshotId, image.name) as writer, open(image.path, "rb") as f:
+    with criu.openWrite(image.name) as writer, open(image.path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             writer.write(chunk)
@@ -301,8 +390,8 @@ def sendImage(client: LocalImageClient, snapshotId: str, image: Image) -> None:
         raise DemoError(f"{image.path} changed while it was being sent")
 
 
-def fetchImage(client: LocalImageClient, snapshotId: str, name: str) -> tuple[int, str] | None:
-    reader = client.openRead(snapshotId, name)
+def fetchImage(criu: Criu, name: str) -> tuple[int, str] | None:
+    reader = criu.openRead(name)
     if reader is None:
         return None
     digest = hashlib.sha256()
@@ -318,38 +407,29 @@ def imageLine(verb: str, name: str, size: int, sha: str, width: int, note: str =
     return f"  {verb:<6} {name:<{width}} {size:>12,} B  sha256 {sha[:16]}{note}"
 
 
-def dump(client: LocalImageClient, snapshotId: str, images: Sequence[Image], width: int) -> float:
-    say(f"dump: criu dump --remote -D {snapshotId}  ->  criu-proxy")
+def dump(criu: Criu, images: Sequence[Image], width: int) -> float:
+    say(f"dump: {criu.dumpCommand}  ->  criu-proxy")
     start = time.monotonic()
-    client.pushSnapshotId(snapshotId)
-    say(f"  append {wire.PARENT_IMAGE:<{width}} snapshot id {snapshotId!r}")
-    ids = client.snapshotIds()
-    if not ids or ids[-1] != snapshotId:
-        raise DemoError(f"the proxy's parent list is {ids!r}, expected it to end with {snapshotId!r}")
-    say(f"  read   {wire.PARENT_IMAGE:<{width}} {ids!r}")
+    criu.startDump(width)
     for image in images:
-        sendImage(client, snapshotId, image)
+        sendImage(criu, image)
         say(imageLine("write", image.name, image.size, image.sha256, width))
-    client.finishDump()
+    criu.finishDump()
     elapsed = time.monotonic() - start
     total = sum(i.size for i in images)
-    say(f"  finish (dump)")
     say(f"  dumped {len(images)} images, {human(total)} in {elapsed:.2f} s ({rate(total, elapsed)})")
     return elapsed
 
 
-def restore(client: LocalImageClient, snapshotId: str, images: Sequence[Image], width: int) -> float:
-    say(f"restore: criu restore --remote -D {snapshotId}  <-  criu-cache")
+def restore(criu: Criu, images: Sequence[Image], width: int) -> float:
+    say(f"restore: {criu.restoreCommand}  <-  criu-cache")
     start = time.monotonic()
-    ids = client.snapshotIds()
-    if snapshotId not in ids:
-        raise DemoError(f"the cache's parent list {ids!r} lacks {snapshotId!r}")
-    say(f"  read   {wire.PARENT_IMAGE:<{width}} {ids!r}")
+    criu.startRestore(width)
     byName = {i.name: i for i in images}
     mismatches = []
     for name in restoreOrder(list(byName)):
         image = byName[name]
-        got = fetchImage(client, snapshotId, name)
+        got = fetchImage(criu, name)
         if got is None:
             say(f"  read   {name:<{width}} ENOENT  <-- MISSING")
             mismatches.append(f"{name}: the cache says it does not exist")
@@ -366,18 +446,20 @@ def restore(client: LocalImageClient, snapshotId: str, images: Sequence[Image], 
     missing = MISSING_IMAGE
     while missing in byName:
         missing = "x" + missing
-    if fetchImage(client, snapshotId, missing) is not None:
+    if fetchImage(criu, missing) is not None:
         mismatches.append(f"{missing}: was never dumped, yet the cache served it")
         say(f"  read   {missing:<{width}} served  <-- expected ENOENT")
     else:
         say(f"  read   {missing:<{width}} ENOENT (never dumped: as expected)")
-    client.finishRestore()
+    criu.finishRestore()
     elapsed = time.monotonic() - start
-    say("  finish (restore)")
     if mismatches:
         raise DemoError("restored images differ from the dumped ones:\n  " + "\n  ".join(mismatches))
     total = sum(i.size for i in images)
-    say(f"  restored {len(images)} images, {human(total)} in {elapsed:.2f} s ({rate(total, elapsed)})")
+    say(
+        f"  restored {len(images)} images, {human(total)} in {elapsed:.2f} s "
+        f"({rate(total, elapsed)}; includes waiting for the proxy to forward them)"
+    )
     return elapsed
 
 
@@ -390,7 +472,7 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
         description=(
             "Loopback migration demo: start a criu-cache and a criu-proxy "
             "(twistd, --once) linked over 127.0.0.1, act as `criu dump "
-            "--remote` and `criu restore --remote`, and check every image "
+            "--remote` and `criu restore --remote` (or --stream), and check every image "
             "comes back intact (SHA-256), that a missing image gets ENOENT "
             "and that both daemons exit 0 by themselves. No CRIU needed."
         ),
@@ -408,8 +490,15 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the -D string criu would be given (default: snap1)",
     )
     parser.add_argument(
+        "--protocol", choices=("remote", "stream"), default="remote",
+        help="criu's side: remote (criu-dev --remote: img-proxy.sock / "
+        "img-cache.sock, one connection per image) or stream (released "
+        "criu --stream: streamer-capture.sock / streamer-serve.sock); "
+        "default: remote",
+    )
+    parser.add_argument(
         "--variant", choices=(PIPE, SEED), default=PIPE,
-        help="local protocol: pipe (criu-dev 2020, image bytes through "
+        help="--remote only: pipe (criu-dev 2020, image bytes through "
         "SCM_RIGHTS pipes) or seed (2015, bytes on the socket); default: pipe",
     )
     parser.add_argument(
@@ -469,8 +558,9 @@ def run(args: argparse.Namespace, workDir: str) -> None:
     say(f"  images    {len(images)} files, {human(total)}, {origin}: {imagesDir}")
 
     port = freePort()
-    cache = Daemon("criu-cache", workDir, dst, "img-cache.sock")
-    proxy = Daemon("criu-proxy", workDir, src, "img-proxy.sock")
+    sockets = StreamCriu if args.protocol == "stream" else RemoteCriu
+    cache = Daemon("criu-cache", workDir, dst, sockets.cacheSocket)
+    proxy = Daemon("criu-proxy", workDir, src, sockets.proxySocket)
     daemons = [cache, proxy]
     try:
         # The cache first: a proxy that finds no cache retries with backoff.
@@ -497,13 +587,18 @@ def run(args: argparse.Namespace, workDir: str) -> None:
 
         width = max(len(i.name) for i in images + [Image(MISSING_IMAGE, "", 0, "")])
         width = max(width, len(wire.PARENT_IMAGE))
-        proxyClient = LocalImageClient(proxy.socketPath, args.variant, timeout=args.timeout)
-        cacheClient = LocalImageClient(cache.socketPath, args.variant, timeout=args.timeout)
+        criu: Criu
+        if args.protocol == "stream":
+            criu = StreamCriu(proxy.socketPath, cache.socketPath, args.timeout)
+        else:
+            criu = RemoteCriu(
+                proxy.socketPath, cache.socketPath, args.variant, args.snapshot_id, args.timeout
+            )
         migrationStart = time.monotonic()
         try:
-            dump(proxyClient, args.snapshot_id, images, width)
+            dump(criu, images, width)
             say()
-            restore(cacheClient, args.snapshot_id, images, width)
+            restore(criu, images, width)
         except OSError as e:
             for daemon in daemons:
                 code = daemon.exitCode()
@@ -526,8 +621,9 @@ def run(args: argparse.Namespace, workDir: str) -> None:
 
     say()
     say(
-        f"OK: {len(images)} images ({total:,} bytes) went criu dump -> criu-proxy -> TCP -> "
-        f"criu-cache -> criu restore intact in {migration:.2f} s ({rate(total, migration)}); "
+        f"OK: {len(images)} images ({total:,} bytes) went criu dump --{args.protocol} -> "
+        f"criu-proxy -> TCP -> criu-cache -> criu restore --{args.protocol} intact "
+        f"in {migration:.2f} s ({rate(total, migration)}); "
         f"whole demo {time.monotonic() - started:.1f} s"
     )
 

@@ -28,7 +28,7 @@ from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
 from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
 from twisted_criu.pipes import PipeReader, PipeWriter
 from twisted_criu.registry import SnapshotRegistry
-from twisted_criu.transfer import sendImage
+from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
 
 
 class ILocalImageService(Interface):
@@ -80,7 +80,7 @@ class LocalImageProtocol(Protocol):
         self._writer: IImageWriter | None = None
         self._pipe: PipeReader | PipeWriter | None = None
         self._waiting: Deferred[IStoredImage] | None = None
-        self._image: IStoredImage | None = None
+        self._transfer: ImageTransfer | None = None
         self._inlineRead = False
         self._append = False
 
@@ -137,6 +137,9 @@ class LocalImageProtocol(Protocol):
         elif state is _State.READ_WAIT and self._waiting is not None:
             self._waiting.cancel()
         elif state is _State.READ_FD:
+            if self._transfer is not None:
+                self._transfer.close()
+                self._transfer = None
             self.log.warn(
                 "criu closed the connection for {image} before passing its pipe",
                 image=describe(self._key),
@@ -240,7 +243,7 @@ class LocalImageProtocol(Protocol):
 
     def _imageReady(self, image: IStoredImage) -> None:
         self._waiting = None
-        self._image = image
+        self._transfer = ImageTransfer(image)  # these bytes, even if replaced
         self.transport.write(wire.REPLY_OK)
         if self._inlineRead:
             self._state = _State.READ_SEND
@@ -261,26 +264,35 @@ class LocalImageProtocol(Protocol):
         self._send(pipe)
 
     def _send(self, consumer: Any) -> None:
-        assert self._image is not None
-        image, key = self._image, self._key
+        transfer, key = self._transfer, self._key
+        assert transfer is not None
+        self._transfer = None
 
         def sent(_: None) -> None:
             self.log.info(
-                "served {image} ({size} bytes)", image=describe(key), size=image.size
+                "served {image} ({size} bytes)", image=describe(key), size=transfer.size
             )
             consumer.loseConnection()
             if consumer is not self.transport:
                 self.transport.loseConnection()
 
         def failed(reason: Failure) -> None:
-            self.log.warn(
-                "reader of {image} went away: {why}",
-                image=describe(key),
-                why=reason.getErrorMessage(),
-            )
+            if reason.check(ImageSizeMismatch):
+                self.log.error(
+                    "store failure while serving {image}, aborting: {why}",
+                    image=describe(key),
+                    why=reason.getErrorMessage(),
+                )
+                consumer.abortConnection()
+            else:
+                self.log.warn(
+                    "reader of {image} went away: {why}",
+                    image=describe(key),
+                    why=reason.getErrorMessage(),
+                )
             self.transport.loseConnection()
 
-        sendImage(image, consumer).addCallbacks(sent, failed)
+        transfer.sendTo(consumer).addCallbacks(sent, failed)
 
     def _pipeReadEnded(self, reason: Failure) -> None:
         self._state = _State.DONE

@@ -118,6 +118,11 @@ class PipeWriter(abstract.FileDescriptor):
     def _postLoseConnection(self) -> Any:
         return main.CONNECTION_DONE
 
+    def abortConnection(self) -> None:
+        """Close now, dropping what is buffered: the reader sees a short file."""
+        if self.connected:
+            self.connectionLost(Failure(error.ConnectionAborted()))
+
     def doRead(self) -> Any:  # pragma: no cover - never registered for reading
         return None
 

@@ -55,7 +55,8 @@ class ProxySession:
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
-        self._link = ClientService(cache, RemoteSenderFactory(self._linkUp), **kwargs)
+        factory = RemoteSenderFactory(self._linkUp, self.registry.get)
+        self._link = ClientService(cache, factory, **kwargs)
 
     def start(self) -> None:
         self._link.startService()
@@ -67,20 +68,14 @@ class ProxySession:
     def _linkUp(self, sender: RemoteSender) -> None:
         self.log.info("connected to the cache")
         self._sender = sender
-        latest: dict[ImageKey, None] = {}
         for key in self.registry.publishOrder:
-            latest.pop(key, None)
-            latest[key] = None
-        for key in latest:
-            image = self.registry.get(key)
-            if image is not None:
-                sender.enqueue(key, image)
+            sender.enqueue(key)
         self._maybeClose()
 
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
         sender = self._sender
         if sender is not None and not sender.lost:
-            sender.enqueue(key, image)
+            sender.enqueue(key)
             self._maybeClose()
 
     def _dumpFinished(self, _: None) -> None:

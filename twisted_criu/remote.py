@@ -23,7 +23,7 @@ from twisted_criu.errors import ImageKey, ProtocolError
 from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
 from twisted_criu.local import describe
 from twisted_criu.registry import SnapshotRegistry
-from twisted_criu.transfer import sendImage
+from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
 
 #: Socket read size on the link (Twisted's default is 64 KiB).
 LINK_READ_SIZE = 1 << 18
@@ -38,9 +38,14 @@ class RemoteSender(Protocol):
     log = Logger()
     transport: Any
 
-    def __init__(self, connected: Callable[[RemoteSender], None]) -> None:
+    def __init__(
+        self,
+        connected: Callable[[RemoteSender], None],
+        imageFor: Callable[[ImageKey], IStoredImage | None],
+    ) -> None:
         self._connected = connected
-        self._queue: list[tuple[ImageKey, IStoredImage]] = []
+        self._imageFor = imageFor
+        self._queue: dict[ImageKey, None] = {}
         self._sending = False
         self._idleWaiters: list[Deferred[None]] = []
         self.imagesSent = 0
@@ -50,8 +55,14 @@ class RemoteSender(Protocol):
     def connectionMade(self) -> None:
         self._connected(self)
 
-    def enqueue(self, key: ImageKey, image: IStoredImage) -> None:
-        self._queue.append((key, image))
+    def enqueue(self, key: ImageKey) -> None:
+        """
+        Forward the image under C{key}: the version current when its turn
+        comes.  A key already waiting moves to the end of the queue, so each
+        version is sent once, in the order the versions completed.
+        """
+        self._queue.pop(key, None)
+        self._queue[key] = None
         self._sendNext()
 
     @property
@@ -66,37 +77,50 @@ class RemoteSender(Protocol):
         return d
 
     def _sendNext(self) -> None:
-        if self._sending or self.lost:
-            return
-        if not self._queue:
+        while not self._sending and not self.lost and self._queue:
+            key = next(iter(self._queue))
+            del self._queue[key]
+            image = self._imageFor(key)
+            if image is not None:
+                self._send(key, image)
+        if not self._sending and not self._queue:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)
-            return
-        key, image = self._queue.pop(0)
+
+    def _send(self, key: ImageKey, image: IStoredImage) -> None:
         snapshotId, name = key
-        header = wire.RemoteHeader(name, snapshotId, wire.O_WRONLY, image.size)
+        transfer = ImageTransfer(image)
+        header = wire.RemoteHeader(name, snapshotId, wire.O_WRONLY, transfer.size)
         self._sending = True
         self.transport.write(header.toBytes())
 
         def sent(_: None) -> None:
             self._sending = False
             self.imagesSent += 1
-            self.bytesSent += image.size
+            self.bytesSent += transfer.size
             self.log.info(
-                "forwarded {image} ({size} bytes)", image=describe(key), size=image.size
+                "forwarded {image} ({size} bytes)", image=describe(key), size=transfer.size
             )
             self._sendNext()
 
         def failed(reason: Failure) -> None:
             self._sending = False
+            if reason.check(ImageSizeMismatch):
+                self.log.error(
+                    "store failure while forwarding {image}, dropping the link: {why}",
+                    image=describe(key),
+                    why=reason.getErrorMessage(),
+                )
+                self.transport.abortConnection()
+                return
             self.log.warn(
                 "link lost while forwarding {image}: {why}",
                 image=describe(key),
                 why=reason.getErrorMessage(),
             )
 
-        sendImage(image, self.transport).addCallbacks(sent, failed)
+        transfer.sendTo(self.transport).addCallbacks(sent, failed)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = True
@@ -228,10 +252,15 @@ class RemoteReceiverFactory(Factory):
 class RemoteSenderFactory(Factory):
     noisy = False
 
-    def __init__(self, connected: Callable[[RemoteSender], None]) -> None:
+    def __init__(
+        self,
+        connected: Callable[[RemoteSender], None],
+        imageFor: Callable[[ImageKey], IStoredImage | None],
+    ) -> None:
         self.connected = connected
+        self.imageFor = imageFor
 
     def buildProtocol(self, addr: Any) -> RemoteSender:
-        protocol = RemoteSender(self.connected)
+        protocol = RemoteSender(self.connected, self.imageFor)
         protocol.factory = self
         return protocol

@@ -33,7 +33,7 @@ from twisted_criu.interfaces import IImageWriter, IStoredImage
 from twisted_criu.local import ILocalImageService
 from twisted_criu.pipes import PipeReader, PipeWriter
 from twisted_criu.registry import SnapshotRegistry
-from twisted_criu.transfer import sendImage
+from twisted_criu.transfer import ImageTransfer
 
 #: The snapshot id stream images are kept under.
 STREAM_SNAPSHOT_ID = ""
@@ -233,7 +233,7 @@ class StreamServeProtocol(_StreamControl):
     def __init__(self, service: ILocalImageService) -> None:
         super().__init__(service)
         self._waiting: Deferred[IStoredImage] | None = None
-        self._image: tuple[str, IStoredImage] | None = None
+        self._transfer: tuple[str, ImageTransfer] | None = None
         self._closed = False
 
     def requestReceived(self, filename: str) -> None:
@@ -246,7 +246,7 @@ class StreamServeProtocol(_StreamControl):
 
     def _found(self, image: IStoredImage, filename: str) -> None:
         self._waiting = None
-        self._image = (filename, image)
+        self._transfer = (filename, ImageTransfer(image))  # these bytes, even if replaced
         self.transport.write(wire.StreamReply(True).toBytes())
         self.expectDescriptor()
         self.resume()
@@ -261,13 +261,13 @@ class StreamServeProtocol(_StreamControl):
         self.resume()
 
     def descriptorReceived(self, fd: int) -> None:
-        assert self._image is not None
-        (filename, image), self._image = self._image, None
+        assert self._transfer is not None
+        (filename, transfer), self._transfer = self._transfer, None
         pipe = PipeWriter(self.service.reactor, fd, lambda reason: self.pipeEnded(pipe))
         self.trackPipe(pipe)
 
         def sent(_: None) -> None:
-            self.log.info("served {image} ({size} bytes)", image=filename, size=image.size)
+            self.log.info("served {image} ({size} bytes)", image=filename, size=transfer.size)
             pipe.loseConnection()
 
         def failed(reason: Failure) -> None:
@@ -276,13 +276,17 @@ class StreamServeProtocol(_StreamControl):
                 image=filename,
                 why=reason.getErrorMessage(),
             )
+            pipe.abortConnection()
 
-        sendImage(image, pipe).addCallbacks(sent, failed)
+        transfer.sendTo(pipe).addCallbacks(sent, failed)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closed = True
         if self._waiting is not None:
             self._waiting.cancel()
+        if self._transfer is not None:
+            self._transfer[1].close()
+            self._transfer = None
         super().connectionLost(reason)
 
     def checkDone(self) -> None:
