@@ -295,3 +295,35 @@ class OverlappingAppendTests(SynchronousTestCase):
         for protocol in protocols:
             protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(service.registry.snapshotIds(), ["pre", "dump"])
+
+
+class FullDiskTests(SynchronousTestCase):
+    """A store that cannot take more bytes aborts the image, loudly."""
+
+    def test_pipeWriteIntoFullStore(self) -> None:
+        service = FakeLocalService()
+
+        class FullWriter:
+            size = 0
+
+            def write(self, data: bytes) -> None:
+                raise OSError(28, "No space left on device")
+
+            def abort(self) -> None:
+                pass
+
+        service.store.newWriter = lambda base=None: FullWriter()  # type: ignore[method-assign]
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        protocol = LocalImageProtocol(service)
+        protocol.makeConnection(StringTransport())
+        readEnd, writeEnd = os.pipe()
+        protocol.dataReceived(wire.LocalRequest(KEY[1], KEY[0], 1).toBytes())
+        protocol.fileDescriptorReceived(readEnd)
+        os.write(writeEnd, b"data")
+        pump(service.reactor)
+        self.assertTrue(isClosed(readEnd))  # criu's next write gets EPIPE
+        os.close(writeEnd)
+        self.assertIsNone(service.registry.get(KEY))
+        self.assertEqual(service.registry.writesInProgress, 0)
+        errors = [e["log_format"].format(**e) for e in events if e["log_level"] >= LogLevel.error]
+        self.assertIn("No space left on device", errors[0])

@@ -502,6 +502,11 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "SCM_RIGHTS pipes) or seed (2015, bytes on the socket); default: pipe",
     )
     parser.add_argument(
+        "--memory-limit", metavar="SIZE",
+        help="passed to both daemons: image bytes held in memory before "
+        "spilling to disk, e.g. 16M (default: the daemons' default)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=120, metavar="SECONDS",
         help="give up if the whole run takes longer (default: 120)",
     )
@@ -558,6 +563,7 @@ def run(args: argparse.Namespace, workDir: str) -> None:
     say(f"  images    {len(images)} files, {human(total)}, {origin}: {imagesDir}")
 
     port = freePort()
+    extra = [] if args.memory_limit is None else ["--memory-limit", args.memory_limit]
     sockets = StreamCriu if args.protocol == "stream" else RemoteCriu
     cache = Daemon("criu-cache", workDir, dst, sockets.cacheSocket)
     proxy = Daemon("criu-proxy", workDir, src, sockets.proxySocket)
@@ -565,7 +571,7 @@ def run(args: argparse.Namespace, workDir: str) -> None:
     try:
         # The cache first: a proxy that finds no cache retries with backoff.
         for attempt in range(3):
-            cache.start(["--once", "--port", str(port), "-D", dst], cwd=workDir)
+            cache.start(["--once", "--port", str(port), "-D", dst, *extra], cwd=workDir)
             try:
                 waitForSockets([cache], timeout=min(30.0, args.timeout))
                 break
@@ -578,7 +584,7 @@ def run(args: argparse.Namespace, workDir: str) -> None:
         say(f"  link      criu-proxy -> 127.0.0.1:{port} -> criu-cache (TCP)")
         say(f"  started   {cache.tapname:<10} pid {cache.pid:<7} {cache.socketPath}")
         proxy.start(
-            ["--once", "--port", str(port), "--address", "127.0.0.1", "-D", src],
+            ["--once", "--port", str(port), "--address", "127.0.0.1", "-D", src, *extra],
             cwd=workDir,
         )
         waitForSockets([proxy], timeout=min(30.0, args.timeout))

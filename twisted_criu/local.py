@@ -102,7 +102,11 @@ class LocalImageProtocol(Protocol):
         state = self._state
         if state is _State.WRITE_INLINE:
             assert self._writer is not None
-            self._writer.write(data)
+            try:
+                self._writer.write(data)
+            except OSError as e:
+                self._abort(f"cannot store the data: {e}")
+                self.transport.abortConnection()
         elif state is _State.HEADER:
             try:
                 payload = self._frames.feed(data)

@@ -60,7 +60,10 @@ class PipeReader(abstract.FileDescriptor):
         if not data:
             return main.CONNECTION_DONE
         self.bytesRead += len(data)
-        self._dataReceived(data)
+        try:
+            self._dataReceived(data)
+        except OSError as e:  # the store could not take it (disk full, I/O error)
+            return error.ConnectionLost(f"cannot store the data: {e}")
         return None
 
     def writeSomeData(self, data: bytes) -> int:  # pragma: no cover

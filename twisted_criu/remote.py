@@ -168,7 +168,16 @@ class RemoteReceiver(Protocol):
                     chunk, data = data, b""
                 else:
                     chunk, data = data[:remaining], data[remaining:]
-                self._writer.write(chunk)
+                try:
+                    self._writer.write(chunk)
+                except OSError as e:
+                    self.log.error(
+                        "cannot store {image}, dropping the link: {why}",
+                        image=describe(self._currentKey()),
+                        why=str(e),
+                    )
+                    self.transport.abortConnection()
+                    return
                 self._remaining -= len(chunk)
                 if not self._remaining:
                     self._finishImage()
@@ -187,6 +196,10 @@ class RemoteReceiver(Protocol):
                 return
             data = self._frames.takeRest()
             self._startImage(header)
+
+    def _currentKey(self) -> ImageKey:
+        assert self._header is not None
+        return (self._header.snapshotId, self._header.name)
 
     def _startImage(self, header: wire.RemoteHeader) -> None:
         registry = self._registry
