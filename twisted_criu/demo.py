@@ -1,14 +1,15 @@
-# -*- test-case-name: tests.test_demo -*-
+# -*- test-case-name: tests.test_packaging -*-
 """
 A loopback migration, end to end, with no CRIU binary.
 
 C{python -m twisted_criu.demo} starts a real C{twistd criu-cache} and a real
 C{twistd criu-proxy} as separate processes linked over TCP on 127.0.0.1,
 then plays C{criu dump --remote} against the proxy and C{criu restore
---remote} against the cache with L{twisted_criu.client.LocalImageClient},
-and checks that every image comes back byte for byte (SHA-256), that a
-missing image gets ENOENT, and that both daemons exit 0 on their own
-(they run with C{--once}).  Everything binds loopback or UNIX sockets.
+--remote} against the cache with L{twisted_criu.client.LocalImageClient}
+(or C{--stream} with L{twisted_criu.client.StreamClient}), and checks that
+every image comes back byte for byte (SHA-256), that a missing image gets
+ENOENT, and that both daemons exit 0 on their own (they run with
+C{--once}).  Everything binds loopback or UNIX sockets.
 """
 
 from __future__ import annotations
