@@ -192,7 +192,11 @@ class LocalImageProtocol(Protocol):
         writer = self._writer
         assert writer is not None
         self._pipe = PipeReader(
-            self._reactor(), fd, writer.write, self._pipeWriteEnded
+            self._reactor(),
+            fd,
+            writer.write,
+            self._pipeWriteEnded,
+            spliceInto=getattr(writer, "spliceFrom", None),
         )
 
     def _pipeWriteEnded(self, reason: Failure) -> None:

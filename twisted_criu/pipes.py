@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred
 
 from twisted.internet import abstract, error, main
 from twisted.internet.interfaces import IReactorFDSet
@@ -20,6 +22,16 @@ from twisted.python.failure import Failure
 #: How much one read from a pipe may return.
 PIPE_READ_SIZE = 1 << 18
 
+#: How much one splice or sendfile may move.
+SPLICE_SIZE = 1 << 20
+
+
+class IFileSource(Protocol):
+    """Something whose bytes the kernel can copy into a descriptor."""
+
+    def sendfile(self, out: int, count: int) -> int:
+        """Copy up to C{count} bytes into C{out}; 0 at the end."""
+
 
 class PipeReader(abstract.FileDescriptor):
     """
@@ -27,6 +39,10 @@ class PipeReader(abstract.FileDescriptor):
 
     C{ended(reason)} is called once: with L{ConnectionDone} at EOF, with
     another failure if reading failed or L{stopProducing} was called.
+
+    If C{spliceInto} is given, it is called instead as C{spliceInto(fd,
+    count)} to move up to C{count} bytes out of the pipe without copying them
+    through Python (see L{os.splice}); it returns how many moved, 0 at EOF.
     """
 
     def __init__(
@@ -36,11 +52,13 @@ class PipeReader(abstract.FileDescriptor):
         dataReceived: Callable[[bytes], None],
         ended: Callable[[Failure], None],
         readSize: int = PIPE_READ_SIZE,
+        spliceInto: Callable[[int, int], int] | None = None,
     ) -> None:
         super().__init__(reactor)
         os.set_blocking(fd, False)
         self._fd = fd
         self._dataReceived = dataReceived
+        self._spliceInto = spliceInto
         self._ended: Callable[[Failure], None] | None = ended
         self.readSize = readSize
         self.connected = 1
@@ -51,6 +69,8 @@ class PipeReader(abstract.FileDescriptor):
         return self._fd
 
     def doRead(self) -> Any:
+        if self._spliceInto is not None:
+            return self._spliceSome(self._spliceInto)
         try:
             data = os.read(self._fd, self.readSize)
         except BlockingIOError:
@@ -64,6 +84,18 @@ class PipeReader(abstract.FileDescriptor):
             self._dataReceived(data)
         except OSError as e:  # the store could not take it (disk full, I/O error)
             return error.ConnectionLost(f"cannot store the data: {e}")
+        return None
+
+    def _spliceSome(self, spliceInto: Callable[[int, int], int]) -> Any:
+        try:
+            moved = spliceInto(self._fd, SPLICE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return error.ConnectionLost(f"cannot store the data: {e}")
+        if not moved:
+            return main.CONNECTION_DONE
+        self.bytesRead += moved
         return None
 
     def writeSomeData(self, data: bytes) -> int:  # pragma: no cover
@@ -102,9 +134,55 @@ class PipeWriter(abstract.FileDescriptor):
         self._ended: Callable[[Failure], None] | None = ended
         self.connected = 1
         self.bytesWritten = 0
+        self._source: IFileSource | None = None
+        self._sourceLeft = 0
+        self._sourceDone: Deferred[None] | None = None
 
     def fileno(self) -> int:
         return self._fd
+
+    def sendFile(self, source: IFileSource, count: int) -> Deferred[None]:
+        """
+        Copy C{count} bytes from C{source} into the pipe in the kernel, as
+        the reader makes room.  Fires when all are in; fails with
+        L{ConnectionLost} if the reader went away, or L{EOFError} if the
+        source ended early.  Nothing may be written meanwhile.
+        """
+        assert self._source is None and not self.dataBuffer and not self._tempDataLen
+        done: Deferred[None] = Deferred()
+        if not count:
+            done.callback(None)
+            return done
+        self._source, self._sourceLeft, self._sourceDone = source, count, done
+        self.startWriting()
+        return done
+
+    def doWrite(self) -> Any:
+        if self._source is None:
+            return super().doWrite()
+        try:
+            sent = self._source.sendfile(self._fd, min(self._sourceLeft, SPLICE_SIZE))
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return error.ConnectionLost(e.strerror)
+        if not sent:
+            self._endSource(Failure(EOFError(f"source ended {self._sourceLeft} bytes early")))
+            return None
+        self.bytesWritten += sent
+        self._sourceLeft -= sent
+        if not self._sourceLeft:
+            self._endSource(None)
+        return None
+
+    def _endSource(self, failure: Failure | None) -> None:
+        done, self._source, self._sourceDone = self._sourceDone, None, None
+        self.stopWriting()
+        if done is not None:
+            if failure is None:
+                done.callback(None)
+            else:
+                done.errback(failure)
 
     def writeSomeData(self, data: bytes) -> int | BaseException:
         try:
@@ -134,6 +212,8 @@ class PipeWriter(abstract.FileDescriptor):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+        if self._sourceDone is not None:
+            self._endSource(Failure(error.ConnectionLost(reason.getErrorMessage())))
         ended, self._ended = self._ended, None
         if ended is not None:
             ended(reason)

@@ -208,7 +208,13 @@ class StreamCaptureProtocol(_StreamControl):
                 registry.abortWrite(key)
             self.pipeEnded(pipe)
 
-        pipe = PipeReader(self.service.reactor, fd, writer.write, ended)
+        pipe = PipeReader(
+            self.service.reactor,
+            fd,
+            writer.write,
+            ended,
+            spliceInto=getattr(writer, "spliceFrom", None),
+        )
         self.trackPipe(pipe)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:

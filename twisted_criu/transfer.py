@@ -12,6 +12,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from twisted_criu.interfaces import IImageReader, IStoredImage
+from twisted_criu.pipes import PipeWriter
 
 #: Bytes handed to the consumer per resumeProducing().
 CHUNK_SIZE = 1 << 18
@@ -58,6 +59,8 @@ class ImageTransfer:
         L{ImageSizeMismatch} if the store did not give back C{size} bytes.
         """
         assert self._reader is not None, "an ImageTransfer is sent once"
+        if isinstance(consumer, PipeWriter) and hasattr(self._reader, "sendfile"):
+            return self._sendFile(consumer, self._reader)
         counting = _CountingReader(self._reader)
 
         def done(result: Any) -> None:
@@ -72,6 +75,18 @@ class ImageTransfer:
         d: Deferred[None] = ImageSender().beginFileTransfer(counting, consumer)
         d.addBoth(done)
         return d
+
+    def _sendFile(self, pipe: PipeWriter, source: Any) -> Deferred[None]:
+        """Into a pipe, the kernel copies straight from the store's files."""
+
+        def done(result: Any) -> None:
+            self.close()
+            if isinstance(result, Failure):
+                if result.check(EOFError):
+                    raise ImageSizeMismatch(result.getErrorMessage())
+                result.raiseException()
+
+        return pipe.sendFile(source, self.size).addBoth(done)
 
     def close(self) -> None:
         reader, self._reader = self._reader, None
