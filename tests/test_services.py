@@ -139,6 +139,11 @@ class ServiceTests(TestCase):
         cacheSummary = yield cacheDone
         self.assertEqual((cacheSummary.images, cacheSummary.bytes), (4, sum(map(len, images.values())) + 11))
 
+    def test_socketsOwnerOnly(self) -> None:
+        """criu's sockets are created 0600: images are nobody else's business."""
+        for path in (self.m.dump.path, self.m.restore.path, self.m.captureSocket, self.m.serveSocket):
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600, path)
+
     @inlineCallbacks
     def test_readBeforeImageArrives(self) -> Any:
         m = self.m

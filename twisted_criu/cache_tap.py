@@ -7,7 +7,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 
 from twisted_criu.cache import ImageCacheService
-from twisted_criu.options import DaemonOptions, makeStore
+from twisted_criu.options import DaemonOptions, makeStore, streamEndpoint
 
 
 class Options(DaemonOptions):
@@ -32,16 +32,13 @@ class Options(DaemonOptions):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    stream = None
-    if options["stream-local"] is not None:
-        stream = serverFromString(reactor, options["stream-local"])
     service = ImageCacheService(
         reactor,
         serverFromString(reactor, options["local"]),
         serverFromString(reactor, options["listen"]),
         store=makeStore(options),
         readVariant=options["read-variant"],
-        streamLocal=stream,
+        streamLocal=streamEndpoint(reactor, options),
     )
     if options["once"]:
         service.whenSessionDone().addCallback(lambda _: reactor.stop())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 from twisted_criu import wire
 
@@ -73,16 +73,51 @@ def _enlarge(fd: int) -> None:
         pass  # unprivileged limit: keep the default size
 
 
-class ImageWriter:
-    """An image being written: L{write} any number of times, then L{close}."""
+class _Channel:
+    """An image's data channel: the pipe criu passed, or the socket itself."""
 
     def __init__(self, sock: socket.socket | None, pipeFd: int | None) -> None:
         self._sock = sock
         self._pipe = pipeFd
-        self.size = 0
+
+    @property
+    def pipe(self) -> int | None:
+        """The pipe's descriptor, if the bytes go through a pipe (and it is open)."""
+        return self._pipe
+
+    @property
+    def socket(self) -> socket.socket | None:
+        """The socket, if the bytes go inline on it (and it is open)."""
+        return self._sock
+
+    def close(self) -> None:
+        """Close the channel (for a writer: the image ends here)."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_C = TypeVar("_C", bound=_Channel)
+
+
+class ImageWriter(_Channel):
+    """An image being written: L{write} any number of times, then L{close}."""
+
+    def __init__(self, sock: socket.socket | None, pipeFd: int | None) -> None:
         if pipeFd is not None and sock is not None:
             sock.close()  # criu closes its socket once the pipe is passed
-            self._sock = None
+            sock = None
+        super().__init__(sock, pipeFd)
+        self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
@@ -92,28 +127,9 @@ class ImageWriter:
             assert self._sock is not None
             self._sock.sendall(data)
 
-    def close(self) -> None:
-        """End the image (EOF on the pipe or the socket)."""
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
-    def __enter__(self) -> ImageWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ImageReader:
+class ImageReader(_Channel):
     """An image being read from the daemon, to EOF."""
-
-    def __init__(self, sock: socket.socket | None, pipeFd: int | None) -> None:
-        self._sock = sock
-        self._pipe = pipeFd
 
     def read(self, size: int = 1 << 20) -> bytes:
         if self._pipe is not None:
@@ -126,20 +142,6 @@ class ImageReader:
             return _readAll(self._pipe)
         assert self._sock is not None
         return _recvAll(self._sock)
-
-    def close(self) -> None:
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def __enter__(self) -> ImageReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class LocalImageClient:

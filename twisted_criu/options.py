@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
 from twisted_criu.storage.spill import SpillStore
@@ -63,6 +65,13 @@ def unixEndpoint(path: str, mode: str = "600") -> str:
 
 def makeStore(options: usage.Options) -> SpillStore:
     return SpillStore(options["memory-limit"], options["spill-dir"])
+
+
+def streamEndpoint(reactor: Any, options: usage.Options) -> IStreamServerEndpoint | None:
+    """The C{--stream-local} endpoint, if not disabled."""
+    if options["stream-local"] is None:
+        return None
+    return serverFromString(reactor, options["stream-local"])
 
 
 class DaemonOptions(usage.Options):

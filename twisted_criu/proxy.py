@@ -116,7 +116,6 @@ class ImageProxyService(MultiService):
     @param streamLocal: where criu --stream connects, if at all
         (C{unix:DIR/streamer-capture.sock}).
     @param cache: where the image cache listens.
-    @param once: serve one session only; L{whenDone} then fires.
     """
 
     log = Logger()

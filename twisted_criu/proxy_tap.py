@@ -7,7 +7,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
 
-from twisted_criu.options import DaemonOptions, makeStore
+from twisted_criu.options import DaemonOptions, makeStore, streamEndpoint
 from twisted_criu.proxy import ImageProxyService
 
 
@@ -34,16 +34,13 @@ class Options(DaemonOptions):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    stream = None
-    if options["stream-local"] is not None:
-        stream = serverFromString(reactor, options["stream-local"])
     service = ImageProxyService(
         reactor,
         serverFromString(reactor, options["local"]),
         clientFromString(reactor, options["connect"]),
         store=makeStore(options),
         readVariant=options["read-variant"],
-        streamLocal=stream,
+        streamLocal=streamEndpoint(reactor, options),
         retryPolicy=backoffPolicy(maxDelay=options["max-retry-delay"]),
         cacheDescription=options["connect"],
     )

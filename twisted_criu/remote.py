@@ -26,7 +26,7 @@ from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
 
 #: Socket read size on the link (Twisted's default is 64 KiB).
-LINK_READ_SIZE = 1 << 18
+LINK_READ_SIZE = 1 << 20
 
 
 class RemoteSender(Protocol):

@@ -583,15 +583,15 @@ def _parentList(conn: Connection, data: bytes | None) -> tuple[str, ...] | None:
     return tuple(wire.decodeSnapshotIds(data))
 
 
-# The client's reader and writer do not expose their descriptors; the replay
-# needs them to wait with a deadline instead of blocking for ever.
+# The replay waits on the client's descriptors with a deadline instead of
+# blocking for ever.
 
 
 def _pipeOf(handle: ImageReader | ImageWriter) -> int | None:
-    return handle._pipe
+    return handle.pipe
 
 
 def _socketOf(reader: ImageReader) -> socket.socket:
-    sock = reader._sock
+    sock = reader.socket
     assert sock is not None
     return sock

@@ -7,15 +7,20 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IConsumer
+from twisted.internet import abstract
+from twisted.internet.interfaces import IConsumer, IPullProducer
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_criu.interfaces import IImageReader, IStoredImage
 from twisted_criu.pipes import PipeWriter
 
 #: Bytes handed to the consumer per resumeProducing().
 CHUNK_SIZE = 1 << 18
+
+#: Bytes one sendfile() may move into a socket.
+SENDFILE_SIZE = 1 << 22
 
 
 class ImageSizeMismatch(Exception):
@@ -31,6 +36,72 @@ class _CountingReader:
         chunk = self._reader.read(size)
         self.count += len(chunk)
         return chunk
+
+
+@implementer(IPullProducer)
+class _SocketFileProducer:
+    """
+    Feeds a socket transport from a store file with C{sendfile}, under the
+    transport's own flow control: Twisted asks a pull producer for more
+    only once its write buffer is empty, so whatever was written before (a
+    header) goes first, and the kernel copies the image bytes directly.
+    """
+
+    def __init__(self, source: Any, count: int, transport: Any) -> None:
+        self._source = source
+        self._left = count
+        self._transport = transport
+        self._done: Deferred[None] | None = Deferred()
+        self._primed = False
+
+    def start(self) -> Deferred[None]:
+        done = self._done
+        assert done is not None
+        if not self._left:
+            self._finish(None)
+        else:
+            self._transport.registerProducer(self, False)
+        return done
+
+    def resumeProducing(self) -> None:
+        transport = self._transport
+        if not self._primed:
+            # Called from registerProducer: earlier writes may still be
+            # buffered.  Wait until the transport has flushed them and asks.
+            self._primed = True
+            transport.startWriting()
+            return
+        try:
+            sent = self._source.sendfile(transport.fileno(), min(self._left, SENDFILE_SIZE))
+        except BlockingIOError:
+            sent = None
+        except OSError as e:
+            self._finish(Failure(ConnectionLost(e.strerror)))
+            transport.abortConnection()
+            return
+        if sent == 0:
+            self._finish(Failure(EOFError(f"source ended {self._left} bytes early")))
+            transport.abortConnection()
+            return
+        if sent:
+            self._left -= sent
+        if not self._left:
+            transport.unregisterProducer()
+            self._finish(None)
+        else:
+            transport.startWriting()  # ask again once the socket has room
+
+    def stopProducing(self) -> None:
+        self._finish(Failure(ConnectionLost("the consumer stopped the transfer")))
+
+    def _finish(self, failure: Failure | None) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        if failure is None:
+            done.callback(None)
+        else:
+            done.errback(failure)
 
 
 class ImageSender(FileSender):
@@ -59,8 +130,12 @@ class ImageTransfer:
         L{ImageSizeMismatch} if the store did not give back C{size} bytes.
         """
         assert self._reader is not None, "an ImageTransfer is sent once"
-        if isinstance(consumer, PipeWriter) and hasattr(self._reader, "sendfile"):
-            return self._sendFile(consumer, self._reader)
+        if hasattr(self._reader, "sendfile"):
+            if isinstance(consumer, PipeWriter):
+                return self._sendFile(consumer.sendFile(self._reader, self.size))
+            if isinstance(consumer, abstract.FileDescriptor):  # a plain socket, not TLS
+                producer = _SocketFileProducer(self._reader, self.size, consumer)
+                return self._sendFile(producer.start())
         counting = _CountingReader(self._reader)
 
         def done(result: Any) -> None:
@@ -76,8 +151,8 @@ class ImageTransfer:
         d.addBoth(done)
         return d
 
-    def _sendFile(self, pipe: PipeWriter, source: Any) -> Deferred[None]:
-        """Into a pipe, the kernel copies straight from the store's files."""
+    def _sendFile(self, sent: Deferred[None]) -> Deferred[None]:
+        """The kernel copies straight from the store's files (sendfile)."""
 
         def done(result: Any) -> None:
             self.close()
@@ -86,7 +161,7 @@ class ImageTransfer:
                     raise ImageSizeMismatch(result.getErrorMessage())
                 result.raiseException()
 
-        return pipe.sendFile(source, self.size).addBoth(done)
+        return sent.addBoth(done)
 
     def close(self) -> None:
         reader, self._reader = self._reader, None
