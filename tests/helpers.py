@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -20,8 +20,10 @@ from twisted_criu.variants import ReadVariant, readsInline
 class FakeLocalService:
     """One registry, a memory store, and a reactor whose fds we pump by hand."""
 
+    clientTimeout = 30.0
+
     def __init__(self, waitForMissing: bool = True) -> None:
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         self.store = MemoryStore()
         self.registry = SnapshotRegistry(waitForMissing)
         self.finishes: list[wire.LocalRequest] = []

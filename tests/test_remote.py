@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -34,7 +35,10 @@ class RecordingTransport(StringTransport):
 
 @implementer(IRemoteImageSink)
 class FakeSink:
+    linkTimeout = 10.0
+
     def __init__(self) -> None:
+        self.reactor = Clock()
         self.store = MemoryStore()
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.closed: list[bool] = []

@@ -72,9 +72,14 @@ class ImageCacheService(MultiService):
         store: IImageStore | None = None,
         readVariant: ReadVariant = ReadVariant.AUTO,
         streamLocal: IStreamServerEndpoint | None = None,
+        linkTimeout: float = 60.0,
+        clientTimeout: float = 60.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.linkTimeout = linkTimeout
+        self.clientTimeout = clientTimeout
+        self._giveUp: Any = None
         self.store: IImageStore = store if store is not None else MemoryStore()
         self.readVariant = readVariant
         self.session = CacheSession()
@@ -99,6 +104,7 @@ class ImageCacheService(MultiService):
         d: Deferred[Any] = super().stopService()
 
         def closeStore(result: object) -> object:
+            self._cancelGiveUp()
             self.session.registry.release()
             self.store.close()
             return result
@@ -131,6 +137,7 @@ class ImageCacheService(MultiService):
     # -- IRemoteImageSink ----------------------------------------------------
 
     def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+        self._cancelGiveUp()
         session = self.session
         if session.remoteDone:  # another dump for the same restore
             session.remoteDone = False
@@ -144,13 +151,40 @@ class ImageCacheService(MultiService):
             return
         session.links.discard(receiver)
         if not clean:
-            self.log.warn("link to the proxy lost; waiting for it to reconnect")
+            if not session.links:
+                self.log.warn(
+                    "link to the proxy lost; waiting {seconds} s for it to come back",
+                    seconds=self.linkTimeout,
+                )
+                self._cancelGiveUp()
+                self._giveUp = self.reactor.callLater(self.linkTimeout, self._proxyGone, session)
             return
         if session.links:
             return
         self.log.info(
             "proxy finished sending ({images} images)",
             images=len(session.registry.keys()),
+        )
+        session.remoteDone = True
+        session.registry.close()
+        self._maybeComplete()
+
+    def _cancelGiveUp(self) -> None:
+        giveUp, self._giveUp = self._giveUp, None
+        if giveUp is not None and giveUp.active():
+            giveUp.cancel()
+
+    def _proxyGone(self, session: CacheSession) -> None:
+        self._giveUp = None
+        if session is not self.session or session.links:
+            return
+        waiting = session.registry.waiting
+        self.log.error(
+            "the proxy did not come back within {seconds} s: the session ends with"
+            " {images} complete images; {waiting} waiting reads get ENOENT",
+            seconds=self.linkTimeout,
+            images=len(session.registry.keys()),
+            waiting=waiting,
         )
         session.remoteDone = True
         session.registry.close()

@@ -38,6 +38,8 @@ def makeService(options: Options) -> IService:
         serverFromString(reactor, options["listen"]),
         store=makeStore(options),
         readVariant=options["read-variant"],
+        linkTimeout=options["timeout"],
+        clientTimeout=options["client-timeout"],
         streamLocal=streamEndpoint(reactor, options),
     )
     if options["once"]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 from enum import Enum, auto
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IFileDescriptorReceiver, IReactorFDSet
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -26,7 +27,7 @@ from zope.interface import Attribute, Interface, implementer
 from twisted_criu import wire
 from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
 from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
-from twisted_criu.pipes import PipeReader, PipeWriter
+from twisted_criu.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
 
@@ -36,6 +37,7 @@ class ILocalImageService(Interface):
 
     reactor = Attribute("The reactor pipes are registered with.")
     store = Attribute("The L{IImageStore} new images go to.")
+    clientTimeout = Attribute("Seconds criu may take to send its request.")
 
     def registryFor(request: wire.LocalRequest) -> SnapshotRegistry:
         """The registry a write or read of C{request} belongs to."""
@@ -64,7 +66,7 @@ def describe(key: ImageKey) -> str:
 
 
 @implementer(IFileDescriptorReceiver)
-class LocalImageProtocol(Protocol):
+class LocalImageProtocol(Protocol, TimeoutMixin):
     """One criu request: a write, an append, a read or the finish."""
 
     log = Logger()
@@ -85,6 +87,17 @@ class LocalImageProtocol(Protocol):
         self._append = False
 
     # -- events from the socket -------------------------------------------
+
+    def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
+        return self.service.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.service.clientTimeout)
+
+    def timeoutConnection(self) -> None:
+        self._protocolError(
+            ProtocolError(f"no request within {self.service.clientTimeout} s")
+        )
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         if self._state in (_State.HEADER, _State.WRITE_START, _State.READ_WAIT):
@@ -131,6 +144,7 @@ class LocalImageProtocol(Protocol):
             self._protocolError(ProtocolError("data after the request was served"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.setTimeout(None)
         self._closeFds()
         state = self._state
         if state in (_State.WRITE_START, _State.WRITE_INLINE):
@@ -157,6 +171,7 @@ class LocalImageProtocol(Protocol):
     # -- dispatch ------------------------------------------------------------
 
     def _handle(self, request: wire.LocalRequest, rest: bytes) -> None:
+        self.setTimeout(None)
         if request.isFinish:
             self._state = _State.DONE
             self.service.finishRequested(request)
@@ -188,6 +203,12 @@ class LocalImageProtocol(Protocol):
             self._protocolError(ProtocolError(f"{len(self._fds)} descriptors passed"))
             return
         fd = self._fds.pop()
+        try:
+            checkPipe(fd)
+        except ProtocolError as e:
+            os.close(fd)
+            self._protocolError(e)
+            return
         self._state = _State.WRITE_PIPE
         writer = self._writer
         assert writer is not None
@@ -266,6 +287,12 @@ class LocalImageProtocol(Protocol):
             self._protocolError(ProtocolError(f"{len(self._fds)} descriptors passed"))
             return
         fd = self._fds.pop()
+        try:
+            checkPipe(fd)
+        except ProtocolError as e:
+            os.close(fd)
+            self._protocolError(e)
+            return
         self._state = _State.READ_SEND
         pipe = PipeWriter(self._reactor(), fd, self._pipeReadEnded)
         self._pipe = pipe

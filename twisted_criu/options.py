@@ -50,6 +50,13 @@ def defaultMemoryLimit() -> int:
     return max(64 << 20, pages // 4)
 
 
+def parseSeconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError(f"not a positive number of seconds: {value!r}")
+    return seconds
+
+
 def parseVariant(value: str) -> ReadVariant:
     try:
         return ReadVariant(value)
@@ -91,6 +98,8 @@ class DaemonOptions(usage.Options):
         ["memory-limit", None, None, "Image bytes held in memory (all images together) before spilling to disk, e.g. 512M [default: a quarter of RAM].", parseSize],
         ["spill-dir", None, None, "Where images past --memory-limit are spilled [default: the system temp dir]."],
         ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
+        ["timeout", None, 60.0, "Seconds the proxy -> cache link may stall inside an image, or stay down after losing one, before it is dropped (waiting restores then get ENOENT).", parseSeconds],
+        ["client-timeout", None, 60.0, "Seconds a criu connection may take to send its request before it is closed.", parseSeconds],
     ]
 
     def postOptions(self) -> None:

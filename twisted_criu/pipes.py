@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
@@ -18,6 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet import abstract, error, main
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.python.failure import Failure
+
+from twisted_criu.errors import ProtocolError
 
 #: How much one read from a pipe may return.
 PIPE_READ_SIZE = 1 << 18
@@ -31,6 +34,18 @@ class IFileSource(Protocol):
 
     def sendfile(self, out: int, count: int) -> int:
         """Copy up to C{count} bytes into C{out}; 0 at the end."""
+
+
+def checkPipe(fd: int) -> None:
+    """
+    Refuse a passed descriptor that is not a pipe (a file, a socket, a
+    device: nothing criu would pass).
+
+    @raise ProtocolError: if it is not.
+    """
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISFIFO(mode):
+        raise ProtocolError(f"the passed descriptor is not a pipe (mode {mode:#o})")
 
 
 class PipeReader(abstract.FileDescriptor):

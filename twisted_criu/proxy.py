@@ -43,7 +43,11 @@ class ProxySession:
     log = Logger()
 
     def __init__(
-        self, reactor: Any, cache: IStreamClientEndpoint, retryPolicy: RetryPolicy | None
+        self,
+        reactor: Any,
+        cache: IStreamClientEndpoint,
+        retryPolicy: RetryPolicy | None,
+        linkTimeout: float = 60.0,
     ) -> None:
         self.registry = SnapshotRegistry(waitForMissing=False)
         self.registry.onPublish(self._published)
@@ -55,7 +59,7 @@ class ProxySession:
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
-        factory = RemoteSenderFactory(self._linkUp, self.registry.get)
+        factory = RemoteSenderFactory(self._linkUp, self.registry.get, reactor, linkTimeout)
         self._link = ClientService(cache, factory, **kwargs)
 
     def start(self) -> None:
@@ -130,9 +134,13 @@ class ImageProxyService(MultiService):
         retryPolicy: RetryPolicy | None = None,
         cacheDescription: str = "the cache",
         streamLocal: IStreamServerEndpoint | None = None,
+        linkTimeout: float = 60.0,
+        clientTimeout: float = 60.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.linkTimeout = linkTimeout
+        self.clientTimeout = clientTimeout
         self.store: IImageStore = store if store is not None else MemoryStore()
         self.readVariant = readVariant
         self._cache = LoggingClientEndpoint(cache, cacheDescription)
@@ -178,7 +186,7 @@ class ImageProxyService(MultiService):
         return d
 
     def _newSession(self) -> ProxySession:
-        session = ProxySession(self.reactor, self._cache, self._retryPolicy)
+        session = ProxySession(self.reactor, self._cache, self._retryPolicy, self.linkTimeout)
         self.session = session
         session.done.addCallback(self._sessionDone, session)
         session.start()

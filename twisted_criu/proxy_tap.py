@@ -40,6 +40,8 @@ def makeService(options: Options) -> IService:
         clientFromString(reactor, options["connect"]),
         store=makeStore(options),
         readVariant=options["read-variant"],
+        linkTimeout=options["timeout"],
+        clientTimeout=options["client-timeout"],
         streamLocal=streamEndpoint(reactor, options),
         retryPolicy=backoffPolicy(maxDelay=options["max-retry-delay"]),
         cacheDescription=options["connect"],

@@ -13,7 +13,9 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
@@ -42,9 +44,15 @@ class RemoteSender(Protocol):
         self,
         connected: Callable[[RemoteSender], None],
         imageFor: Callable[[ImageKey], IStoredImage | None],
+        clock: IReactorTime | None = None,
+        stallTimeout: float = 60.0,
     ) -> None:
         self._connected = connected
         self._imageFor = imageFor
+        self._clock = clock
+        self.stallTimeout = stallTimeout
+        self._watchdog: IDelayedCall | None = None
+        self._transfer: ImageTransfer | None = None
         self._queue: dict[ImageKey, None] = {}
         self._sending = False
         self._idleWaiters: list[Deferred[None]] = []
@@ -93,10 +101,13 @@ class RemoteSender(Protocol):
         transfer = ImageTransfer(image)
         header = wire.RemoteHeader(name, snapshotId, wire.O_WRONLY, transfer.size)
         self._sending = True
+        self._transfer = transfer
+        self._armWatchdog(key, -1)
         self.transport.write(header.toBytes())
 
         def sent(_: None) -> None:
             self._sending = False
+            self._disarmWatchdog()
             self.imagesSent += 1
             self.bytesSent += transfer.size
             self.log.info(
@@ -106,6 +117,7 @@ class RemoteSender(Protocol):
 
         def failed(reason: Failure) -> None:
             self._sending = False
+            self._disarmWatchdog()
             if reason.check(ImageSizeMismatch):
                 self.log.error(
                     "store failure while forwarding {image}, dropping the link: {why}",
@@ -122,14 +134,45 @@ class RemoteSender(Protocol):
 
         transfer.sendTo(self.transport).addCallbacks(sent, failed)
 
+    def _armWatchdog(self, key: ImageKey, lastSent: int) -> None:
+        """Drop the link if forwarding C{key} makes no progress for a while."""
+        if self._clock is None:
+            return
+        transfer = self._transfer
+        if transfer is None or self.lost:
+            return
+        if transfer.sent == lastSent:
+            self.log.error(
+                "link stalled: no progress forwarding {image} for {seconds} s"
+                " ({sent} of {size} bytes sent); dropping it",
+                image=describe(key),
+                seconds=self.stallTimeout,
+                sent=transfer.sent,
+                size=transfer.size,
+            )
+            self.transport.abortConnection()
+            return
+        self._watchdog = self._clock.callLater(
+            self.stallTimeout, self._armWatchdog, key, transfer.sent
+        )
+
+    def _disarmWatchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        self._transfer = None
+        if watchdog is not None and watchdog.active():
+            watchdog.cancel()
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = True
+        self._disarmWatchdog()
 
 
 class IRemoteImageSink(Interface):
     """What the cache offers the receiving end of a link."""
 
     store = Attribute("The L{IImageStore} received images go to.")
+    reactor = Attribute("The reactor (for timeouts).")
+    linkTimeout = Attribute("Seconds a link may stall inside a frame.")
 
     def linkOpened(receiver: RemoteReceiver) -> SnapshotRegistry:
         """A proxy connected; return the registry its images go to."""
@@ -138,8 +181,13 @@ class IRemoteImageSink(Interface):
         """The link ended: cleanly (session over) or not (it may come back)."""
 
 
-class RemoteReceiver(Protocol):
-    """The cache's end of a link: header, then exactly C{size} bytes, repeat."""
+class RemoteReceiver(Protocol, TimeoutMixin):
+    """
+    The cache's end of a link: header, then exactly C{size} bytes, repeat.
+
+    Between images the link may be silent for as long as a dump takes; in
+    the middle of a frame, silence for C{sink.linkTimeout} drops it.
+    """
 
     log = Logger()
     transport: Any
@@ -161,6 +209,22 @@ class RemoteReceiver(Protocol):
         self.log.info("proxy connected from {peer}", peer=str(peer))
 
     def dataReceived(self, data: bytes) -> None:
+        self._receive(data)
+        inFrame = self._writer is not None or self._frames.pending > 0
+        self.setTimeout(self.sink.linkTimeout if inFrame else None)
+
+    def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
+        return self.sink.reactor.callLater(period, func)
+
+    def timeoutConnection(self) -> None:
+        self.log.error(
+            "link stalled: no bytes from the proxy for {seconds} s in the middle of"
+            " a frame; dropping it",
+            seconds=self.sink.linkTimeout,
+        )
+        self.transport.abortConnection()
+
+    def _receive(self, data: bytes) -> None:
         while data:
             if self._writer is not None:
                 remaining = self._remaining
@@ -228,6 +292,7 @@ class RemoteReceiver(Protocol):
             self._registry.publish(key, image)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.setTimeout(None)
         header, writer = self._header, self._writer
         clean = reason.check(ConnectionDone) is not None and writer is None
         if header is not None and writer is not None and self._registry is not None:
@@ -269,11 +334,15 @@ class RemoteSenderFactory(Factory):
         self,
         connected: Callable[[RemoteSender], None],
         imageFor: Callable[[ImageKey], IStoredImage | None],
+        clock: IReactorTime | None = None,
+        stallTimeout: float = 60.0,
     ) -> None:
         self.connected = connected
         self.imageFor = imageFor
+        self.clock = clock
+        self.stallTimeout = stallTimeout
 
     def buildProtocol(self, addr: Any) -> RemoteSender:
-        protocol = RemoteSender(self.connected, self.imageFor)
+        protocol = RemoteSender(self.connected, self.imageFor, self.clock, self.stallTimeout)
         protocol.factory = self
         return protocol

@@ -17,12 +17,13 @@ Stream images are registered under an empty snapshot id.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -31,7 +32,7 @@ from twisted_criu import wire
 from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
 from twisted_criu.interfaces import IImageWriter, IStoredImage
 from twisted_criu.local import ILocalImageService
-from twisted_criu.pipes import PipeReader, PipeWriter
+from twisted_criu.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageTransfer
 
@@ -46,7 +47,7 @@ def _key(filename: str) -> ImageKey:
 
 
 @implementer(IFileDescriptorReceiver)
-class _StreamControl(Protocol):
+class _StreamControl(Protocol, TimeoutMixin):
     """
     The control connection: request frames, each possibly followed by a
     descriptor riding on one C{00} byte.  Subclasses say what a request
@@ -69,9 +70,16 @@ class _StreamControl(Protocol):
         self._failed = False
         self.registry: SnapshotRegistry | None = None
 
+    def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
+        return self.service.reactor.callLater(period, func)
+
     def connectionMade(self) -> None:
         # A stream run belongs to one session: pick it now.
         self.registry = self.service.registryFor(wire.LocalRequest("", "", self.mode))
+        self.setTimeout(self.service.clientTimeout)  # until the first request
+
+    def timeoutConnection(self) -> None:
+        self.fail(f"no request within {self.service.clientTimeout} s")
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         if self._failed:
@@ -104,13 +112,21 @@ class _StreamControl(Protocol):
                     )
                 self._pending = self._pending[1:]
                 self._expectingFd = False
-                self.descriptorReceived(self._fds.pop())
+                fd = self._fds.pop()
+                try:
+                    checkPipe(fd)
+                except ProtocolError:
+                    os.close(fd)
+                    raise
+                self.setTimeout(None)  # criu is speaking: no more deadline
+                self.descriptorReceived(fd)
                 continue
             pending, self._pending = self._pending, b""
             payload = self._frames.feed(pending)
             if payload is None:
                 break
             self._pending = self._frames.takeRest()
+            self.setTimeout(None)
             self.requestReceived(wire.StreamRequest.fromBytes(payload).filename)
         if self._fds and not self._paused and not self._expectingFd:
             raise ProtocolError("descriptor passed without a request")
@@ -159,6 +175,7 @@ class _StreamControl(Protocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.setTimeout(None)
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -49,7 +49,7 @@ class _SocketFileProducer:
 
     def __init__(self, source: Any, count: int, transport: Any) -> None:
         self._source = source
-        self._left = count
+        self.left = count
         self._transport = transport
         self._done: Deferred[None] | None = Deferred()
         self._primed = False
@@ -57,7 +57,7 @@ class _SocketFileProducer:
     def start(self) -> Deferred[None]:
         done = self._done
         assert done is not None
-        if not self._left:
+        if not self.left:
             self._finish(None)
         else:
             self._transport.registerProducer(self, False)
@@ -72,7 +72,7 @@ class _SocketFileProducer:
             transport.startWriting()
             return
         try:
-            sent = self._source.sendfile(transport.fileno(), min(self._left, SENDFILE_SIZE))
+            sent = self._source.sendfile(transport.fileno(), min(self.left, SENDFILE_SIZE))
         except BlockingIOError:
             sent = None
         except OSError as e:
@@ -80,12 +80,12 @@ class _SocketFileProducer:
             transport.abortConnection()
             return
         if sent == 0:
-            self._finish(Failure(EOFError(f"source ended {self._left} bytes early")))
+            self._finish(Failure(EOFError(f"source ended {self.left} bytes early")))
             transport.abortConnection()
             return
         if sent:
-            self._left -= sent
-        if not self._left:
+            self.left -= sent
+        if not self.left:
             transport.unregisterProducer()
             self._finish(None)
         else:
@@ -120,6 +120,12 @@ class ImageTransfer:
     def __init__(self, image: IStoredImage) -> None:
         self.size: int = image.size
         self._reader: IImageReader | None = image.open()
+        self._progress: Callable[[], int] = lambda: 0
+
+    @property
+    def sent(self) -> int:
+        """Bytes handed to the consumer so far (for stall detection)."""
+        return self._progress()
 
     def sendTo(self, consumer: IConsumer) -> Deferred[None]:
         """
@@ -132,11 +138,15 @@ class ImageTransfer:
         assert self._reader is not None, "an ImageTransfer is sent once"
         if hasattr(self._reader, "sendfile"):
             if isinstance(consumer, PipeWriter):
+                start = consumer.bytesWritten
+                self._progress = lambda: consumer.bytesWritten - start
                 return self._sendFile(consumer.sendFile(self._reader, self.size))
             if isinstance(consumer, abstract.FileDescriptor):  # a plain socket, not TLS
                 producer = _SocketFileProducer(self._reader, self.size, consumer)
+                self._progress = lambda: self.size - producer.left
                 return self._sendFile(producer.start())
         counting = _CountingReader(self._reader)
+        self._progress = lambda: counting.count
 
         def done(result: Any) -> None:
             self.close()
