@@ -269,3 +269,23 @@ class SenderTests(SynchronousTestCase):
         self.sender.enqueue(("s", "liar"))
         driveProducer(self.transport)
         self.assertTrue(self.transport.disconnected)
+
+
+class RoomTests(SynchronousTestCase):
+    def test_refuseImageLargerThanRoom(self) -> None:
+        """A size beyond budget plus free disk is refused before any body byte."""
+        from twisted_criu.storage.spill import SpillStore
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        sink = FakeSink()
+        sink.store = SpillStore(100, self.mktemp())  # type: ignore[assignment]
+        receiver = RemoteReceiver(sink)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(wire.RemoteHeader("huge.img", "s", 1, 2**62).toBytes() + b"x")
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(sink.registry.writesInProgress, 0)
+        receiver.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(sink.store.spillParent and sink.store.directory, None)  # type: ignore[attr-defined]
+        errors = [e["log_format"].format(**e) for e in events if e["log_level"] >= LogLevel.error]
+        self.assertIn("refusing s/huge.img: 4611686018427387904 bytes announced", errors[0])

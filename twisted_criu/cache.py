@@ -100,6 +100,13 @@ class ImageCacheService(MultiService):
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
 
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except BaseException:
+            self.stopService()  # close the listeners that did start
+            raise
+
     def stopService(self) -> Deferred[None]:
         d: Deferred[Any] = super().stopService()
 

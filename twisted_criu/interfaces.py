@@ -53,3 +53,9 @@ class IImageStore(Interface):
 
     def close() -> None:
         """The daemon stops: free everything (e.g. remove spill files)."""
+
+    def room() -> int | None:
+        """
+        How many more image bytes the store can take now (memory left in
+        the budget plus free space for spilling), or L{None} if unbounded.
+        """

@@ -162,7 +162,11 @@ class ImageProxyService(MultiService):
             streamListener.setServiceParent(self)
 
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except BaseException:
+            self.stopService()  # close the listeners that did start
+            raise
         self._newSession()
 
     def stopService(self) -> Deferred[None]:

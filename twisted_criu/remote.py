@@ -259,23 +259,36 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 self.transport.abortConnection()
                 return
             data = self._frames.takeRest()
-            self._startImage(header)
+            if not self._startImage(header):
+                return
 
     def _currentKey(self) -> ImageKey:
         assert self._header is not None
         return (self._header.snapshotId, self._header.name)
 
-    def _startImage(self, header: wire.RemoteHeader) -> None:
+    def _startImage(self, header: wire.RemoteHeader) -> bool:
         registry = self._registry
         assert registry is not None
         key = (header.snapshotId, header.name)
-        registry.beginWrite(key)
         store: IImageStore = self.sink.store
+        room = store.room()
+        if room is not None and header.size > room:
+            self.log.error(
+                "refusing {image}: {size} bytes announced, room for {room}"
+                " (memory budget plus free spill space); dropping the link",
+                image=describe(key),
+                size=header.size,
+                room=room,
+            )
+            self.transport.abortConnection()
+            return False
+        registry.beginWrite(key)
         self._header = header
         self._writer = store.newWriter()
         self._remaining = header.size
         if not self._remaining:
             self._finishImage()
+        return True
 
     def _finishImage(self) -> None:
         header, writer = self._header, self._writer

@@ -88,3 +88,6 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+    def room(self) -> int | None:
+        return None

@@ -248,6 +248,14 @@ class SpillStore:
                 reader.close()
         return writer
 
+    def room(self) -> int | None:
+        memory = max(0, self.memoryLimit - self.inMemory)
+        try:
+            disk = os.statvfs(self.spillParent)
+        except OSError:
+            return memory
+        return memory + disk.f_bavail * disk.f_frsize
+
     @property
     def directory(self) -> str | None:
         """This store's own spill directory, once something was spilled."""
