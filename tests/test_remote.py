@@ -289,3 +289,46 @@ class RoomTests(SynchronousTestCase):
         self.assertEqual(sink.store.spillParent and sink.store.directory, None)  # type: ignore[attr-defined]
         errors = [e["log_format"].format(**e) for e in events if e["log_level"] >= LogLevel.error]
         self.assertIn("refusing s/huge.img: 4611686018427387904 bytes announced", errors[0])
+
+
+class ChecksumTests(SynchronousTestCase):
+    """twisted-criu's optional SHA-256 (field 5, unknown to the C peers)."""
+
+    def receive(self, data: bytes, digest: bytes) -> tuple[FakeSink, StringTransport, Any]:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        sink = FakeSink()
+        receiver = RemoteReceiver(sink)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        header = wire.RemoteHeader("a.img", "s", 1, len(data), digest)
+        receiver.dataReceived(header.toBytes() + data)
+        return sink, transport, events
+
+    def test_verified(self) -> None:
+        import hashlib
+
+        sink, transport, _ = self.receive(b"pages", hashlib.sha256(b"pages").digest())
+        self.assertEqual(readAll(sink.registry.get(("s", "a.img"))), b"pages")  # type: ignore[arg-type]
+        self.assertFalse(transport.disconnected)
+
+    def test_mismatchDiscarded(self) -> None:
+        import hashlib
+
+        sink, transport, events = self.receive(b"pagez", hashlib.sha256(b"pages").digest())
+        self.assertIsNone(sink.registry.get(("s", "a.img")))
+        self.assertEqual(sink.registry.writesInProgress, 0)
+        self.assertTrue(transport.disconnected)
+        errors = [e["log_format"].format(**e) for e in events if e["log_level"] >= LogLevel.error]
+        self.assertIn("SHA-256 mismatch for s/a.img (5 bytes)", errors[0])
+
+    def test_badDigestLength(self) -> None:
+        raw = wire.RemoteHeader("a.img", "s", 1, 1, b"short").toBytes()
+        with self.assertRaises(Exception):
+            wire.RemoteHeader.fromBytes(raw[4:])
+
+    def test_cPeersSeeTheSameBytesWithoutIt(self) -> None:
+        """Without a digest the header is byte for byte what the C proxy sends."""
+        self.assertEqual(
+            wire.RemoteHeader("after.img", "X", 1, 19).toBytes().hex(),
+            "120000000a0961667465722e696d6712015818012013",
+        )

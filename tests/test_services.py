@@ -64,21 +64,22 @@ class Migration:
         self.test.addCleanup(self.cache.stopService)
         return self.cache.remoteEndpoint.whenListening()
 
-    def startProxy(self, port: int) -> None:
+    def startProxy(self, port: int, **kwargs: Any) -> None:
         self.proxy = ImageProxyService(
             reactor,
             serverFromString(reactor, unixEndpoint(os.path.join(self.src, "img-proxy.sock"))),
             clientFromString(reactor, f"tcp:host=127.0.0.1:port={port}"),
             retryPolicy=lambda attempt: 0.05,
             streamLocal=serverFromString(reactor, unixEndpoint(self.captureSocket)),
+            **kwargs,
         )
         self.proxy.startService()
         self.test.addCleanup(self.proxy.stopService)
 
     @inlineCallbacks
-    def start(self) -> Any:
+    def start(self, **proxyArgs: Any) -> Any:
         port = yield self.startCache()
-        self.startProxy(port.getHost().port)
+        self.startProxy(port.getHost().port, **proxyArgs)
 
 
 def inThread(f: Callable[..., T], *args: Any) -> Deferred[T]:
@@ -284,6 +285,32 @@ class ServiceTests(TestCase):
         self.assertEqual(m.cache.sessionsCompleted, 3)
         self.assertEqual(m.proxy.sessionsCompleted, 3)
         self.assertEqual(m.cache.session.registry.keys(), [])
+
+
+class ChecksumSessionTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_checksummedSession(self) -> Any:
+        """With checksum=True every image carries its SHA-256 and is verified."""
+        m = Migration(self)
+        yield m.start(checksum=True)
+        assert m.proxy and m.cache
+        done = m.proxy.whenSessionDone()
+        images = {f"f{i}.img": os.urandom(i * 70000) for i in range(5)}
+
+        def dump() -> None:
+            m.dump.pushSnapshotId("snap1")
+            for name, data in images.items():
+                m.dump.write("snap1", name, data)
+            m.dump.write("snap1", "f1.img", b"replaced")
+            m.dump.finishDump()
+
+        yield inThread(dump)
+        yield done
+        images["f1.img"] = b"replaced"
+        got = yield inThread(lambda: {n: m.restore.read("snap1", n) for n in images})
+        self.assertEqual(got, images)
 
 
 class StartupOrderTests(TestCase):

@@ -12,6 +12,7 @@ from twisted.application.internet import ClientService, StreamServerEndpointServ
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -23,6 +24,7 @@ from twisted_criu.local import ILocalImageService, LocalImageFactory
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.remote import RemoteSender, RemoteSenderFactory
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.transfer import ImageTransfer, sha256Of
 from twisted_criu.stream import StreamCaptureFactory
 from twisted_criu.variants import ReadVariant, readsInline
 
@@ -48,8 +50,12 @@ class ProxySession:
         cache: IStreamClientEndpoint,
         retryPolicy: RetryPolicy | None,
         linkTimeout: float = 60.0,
+        checksum: bool = False,
     ) -> None:
         self.registry = SnapshotRegistry(waitForMissing=False)
+        self.checksum = checksum
+        self._digests: dict[ImageKey, tuple[IStoredImage, bytes]] = {}
+        self._hashing = 0
         self.registry.onPublish(self._published)
         self.seed = False
         self.done: Deferred[SessionSummary] = Deferred()
@@ -59,7 +65,13 @@ class ProxySession:
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
-        factory = RemoteSenderFactory(self._linkUp, self.registry.get, reactor, linkTimeout)
+        factory = RemoteSenderFactory(
+            self._linkUp,
+            self.registry.get,
+            reactor,
+            linkTimeout,
+            self._digestFor if checksum else None,
+        )
         self._link = ClientService(cache, factory, **kwargs)
 
     def start(self) -> None:
@@ -76,7 +88,34 @@ class ProxySession:
             sender.enqueue(key)
         self._maybeClose()
 
+    def _digestFor(self, key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
+        known = self._digests.get(key)
+        if known is not None and known[0] is image:
+            return True, known[1]
+        return False, None
+
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
+        if self.checksum:
+            # Hash in a thread (hashlib releases the GIL); forward when known.
+            self._hashing += 1
+            d = deferToThread(sha256Of, ImageTransfer(image))
+            d.addCallback(self._hashed, key, image)
+            d.addErrback(lambda f: self.log.failure("hashing {image}", f, image=key))
+            d.addBoth(self._doneHashing)
+            return
+        self._forward(key)
+
+    def _hashed(self, digest: bytes, key: ImageKey, image: IStoredImage) -> None:
+        if self.registry.get(key) is not image:
+            return  # replaced meanwhile: the new version is being hashed
+        self._digests[key] = (image, digest)
+        self._forward(key)
+
+    def _doneHashing(self, _: object) -> None:
+        self._hashing -= 1
+        self._maybeClose()
+
+    def _forward(self, key: ImageKey) -> None:
         sender = self._sender
         if sender is not None and not sender.lost:
             sender.enqueue(key)
@@ -93,7 +132,9 @@ class ProxySession:
 
     def _maybeClose(self) -> None:
         sender = self._sender
-        if not self._dumpComplete or self._closing or sender is None or sender.lost:
+        if not self._dumpComplete or self._closing or self._hashing:
+            return
+        if sender is None or sender.lost:
             return
         self._closing = True
         sender.whenIdle().addCallback(lambda _: self._closeLink(sender))
@@ -136,9 +177,11 @@ class ImageProxyService(MultiService):
         streamLocal: IStreamServerEndpoint | None = None,
         linkTimeout: float = 60.0,
         clientTimeout: float = 60.0,
+        checksum: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.checksum = checksum
         self.linkTimeout = linkTimeout
         self.clientTimeout = clientTimeout
         self.store: IImageStore = store if store is not None else MemoryStore()
@@ -190,7 +233,9 @@ class ImageProxyService(MultiService):
         return d
 
     def _newSession(self) -> ProxySession:
-        session = ProxySession(self.reactor, self._cache, self._retryPolicy, self.linkTimeout)
+        session = ProxySession(
+            self.reactor, self._cache, self._retryPolicy, self.linkTimeout, self.checksum
+        )
         self.session = session
         session.done.addCallback(self._sessionDone, session)
         session.start()

@@ -9,6 +9,7 @@ flows from the cache to the proxy.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -31,6 +32,10 @@ from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
 LINK_READ_SIZE = 1 << 20
 
 
+#: C{(key, image) -> (ready, sha256)}: the checksum to send with an image.
+DigestLookup = Callable[[ImageKey, IStoredImage], "tuple[bool, bytes | None]"]
+
+
 class RemoteSender(Protocol):
     """
     The proxy's end of a link: forwards images one at a time, in the order
@@ -46,9 +51,11 @@ class RemoteSender(Protocol):
         imageFor: Callable[[ImageKey], IStoredImage | None],
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
+        digestFor: DigestLookup | None = None,
     ) -> None:
         self._connected = connected
         self._imageFor = imageFor
+        self._digestFor = digestFor
         self._clock = clock
         self.stallTimeout = stallTimeout
         self._watchdog: IDelayedCall | None = None
@@ -89,17 +96,23 @@ class RemoteSender(Protocol):
             key = next(iter(self._queue))
             del self._queue[key]
             image = self._imageFor(key)
-            if image is not None:
-                self._send(key, image)
+            if image is None:
+                continue
+            digest = None
+            if self._digestFor is not None:
+                ready, digest = self._digestFor(key, image)
+                if not ready:
+                    continue  # enqueued again once its checksum is known
+            self._send(key, image, digest)
         if not self._sending and not self._queue:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)
 
-    def _send(self, key: ImageKey, image: IStoredImage) -> None:
+    def _send(self, key: ImageKey, image: IStoredImage, digest: bytes | None) -> None:
         snapshotId, name = key
         transfer = ImageTransfer(image)
-        header = wire.RemoteHeader(name, snapshotId, wire.O_WRONLY, transfer.size)
+        header = wire.RemoteHeader(name, snapshotId, wire.O_WRONLY, transfer.size, digest)
         self._sending = True
         self._transfer = transfer
         self._armWatchdog(key, -1)
@@ -197,6 +210,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._frames = wire.FrameBuffer()
         self._registry: SnapshotRegistry | None = None
         self._header: wire.RemoteHeader | None = None
+        self._hash: Any = None
         self._writer: IImageWriter | None = None
         self._remaining = 0
         self.imagesReceived = 0
@@ -232,6 +246,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     chunk, data = data, b""
                 else:
                     chunk, data = data[:remaining], data[remaining:]
+                if self._hash is not None:
+                    self._hash.update(chunk)
                 try:
                     self._writer.write(chunk)
                 except OSError as e:
@@ -243,8 +259,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     self.transport.abortConnection()
                     return
                 self._remaining -= len(chunk)
-                if not self._remaining:
-                    self._finishImage()
+                if not self._remaining and not self._finishImage():
+                    return
                 continue
             try:
                 payload = self._frames.feed(data)
@@ -284,18 +300,30 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             return False
         registry.beginWrite(key)
         self._header = header
+        self._hash = hashlib.sha256() if header.sha256 is not None else None
         self._writer = store.newWriter()
         self._remaining = header.size
         if not self._remaining:
-            self._finishImage()
+            return self._finishImage()
         return True
 
-    def _finishImage(self) -> None:
+    def _finishImage(self) -> bool:
         header, writer = self._header, self._writer
         assert header is not None and writer is not None and self._registry
         self._header, self._writer = None, None
-        image = writer.commit()
         key = (header.snapshotId, header.name)
+        digest, self._hash = self._hash, None
+        if digest is not None and digest.digest() != header.sha256:
+            self.log.error(
+                "SHA-256 mismatch for {image} ({size} bytes): discarded; dropping the link",
+                image=describe(key),
+                size=header.size,
+            )
+            writer.abort()
+            self._registry.abortWrite(key)
+            self.transport.abortConnection()
+            return False
+        image = writer.commit()
         self.imagesReceived += 1
         self.bytesReceived += header.size
         self.log.info("received {image} ({size} bytes)", image=describe(key), size=header.size)
@@ -303,6 +331,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             self._registry.publishAppend(key, image, self.sink.store)
         else:
             self._registry.publish(key, image)
+        return True
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.setTimeout(None)
@@ -349,13 +378,17 @@ class RemoteSenderFactory(Factory):
         imageFor: Callable[[ImageKey], IStoredImage | None],
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
+        digestFor: DigestLookup | None = None,
     ) -> None:
         self.connected = connected
         self.imageFor = imageFor
         self.clock = clock
         self.stallTimeout = stallTimeout
+        self.digestFor = digestFor
 
     def buildProtocol(self, addr: Any) -> RemoteSender:
-        protocol = RemoteSender(self.connected, self.imageFor, self.clock, self.stallTimeout)
+        protocol = RemoteSender(
+            self.connected, self.imageFor, self.clock, self.stallTimeout, self.digestFor
+        )
         protocol.factory = self
         return protocol

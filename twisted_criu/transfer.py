@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -182,3 +183,16 @@ class ImageTransfer:
 def sendImage(image: IStoredImage, consumer: IConsumer) -> Deferred[None]:
     """Open C{image} and send it to C{consumer} right away."""
     return ImageTransfer(image).sendTo(consumer)
+
+
+def sha256Of(transfer: ImageTransfer) -> bytes:
+    """The SHA-256 of an opened image (blocking: run it in a thread)."""
+    digest = hashlib.sha256()
+    reader = transfer._reader
+    assert reader is not None
+    try:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+    finally:
+        transfer.close()
+    return digest.digest()

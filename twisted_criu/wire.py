@@ -162,22 +162,28 @@ class LocalRequest:
 
 @frozen
 class RemoteHeader:
-    """A C{remote_image_entry}: announces C{size} raw bytes of one image."""
+    """
+    A C{remote_image_entry}: announces C{size} raw bytes of one image, and
+    optionally (twisted-criu's extension, ignored by CRIU's C peers) their
+    SHA-256.
+    """
 
     name: str
     snapshotId: str
     openMode: int
     size: int
+    sha256: bytes | None = None
 
     def toBytes(self) -> bytes:
-        return _serialize(
-            _pb.remote_image_entry(
-                name=self.name,
-                snapshot_id=self.snapshotId,
-                open_mode=self.openMode,
-                size=self.size,
-            )
+        message = _pb.remote_image_entry(
+            name=self.name,
+            snapshot_id=self.snapshotId,
+            open_mode=self.openMode,
+            size=self.size,
         )
+        if self.sha256 is not None:
+            message.sha256 = self.sha256
+        return _serialize(message)
 
     @classmethod
     def fromBytes(cls, raw: bytes) -> RemoteHeader:
@@ -185,7 +191,10 @@ class RemoteHeader:
         checkName(m.name)
         checkSnapshotId(m.snapshot_id)
         openKind(m.open_mode)
-        return cls(m.name, m.snapshot_id, m.open_mode, m.size)
+        digest = m.sha256 if m.HasField("sha256") else None
+        if digest is not None and len(digest) != 32:
+            raise ProtocolError(f"a SHA-256 of {len(digest)} bytes")
+        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest)
 
 
 @frozen

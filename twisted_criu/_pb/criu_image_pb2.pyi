@@ -15,16 +15,18 @@ class local_image_entry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ...) -> None: ...
 
 class remote_image_entry(_message.Message):
-    __slots__ = ("name", "snapshot_id", "open_mode", "size")
+    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_MODE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     snapshot_id: str
     open_mode: int
     size: int
-    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+    sha256: bytes
+    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class local_image_reply_entry(_message.Message):
     __slots__ = ("error",)
