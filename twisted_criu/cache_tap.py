@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 
 from twisted_criu.cache import ImageCacheService
 from twisted_criu.options import DaemonOptions, makeStore, streamEndpoint
+from twisted_criu.tls import TLSServerEndpoint, serverConnectionCreator
 
 
 class Options(DaemonOptions):
@@ -27,15 +30,29 @@ class Options(DaemonOptions):
         super().postOptions()
         if self["listen"] is None:
             self["listen"] = f"tcp:{self['port']}:interface={self['address']}"
+        self._refuseDoubleTLS("listen", ("ssl",), "tcp:9996:interface=10.0.0.2")
+
+
+log = Logger()
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    listen: IStreamServerEndpoint = serverFromString(reactor, options["listen"])
+    if options["tls"]:
+        credentials = options["tls-credentials"]
+        listen = TLSServerEndpoint(
+            reactor,
+            listen,
+            serverConnectionCreator(credentials),
+            handshakeTimeout=options["timeout"],
+        )
+        log.info("TLS for the proxy: {credentials}", credentials=credentials.describe())
     service = ImageCacheService(
         reactor,
         serverFromString(reactor, options["local"]),
-        serverFromString(reactor, options["listen"]),
+        listen,
         store=makeStore(options),
         readVariant=options["read-variant"],
         linkTimeout=options["timeout"],

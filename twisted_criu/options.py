@@ -10,6 +10,7 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
+from twisted_criu import tls
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.variants import ReadVariant
 
@@ -89,6 +90,8 @@ class DaemonOptions(usage.Options):
 
     optFlags = [
         ["once", None, "Serve one migration session, then exit."],
+        ["tls", None, "Mutual TLS on the proxy -> cache link (give it to both daemons; plain TCP without it)."],
+        ["tls-no-cn-verify", None, "Proxy: do not check that the cache's certificate names the host dialled (its CA is still checked). The cache never checks names."],
     ]
     optParameters = [
         ["images-dir", "D", ".", "The directory criu is given with -D; the criu socket is created there."],
@@ -100,7 +103,17 @@ class DaemonOptions(usage.Options):
         ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
         ["timeout", None, 60.0, "Seconds the proxy -> cache link may stall inside an image, or stay down after losing one, before it is dropped (waiting restores then get ENOENT).", parseSeconds],
         ["client-timeout", None, 60.0, "Seconds a criu connection may take to send its request before it is closed.", parseSeconds],
+        ["tls-cacert", None, None, f"With --tls: CA certificate(s), PEM, the other daemon's certificate must chain to [default: {tls.DEFAULT_CACERT}]."],
+        ["tls-cert", None, None, f"With --tls: this daemon's certificate, PEM, optionally followed by intermediates [default: {tls.DEFAULT_CERT}]."],
+        ["tls-key", None, None, f"With --tls: the unencrypted PEM private key of --tls-cert [default: {tls.DEFAULT_KEY}]."],
     ]
+
+    #: The TLS options, and CRIU's default for each file.
+    _tlsFiles = (
+        ("tls-cacert", tls.DEFAULT_CACERT),
+        ("tls-cert", tls.DEFAULT_CERT),
+        ("tls-key", tls.DEFAULT_KEY),
+    )
 
     def postOptions(self) -> None:
         if self["memory-limit"] is None:
@@ -112,6 +125,43 @@ class DaemonOptions(usage.Options):
                 self[option] = unixEndpoint(os.path.join(self._imagesDir(), name))
         if self["stream-local"] == "none":
             self["stream-local"] = None
+        self._loadTLS()
+
+    def _loadTLS(self) -> None:
+        """With --tls, read the certificates now: a bad file is a usage error."""
+        self["tls-credentials"] = None
+        if not self["tls"]:
+            stray = [f"--{name}" for name, _ in self._tlsFiles if self[name] is not None]
+            if self["tls-no-cn-verify"]:
+                stray.append("--tls-no-cn-verify")
+            if stray:
+                raise usage.UsageError(
+                    f"{stray[0]} needs --tls (without --tls the link is plain TCP)"
+                )
+            return
+        defaulted = set()
+        for name, default in self._tlsFiles:
+            if self[name] is None:
+                self[name] = default
+                defaulted.add(name)
+        try:
+            self["tls-credentials"] = tls.loadCredentials(
+                self["tls-cacert"], self["tls-cert"], self["tls-key"]
+            )
+        except tls.TLSSetupError as e:
+            message = str(e)
+            for name in defaulted:
+                if message.startswith(f"--{name} "):
+                    message += f" (CRIU's default path; give --{name} FILE)"
+            raise usage.UsageError(message) from None
+
+    def _refuseDoubleTLS(self, option: str, kinds: tuple[str, ...], example: str) -> None:
+        """--tls wraps the link endpoint itself: it must be a plain stream."""
+        if self["tls"] and tls.endpointType(self[option]) in kinds:
+            raise usage.UsageError(
+                f"--tls puts TLS around --{option} itself: give it a plain stream endpoint"
+                f" (such as {example}), not {self[option].split(':', 1)[0]}:"
+            )
 
     def _imagesDir(self) -> str:
         directory = os.path.abspath(self["images-dir"])

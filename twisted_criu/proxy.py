@@ -79,6 +79,8 @@ class ProxySession:
         self.registry.whenComplete().addCallback(self._dumpFinished)
 
     def stop(self) -> Deferred[None]:
+        if self._sender is not None:
+            self._sender.expectClose()
         return self._link.stopService()
 
     def _linkUp(self, sender: RemoteSender) -> None:
@@ -149,6 +151,7 @@ class ProxySession:
             images=summary.images,
             bytes=summary.bytes,
         )
+        sender.expectClose()
         self._link.stopService().addCallback(lambda _: self.done.callback(summary))
 
 

@@ -66,6 +66,8 @@ class RemoteSender(Protocol):
         self.imagesSent = 0
         self.bytesSent = 0
         self.lost = False
+        #: We are closing the link on purpose (end of session, or a stall).
+        self._dropping = False
 
     def connectionMade(self) -> None:
         self._connected(self)
@@ -147,14 +149,22 @@ class RemoteSender(Protocol):
 
         transfer.sendTo(self.transport).addCallbacks(sent, failed)
 
-    def _armWatchdog(self, key: ImageKey, lastSent: int) -> None:
-        """Drop the link if forwarding C{key} makes no progress for a while."""
-        if self._clock is None:
+    def _armWatchdog(self, key: ImageKey, lastSent: int, since: float | None = None) -> None:
+        """
+        Drop the link if forwarding C{key} makes no progress for
+        C{stallTimeout} seconds (checked four times as often, so a stall is
+        noticed within 1.25 timeouts).
+        """
+        clock = self._clock
+        if clock is None:
             return
         transfer = self._transfer
         if transfer is None or self.lost:
             return
-        if transfer.sent == lastSent:
+        now = clock.seconds()
+        if since is None or transfer.sent != lastSent:
+            since = now
+        elif now - since >= self.stallTimeout:
             self.log.error(
                 "link stalled: no progress forwarding {image} for {seconds} s"
                 " ({sent} of {size} bytes sent); dropping it",
@@ -163,10 +173,11 @@ class RemoteSender(Protocol):
                 sent=transfer.sent,
                 size=transfer.size,
             )
+            self._dropping = True
             self.transport.abortConnection()
             return
-        self._watchdog = self._clock.callLater(
-            self.stallTimeout, self._armWatchdog, key, transfer.sent
+        self._watchdog = clock.callLater(
+            self.stallTimeout / 4, self._armWatchdog, key, transfer.sent, since
         )
 
     def _disarmWatchdog(self) -> None:
@@ -175,9 +186,20 @@ class RemoteSender(Protocol):
         if watchdog is not None and watchdog.active():
             watchdog.cancel()
 
+    def expectClose(self) -> None:
+        """We are about to end the link on purpose: do not report it as lost."""
+        self._dropping = True
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = True
+        sending = self._sending
         self._disarmWatchdog()
+        if not self._dropping and not sending:
+            # (While forwarding, the transfer's own failure says it.)
+            self.log.warn(
+                "link to the cache lost while idle: {why}; reconnecting",
+                why=reason.getErrorMessage(),
+            )
 
 
 class IRemoteImageSink(Interface):

@@ -1,0 +1,854 @@
+"""
+Process failures with real C{twistd criu-proxy} and C{twistd criu-cache}
+processes on loopback: a daemon or a criu client is killed, the link
+stalls, a client never speaks.
+
+In every case: nothing partial is served (a read gets the complete right
+bytes or ENOENT), the survivors keep serving, and the daemons say in their
+log files what happened.
+
+The helpers here (L{Daemon}, L{Relay}, L{writeImage}, L{readImage}, ...)
+are also used by C{tests.test_load}.  Every wait is bounded, and every
+process started here is killed in cleanup.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Generic, TypeVar
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_criu import wire
+from twisted_criu.client import LocalImageClient
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: How the daemons are run (see tests.test_traces).
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
+
+#: The longest any single step may take (a daemon starting, an image
+#: arriving, a log line appearing) before the test fails.
+STEP = 30.0
+
+MiB = 1 << 20
+SNAP = "snap1"
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def shortTempDir(test: SynchronousTestCase) -> str:
+    """A fresh directory with a short path (AF_UNIX paths must be < 108 bytes)."""
+    base = tempfile.mkdtemp(prefix="tc-")
+    test.addCleanup(shutil.rmtree, base, True)
+    return base
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def randomBytes(n: int, seed: Any) -> bytes:
+    return random.Random(repr(seed)).randbytes(n)
+
+
+class Daemon:
+    """
+    One C{twistd -n criu-proxy|criu-cache} process, restartable.  Each start
+    logs to its own file (C{KIND-N.log}); L{log} is the current one.
+    """
+
+    def __init__(self, test: SynchronousTestCase, kind: str, base: str, *args: str) -> None:
+        assert kind in ("criu-proxy", "criu-cache")
+        self.test = test
+        self.kind = kind
+        self.base = base
+        self.directory = os.path.join(base, "src" if kind == "criu-proxy" else "dst")
+        os.makedirs(self.directory, exist_ok=True)
+        self.args = list(args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        test.addCleanup(self.stop)
+
+    @property
+    def socketPath(self) -> str:
+        name = "img-proxy.sock" if self.kind == "criu-proxy" else "img-cache.sock"
+        return os.path.join(self.directory, name)
+
+    @property
+    def logPath(self) -> str:
+        return os.path.join(self.base, f"{self.kind}-{self.starts}.log")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def client(self, timeout: float = STEP) -> LocalImageClient:
+        return LocalImageClient(self.socketPath, timeout=timeout)
+
+    def start(self) -> Daemon:
+        self.stop()
+        self.starts += 1
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={self.logPath}"]
+        argv += [self.kind, "-D", self.directory, "--stream-local", "none", *self.args]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        with open(self.logPath + ".out", "wb") as out:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.base, env=env,
+            )
+        self.waitForLog(r"LocalImageFactory starting on")
+        if self.kind == "criu-cache":
+            self.waitForLog(r"RemoteReceiverFactory starting on")
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL, and wait (bounded) until it is gone."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+
+    # -- the log file ----------------------------------------------------------
+
+    def log(self, start: int | None = None) -> str:
+        """The log of start number C{start} (default: the current one)."""
+        path = os.path.join(self.base, f"{self.kind}-{start or self.starts}.log")
+        parts = []
+        # twistd rotates its log file at 1 MB: PATH.2, PATH.1, PATH.
+        rotated = sorted(glob.glob(path + ".[0-9]*"), key=lambda p: -int(p.rsplit(".", 1)[1]))
+        for name in rotated + [path, path + ".out"]:
+            try:
+                with open(name, encoding="utf-8", errors="replace") as f:
+                    parts.append(f.read())
+            except FileNotFoundError:
+                pass
+        return "".join(parts)
+
+    def allLogs(self) -> str:
+        return "".join(self.log(n) for n in range(1, self.starts + 1))
+
+    def lines(self, pattern: str, start: int | None = None) -> list[re.Match[str]]:
+        return list(re.finditer(pattern, self.log(start)))
+
+    def waitForLog(self, pattern: str, count: int = 1, timeout: float = STEP) -> re.Match[str]:
+        """Wait until C{pattern} matches C{count} times in the current log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = self.lines(pattern)
+            if len(matches) >= count:
+                return matches[count - 1]
+            if not self.running():
+                self.test.fail(
+                    f"{self.kind} exited ({self.process and self.process.returncode}) while"
+                    f" waiting for {pattern!r}:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                self.test.fail(
+                    f"{self.kind} did not log {pattern!r} ({count}x) within {timeout} s:\n{self.log()}"
+                )
+            time.sleep(0.02)
+
+    # -- file descriptors --------------------------------------------------------
+
+    def fds(self) -> dict[int, str]:
+        """What each of the daemon's descriptors is, from C{/proc/PID/fd}."""
+        result = {}
+        directory = f"/proc/{self.pid}/fd"
+        for name in os.listdir(directory):
+            try:
+                result[int(name)] = os.readlink(os.path.join(directory, name))
+            except FileNotFoundError:  # closed while we looked
+                pass
+        return result
+
+
+def linkQueues(cachePort: int) -> tuple[int, int]:
+    """
+    (bytes queued in the proxy's end of the link not yet acknowledged,
+    bytes received by the cache's end not yet read by the cache), from
+    C{/proc/net/tcp}: how we know a transfer is stuck in the middle.
+    """
+    sendQueue = receiveQueue = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state != "01":  # ESTABLISHED
+                continue
+            tx, rx = (int(x, 16) for x in fields[4].split(":"))
+            if int(remote.split(":")[1], 16) == cachePort:
+                sendQueue += tx
+            elif int(local.split(":")[1], 16) == cachePort:
+                receiveQueue += rx
+    return sendQueue, receiveQueue
+
+
+def waitUntil(
+    test: SynchronousTestCase, condition: Callable[[], bool], what: str, timeout: float = STEP
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            test.fail(f"timed out after {timeout} s waiting until {what}")
+        time.sleep(0.02)
+
+
+# -- criu, played with bounded waits ---------------------------------------------
+
+
+#: How many times a connect found a daemon's accept queue full (EAGAIN).
+busyConnects = 0
+
+
+def retryBusy(connect: Callable[[], T], deadline: float) -> T:
+    """
+    C{connect()}, again while it fails with EAGAIN.  LocalImageClient with a
+    timeout connects in non-blocking mode, and a UNIX socket's connect then
+    fails with EAGAIN instead of waiting when the daemon's accept queue
+    (Twisted's default backlog, 50) is full, which a burst of concurrent
+    criu connections reaches.  criu's own connect blocks and waits.
+    """
+    global busyConnects
+    while True:
+        try:
+            return connect()
+        except BlockingIOError:
+            busyConnects += 1
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def connectIdle(path: str, timeout: float = STEP) -> socket.socket:
+    """A criu connection that says nothing (waits while the accept queue is full)."""
+    deadline = time.monotonic() + timeout
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    return retryBusy(connect, deadline)
+
+
+def writeImage(path: str, name: str, data: bytes, snapshotId: str = SNAP, timeout: float = STEP) -> None:
+    """Write one image through the pipe, as criu dump --remote does; bounded."""
+    deadline = time.monotonic() + timeout
+    client = LocalImageClient(path, timeout=timeout)
+    with retryBusy(lambda: client.openWrite(snapshotId, name), deadline) as writer:
+        fd = writer.pipe
+        assert fd is not None
+        os.set_blocking(fd, False)
+        view = memoryview(data)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"writing {name}: {len(view)} bytes left after {timeout} s")
+            select.select([], [fd], [], left)
+            try:
+                view = view[os.write(fd, view[: 4 * MiB]) :]
+            except BlockingIOError:
+                pass
+
+
+def readImage(path: str, name: str, snapshotId: str = SNAP, timeout: float = STEP) -> bytes | None:
+    """
+    Read one image as criu restore --remote does: its bytes to EOF, or
+    L{None} for ENOENT.  Raises L{TimeoutError} past C{timeout}.
+    """
+    deadline = time.monotonic() + timeout
+    client = LocalImageClient(path, timeout=timeout)
+    try:
+        reader = retryBusy(lambda: client.openRead(snapshotId, name), deadline)
+    except socket.timeout:
+        raise TimeoutError(f"no reply for {name} within {timeout} s") from None
+    if reader is None:
+        return None
+    with reader:
+        fd = reader.pipe
+        assert fd is not None
+        parts = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"reading {name}: stalled after {sum(map(len, parts))} bytes")
+            chunk = os.read(fd, MiB)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+
+
+def pushSnapshotId(path: str, snapshotId: str = SNAP) -> None:
+    LocalImageClient(path, timeout=STEP).pushSnapshotId(snapshotId)
+
+
+class Background(Generic[T]):
+    """Run C{f(*args)} in a thread; L{result} joins it (bounded)."""
+
+    def __init__(self, f: Callable[..., T], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(f, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, f: Callable[..., T], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = f(*args)
+        except BaseException as e:
+            self._error = e
+        self.ended = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout: float = STEP) -> T:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        value: T = self._value
+        return value
+
+
+def assertImages(test: SynchronousTestCase, cacheSocket: str, images: dict[str, bytes]) -> None:
+    """Every image reads back complete and byte-exact."""
+    for name, data in images.items():
+        got = readImage(cacheSocket, name)
+        test.assertIsNotNone(got, f"{name}: ENOENT")
+        assert got is not None
+        test.assertEqual(
+            (len(got), sha(got)), (len(data), sha(data)), f"{name} came back different"
+        )
+
+
+class Relay:
+    """
+    A TCP relay on 127.0.0.1 between the proxy and the cache, in threads.
+    L{stallAfter} makes the current connection stop forwarding after a
+    number of further bytes, with both of its sockets left open (a
+    network that stops delivering); later connections forward normally.
+    """
+
+    def __init__(self, test: SynchronousTestCase, targetPort: int) -> None:
+        self.targetPort = targetPort
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.connections: list[dict[str, Any]] = []
+        self.stalled = threading.Event()
+        self.stalledAt: float | None = None
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+        test.addCleanup(self.close)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stallAfter(self, n: int) -> None:
+        with self._lock:
+            conn = self.connections[-1]
+            conn["limit"] = conn["forwarded"] + n
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                down, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(("127.0.0.1", self.targetPort), timeout=5)
+            except OSError:
+                down.close()
+                continue
+            conn = {"down": down, "up": up, "forwarded": 0, "limit": None, "stalled": False}
+            with self._lock:
+                self.connections.append(conn)
+            self._spawn(self._forward, conn)
+            self._spawn(self._backward, conn)
+
+    def _forward(self, conn: dict[str, Any]) -> None:
+        """proxy -> cache: the image bytes."""
+        down, up = conn["down"], conn["up"]
+        while not self._closing.is_set():
+            with self._lock:
+                limit = conn["limit"]
+                if limit is not None and conn["forwarded"] >= limit:
+                    conn["stalled"] = True
+            if conn["stalled"]:
+                self.stalledAt = time.monotonic()
+                self.stalled.set()
+                self._closing.wait(120)  # forward nothing, close nothing
+                return
+            want = 1 << 16 if limit is None else min(1 << 16, limit - conn["forwarded"])
+            try:
+                if not select.select([down], [], [], 0.1)[0]:
+                    continue
+                data = down.recv(want)
+            except OSError:
+                data = b""
+            if not data:
+                try:
+                    up.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            try:
+                up.sendall(data)
+            except OSError:
+                down.close()
+                return
+            with self._lock:
+                conn["forwarded"] += len(data)
+
+    def _backward(self, conn: dict[str, Any]) -> None:
+        """cache -> proxy: nothing but the close."""
+        down, up = conn["down"], conn["up"]
+        while not self._closing.is_set():
+            try:
+                if not select.select([up], [], [], 0.1)[0]:
+                    continue
+                data = up.recv(1 << 16)
+            except OSError:
+                data = b""
+            if conn["stalled"]:
+                return  # a dead network passes nothing, not even a close
+            if not data:
+                try:
+                    down.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+            try:
+                down.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._closing.set()
+        self.listener.close()
+        for thread in self._threads:
+            thread.join(5)
+        for conn in self.connections:
+            conn["down"].close()
+            conn["up"].close()
+
+
+def errorLines(log: str) -> list[str]:
+    return re.findall(r"^.*#(?:error|critical)\].*$", log, re.M)
+
+
+class _DaemonTest(SynchronousTestCase):
+    def startCache(self, base: str, port: int, *args: str) -> Daemon:
+        return Daemon(self, "criu-cache", base, "--address", "127.0.0.1", "--port", str(port), *args).start()
+
+    def startProxy(self, base: str, port: int, *args: str) -> Daemon:
+        return Daemon(self, "criu-proxy", base, "--address", "127.0.0.1", "--port", str(port), *args).start()
+
+    def startPair(
+        self, cacheArgs: tuple[str, ...] = (), proxyArgs: tuple[str, ...] = ()
+    ) -> tuple[Daemon, Daemon, int]:
+        base = shortTempDir(self)
+        port = freePort()
+        cache = self.startCache(base, port, *cacheArgs)
+        proxy = self.startProxy(base, port, *proxyArgs)
+        proxy.waitForLog(r"ProxySession#info\] connected to the cache")
+        cache.waitForLog(r"proxy connected from")
+        return proxy, cache, port
+
+    def dumpSmall(self, proxy: Daemon, cache: Daemon, count: int = 3) -> dict[str, bytes]:
+        """C{parent} and a few small images, until the cache has them all."""
+        pushSnapshotId(proxy.socketPath)
+        images = {f"core-{i}.img": randomBytes(1000 * (i + 1) + 7, ("small", i)) for i in range(count)}
+        for name, data in images.items():
+            writeImage(proxy.socketPath, name, data)
+        for name, data in images.items():
+            cache.waitForLog(rf"received {SNAP}/{re.escape(name)} \({len(data)} bytes\)")
+        return images
+
+
+class ProxyKilledTests(_DaemonTest):
+    """(a) The proxy is SIGKILLed in the middle of forwarding a 200 MiB image."""
+
+    def test_proxyKilledMidTransfer(self) -> None:
+        proxy, cache, port = self.startPair(cacheArgs=("--timeout", "2"))
+        small = self.dumpSmall(proxy, cache)
+        size = 200 * MiB
+        big = randomBytes(size, "big")
+
+        # A restore is already waiting for the big image.
+        waiting = Background(readImage, cache.socketPath, "pages-1.img")
+        time.sleep(0.3)  # let the cache take the request (it waits either way)
+
+        # Freeze the cache so the proxy gets stuck inside the image, then
+        # kill the proxy there.
+        cache.signal(signal.SIGSTOP)
+        try:
+            writeImage(proxy.socketPath, "pages-1.img", big)
+            proxy.waitForLog(rf"stored {SNAP}/pages-1.img \({size} bytes\)")
+            waitUntil(
+                self,
+                lambda: linkQueues(port)[1] > 64 << 10,
+                "the proxy has pushed part of pages-1.img into the link",
+            )
+            proxy.kill()
+            killed = time.monotonic()
+        finally:
+            cache.signal(signal.SIGCONT)
+
+        lost = cache.waitForLog(
+            rf"link lost in the middle of {SNAP}/pages-1.img: (\d+) of {size} bytes arrived; discarded"
+        )
+        arrived = int(lost.group(1))
+        self.assertTrue(0 < arrived < size, arrived)
+        cache.waitForLog(r"link to the proxy lost; waiting 2.0 s for it to come back")
+
+        # The waiting read gets ENOENT once the proxy has been gone --timeout
+        # seconds: never the bytes that arrived.
+        self.assertIsNone(waiting.result(), "a partial image was served")
+        assert waiting.ended is not None
+        waited = waiting.ended - killed
+        self.assertTrue(1.9 <= waited <= 2 + 8, f"ENOENT {waited:.2f} s after the kill")
+        cache.waitForLog(
+            r"the proxy did not come back within 2.0 s: the session ends with 4 complete"
+            r" images; 1 waiting reads get ENOENT"
+        )
+
+        # The survivor keeps serving what was complete before the kill.
+        self.assertTrue(cache.running())
+        assertImages(self, cache.socketPath, small)
+        self.assertEqual(LocalImageClient(cache.socketPath, timeout=STEP).snapshotIds(), [SNAP])
+        self.assertIsNone(readImage(cache.socketPath, "pages-1.img"))
+
+        # A new proxy (same port) can deliver the image after all.
+        again = self.startProxy(shortTempDir(self), port)
+        again.waitForLog(r"connected to the cache")
+        redo = randomBytes(8 * MiB, "redo")
+        writeImage(again.socketPath, "pages-1.img", redo)
+        cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(redo)} bytes\)")
+        assertImages(self, cache.socketPath, {**small, "pages-1.img": redo})
+        self.assertEqual(errorLines(again.log()), [])
+
+
+class CacheKilledTests(_DaemonTest):
+    """(b) The cache is SIGKILLed and restarted on the same port."""
+
+    PROXY_ARGS = ("--max-retry-delay", "1")
+
+    def restartAndCheck(
+        self, proxy: Daemon, cache: Daemon, images: dict[str, bytes], downFor: float = 2.5
+    ) -> None:
+        """Leave the cache down a while, restart it, check the resend and the restore."""
+        proxy.waitForLog(r"cannot reach the cache at tcp:host=127.0.0.1:port=\d+: .*refused.*; will retry", count=2)
+        time.sleep(max(0.0, downFor - 2))
+        cache.start()  # same port, same directory
+        proxy.waitForLog(r"ProxySession#info\] connected to the cache", count=2)
+        cache.waitForLog(r"proxy connected from")
+
+        # Backoff: attempts count up, each delay as --max-retry-delay 1 allows.
+        retries = re.findall(r"Scheduling retry (\d+) to connect .* in ([\d.]+) seconds", proxy.log())
+        self.assertGreaterEqual(len(retries), 2, proxy.log())
+        self.assertEqual([int(n) for n, _ in retries], list(range(1, len(retries) + 1)))
+        for _, delay in retries:
+            self.assertTrue(1.0 <= float(delay) < 2.0, retries)
+
+        # Everything the proxy holds is sent again, once, and served whole.
+        for name, data in images.items():
+            cache.waitForLog(rf"received {re.escape(name)} \({len(data)} bytes\)")
+        writeLater = randomBytes(5000, "late")
+        writeImage(proxy.socketPath, "late.img", writeLater)
+        LocalImageClient(proxy.socketPath, timeout=STEP).finishDump()
+        proxy.waitForLog(r"session complete: forwarded")
+        assertImages(self, cache.socketPath, {
+            **{k.split("/", 1)[1]: v for k, v in images.items() if "/" in k},
+            "late.img": writeLater,
+        })
+        restore = LocalImageClient(cache.socketPath, timeout=STEP)
+        self.assertEqual(restore.snapshotIds(), [SNAP])
+        restore.finishRestore()
+        cache.waitForLog(r"session complete: %d images" % (len(images) + 1))
+        self.assertEqual(errorLines(cache.log()), [])
+
+    def test_cacheKilledMidForward(self) -> None:
+        proxy, cache, port = self.startPair(proxyArgs=self.PROXY_ARGS)
+        small = self.dumpSmall(proxy, cache)
+        big = randomBytes(32 * MiB, "big")
+        writeImage(proxy.socketPath, "pages-1.img", big)
+        cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(big)} bytes\)")
+
+        # The cache dies while pages-2.img is on its way.
+        huge = randomBytes(64 * MiB, "huge")
+        cache.signal(signal.SIGSTOP)
+        writeImage(proxy.socketPath, "pages-2.img", huge)
+        waitUntil(self, lambda: linkQueues(port)[1] > 64 << 10, "pages-2.img is in the link")
+        cache.kill()
+        proxy.waitForLog(rf"link lost while forwarding {SNAP}/pages-2.img: ")
+
+        images = {f"{SNAP}/{k}": v for k, v in small.items()}
+        images[f"{SNAP}/pages-1.img"] = big
+        images[f"{SNAP}/pages-2.img"] = huge
+        images["parent"] = wire.encodeSnapshotId(SNAP)
+        self.restartAndCheck(proxy, cache, images)
+
+    def test_cacheKilledWhileIdle(self) -> None:
+        """
+        The link is idle when the cache dies: the proxy must still say so
+        (a warning from twisted_criu), not only Twisted's "Scheduling retry".
+        """
+        proxy, cache, port = self.startPair(proxyArgs=self.PROXY_ARGS)
+        small = self.dumpSmall(proxy, cache)
+        cache.kill()
+        proxy.waitForLog(r"Scheduling retry 1 ")
+        images = {f"{SNAP}/{k}": v for k, v in small.items()}
+        images["parent"] = wire.encodeSnapshotId(SNAP)
+        self.restartAndCheck(proxy, cache, images)
+        lostLines = re.findall(
+            r"^.*\[twisted_criu\.[\w.]+#(?:warn|error)\].*(?:lost|closed|dropped|down).*$",
+            proxy.log(), re.M,
+        )
+        self.assertTrue(lostLines, f"the proxy did not log the lost link:\n{proxy.log()}")
+
+
+class NetworkStallTests(_DaemonTest):
+    """
+    (c) A relay between proxy and cache stops forwarding in the middle of
+    an image, sockets left open.  With --timeout 2 both ends drop the link;
+    the proxy reconnects through the relay (forwarding again) and resends.
+    """
+
+    TIMEOUT = 2.0
+
+    def startStalled(self) -> tuple[Daemon, Daemon, Relay, dict[str, bytes]]:
+        base = shortTempDir(self)
+        port = freePort()
+        cache = self.startCache(base, port, "--timeout", str(self.TIMEOUT))
+        relay = Relay(self, port)
+        proxy = self.startProxy(
+            base, relay.port, "--timeout", str(self.TIMEOUT), "--max-retry-delay", "0.2"
+        )
+        proxy.waitForLog(r"connected to the cache")
+        cache.waitForLog(r"proxy connected from")
+        small = self.dumpSmall(proxy, cache)
+        return proxy, cache, relay, small
+
+    def stallInside(self, proxy: Daemon, relay: Relay, name: str, data: bytes) -> None:
+        relay.stallAfter(8 * MiB)
+        writeImage(proxy.socketPath, name, data)
+        self.assertTrue(relay.stalled.wait(STEP), "the relay never stalled")
+
+    def assertBothDropped(self, proxy: Daemon, cache: Daemon, name: str, size: int) -> dict[str, float]:
+        """Both ends log the stall; returns when each noticed, after the stall."""
+        assert NetworkStallTests.TIMEOUT == 2.0
+        seen = {}
+        cache.waitForLog(
+            r"link stalled: no bytes from the proxy for 2.0 s in the middle of a frame; dropping it"
+        )
+        seen["cache"] = time.monotonic()
+        lost = cache.waitForLog(
+            rf"link lost in the middle of {SNAP}/{name}: (\d+) of {size} bytes arrived; discarded"
+        )
+        self.assertTrue(0 < int(lost.group(1)) <= 8 * MiB, lost.group(0))
+        proxy.waitForLog(
+            rf"link stalled: no progress forwarding {SNAP}/{name} for 2.0 s"
+            rf" \((\d+) of {size} bytes sent\); dropping it"
+        )
+        seen["proxy"] = time.monotonic()
+        return seen
+
+    def test_stallBothEndsDropAndRecover(self) -> None:
+        proxy, cache, relay, small = self.startStalled()
+        big = randomBytes(64 * MiB, "big")
+        self.stallInside(proxy, relay, "pages-1.img", big)
+        self.assertBothDropped(proxy, cache, "pages-1.img", len(big))
+
+        # The proxy comes back through the relay and sends everything again.
+        proxy.waitForLog(r"connected to the cache", count=2)
+        cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(big)} bytes\)")
+        self.assertEqual(len(relay.connections), 2)
+        assertImages(self, cache.socketPath, {**small, "pages-1.img": big})
+
+    def test_stallWaitingRestoreGetsTheImage(self) -> None:
+        """
+        A restore already waiting for the image when the link stalls: both
+        ends drop the link after --timeout, the proxy comes back well within
+        the cache's --timeout, and the restore gets the complete image.
+        """
+        proxy, cache, relay, small = self.startStalled()
+        big = randomBytes(64 * MiB, "big")
+        waiting = Background(readImage, cache.socketPath, "pages-1.img")
+        self.stallInside(proxy, relay, "pages-1.img", big)
+        seen = self.assertBothDropped(proxy, cache, "pages-1.img", len(big))
+        assert relay.stalledAt is not None
+        proxyAfter = seen["proxy"] - relay.stalledAt
+        cacheAfter = seen["cache"] - relay.stalledAt
+        got = waiting.result()
+        gaveUp = cache.lines(r"the proxy did not come back within 2.0 s.*")
+        timing = (
+            f"after the stall the cache dropped the link at {cacheAfter:.2f} s, the proxy at"
+            f" {proxyAfter:.2f} s; cache gave up: {[m.group(0) for m in gaveUp]}"
+        )
+        self.assertIsNotNone(got, f"the waiting restore got ENOENT; {timing}")
+        assert got is not None
+        self.assertEqual((len(got), sha(got)), (len(big), sha(big)), timing)
+        self.assertLessEqual(proxyAfter, self.TIMEOUT + 1.0, f"the proxy dropped late; {timing}")
+        assertImages(self, cache.socketPath, small)
+
+
+READER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from twisted_criu.client import LocalImageClient
+reader = LocalImageClient(sys.argv[2], timeout=30).openRead("snap1", "pages-1.img")
+got = 0
+while got < (1 << 20):
+    chunk = reader.read((1 << 20) - got)
+    if not chunk:
+        break
+    got += len(chunk)
+print(got, flush=True)
+time.sleep(60)
+"""
+
+
+class RestoreKilledTests(_DaemonTest):
+    """(d) A restore process is SIGKILLed in the middle of reading an image."""
+
+    def test_readerKilledMidRead(self) -> None:
+        proxy, cache, port = self.startPair()
+        small = self.dumpSmall(proxy, cache)
+        big = randomBytes(64 * MiB, "big")
+        writeImage(proxy.socketPath, "pages-1.img", big)
+        cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(big)} bytes\)")
+        fdsBefore = len(cache.fds())
+
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, str(REPO), cache.socketPath],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        )
+        self.addCleanup(lambda: (reader.poll() is None and reader.kill(), reader.wait(10)))
+        assert reader.stdout is not None
+        ready = select.select([reader.stdout], [], [], STEP)[0]
+        self.assertTrue(ready, "the reader never read its first MiB")
+        self.assertEqual(int(reader.stdout.readline()), MiB)
+        reader.kill()
+        reader.wait(10)
+
+        cache.waitForLog(rf"reader of {SNAP}/pages-1.img went away: ")
+        self.assertFalse(cache.lines(rf"served {SNAP}/pages-1.img"))
+
+        # The cache keeps serving: the image whole to the next reader, the others too.
+        others = [Background(readImage, cache.socketPath, "pages-1.img") for _ in range(2)]
+        assertImages(self, cache.socketPath, small)
+        for other in others:
+            got = other.result()
+            assert got is not None
+            self.assertEqual((len(got), sha(got)), (len(big), sha(big)))
+        cache.waitForLog(rf"served {SNAP}/pages-1.img \({len(big)} bytes\)", count=2)
+        waitUntil(self, lambda: len(cache.fds()) == fdsBefore, "the cache closed the dead reader's pipe")
+        self.assertEqual(errorLines(cache.log()), [])
+
+
+class SilentClientTests(_DaemonTest):
+    """(e) criu clients that connect and never (or only half) speak."""
+
+    def test_silentClientsAreClosedAndBlockNobody(self) -> None:
+        timeout = 2.0
+        args = ("--client-timeout", str(timeout))
+        proxy, cache, port = self.startPair(cacheArgs=args, proxyArgs=args)
+        silent = []
+        for daemon in (proxy, cache):
+            for opening in (b"", b"\x10\x00"):  # nothing; half a length prefix
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.addCleanup(s.close)
+                s.connect(daemon.socketPath)
+                s.sendall(opening)
+                silent.append((daemon, s))
+        opened = time.monotonic()
+
+        # A read that sent its request waits past the client timeout.
+        waiting = Background(readImage, cache.socketPath, "late.img")
+
+        # Meanwhile everybody else is served at once.
+        small = self.dumpSmall(proxy, cache)
+        assertImages(self, cache.socketPath, small)
+        busy = time.monotonic() - opened
+        self.assertLess(busy, timeout, "the others were held up by the silent clients")
+        for _, s in silent:
+            s.setblocking(False)
+            self.assertRaises(BlockingIOError, s.recv, 1)  # still open
+
+        # After --client-timeout the silent ones are closed, and logged.
+        for daemon, s in silent:
+            s.settimeout(timeout + 5)
+            try:
+                self.assertEqual(s.recv(1), b"")
+            except ConnectionResetError:
+                pass
+        closedAfter = time.monotonic() - opened
+        self.assertTrue(timeout - 0.5 <= closedAfter <= timeout + 5, closedAfter)
+        for daemon in (proxy, cache):
+            daemon.waitForLog(
+                r"bad request from criu, closing its connection: no request within 2.0 s", count=2
+            )
+
+        late = randomBytes(3000, "late")
+        time.sleep(max(0.0, timeout + 0.5 - (time.monotonic() - opened)))
+        writeImage(proxy.socketPath, "late.img", late)
+        self.assertEqual(waiting.result(), late)
+        assertImages(self, cache.socketPath, {**small, "late.img": late})
+        self.assertTrue(proxy.running() and cache.running())
