@@ -96,7 +96,20 @@ class RegenerateTests(SynchronousTestCase):
 
 
 #: twisted-criu's own optional fields, invisible to CRIU's C peers.
-EXTENSIONS = {"remote_image_entry": [(5, "sha256", _F.TYPE_BYTES)]}
+EXTENSIONS = {
+    "remote_image_entry": [(5, "sha256", _F.TYPE_BYTES), (6, "link_version", _F.TYPE_UINT32)]
+}
+
+#: twisted-criu's own message, sent only between twisted-criu daemons: its
+#: fields, and which of them are required.
+OWN_MESSAGES = {
+    "link_status_entry": [
+        (1, "kind", _F.TYPE_UINT32, _F.LABEL_REQUIRED),
+        (2, "version", _F.TYPE_UINT32, _F.LABEL_OPTIONAL),
+        (3, "images", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
+        (4, "bytes", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
+    ]
+}
 
 
 class ContractTests(SynchronousTestCase):
@@ -112,11 +125,17 @@ class ContractTests(SynchronousTestCase):
 
     def test_messages(self) -> None:
         self.assertEqual(
-            sorted(m.name for m in self.file.message_type), sorted(CONTRACT)
+            sorted(m.name for m in self.file.message_type), sorted([*CONTRACT, *OWN_MESSAGES])
         )
 
     def test_fields(self) -> None:
         for message in self.file.message_type:
+            if message.name in OWN_MESSAGES:
+                self.assertEqual(
+                    [(f.number, f.name, f.type, f.label) for f in message.field],
+                    OWN_MESSAGES[message.name],
+                )
+                continue
             fields = [(f.number, f.name, f.type) for f in message.field]
             extension = EXTENSIONS.get(message.name, [])
             self.assertEqual(fields, CONTRACT[message.name] + extension, message.name)

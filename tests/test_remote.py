@@ -42,12 +42,21 @@ class FakeSink:
         self.store = MemoryStore()
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.closed: list[bool] = []
+        self.dumpsEnded = 0
+        self.dumpsStarted = 0
 
     def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
         return self.registry
 
     def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
         self.closed.append(clean)
+
+    def dumpEnded(self, receiver: RemoteReceiver) -> None:
+        self.dumpsEnded += 1
+
+    def dumpStarted(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+        self.dumpsStarted += 1
+        return self.registry
 
 
 def _image(data: bytes) -> Any:
@@ -56,11 +65,19 @@ def _image(data: bytes) -> Any:
     return writer.commit()
 
 
-def _stream(*images: tuple[str, bytes], snapshotId: str = "snap1") -> bytes:
+def _stream(
+    *images: tuple[str, bytes], snapshotId: str = "snap1", linkVersion: int | None = None
+) -> bytes:
     out = b""
     for name, data in images:
-        out += wire.RemoteHeader(name, snapshotId, 1, len(data)).toBytes() + data
+        header = wire.RemoteHeader(name, snapshotId, 1, len(data), None, linkVersion)
+        out += header.toBytes() + data
     return out
+
+
+def _sent(*images: tuple[str, bytes], snapshotId: str = "snap1") -> bytes:
+    """What a twisted-criu proxy sends: headers carry the link version."""
+    return _stream(*images, snapshotId=snapshotId, linkVersion=wire.LINK_EXTENSION_VERSION)
 
 
 class ReceiverTests(SynchronousTestCase):
@@ -210,10 +227,10 @@ class SenderTests(SynchronousTestCase):
         for _ in range(3):
             driveProducer(self.transport)
         self.successResultOf(idle)
-        expected = _stream(("pages-1.img", big), ("empty.img", b""), ("inventory.img", b"inv"))
+        expected = _sent(("pages-1.img", big), ("empty.img", b""), ("inventory.img", b"inv"))
         self.assertEqual(self.transport.value(), expected)
         headers = [
-            wire.RemoteHeader(n, "snap1", 1, s).toBytes()
+            wire.RemoteHeader(n, "snap1", 1, s, None, wire.LINK_EXTENSION_VERSION).toBytes()
             for n, s in (("pages-1.img", len(big)), ("empty.img", 0), ("inventory.img", 3))
         ]
         for header in headers:  # every frame in a single write (C readers need it)
@@ -244,7 +261,7 @@ class SenderTests(SynchronousTestCase):
             driveProducer(self.transport)
         self.assertEqual(
             self.transport.value(),
-            _stream(("busy", b"b" * 10), ("other", b"o"), ("twice", b"second"), snapshotId="s"),
+            _sent(("busy", b"b" * 10), ("other", b"o"), ("twice", b"second"), snapshotId="s"),
         )
 
     def test_replacedWhileSendingKeepsItsBytes(self) -> None:

@@ -26,7 +26,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_criu import wire
 from twisted_criu.cache import ImageCacheService
@@ -281,9 +281,10 @@ class InProcessTests(TestCase):
         Checked here: what the daemons do as the protocol requires.  The
         first dump and the restore of every snap1 image are as recorded;
         the second dump's images (its pages-1.img has 0 bytes) reach the
-        cache whole; each dump is one proxy session, and the cache's
-        session spans both and the restore.  What they do not do yet (keep
-        the parent chain across dumps) is L{test_remoteDParentChain}.
+        cache whole; each dump is delivered on its own (two deliveries of
+        one proxy session, the chain), and the cache's session spans both
+        and the restore.  The chain itself (C{parent} and snap1 as the
+        second dump sees them) is L{test_remoteDParentChain}.
         """
         t = trace("remote-d-iterative")
         held: list[LegOutcome] = []
@@ -319,11 +320,6 @@ class InProcessTests(TestCase):
         assertLegsMatch(self, migration.legs)
         assert migration.cacheSession is not None
         self.assertEqual(migration.cacheSession.snapshotIds, ["snap1", "snap2"])
-
-    test_remoteDParentChain.todo = (  # type: ignore[attr-defined]
-        FailTest,
-        "the proxy forgets parent and snap1 once the first dump's session ends",
-    )
 
 
 class DaemonProcess(ProcessProtocol):

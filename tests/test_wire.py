@@ -123,7 +123,7 @@ class MessageTests(SynchronousTestCase):
             wire.LocalRequest.fromBytes(raw)
 
     def test_hostileNames(self) -> None:
-        for name in ["../etc/passwd", "a/b", "..", ".", "a\0b", "x" * 4097, ""]:
+        for name in ["../etc/passwd", "a/b", "..", ".", "a\0b", "x" * 256, "x" * 4096, ""]:
             raw = wire.LocalRequest(name, "snap", 1).toBytes()[4:]
             if name == "":
                 raw = wire.RemoteHeader(name, "snap", 1, 0).toBytes()[4:]
@@ -135,6 +135,50 @@ class MessageTests(SynchronousTestCase):
             raw = wire.RemoteHeader(name, "snap", 1, 0).toBytes()[4:]
             with self.assertRaises(ProtocolError):
                 wire.RemoteHeader.fromBytes(raw)
+
+    def test_longestNames(self) -> None:
+        """A file name (255 bytes) and a path (4095 bytes) are the limits."""
+        request = wire.LocalRequest("x" * 255, "/" + "d" * 4094, 1)
+        self.assertEqual(wire.LocalRequest.fromBytes(request.toBytes()[4:]), request)
+        with self.assertRaises(ProtocolError) as e:
+            wire.LocalRequest.fromBytes(wire.LocalRequest("a.img", "d" * 4096, 1).toBytes()[4:])
+        self.assertIn("snapshot id longer than 4095 bytes", str(e.exception))
+
+    def test_endOfDumpMarker(self) -> None:
+        """The link extension's marker: no name, id or bytes, a link version."""
+        raw = wire.END_OF_DUMP.toBytes()
+        self.assertEqual(raw.hex(), "0a0000000a001200180020003001")
+        marker = wire.RemoteHeader.fromBytes(raw[4:])
+        self.assertEqual(marker, wire.END_OF_DUMP)
+        self.assertTrue(marker.isEndOfDump)
+        for header in [
+            wire.RemoteHeader("", "", 0, 0),  # what a C proxy could send: no version
+            wire.RemoteHeader("", "", 0, 1, None, 1),  # a marker with a body
+            wire.RemoteHeader("", "s", 0, 0, None, 1),
+        ]:
+            with self.assertRaises(ProtocolError):
+                wire.RemoteHeader.fromBytes(header.toBytes()[4:])
+
+    def test_linkVersionIsAnExtraField(self) -> None:
+        """A C cache sees the same header plus field 6, which it skips."""
+        plain = wire.RemoteHeader("after.img", "X", 1, 19).toBytes()
+        extended = wire.RemoteHeader("after.img", "X", 1, 19, None, 1).toBytes()
+        self.assertEqual(extended[4:], plain[4:] + bytes.fromhex("3001"))
+        self.assertEqual(wire.RemoteHeader.fromBytes(extended[4:]).linkVersion, 1)
+        self.assertIsNone(wire.RemoteHeader.fromBytes(plain[4:]).linkVersion)
+
+    def test_linkStatus(self) -> None:
+        hello = wire.LinkStatus(wire.LinkStatusKind.HELLO, version=1)
+        self.assertEqual(hello.toBytes().hex(), "0400000008011001")
+        received = wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=3, size=99)
+        done = wire.LinkStatus(wire.LinkStatusKind.SESSION_DONE)
+        for status in [hello, received, done]:
+            self.assertEqual(wire.LinkStatus.fromBytes(status.toBytes()[4:]), status)
+        with self.assertRaises(ProtocolError) as e:
+            wire.LinkStatus.fromBytes(bytes.fromhex("0863"))
+        self.assertIn("unknown link status 99", str(e.exception))
+        with self.assertRaises(ProtocolError):  # a TLS alert is not a status
+            wire.LinkStatus.fromBytes(bytes.fromhex("15030300020246")[4:])
 
     def test_snapshotIdMayBeAPath(self) -> None:
         """criu's snapshot id is its -D argument as typed."""

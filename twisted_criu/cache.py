@@ -34,10 +34,15 @@ class CacheSession:
     finish before it is over (the proxy's EOF and criu's restore finish).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sessionId: str = "1", started: float = 0.0) -> None:
+        self.id = sessionId
+        self.started = started
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.registry.onPublish(self._published)
+        #: Links in the middle of a dump (or connected and not yet sending).
         self.links: set[RemoteReceiver] = set()
+        #: Links whose dump ended with a marker, kept open for the next dump.
+        self.idleLinks: set[RemoteReceiver] = set()
         self.remoteDone = False
         self.restoreDone = False
         self.seed = False
@@ -45,6 +50,15 @@ class CacheSession:
     @property
     def complete(self) -> bool:
         return self.remoteDone and self.restoreDone
+
+    @property
+    def state(self) -> str:
+        """For operators: what the session is waiting for."""
+        if self.complete:
+            return "complete"
+        if not self.remoteDone:
+            return "receiving"
+        return "waiting for the restore"
 
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
         if key[0] == wire.SEED_NULL_SNAPSHOT:
@@ -74,15 +88,20 @@ class ImageCacheService(MultiService):
         streamLocal: IStreamServerEndpoint | None = None,
         linkTimeout: float = 60.0,
         clientTimeout: float = 60.0,
+        keep: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.keep = keep
+        #: Completed sessions kept for inspection (C{keep}), by id.
+        self.kept: dict[str, CacheSession] = {}
+        self._sessionCounter = 0
         self.linkTimeout = linkTimeout
         self.clientTimeout = clientTimeout
         self._giveUp: Any = None
         self.store: IImageStore = store if store is not None else MemoryStore()
         self.readVariant = readVariant
-        self.session = CacheSession()
+        self.session = self._newSession()
         self.sessionsCompleted = 0
         self._observers: list[Deferred[SessionSummary]] = []
         self.remoteEndpoint = ObservedServerEndpoint(listen)
@@ -113,10 +132,17 @@ class ImageCacheService(MultiService):
         def closeStore(result: object) -> object:
             self._cancelGiveUp()
             self.session.registry.release()
+            for kept in self.kept.values():
+                kept.registry.release()
+            self.kept.clear()
             self.store.close()
             return result
 
         return d.addBoth(closeStore)
+
+    def _newSession(self) -> CacheSession:
+        self._sessionCounter += 1
+        return CacheSession(str(self._sessionCounter), self.reactor.seconds())
 
     def whenSessionDone(self) -> Deferred[SessionSummary]:
         """Fires with a summary when the current (or next) session completes."""
@@ -133,10 +159,18 @@ class ImageCacheService(MultiService):
             "session complete: {images} images, {bytes} bytes",
             images=summary.images,
             bytes=summary.bytes,
+            session=session.id,
         )
-        session.registry.release()
-        self.session = CacheSession()
+        if self.keep:
+            self.kept[session.id] = session
+            self.log.info("session {id} is over; its images are kept (--keep)", id=session.id)
+        else:
+            session.registry.release()
+        self.session = self._newSession()
         self.sessionsCompleted += 1
+        for link in session.idleLinks:  # tell the proxies: their chain is over
+            link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_DONE))
+            link.transport.loseConnection()
         observers, self._observers = self._observers, []
         for d in observers:
             d.callback(summary)
@@ -154,6 +188,7 @@ class ImageCacheService(MultiService):
 
     def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
         session = self.session
+        session.idleLinks.discard(receiver)
         if receiver not in session.links:
             return
         session.links.discard(receiver)
@@ -166,6 +201,23 @@ class ImageCacheService(MultiService):
                 self._cancelGiveUp()
                 self._giveUp = self.reactor.callLater(self.linkTimeout, self._proxyGone, session)
             return
+        self._remoteQuiet(session)
+
+    def dumpEnded(self, receiver: RemoteReceiver) -> None:
+        session = self.session
+        if receiver not in session.links:
+            return
+        session.links.discard(receiver)
+        session.idleLinks.add(receiver)
+        self._remoteQuiet(session)
+
+    def dumpStarted(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+        session = self.session
+        session.idleLinks.discard(receiver)
+        return self.linkOpened(receiver)
+
+    def _remoteQuiet(self, session: CacheSession) -> None:
+        """A link ended its dump: is every proxy done sending?"""
         if session.links:
             return
         self.log.info(

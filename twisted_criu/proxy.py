@@ -31,15 +31,28 @@ from twisted_criu.variants import ReadVariant, readsInline
 RetryPolicy = Callable[[int], float]
 
 
+#: How long a new link waits for the cache's HELLO before treating the
+#: cache as one of CRIU's C caches (which never send anything).
+HELLO_GRACE = 2.0
+
+
 class ProxySession:
     """
-    One dump: a registry of its images and a link forwarding them.
+    A chain of dumps (pre-dumps, then a dump): a registry of their images,
+    and one link forwarding them.
 
-    Every connection of the link starts by sending everything published so
-    far (the protocol has no acknowledgements, and a restarted cache holds
-    nothing), then follows new publications.  Once the dump finished, no
-    write is pending and the link is idle, the link is closed: that EOF tells
-    the cache the session is over.
+    Every connection of the link starts by sending everything the chain
+    holds (a restarted cache holds nothing), then follows new publications.
+    When a dump has finished locally and everything is handed over, the
+    dump is ended: with an end-of-dump marker, confirmed by the cache, if
+    the cache speaks twisted-criu's link extension, else (a C cache) by
+    closing the link.  The chain lasts until the cache reports that the
+    restore finished (SESSION_DONE); a C cache serves one dump, so there the
+    chain ends with its first dump.
+
+    @ivar onDelivered: called with a summary each time a dump has been
+        delivered.
+    @ivar ended: fires when the chain is over.
     """
 
     log = Logger()
@@ -51,17 +64,27 @@ class ProxySession:
         retryPolicy: RetryPolicy | None,
         linkTimeout: float = 60.0,
         checksum: bool = False,
+        sessionId: str = "1",
     ) -> None:
+        self.id = sessionId
+        self.started = reactor.seconds()
+        self._clock = reactor
         self.registry = SnapshotRegistry(waitForMissing=False)
         self.checksum = checksum
         self._digests: dict[ImageKey, tuple[IStoredImage, bytes]] = {}
         self._hashing = 0
         self.registry.onPublish(self._published)
         self.seed = False
-        self.done: Deferred[SessionSummary] = Deferred()
+        self.onDelivered: Callable[[SessionSummary], None] = lambda summary: None
+        self.ended: Deferred[None] = Deferred()
+        self.over = False
+        self.dumpsFinished = 0
+        self.dumpsDelivered = 0
         self._sender: RemoteSender | None = None
         self._dumpComplete = False
-        self._closing = False
+        self._ending = False
+        self._graceCall: Any = None
+        self._awaitingReceipt: tuple[RemoteSender, int, int] | None = None
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
@@ -71,14 +94,34 @@ class ProxySession:
             reactor,
             linkTimeout,
             self._digestFor if checksum else None,
+            self._statusReceived,
         )
         self._link = ClientService(cache, factory, **kwargs)
+
+    @property
+    def state(self) -> str:
+        """For operators: what the chain is doing."""
+        if self.over:
+            return "complete"
+        if not self._dumpComplete:
+            return "dumping"
+        if self.dumpsDelivered < self.dumpsFinished:
+            return "forwarding"
+        return "delivered"
 
     def start(self) -> None:
         self._link.startService()
         self.registry.whenComplete().addCallback(self._dumpFinished)
 
+    def beginDump(self) -> None:
+        """Another dump joins the chain (criu will append to C{parent})."""
+        self.log.info("a new dump continues session {id}", id=self.id)
+        self._dumpComplete = False
+        self.registry.reopen()
+        self.registry.whenComplete().addCallback(self._dumpFinished)
+
     def stop(self) -> Deferred[None]:
+        self._cancelGrace()
         if self._sender is not None:
             self._sender.expectClose()
         return self._link.stopService()
@@ -86,9 +129,12 @@ class ProxySession:
     def _linkUp(self, sender: RemoteSender) -> None:
         self.log.info("connected to the cache")
         self._sender = sender
+        self._ending = False
+        self._awaitingReceipt = None
+        self._cancelGrace()
         for key in self.registry.publishOrder:
             sender.enqueue(key)
-        self._maybeClose()
+        self._maybeEndDump()
 
     def _digestFor(self, key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
         known = self._digests.get(key)
@@ -115,44 +161,127 @@ class ProxySession:
 
     def _doneHashing(self, _: object) -> None:
         self._hashing -= 1
-        self._maybeClose()
+        self._maybeEndDump()
 
     def _forward(self, key: ImageKey) -> None:
         sender = self._sender
         if sender is not None and not sender.lost:
             sender.enqueue(key)
-            self._maybeClose()
+            self._maybeEndDump()
 
     def _dumpFinished(self, _: None) -> None:
         self._dumpComplete = True
+        self.dumpsFinished += 1
         self.log.info(
             "dump finished: {n} images, {size} bytes",
             n=len(self.registry.keys()),
             size=self.registry.totalBytes,
         )
-        self._maybeClose()
+        self._maybeEndDump()
 
-    def _maybeClose(self) -> None:
+    # -- ending a dump -------------------------------------------------------
+
+    def _owesMarker(self, sender: RemoteSender) -> bool:
+        """Must the link be told that a dump ended?"""
+        return self.dumpsDelivered < self.dumpsFinished or sender.imagesSinceMarker > 0
+
+    def _maybeEndDump(self) -> None:
         sender = self._sender
-        if not self._dumpComplete or self._closing or self._hashing:
+        if not self._dumpComplete or self._ending or self._hashing or self.over:
             return
-        if sender is None or sender.lost:
+        if sender is None or sender.lost or not self._owesMarker(sender):
             return
-        self._closing = True
-        sender.whenIdle().addCallback(lambda _: self._closeLink(sender))
+        self._ending = True
+        sender.whenIdle().addCallback(lambda _: self._endDump(sender))
 
-    def _closeLink(self, sender: RemoteSender) -> None:
-        if sender.lost:  # a new connection will resend and close
-            self._closing = False
+    def _endDump(self, sender: RemoteSender) -> None:
+        if sender.lost or sender is not self._sender or not self._dumpComplete:
+            self._ending = False  # a new connection (or dump) starts over
             return
-        summary = self.registry.summary()
-        self.log.info(
-            "session complete: forwarded {images} images, {bytes} bytes",
-            images=summary.images,
-            bytes=summary.bytes,
-        )
+        if not sender.idle:  # an image was replaced meanwhile
+            self._ending = False
+            self._maybeEndDump()
+            return
+        if sender.extended:
+            self._awaitingReceipt = (sender, sender.imagesSinceMarker, sender.bytesSinceMarker)
+            sender.sendEndOfDump()
+            return
+        waited = self._clock.seconds() - sender.connectedAt
+        if waited < HELLO_GRACE:
+            self._graceCall = self._clock.callLater(HELLO_GRACE - waited, self._graceOver)
+            return
+        # One of CRIU's C caches: EOF ends the session, and it serves one.
+        self.log.info("the cache did not say HELLO: ending the session with EOF (C cache)")
         sender.expectClose()
-        self._link.stopService().addCallback(lambda _: self.done.callback(summary))
+        self.over = True
+        self._link.stopService().addCallback(lambda _: self._delivered(sender, endChain=True))
+
+    def _graceOver(self) -> None:
+        self._graceCall = None
+        self._ending = False
+        self._maybeEndDump()
+
+    def _cancelGrace(self) -> None:
+        call, self._graceCall = self._graceCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _statusReceived(self, sender: RemoteSender, status: wire.LinkStatus) -> None:
+        if sender is not self._sender:
+            return
+        kind = status.kind
+        if kind is wire.LinkStatusKind.HELLO:
+            self.log.info(
+                "the cache speaks twisted-criu's link extension (version {version})",
+                version=status.version,
+            )
+            if self._graceCall is not None:
+                self._cancelGrace()
+                self._ending = False
+                self._maybeEndDump()
+        elif kind is wire.LinkStatusKind.DUMP_RECEIVED:
+            pending, self._awaitingReceipt = self._awaitingReceipt, None
+            self._ending = False
+            if pending is None or pending[0] is not sender:
+                self.log.warn("the cache confirmed a dump that was not ended; ignored")
+                return
+            _, images, size = pending
+            if (status.images, status.size) != (images, size):
+                self.log.error(
+                    "the cache confirms {got} images ({gotBytes} bytes) where {images}"
+                    " ({bytes} bytes) were sent; dropping the link to send them again",
+                    got=status.images,
+                    gotBytes=status.size,
+                    images=images,
+                    bytes=size,
+                )
+                sender.transport.abortConnection()
+                return
+            self._delivered(sender, endChain=False)
+        elif kind is wire.LinkStatusKind.SESSION_DONE:
+            self.log.info("the cache reports that the restore finished: session {id} is over", id=self.id)
+            self.over = True
+            sender.expectClose()
+            self._cancelGrace()
+            self._link.stopService().addCallback(lambda _: self._end())
+
+    def _delivered(self, sender: RemoteSender, endChain: bool) -> None:
+        if self.dumpsDelivered < self.dumpsFinished:
+            self.dumpsDelivered = self.dumpsFinished
+            summary = self.registry.summary()
+            self.log.info(
+                "session complete: forwarded {images} images, {bytes} bytes",
+                images=summary.images,
+                bytes=summary.bytes,
+                confirmed=not endChain,
+            )
+            self.onDelivered(summary)
+        if endChain:
+            self._end()
+
+    def _end(self) -> None:
+        if not self.ended.called:
+            self.ended.callback(None)
 
 
 @implementer(ILocalImageService)
@@ -181,10 +310,15 @@ class ImageProxyService(MultiService):
         linkTimeout: float = 60.0,
         clientTimeout: float = 60.0,
         checksum: bool = False,
+        keep: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.checksum = checksum
+        self.keep = keep
+        #: Completed sessions kept for inspection (C{keep}), by id.
+        self.kept: dict[str, ProxySession] = {}
+        self._sessionCounter = 0
         self.linkTimeout = linkTimeout
         self.clientTimeout = clientTimeout
         self.store: IImageStore = store if store is not None else MemoryStore()
@@ -226,6 +360,9 @@ class ImageProxyService(MultiService):
     def _closeStore(self, result: object) -> object:
         if self.session is not None:
             self.session.registry.release()
+        for kept in self.kept.values():
+            kept.registry.release()
+        self.kept.clear()
         self.store.close()
         return result
 
@@ -236,31 +373,46 @@ class ImageProxyService(MultiService):
         return d
 
     def _newSession(self) -> ProxySession:
+        self._sessionCounter += 1
         session = ProxySession(
-            self.reactor, self._cache, self._retryPolicy, self.linkTimeout, self.checksum
+            self.reactor,
+            self._cache,
+            self._retryPolicy,
+            self.linkTimeout,
+            self.checksum,
+            sessionId=str(self._sessionCounter),
         )
         self.session = session
-        session.done.addCallback(self._sessionDone, session)
+        session.onDelivered = self._dumpDelivered
+        session.ended.addCallback(lambda _: self._sessionEnded(session))
         session.start()
+        self.log.info("session {id} started", id=session.id)
         return session
 
-    def _sessionDone(self, summary: SessionSummary, session: ProxySession) -> None:
+    def _dumpDelivered(self, summary: SessionSummary) -> None:
         self.sessionsCompleted += 1
-        session.registry.release()
-        if self.session is session:
-            self.session = None
         observers, self._observers = self._observers, []
         for d in observers:
             d.callback(summary)
+
+    def _sessionEnded(self, session: ProxySession) -> None:
+        if self.session is session:
+            self.session = None
+        if self.keep:
+            self.kept[session.id] = session
+            self.log.info("session {id} is over; its images are kept (--keep)", id=session.id)
+        else:
+            session.registry.release()
+            self.log.info("session {id} is over; its images are dropped", id=session.id)
 
     # -- ILocalImageService --------------------------------------------------
 
     def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
         session = self.session
-        if session is None or (
-            session.registry.closed and request.kind is not wire.OpenKind.READ
-        ):
+        if session is None or session.over:
             session = self._newSession()
+        elif session.registry.closed and request.kind is not wire.OpenKind.READ:
+            session.beginDump()
         if request.isSeed:
             session.seed = True
         return session.registry

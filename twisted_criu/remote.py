@@ -3,8 +3,21 @@
 The remote leg: proxy -> cache over one stream connection (TCP, TLS, ...).
 
 For every image, a C{remote_image_entry} frame then exactly C{size} raw
-bytes; a clean close where a header would start ends the session.  Nothing
-flows from the cache to the proxy.
+bytes; a clean close where a header would start ends the session.  That is
+all CRIU's C daemons know, and nothing flows from the cache to the proxy.
+
+twisted-criu's daemons add an extension that the C peers never notice: a
+twisted-criu proxy sets field 6 (C{link_version}) on every header, which a
+C cache skips; a twisted-criu cache that sees it answers with a
+C{link_status_entry} HELLO (it never writes to a proxy that did not set it:
+a C proxy does not read its socket, and closing it with unread bytes would
+reset the connection and lose the stream's tail).  A proxy that was
+greeted ends each dump with an end-of-dump marker instead of closing the
+link; the cache confirms it with DUMP_RECEIVED (so the proxy knows every
+byte was stored, not just sent), and once the restore has finished it
+sends SESSION_DONE and closes the link, which tells the proxy that its
+chain of dumps is over.  A proxy that is not greeted ends the session
+with EOF, as the C proxy does.
 """
 
 from __future__ import annotations
@@ -52,8 +65,17 @@ class RemoteSender(Protocol):
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
         digestFor: DigestLookup | None = None,
+        statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
     ) -> None:
         self._connected = connected
+        self._statusReceived = statusReceived
+        self._frames = wire.FrameBuffer()
+        #: The cache said HELLO: it speaks twisted-criu's link extension.
+        self.extended = False
+        self.connectedAt = 0.0
+        #: Images and bytes handed over since the last end-of-dump marker.
+        self.imagesSinceMarker = 0
+        self.bytesSinceMarker = 0
         self._imageFor = imageFor
         self._digestFor = digestFor
         self._clock = clock
@@ -70,7 +92,40 @@ class RemoteSender(Protocol):
         self._dropping = False
 
     def connectionMade(self) -> None:
+        if self._clock is not None:
+            self.connectedAt = self._clock.seconds()
         self._connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Link statuses from a twisted-criu cache (a C cache sends nothing)."""
+        rest = data
+        while rest and not self.lost:
+            try:
+                payload = self._frames.feed(rest)
+                if payload is None:
+                    return
+                status = wire.LinkStatus.fromBytes(payload)
+            except ProtocolError as e:
+                self.log.error(
+                    "the cache sent bytes that are not a link status ({error}); is it"
+                    " a TLS endpoint (--tls on one end only)? Dropping the link",
+                    error=str(e),
+                )
+                self._dropping = True
+                self.transport.abortConnection()
+                return
+            rest = self._frames.takeRest()
+            if status.kind is wire.LinkStatusKind.HELLO:
+                self.extended = True
+            if self._statusReceived is not None:
+                self._statusReceived(self, status)
+
+    def sendEndOfDump(self) -> None:
+        """Tell an extended cache that the dump is complete (nothing is pending)."""
+        assert self.extended and self.idle
+        self.transport.write(wire.END_OF_DUMP.toBytes())
+        self.imagesSinceMarker = 0
+        self.bytesSinceMarker = 0
 
     def enqueue(self, key: ImageKey) -> None:
         """
@@ -114,7 +169,9 @@ class RemoteSender(Protocol):
     def _send(self, key: ImageKey, image: IStoredImage, digest: bytes | None) -> None:
         snapshotId, name = key
         transfer = ImageTransfer(image)
-        header = wire.RemoteHeader(name, snapshotId, wire.O_WRONLY, transfer.size, digest)
+        header = wire.RemoteHeader(
+            name, snapshotId, wire.O_WRONLY, transfer.size, digest, wire.LINK_EXTENSION_VERSION
+        )
         self._sending = True
         self._transfer = transfer
         self._armWatchdog(key, -1)
@@ -125,6 +182,8 @@ class RemoteSender(Protocol):
             self._disarmWatchdog()
             self.imagesSent += 1
             self.bytesSent += transfer.size
+            self.imagesSinceMarker += 1
+            self.bytesSinceMarker += transfer.size
             self.log.info(
                 "forwarded {image} ({size} bytes)", image=describe(key), size=transfer.size
             )
@@ -215,6 +274,12 @@ class IRemoteImageSink(Interface):
     def linkClosed(receiver: RemoteReceiver, clean: bool) -> None:
         """The link ended: cleanly (session over) or not (it may come back)."""
 
+    def dumpEnded(receiver: RemoteReceiver) -> None:
+        """The proxy's end-of-dump marker: the link stays, idle, for the next dump."""
+
+    def dumpStarted(receiver: RemoteReceiver) -> SnapshotRegistry:
+        """Images arrive on a link after its end-of-dump marker: a new dump."""
+
 
 class RemoteReceiver(Protocol, TimeoutMixin):
     """
@@ -237,12 +302,35 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._remaining = 0
         self.imagesReceived = 0
         self.bytesReceived = 0
+        #: The proxy ended its dump with a marker; the link is idle.
+        self.betweenDumps = False
+        #: The proxy's headers carry a link version: it reads link statuses.
+        self.peerExtended = False
+        self._imagesSinceMarker = 0
+        self._bytesSinceMarker = 0
 
     def connectionMade(self) -> None:
         self.transport.bufferSize = LINK_READ_SIZE
         self._registry = self.sink.linkOpened(self)
         peer = self.transport.getPeer()
         self.log.info("proxy connected from {peer}", peer=str(peer))
+
+    def sendStatus(self, status: wire.LinkStatus) -> None:
+        """Tell a twisted-criu proxy (never a C proxy: see L{peerExtended})."""
+        if self.peerExtended:
+            self.transport.write(status.toBytes())
+
+    def _endOfDump(self) -> None:
+        images, size = self._imagesSinceMarker, self._bytesSinceMarker
+        self._imagesSinceMarker = self._bytesSinceMarker = 0
+        self.betweenDumps = True
+        self.log.info(
+            "the proxy ended its dump: {images} images, {bytes} bytes on this link",
+            images=images,
+            bytes=size,
+        )
+        self.sink.dumpEnded(self)
+        self.sendStatus(wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=images, size=size))
 
     def dataReceived(self, data: bytes) -> None:
         self._receive(data)
@@ -297,6 +385,18 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 self.transport.abortConnection()
                 return
             data = self._frames.takeRest()
+            if header.linkVersion is not None and not self.peerExtended:
+                # A twisted-criu proxy: it reads what we tell it.
+                self.peerExtended = True
+                self.sendStatus(
+                    wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION)
+                )
+            if header.isEndOfDump:
+                self._endOfDump()
+                continue
+            if self.betweenDumps:
+                self.betweenDumps = False
+                self._registry = self.sink.dumpStarted(self)
             if not self._startImage(header):
                 return
 
@@ -348,6 +448,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         image = writer.commit()
         self.imagesReceived += 1
         self.bytesReceived += header.size
+        self._imagesSinceMarker += 1
+        self._bytesSinceMarker += header.size
         self.log.info("received {image} ({size} bytes)", image=describe(key), size=header.size)
         if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
             self._registry.publishAppend(key, image, self.sink.store)
@@ -401,16 +503,23 @@ class RemoteSenderFactory(Factory):
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
         digestFor: DigestLookup | None = None,
+        statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
     ) -> None:
         self.connected = connected
         self.imageFor = imageFor
         self.clock = clock
         self.stallTimeout = stallTimeout
         self.digestFor = digestFor
+        self.statusReceived = statusReceived
 
     def buildProtocol(self, addr: Any) -> RemoteSender:
         protocol = RemoteSender(
-            self.connected, self.imageFor, self.clock, self.stallTimeout, self.digestFor
+            self.connected,
+            self.imageFor,
+            self.clock,
+            self.stallTimeout,
+            self.digestFor,
+            self.statusReceived,
         )
         protocol.factory = self
         return protocol

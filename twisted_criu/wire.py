@@ -10,7 +10,7 @@ protobuf classes; everything else sees the frozen values defined here.
 from __future__ import annotations
 
 import struct
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Iterable, TypeVar
 
 from attrs import frozen
@@ -24,8 +24,11 @@ U32 = struct.Struct("<I")
 #: Longest control message we accept; real ones are a few hundred bytes.
 MAX_HEADER_LENGTH = 64 * 1024
 
-#: Longest image name or snapshot id we accept (PATH_MAX).
-MAX_NAME_LENGTH = 4096
+#: Longest image name we accept: a file name (NAME_MAX).
+MAX_NAME_LENGTH = 255
+
+#: Longest snapshot id we accept: criu's -D argument, a path (PATH_MAX - 1).
+MAX_SNAPSHOT_ID_LENGTH = 4095
 
 O_RDONLY = 0
 O_WRONLY = 1
@@ -111,8 +114,8 @@ def checkName(name: str) -> str:
 
 def checkSnapshotId(snapshotId: str) -> str:
     """Refuse snapshot ids with NUL bytes or of absurd length."""
-    if len(snapshotId.encode("utf-8", "surrogatepass")) > MAX_NAME_LENGTH:
-        raise ProtocolError(f"snapshot id longer than {MAX_NAME_LENGTH} bytes")
+    if len(snapshotId.encode("utf-8", "surrogatepass")) > MAX_SNAPSHOT_ID_LENGTH:
+        raise ProtocolError(f"snapshot id longer than {MAX_SNAPSHOT_ID_LENGTH} bytes")
     if "\0" in snapshotId:
         raise ProtocolError("snapshot id contains a NUL byte")
     return snapshotId
@@ -163,9 +166,12 @@ class LocalRequest:
 @frozen
 class RemoteHeader:
     """
-    A C{remote_image_entry}: announces C{size} raw bytes of one image, and
-    optionally (twisted-criu's extension, ignored by CRIU's C peers) their
-    SHA-256.
+    A C{remote_image_entry}: announces C{size} raw bytes of one image.
+
+    Two optional fields are twisted-criu's extensions, skipped by CRIU's C
+    peers (protobuf-c ignores unknown fields): the bytes' C{sha256}, and
+    C{linkVersion}, which a twisted-criu proxy sets on every header so that
+    a twisted-criu cache knows it may answer with L{LinkStatus} frames.
     """
 
     name: str
@@ -173,6 +179,7 @@ class RemoteHeader:
     openMode: int
     size: int
     sha256: bytes | None = None
+    linkVersion: int | None = None
 
     def toBytes(self) -> bytes:
         message = _pb.remote_image_entry(
@@ -183,18 +190,73 @@ class RemoteHeader:
         )
         if self.sha256 is not None:
             message.sha256 = self.sha256
+        if self.linkVersion is not None:
+            message.link_version = self.linkVersion
         return _serialize(message)
+
+    @property
+    def isEndOfDump(self) -> bool:
+        """Is this the link extension's end-of-dump marker (no image)?"""
+        return self.name == "" and self.snapshotId == ""
 
     @classmethod
     def fromBytes(cls, raw: bytes) -> RemoteHeader:
         m = _parse(_pb.remote_image_entry, raw)
+        version = m.link_version if m.HasField("link_version") else None
+        if m.name == "" and m.snapshot_id == "" and version is not None:
+            if m.size != 0 or m.HasField("sha256"):
+                raise ProtocolError("an end-of-dump marker with a body")
+            return cls("", "", m.open_mode, 0, None, version)
         checkName(m.name)
         checkSnapshotId(m.snapshot_id)
         openKind(m.open_mode)
         digest = m.sha256 if m.HasField("sha256") else None
         if digest is not None and len(digest) != 32:
             raise ProtocolError(f"a SHA-256 of {len(digest)} bytes")
-        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest)
+        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest, version)
+
+
+#: The version of the link extension this code speaks.
+LINK_EXTENSION_VERSION = 1
+
+#: The proxy's end-of-dump marker, sent only to caches that said HELLO.
+END_OF_DUMP = RemoteHeader("", "", O_RDONLY, 0, None, LINK_EXTENSION_VERSION)
+
+
+class LinkStatusKind(IntEnum):
+    """What a L{LinkStatus} says (twisted-criu's link extension)."""
+
+    HELLO = 1
+    DUMP_RECEIVED = 2
+    SESSION_DONE = 3
+
+
+@frozen
+class LinkStatus:
+    """A C{link_status_entry}: the cache telling the proxy how things stand."""
+
+    kind: LinkStatusKind
+    version: int = 0
+    images: int = 0
+    size: int = 0
+
+    def toBytes(self) -> bytes:
+        message = _pb.link_status_entry(kind=self.kind.value)
+        if self.kind is LinkStatusKind.HELLO:
+            message.version = self.version
+        elif self.kind is LinkStatusKind.DUMP_RECEIVED:
+            message.images = self.images
+            message.bytes = self.size
+        return _serialize(message)
+
+    @classmethod
+    def fromBytes(cls, raw: bytes) -> LinkStatus:
+        m = _parse(_pb.link_status_entry, raw)
+        try:
+            kind = LinkStatusKind(m.kind)
+        except ValueError:
+            raise ProtocolError(f"unknown link status {m.kind}") from None
+        return cls(kind, m.version, m.images, m.bytes)
 
 
 @frozen

@@ -15,18 +15,20 @@ class local_image_entry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ...) -> None: ...
 
 class remote_image_entry(_message.Message):
-    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256")
+    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256", "link_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_MODE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    LINK_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     snapshot_id: str
     open_mode: int
     size: int
     sha256: bytes
-    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    link_version: int
+    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., link_version: _Optional[int] = ...) -> None: ...
 
 class local_image_reply_entry(_message.Message):
     __slots__ = ("error",)
@@ -51,3 +53,15 @@ class img_streamer_reply_entry(_message.Message):
     EXISTS_FIELD_NUMBER: _ClassVar[int]
     exists: bool
     def __init__(self, exists: _Optional[bool] = ...) -> None: ...
+
+class link_status_entry(_message.Message):
+    __slots__ = ("kind", "version", "images", "bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: int
+    version: int
+    images: int
+    bytes: int
+    def __init__(self, kind: _Optional[int] = ..., version: _Optional[int] = ..., images: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
