@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import wire
+from twisted_criu.activity import Activity
 from twisted_criu.local import ILocalImageService
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
@@ -24,6 +25,7 @@ class FakeLocalService:
 
     def __init__(self, waitForMissing: bool = True) -> None:
         self.reactor = MemoryReactorClock()
+        self.activity = Activity(self.reactor)
         self.store = MemoryStore()
         self.registry = SnapshotRegistry(waitForMissing)
         self.finishes: list[wire.LocalRequest] = []

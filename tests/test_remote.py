@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from twisted_criu import wire
+from twisted_criu.activity import Activity
 from twisted_criu.errors import ImageNotFound
 from twisted_criu.registry import SnapshotRegistry, readAll
 from twisted_criu.remote import IRemoteImageSink, RemoteReceiver, RemoteSender
@@ -39,6 +40,7 @@ class FakeSink:
 
     def __init__(self) -> None:
         self.reactor = Clock()
+        self.activity = Activity(self.reactor)
         self.store = MemoryStore()
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.closed: list[bool] = []

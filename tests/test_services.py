@@ -53,16 +53,20 @@ class Migration:
         self.captureSocket = os.path.join(self.src, "streamer-capture.sock")
         self.serveSocket = os.path.join(self.dst, "streamer-serve.sock")
 
-    def startCache(self, port: int = 0) -> Deferred[Any]:
+    def startCache(self, port: int = 0, **kwargs: Any) -> Deferred[Any]:
         self.cache = ImageCacheService(
             reactor,
             serverFromString(reactor, unixEndpoint(os.path.join(self.dst, "img-cache.sock"))),
             serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"),
             streamLocal=serverFromString(reactor, unixEndpoint(self.serveSocket)),
+            **kwargs,
         )
         self.cache.startService()
         self.test.addCleanup(self.cache.stopService)
         return self.cache.remoteEndpoint.whenListening()
+
+    def startCacheWith(self, **kwargs: Any) -> Deferred[Any]:
+        return self.startCache(0, **kwargs)
 
     def startProxy(self, port: int, **kwargs: Any) -> None:
         self.proxy = ImageProxyService(

@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu import wire
+from twisted_criu.activity import Activity
+from twisted_criu.control import ISessionControl, SessionBusy, SessionView
 from twisted_criu.endpoints import ObservedServerEndpoint
 from twisted_criu.errors import ImageKey
 from twisted_criu.interfaces import IImageStore, IStoredImage
@@ -57,7 +59,7 @@ class CacheSession:
         if self.complete:
             return "complete"
         if not self.remoteDone:
-            return "receiving"
+            return "receiving" if self.links else "idle"
         return "waiting for the restore"
 
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
@@ -65,7 +67,7 @@ class CacheSession:
             self.seed = True
 
 
-@implementer(ILocalImageService, IRemoteImageSink)
+@implementer(ILocalImageService, IRemoteImageSink, ISessionControl)
 class ImageCacheService(MultiService):
     """
     The image cache, embeddable in any Twisted application.
@@ -89,9 +91,11 @@ class ImageCacheService(MultiService):
         linkTimeout: float = 60.0,
         clientTimeout: float = 60.0,
         keep: bool = False,
+        progressInterval: float = 10.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.activity = Activity(reactor, progressInterval)
         self.keep = keep
         #: Completed sessions kept for inspection (C{keep}), by id.
         self.kept: dict[str, CacheSession] = {}
@@ -125,8 +129,10 @@ class ImageCacheService(MultiService):
         except BaseException:
             self.stopService()  # close the listeners that did start
             raise
+        self.activity.startReporting()
 
     def stopService(self) -> Deferred[None]:
+        self.activity.stopReporting()
         d: Deferred[Any] = super().stopService()
 
         def closeStore(result: object) -> object:
@@ -143,6 +149,13 @@ class ImageCacheService(MultiService):
     def _newSession(self) -> CacheSession:
         self._sessionCounter += 1
         return CacheSession(str(self._sessionCounter), self.reactor.seconds())
+
+    @staticmethod
+    def _endLinks(session: CacheSession) -> None:
+        """Tell the session's proxies that their chain is over, and close."""
+        for link in session.idleLinks:
+            link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_DONE))
+            link.transport.loseConnection()
 
     def whenSessionDone(self) -> Deferred[SessionSummary]:
         """Fires with a summary when the current (or next) session completes."""
@@ -168,12 +181,57 @@ class ImageCacheService(MultiService):
             session.registry.release()
         self.session = self._newSession()
         self.sessionsCompleted += 1
-        for link in session.idleLinks:  # tell the proxies: their chain is over
-            link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_DONE))
-            link.transport.loseConnection()
+        self._endLinks(session)
         observers, self._observers = self._observers, []
         for d in observers:
             d.callback(summary)
+
+    @property
+    def readsWaiting(self) -> int:
+        """criu reads waiting for their image to arrive."""
+        return self.session.registry.waiting
+
+    # -- ISessionControl ----------------------------------------------------
+
+    role = "cache"
+
+    def listSessions(self) -> list[SessionView]:
+        current = self.session
+        views = [
+            SessionView.of(current.id, current.state, True, current.started, current.registry)
+        ]
+        for kept in self.kept.values():
+            views.append(SessionView.of(kept.id, "kept", False, kept.started, kept.registry))
+        return views
+
+    def _find(self, sessionId: str) -> CacheSession:
+        if self.session.id == sessionId:
+            return self.session
+        return self.kept[sessionId]
+
+    def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
+        try:
+            return self._find(sessionId).registry.get(key)
+        except KeyError:
+            return None
+
+    def dropSession(self, sessionId: str) -> SessionView:
+        session = self._find(sessionId)
+        view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
+        if session is self.session:
+            registry = session.registry
+            if session.links or registry.writesInProgress or registry.waiting:
+                raise SessionBusy(
+                    f"session {sessionId} is busy ({len(session.links)} proxy links sending,"
+                    f" {registry.waiting} reads waiting)"
+                )
+            self.session = self._newSession()
+            self._endLinks(session)
+        else:
+            del self.kept[sessionId]
+        session.registry.release()
+        self.log.info("session {id} dropped by the operator", id=sessionId)
+        return view
 
     # -- IRemoteImageSink ----------------------------------------------------
 

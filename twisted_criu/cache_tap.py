@@ -9,6 +9,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from twisted_criu.cache import ImageCacheService
+from twisted_criu.daemon import finishDaemon
 from twisted_criu.options import DaemonOptions, makeStore, streamEndpoint
 from twisted_criu.tls import TLSServerEndpoint, serverConnectionCreator
 
@@ -21,6 +22,7 @@ class Options(DaemonOptions):
     )
     streamSocketName = "streamer-serve.sock"
     socketName = "img-cache.sock"
+    controlSocketName = "cache-control.sock"
     optParameters = [
         ["address", None, "127.0.0.1", "Interface to listen on for the proxy (use 0.0.0.0 or the host's address for a real migration)."],
         ["listen", None, None, "Server endpoint for the proxy (overrides --address/--port), e.g. tcp:9996:interface=10.0.0.2."],
@@ -30,7 +32,7 @@ class Options(DaemonOptions):
         super().postOptions()
         if self["listen"] is None:
             self["listen"] = f"tcp:{self['port']}:interface={self['address']}"
-        self._refuseDoubleTLS("listen", ("ssl",), "tcp:9996:interface=10.0.0.2")
+        self.refuseDoubleTLS("listen", ("ssl",), "tcp:9996:interface=10.0.0.2")
 
 
 log = Logger()
@@ -58,7 +60,7 @@ def makeService(options: Options) -> IService:
         linkTimeout=options["timeout"],
         clientTimeout=options["client-timeout"],
         streamLocal=streamEndpoint(reactor, options),
+        keep=options["keep"],
+        progressInterval=options["progress-interval"],
     )
-    if options["once"]:
-        service.whenSessionDone().addCallback(lambda _: reactor.stop())
-    return service
+    return finishDaemon(reactor, service, options)

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from twisted_criu import wire
+from twisted_criu.activity import Direction, Transfer
 from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
 from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
 from twisted_criu.pipes import PipeReader, PipeWriter, checkPipe
@@ -37,6 +38,7 @@ class ILocalImageService(Interface):
 
     reactor = Attribute("The reactor pipes are registered with.")
     store = Attribute("The L{IImageStore} new images go to.")
+    activity = Attribute("The daemon's L{Activity}: transfers and counters.")
     clientTimeout = Attribute("Seconds criu may take to send its request.")
 
     def registryFor(request: wire.LocalRequest) -> SnapshotRegistry:
@@ -85,6 +87,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         self._transfer: ImageTransfer | None = None
         self._inlineRead = False
         self._append = False
+        self._moving: Transfer | None = None
 
     # -- events from the socket -------------------------------------------
 
@@ -183,13 +186,19 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         if kind is wire.OpenKind.READ:
             self._inlineRead = self.service.readsInline(request)
             self._state = _State.READ_WAIT
-            self._waiting = self._registry.whenAvailable(self._key)
-            self._waiting.addCallbacks(self._imageReady, self._imageMissing)
+            waiting = self._registry.whenAvailable(self._key)
+            if not waiting.called:
+                self.service.activity.waitedReads += 1
+            self._waiting = waiting
+            waiting.addCallbacks(self._imageReady, self._imageMissing)
             return
         self._append = kind is wire.OpenKind.APPEND
         self._registry.beginWrite(self._key)
         store: IImageStore = self.service.store
-        self._writer = store.newWriter()
+        writer = self._writer = store.newWriter()
+        self._moving = self.service.activity.begin(
+            Direction.FROM_CRIU, describe(self._key), None, lambda: writer.size
+        )
         self._state = _State.WRITE_START
         if self._fds:
             self._startPipeWrite()
@@ -233,11 +242,14 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         if writer is None or self._registry is None:
             return
         image = writer.commit()
+        assert self._moving is not None
+        timing = self.service.activity.end(self._moving, image.size)
         self.log.info(
-            "stored {image} ({size} bytes{appended})",
+            "stored {image} ({size} bytes{appended}) {timing}",
             image=describe(self._key),
             size=image.size,
             appended=" appended" if self._append else "",
+            **timing,
         )
         if self._append:
             self._registry.publishAppend(self._key, image, self.service.store)
@@ -249,6 +261,8 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         self._state = _State.DONE
         if writer is None or self._registry is None:
             return
+        if self._moving is not None:
+            self.service.activity.abandon(self._moving)
         self.log.error(
             "discarded {image} after {size} bytes: {why}",
             image=describe(self._key),
@@ -265,6 +279,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         if failure.check(CancelledError):
             return
         failure.trap(ImageNotFound)
+        self.service.activity.notFound += 1
         self.log.debug("no image {image}: ENOENT", image=describe(self._key))
         self._state = _State.DONE
         self.transport.write(wire.REPLY_ENOENT)
@@ -302,16 +317,24 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         transfer, key = self._transfer, self._key
         assert transfer is not None
         self._transfer = None
+        activity = self.service.activity
+        moving = activity.begin(
+            Direction.TO_CRIU, describe(key), transfer.size, lambda: transfer.sent
+        )
 
         def sent(_: None) -> None:
             self.log.info(
-                "served {image} ({size} bytes)", image=describe(key), size=transfer.size
+                "served {image} ({size} bytes) {timing}",
+                image=describe(key),
+                size=transfer.size,
+                **activity.end(moving, transfer.size),
             )
             consumer.loseConnection()
             if consumer is not self.transport:
                 self.transport.loseConnection()
 
         def failed(reason: Failure) -> None:
+            activity.abandon(moving)
             if reason.check(ImageSizeMismatch):
                 self.log.error(
                     "store failure while serving {image}, aborting: {why}",

@@ -66,6 +66,26 @@ def parseVariant(value: str) -> ReadVariant:
         raise usage.UsageError(f"--read-variant must be one of {choices}") from None
 
 
+def parseMode(value: str) -> str:
+    """An octal permission mode for UNIX sockets, e.g. C{600} or C{0660}."""
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ValueError(f"not an octal mode: {value!r} (try 600)") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"mode {value!r} out of range")
+    if mode & 0o007:
+        raise ValueError(f"mode {value!r} lets every local user talk to the daemon; give 600 or 660")
+    return f"{mode:o}"
+
+
+def parseFd(value: str) -> int:
+    fd = int(value)
+    if fd < 0:
+        raise ValueError(f"not a file descriptor: {value!r}")
+    return fd
+
+
 def unixEndpoint(path: str, mode: str = "600") -> str:
     """A C{unix:} server endpoint string for C{path}, safely quoted."""
     return f"unix:{quoteStringArgument(path)}:mode={mode}"
@@ -82,29 +102,16 @@ def streamEndpoint(reactor: Any, options: usage.Options) -> IStreamServerEndpoin
     return serverFromString(reactor, options["stream-local"])
 
 
-class DaemonOptions(usage.Options):
-    """Flags both daemons share; subclasses add their link option."""
+class LinkTLSOptions(usage.Options):
+    """The TLS flags of the proxy -> cache link, CRIU's page-server spellings."""
 
-    socketName = ""
-    streamSocketName = ""
-
-    optFlags = [
-        ["once", None, "Serve one migration session, then exit."],
-        ["tls", None, "Mutual TLS on the proxy -> cache link (give it to both daemons; plain TCP without it)."],
+    optFlags: list[list[Any]] = [
+        ["tls", None, "Mutual TLS on the proxy -> cache link (give it to both ends; plain TCP without it)."],
         ["tls-no-cn-verify", None, "Proxy: do not check that the cache's certificate names the host dialled (its CA is still checked). The cache never checks names."],
     ]
-    optParameters = [
-        ["images-dir", "D", ".", "The directory criu is given with -D; the criu socket is created there."],
-        ["port", None, DEFAULT_PORT, "TCP port of the proxy -> cache link.", parsePort],
-        ["local", None, None, "Endpoint criu --remote connects to (default: unix socket in --images-dir)."],
-        ["stream-local", None, None, "Endpoint criu --stream connects to (default: unix socket in --images-dir; 'none' to disable)."],
-        ["memory-limit", None, None, "Image bytes held in memory (all images together) before spilling to disk, e.g. 512M [default: a quarter of RAM].", parseSize],
-        ["spill-dir", None, None, "Where images past --memory-limit are spilled [default: the system temp dir]."],
-        ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
-        ["timeout", None, 60.0, "Seconds the proxy -> cache link may stall inside an image, or stay down after losing one, before it is dropped (waiting restores then get ENOENT).", parseSeconds],
-        ["client-timeout", None, 60.0, "Seconds a criu connection may take to send its request before it is closed.", parseSeconds],
-        ["tls-cacert", None, None, f"With --tls: CA certificate(s), PEM, the other daemon's certificate must chain to [default: {tls.DEFAULT_CACERT}]."],
-        ["tls-cert", None, None, f"With --tls: this daemon's certificate, PEM, optionally followed by intermediates [default: {tls.DEFAULT_CERT}]."],
+    optParameters: list[list[Any]] = [
+        ["tls-cacert", None, None, f"With --tls: CA certificate(s), PEM, the other end's certificate must chain to [default: {tls.DEFAULT_CACERT}]."],
+        ["tls-cert", None, None, f"With --tls: this end's certificate, PEM, optionally followed by intermediates [default: {tls.DEFAULT_CERT}]."],
         ["tls-key", None, None, f"With --tls: the unencrypted PEM private key of --tls-cert [default: {tls.DEFAULT_KEY}]."],
     ]
 
@@ -115,19 +122,7 @@ class DaemonOptions(usage.Options):
         ("tls-key", tls.DEFAULT_KEY),
     )
 
-    def postOptions(self) -> None:
-        if self["memory-limit"] is None:
-            self["memory-limit"] = defaultMemoryLimit()
-        if isinstance(self["read-variant"], str):  # the default is not coerced
-            self["read-variant"] = parseVariant(self["read-variant"])
-        for option, name in (("local", self.socketName), ("stream-local", self.streamSocketName)):
-            if self[option] is None:
-                self[option] = unixEndpoint(os.path.join(self._imagesDir(), name))
-        if self["stream-local"] == "none":
-            self["stream-local"] = None
-        self._loadTLS()
-
-    def _loadTLS(self) -> None:
+    def loadTLS(self) -> None:
         """With --tls, read the certificates now: a bad file is a usage error."""
         self["tls-credentials"] = None
         if not self["tls"]:
@@ -155,13 +150,64 @@ class DaemonOptions(usage.Options):
                     message += f" (CRIU's default path; give --{name} FILE)"
             raise usage.UsageError(message) from None
 
-    def _refuseDoubleTLS(self, option: str, kinds: tuple[str, ...], example: str) -> None:
+    def refuseDoubleTLS(self, option: str, kinds: tuple[str, ...], example: str) -> None:
         """--tls wraps the link endpoint itself: it must be a plain stream."""
         if self["tls"] and tls.endpointType(self[option]) in kinds:
             raise usage.UsageError(
                 f"--tls puts TLS around --{option} itself: give it a plain stream endpoint"
                 f" (such as {example}), not {self[option].split(':', 1)[0]}:"
             )
+
+
+class DaemonOptions(LinkTLSOptions):
+    """Flags both daemons share; subclasses add their link option."""
+
+    socketName = ""
+    streamSocketName = ""
+    controlSocketName = ""
+
+    optFlags = [
+        ["once", None, "Serve one migration session, then exit."],
+        ["keep", None, "Keep the images of completed sessions (list, pull and drop them with the twisted-criu command) instead of dropping them."],
+    ]
+    optParameters = [
+        ["images-dir", "D", ".", "The directory criu is given with -D; the criu socket is created there."],
+        ["port", None, DEFAULT_PORT, "TCP port of the proxy -> cache link.", parsePort],
+        ["local", None, None, "Endpoint criu --remote connects to (default: unix socket in --images-dir)."],
+        ["stream-local", None, None, "Endpoint criu --stream connects to (default: unix socket in --images-dir; 'none' to disable)."],
+        ["memory-limit", None, None, "Image bytes held in memory (all images together) before spilling to disk, e.g. 512M [default: a quarter of RAM].", parseSize],
+        ["spill-dir", None, None, "Where images past --memory-limit are spilled [default: the system temp dir]."],
+        ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
+        ["timeout", None, 60.0, "Seconds the proxy -> cache link may stall inside an image, or stay down after losing one, before it is dropped (waiting restores then get ENOENT).", parseSeconds],
+        ["client-timeout", None, 60.0, "Seconds a criu connection may take to send its request before it is closed.", parseSeconds],
+        ["socket-mode", None, "600", "Permissions of the UNIX sockets created in --images-dir (criu's, and the control socket).", parseMode],
+        ["control", None, None, "Endpoint of the control API used by the twisted-criu command (default: unix socket in --images-dir; 'none' to disable)."],
+        ["metrics", None, None, "Serve Prometheus metrics on this endpoint, e.g. tcp:9101:interface=127.0.0.1 [default: off]."],
+        ["status-fd", None, None, "Write one byte to this file descriptor and close it once the daemon is ready (as CRIU's daemons do).", parseFd],
+        ["pidfile", None, None, "Write the daemon's pid to this file once it is ready; removed when it stops (as CRIU's --pidfile)."],
+        ["log-json", None, None, "Also write every log event as a JSON line to this file ('-' for standard output)."],
+        ["progress-interval", None, 10.0, "Seconds between progress lines for images that take longer than that (0: none).", float],
+    ]
+
+    def postOptions(self) -> None:
+        if self["memory-limit"] is None:
+            self["memory-limit"] = defaultMemoryLimit()
+        if isinstance(self["read-variant"], str):  # the default is not coerced
+            self["read-variant"] = parseVariant(self["read-variant"])
+        self["socket-mode"] = parseMode(self["socket-mode"])  # the default is not coerced
+        for option, name in (
+            ("local", self.socketName),
+            ("stream-local", self.streamSocketName),
+            ("control", self.controlSocketName),
+        ):
+            if self[option] is None:
+                self[option] = unixEndpoint(os.path.join(self._imagesDir(), name), self["socket-mode"])
+        for option in ("stream-local", "control"):
+            if self[option] == "none":
+                self[option] = None
+        if self["progress-interval"] < 0:
+            raise usage.UsageError("--progress-interval must be 0 (off) or a number of seconds")
+        self.loadTLS()
 
     def _imagesDir(self) -> str:
         directory = os.path.abspath(self["images-dir"])

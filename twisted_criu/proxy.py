@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu import wire
+from twisted_criu.activity import Activity
+from twisted_criu.control import ISessionControl, SessionBusy, SessionView
 from twisted_criu.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
 from twisted_criu.errors import ImageKey
 from twisted_criu.interfaces import IImageStore, IStoredImage
@@ -65,6 +67,7 @@ class ProxySession:
         linkTimeout: float = 60.0,
         checksum: bool = False,
         sessionId: str = "1",
+        activity: Activity | None = None,
     ) -> None:
         self.id = sessionId
         self.started = reactor.seconds()
@@ -95,6 +98,7 @@ class ProxySession:
             linkTimeout,
             self._digestFor if checksum else None,
             self._statusReceived,
+            activity,
         )
         self._link = ClientService(cache, factory, **kwargs)
 
@@ -284,7 +288,7 @@ class ProxySession:
             self.ended.callback(None)
 
 
-@implementer(ILocalImageService)
+@implementer(ILocalImageService, ISessionControl)
 class ImageProxyService(MultiService):
     """
     The image proxy, embeddable in any Twisted application.
@@ -311,9 +315,11 @@ class ImageProxyService(MultiService):
         clientTimeout: float = 60.0,
         checksum: bool = False,
         keep: bool = False,
+        progressInterval: float = 10.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.activity = Activity(reactor, progressInterval)
         self.checksum = checksum
         self.keep = keep
         #: Completed sessions kept for inspection (C{keep}), by id.
@@ -347,9 +353,11 @@ class ImageProxyService(MultiService):
         except BaseException:
             self.stopService()  # close the listeners that did start
             raise
+        self.activity.startReporting()
         self._newSession()
 
     def stopService(self) -> Deferred[None]:
+        self.activity.stopReporting()
         d: Deferred[Any] = super().stopService()
         session = self.session
         if session is not None:
@@ -381,6 +389,7 @@ class ImageProxyService(MultiService):
             self.linkTimeout,
             self.checksum,
             sessionId=str(self._sessionCounter),
+            activity=self.activity,
         )
         self.session = session
         session.onDelivered = self._dumpDelivered
@@ -404,6 +413,56 @@ class ImageProxyService(MultiService):
         else:
             session.registry.release()
             self.log.info("session {id} is over; its images are dropped", id=session.id)
+
+    @property
+    def readsWaiting(self) -> int:
+        """criu reads waiting for a write of their image to complete."""
+        return 0 if self.session is None else self.session.registry.waiting
+
+    # -- ISessionControl ----------------------------------------------------
+
+    role = "proxy"
+
+    def listSessions(self) -> list[SessionView]:
+        views = []
+        current = self.session
+        if current is not None:
+            views.append(
+                SessionView.of(current.id, current.state, True, current.started, current.registry)
+            )
+        for kept in self.kept.values():
+            views.append(SessionView.of(kept.id, "kept", False, kept.started, kept.registry))
+        return views
+
+    def _find(self, sessionId: str) -> ProxySession:
+        if self.session is not None and self.session.id == sessionId:
+            return self.session
+        return self.kept[sessionId]
+
+    def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
+        try:
+            return self._find(sessionId).registry.get(key)
+        except KeyError:
+            return None
+
+    def dropSession(self, sessionId: str) -> SessionView:
+        session = self._find(sessionId)
+        if session is self.session:
+            if session.state != "delivered" or session.registry.writesInProgress:
+                raise SessionBusy(
+                    f"session {sessionId} is {session.state}: drop it once its dump"
+                    " has been delivered"
+                )
+            view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
+            self.session = None
+            session.over = True
+            session.stop()
+        else:
+            view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
+            del self.kept[sessionId]
+        session.registry.release()
+        self.log.info("session {id} dropped by the operator", id=sessionId)
+        return view
 
     # -- ILocalImageService --------------------------------------------------
 

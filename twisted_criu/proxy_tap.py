@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from twisted_criu.options import DaemonOptions, makeStore, streamEndpoint
+from twisted_criu.daemon import finishDaemon
+from twisted_criu.options import DaemonOptions, LinkTLSOptions, makeStore, streamEndpoint
 from twisted_criu.proxy import ImageProxyService
 from twisted_criu.tls import TLSClientEndpoint, clientConnectionCreator, endpointHost
 
@@ -22,6 +25,10 @@ class Options(DaemonOptions):
     )
     streamSocketName = "streamer-capture.sock"
     socketName = "img-proxy.sock"
+    controlSocketName = "proxy-control.sock"
+    optFlags = [
+        ["checksum", None, "Send each image's SHA-256 with it; a twisted-criu cache checks it before serving the image (CRIU's C cache ignores it)."],
+    ]
     optParameters = [
         ["address", None, "localhost", "Host of the criu-cache."],
         ["connect", None, None, "Client endpoint of the cache (overrides --address/--port), e.g. tcp:host=dst:port=9996."],
@@ -32,21 +39,32 @@ class Options(DaemonOptions):
         super().postOptions()
         if self["connect"] is None:
             self["connect"] = f"tcp:host={self['address']}:port={self['port']}"
-        self._refuseDoubleTLS("connect", ("ssl", "tls"), "tcp:host=dst:port=9996")
-        # The name the cache's certificate must carry: the host dialled.
-        self["tls-hostname"] = None
-        if self["tls"] and not self["tls-no-cn-verify"]:
-            self["tls-hostname"] = endpointHost(self["connect"]) or self["address"]
+        checkCacheEndpoint(self)
 
 
 log = Logger()
 
 
-def makeService(options: Options) -> IService:
-    from twisted.internet import reactor
+def checkCacheEndpoint(options: LinkTLSOptions) -> None:
+    """
+    After C{--connect} is known: refuse TLS inside TLS, and note the name
+    the cache's certificate must carry (the host dialled).
+    """
+    options.refuseDoubleTLS("connect", ("ssl", "tls"), "tcp:host=dst:port=9996")
+    options["tls-hostname"] = None
+    if options["tls"] and not options["tls-no-cn-verify"]:
+        options["tls-hostname"] = endpointHost(options["connect"]) or options["address"]
 
+
+def cacheEndpoint(
+    reactor: Any, options: LinkTLSOptions, maxRetryDelay: float
+) -> tuple[IStreamClientEndpoint, Callable[[int], float], str]:
+    """
+    The endpoint of the cache (with TLS around it if asked), the retry
+    policy for it, and its description for the log.
+    """
     cache: IStreamClientEndpoint = clientFromString(reactor, options["connect"])
-    retryPolicy = backoffPolicy(maxDelay=options["max-retry-delay"])
+    retryPolicy = backoffPolicy(maxDelay=maxRetryDelay)
     description = options["connect"]
     if options["tls"]:
         hostname = options["tls-hostname"]
@@ -65,6 +83,13 @@ def makeService(options: Options) -> IService:
             credentials=credentials.describe(),
             name=hostname or "anything (--tls-no-cn-verify)",
         )
+    return cache, retryPolicy, description
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    cache, retryPolicy, description = cacheEndpoint(reactor, options, options["max-retry-delay"])
     service = ImageProxyService(
         reactor,
         serverFromString(reactor, options["local"]),
@@ -76,7 +101,8 @@ def makeService(options: Options) -> IService:
         streamLocal=streamEndpoint(reactor, options),
         retryPolicy=retryPolicy,
         cacheDescription=description,
+        checksum=options["checksum"],
+        keep=options["keep"],
+        progressInterval=options["progress-interval"],
     )
-    if options["once"]:
-        service.whenSessionDone().addCallback(lambda _: reactor.stop())
-    return service
+    return finishDaemon(reactor, service, options)

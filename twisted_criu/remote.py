@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from twisted_criu import wire
+from twisted_criu.activity import Activity, Direction, Transfer
 from twisted_criu.errors import ImageKey, ProtocolError
 from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
 from twisted_criu.local import describe
@@ -66,9 +67,11 @@ class RemoteSender(Protocol):
         stallTimeout: float = 60.0,
         digestFor: DigestLookup | None = None,
         statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self._connected = connected
         self._statusReceived = statusReceived
+        self._activity = activity
         self._frames = wire.FrameBuffer()
         #: The cache said HELLO: it speaks twisted-criu's link extension.
         self.extended = False
@@ -176,6 +179,12 @@ class RemoteSender(Protocol):
         self._transfer = transfer
         self._armWatchdog(key, -1)
         self.transport.write(header.toBytes())
+        activity = self._activity
+        moving = None
+        if activity is not None:
+            moving = activity.begin(
+                Direction.TO_CACHE, describe(key), transfer.size, lambda: transfer.sent
+            )
 
         def sent(_: None) -> None:
             self._sending = False
@@ -184,14 +193,21 @@ class RemoteSender(Protocol):
             self.bytesSent += transfer.size
             self.imagesSinceMarker += 1
             self.bytesSinceMarker += transfer.size
+            timing = {} if moving is None or activity is None else activity.end(moving, transfer.size)
             self.log.info(
-                "forwarded {image} ({size} bytes)", image=describe(key), size=transfer.size
+                "forwarded {image} ({size} bytes) {timing}",
+                image=describe(key),
+                size=transfer.size,
+                timing=timing.pop("timing", ""),
+                **timing,
             )
             self._sendNext()
 
         def failed(reason: Failure) -> None:
             self._sending = False
             self._disarmWatchdog()
+            if moving is not None and activity is not None:
+                activity.abandon(moving)
             if reason.check(ImageSizeMismatch):
                 self.log.error(
                     "store failure while forwarding {image}, dropping the link: {why}",
@@ -266,6 +282,7 @@ class IRemoteImageSink(Interface):
 
     store = Attribute("The L{IImageStore} received images go to.")
     reactor = Attribute("The reactor (for timeouts).")
+    activity = Attribute("The daemon's L{Activity}: transfers and counters.")
     linkTimeout = Attribute("Seconds a link may stall inside a frame.")
 
     def linkOpened(receiver: RemoteReceiver) -> SnapshotRegistry:
@@ -300,6 +317,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._hash: Any = None
         self._writer: IImageWriter | None = None
         self._remaining = 0
+        self._moving: Transfer | None = None
         self.imagesReceived = 0
         self.bytesReceived = 0
         #: The proxy ended its dump with a marker; the link is idle.
@@ -425,6 +443,12 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._hash = hashlib.sha256() if header.sha256 is not None else None
         self._writer = store.newWriter()
         self._remaining = header.size
+        self._moving = self.sink.activity.begin(
+            Direction.FROM_PROXY,
+            describe(key),
+            header.size,
+            lambda: header.size - self._remaining,
+        )
         if not self._remaining:
             return self._finishImage()
         return True
@@ -435,7 +459,10 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._header, self._writer = None, None
         key = (header.snapshotId, header.name)
         digest, self._hash = self._hash, None
+        moving, self._moving = self._moving, None
+        assert moving is not None
         if digest is not None and digest.digest() != header.sha256:
+            self.sink.activity.abandon(moving)
             self.log.error(
                 "SHA-256 mismatch for {image} ({size} bytes): discarded; dropping the link",
                 image=describe(key),
@@ -450,7 +477,12 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self.bytesReceived += header.size
         self._imagesSinceMarker += 1
         self._bytesSinceMarker += header.size
-        self.log.info("received {image} ({size} bytes)", image=describe(key), size=header.size)
+        self.log.info(
+            "received {image} ({size} bytes) {timing}",
+            image=describe(key),
+            size=header.size,
+            **self.sink.activity.end(moving, header.size),
+        )
         if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
             self._registry.publishAppend(key, image, self.sink.store)
         else:
@@ -463,6 +495,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         clean = reason.check(ConnectionDone) is not None and writer is None
         if header is not None and writer is not None and self._registry is not None:
             self._header, self._writer = None, None
+            if self._moving is not None:
+                self.sink.activity.abandon(self._moving)
+                self._moving = None
             self.log.error(
                 "link lost in the middle of {image}: {got} of {size} bytes arrived;"
                 " discarded ({why})",
@@ -504,6 +539,7 @@ class RemoteSenderFactory(Factory):
         stallTimeout: float = 60.0,
         digestFor: DigestLookup | None = None,
         statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self.connected = connected
         self.imageFor = imageFor
@@ -511,6 +547,7 @@ class RemoteSenderFactory(Factory):
         self.stallTimeout = stallTimeout
         self.digestFor = digestFor
         self.statusReceived = statusReceived
+        self.activity = activity
 
     def buildProtocol(self, addr: Any) -> RemoteSender:
         protocol = RemoteSender(
@@ -520,6 +557,7 @@ class RemoteSenderFactory(Factory):
             self.stallTimeout,
             self.digestFor,
             self.statusReceived,
+            self.activity,
         )
         protocol.factory = self
         return protocol

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import wire
+from twisted_criu.activity import Direction
 from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
 from twisted_criu.interfaces import IImageWriter, IStoredImage
 from twisted_criu.local import ILocalImageService
@@ -208,13 +209,21 @@ class StreamCaptureProtocol(_StreamControl):
         writer: IImageWriter = self.service.store.newWriter()
         registry.beginWrite(key)
         self.files += 1
+        activity = self.service.activity
+        moving = activity.begin(Direction.FROM_CRIU, filename, None, lambda: writer.size)
 
         def ended(reason: Failure) -> None:
             if reason.check(ConnectionDone) and not self._failed:
                 image = writer.commit()
-                self.log.info("stored {image} ({size} bytes)", image=filename, size=image.size)
+                self.log.info(
+                    "stored {image} ({size} bytes) {timing}",
+                    image=filename,
+                    size=image.size,
+                    **activity.end(moving, image.size),
+                )
                 registry.publish(key, image)
             else:
+                activity.abandon(moving)
                 self.log.error(
                     "discarded {image} after {size} bytes: {why}",
                     image=filename,
@@ -262,8 +271,11 @@ class StreamServeProtocol(_StreamControl):
     def requestReceived(self, filename: str) -> None:
         assert self.registry is not None
         self.pause()
-        self._waiting = self.registry.whenAvailable(_key(filename))
-        self._waiting.addCallbacks(
+        waiting = self.registry.whenAvailable(_key(filename))
+        if not waiting.called:
+            self.service.activity.waitedReads += 1
+        self._waiting = waiting
+        waiting.addCallbacks(
             self._found, self._missing, callbackArgs=(filename,), errbackArgs=(filename,)
         )
 
@@ -279,6 +291,7 @@ class StreamServeProtocol(_StreamControl):
         if failure.check(CancelledError):
             return
         failure.trap(ImageNotFound)
+        self.service.activity.notFound += 1
         self.log.debug("no file {image}: exists=false", image=filename)
         self.transport.write(wire.StreamReply(False).toBytes())
         self.resume()
@@ -288,12 +301,20 @@ class StreamServeProtocol(_StreamControl):
         (filename, transfer), self._transfer = self._transfer, None
         pipe = PipeWriter(self.service.reactor, fd, lambda reason: self.pipeEnded(pipe))
         self.trackPipe(pipe)
+        activity = self.service.activity
+        moving = activity.begin(Direction.TO_CRIU, filename, transfer.size, lambda: transfer.sent)
 
         def sent(_: None) -> None:
-            self.log.info("served {image} ({size} bytes)", image=filename, size=transfer.size)
+            self.log.info(
+                "served {image} ({size} bytes) {timing}",
+                image=filename,
+                size=transfer.size,
+                **activity.end(moving, transfer.size),
+            )
             pipe.loseConnection()
 
         def failed(reason: Failure) -> None:
+            activity.abandon(moving)
             self.log.warn(
                 "criu stopped reading {image}: {why}",
                 image=filename,

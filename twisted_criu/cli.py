@@ -1,0 +1,538 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{twisted-criu}: the operator's command.
+
+    twisted-criu ls   [--from WHERE] [-l]              sessions and images a daemon holds
+    twisted-criu pull [--from WHERE] [--session ID] DIR  write a session to DIR for criu restore -D DIR
+    twisted-criu drop [--from WHERE] ID                drop a session's images
+    twisted-criu push DIR --address HOST [--port P]     send an on-disk dump to a criu-cache
+
+WHERE is a daemon's control endpoint: its images directory (the control
+socket is found there), the socket's path, or a Twisted endpoint string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+from urllib.parse import quote, urlencode
+
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, quoteStringArgument
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, ResponseDone, readBody
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
+
+from twisted_criu import __version__, wire
+from twisted_criu.errors import ProtocolError
+
+#: The control sockets the daemons create in their images directory.
+CONTROL_SOCKETS = ("cache-control.sock", "proxy-control.sock")
+
+
+class CommandError(Exception):
+    """The command failed; the message says why (no traceback)."""
+
+
+def controlEndpoint(where: str) -> str:
+    """
+    A client endpoint string for C{--from}: an endpoint string as given, a
+    socket's path, or an images directory holding a control socket.
+    """
+    if ":" in where and not os.path.exists(where):
+        return where
+    path = where
+    if os.path.isdir(where):
+        for name in CONTROL_SOCKETS:
+            candidate = os.path.join(where, name)
+            if os.path.exists(candidate):
+                path = candidate
+                break
+        else:
+            raise CommandError(
+                f"no control socket ({' or '.join(CONTROL_SOCKETS)}) in {where}:"
+                " is a daemon running with -D there?"
+            )
+    elif not os.path.exists(where):
+        raise CommandError(f"{where}: no such socket or directory")
+    return f"unix:path={quoteStringArgument(os.path.abspath(path))}"
+
+
+@implementer(IAgentEndpointFactory)
+class _OneEndpoint:
+    """Every request goes to the daemon's control endpoint."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return self.endpoint
+
+
+class ControlClient:
+    """Talks to one daemon's control API."""
+
+    def __init__(self, reactor: Any, where: str) -> None:
+        self.where = where
+        endpoint = clientFromString(reactor, controlEndpoint(where))
+        self.agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint))
+
+    def _request(self, method: bytes, path: str) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = self.agent.request(method, f"http://twisted-criu{path}".encode())
+
+        def unreachable(reason: Failure) -> Failure:
+            if reason.check(ConnectError):
+                raise CommandError(f"cannot reach the daemon at {self.where}: {reason.getErrorMessage()}")
+            return reason
+
+        return d.addErrback(unreachable)
+
+    @defer.inlineCallbacks
+    def json(self, method: bytes, path: str) -> Any:
+        response = yield self._request(method, path)
+        body = yield readBody(response)
+        try:
+            value = json.loads(body)
+        except ValueError:
+            raise CommandError(f"{self.where} answered {response.code} with something that is not JSON")
+        if response.code >= 400:
+            raise CommandError(value.get("error", f"HTTP {response.code}"))
+        return value
+
+    def sessions(self) -> Deferred[Any]:
+        return self.json(b"GET", "/sessions")
+
+    def session(self, sessionId: str) -> Deferred[Any]:
+        return self.json(b"GET", f"/sessions/{quote(sessionId, safe='')}")
+
+    def drop(self, sessionId: str) -> Deferred[Any]:
+        return self.json(b"DELETE", f"/sessions/{quote(sessionId, safe='')}")
+
+    @defer.inlineCallbacks
+    def download(self, sessionId: str, snapshotId: str, name: str, path: str, size: int) -> Any:
+        """Write one image to C{path} (mode 0600), streaming it."""
+        query = urlencode({"snapshot": snapshotId, "name": name})
+        response = yield self._request(b"GET", f"/sessions/{quote(sessionId, safe='')}/image?{query}")
+        if response.code != 200:
+            body = yield readBody(response)
+            raise CommandError(f"{name}: {body.decode('utf-8', 'replace').strip()}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        sink = _FileSink(fd)
+        response.deliverBody(sink)
+        try:
+            written = yield sink.done
+        except BaseException:
+            os.unlink(path)
+            raise
+        if written != size:
+            os.unlink(path)
+            raise CommandError(f"{name}: got {written} of {size} bytes")
+        return written
+
+
+class _FileSink(Protocol):
+    """Writes a response body into a file descriptor, then closes it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+        self.done: Deferred[int] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.written += len(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        os.close(self.fd)
+        if reason.check(ResponseDone):
+            self.done.callback(self.written)
+        else:
+            self.done.errback(CommandError(f"download broke off: {reason.getErrorMessage()}"))
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+class _AnyOrder(usage.Options):
+    """Options and arguments in any order (C{push DIR --address HOST})."""
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        args = list(sys.argv[1:] if options is None else options)
+        takesValue = {f"--{name[:-1]}" for name in self.longOpt if name.endswith("=")}
+        short = self.shortOpt
+        takesValue |= {f"-{c}" for i, c in enumerate(short) if c != ":" and short[i + 1 : i + 2] == ":"}
+        flags: list[str] = []
+        positional: list[str] = []
+        while args:
+            arg = args.pop(0)
+            if arg == "--":
+                positional += args
+                break
+            if arg.startswith("-") and arg != "-":
+                flags.append(arg)
+                if arg in takesValue and args:
+                    flags.append(args.pop(0))
+            else:
+                positional.append(arg)
+        super().parseOptions(flags + positional)
+
+
+# -- ls ------------------------------------------------------------------------
+
+
+class LsOptions(_AnyOrder):
+    synopsis = "[--from WHERE] [-l] [--json]"
+    description = "List the sessions a daemon holds (and with -l their images)."
+    optParameters = [["from", "f", ".", "The daemon: its images directory, control socket, or endpoint."]]
+    optFlags = [["long", "l", "Also list every image."], ["json", None, "Print the daemon's JSON."]]
+
+
+@defer.inlineCallbacks
+def ls(reactor: Any, options: LsOptions, out: Any) -> Any:
+    client = ControlClient(reactor, options["from"])
+    listing = yield client.sessions()
+    if options["long"]:
+        details = []
+        for session in listing["sessions"]:
+            details.append((yield client.session(session["id"])))
+        listing["sessions"] = details
+    if options["json"]:
+        out.write(json.dumps(listing, indent=1) + "\n")
+        return
+    sessions = listing["sessions"]
+    out.write(f"criu-{listing['role']} at {options['from']}: {len(sessions)} session(s)\n")
+    for s in sessions:
+        ids = ", ".join(i or '""' for i in s["snapshot_ids"]) or "-"
+        out.write(
+            f"  session {s['id']:>4}  {s['state']:<24} {s['image_count']:>5} images"
+            f" {_size(s['bytes']):>10}  snapshots: {ids}\n"
+        )
+        for image in s.get("images", []):
+            where = f"{image['snapshot_id']}/" if image["snapshot_id"] else ""
+            out.write(f"      {image['size']:>14,}  {where}{image['name']}\n")
+
+
+# -- drop ----------------------------------------------------------------------
+
+
+class DropOptions(_AnyOrder):
+    synopsis = "[--from WHERE] SESSION"
+    description = "Drop a session's images (a kept one, or the current one when idle)."
+    optParameters = [["from", "f", ".", "The daemon: its images directory, control socket, or endpoint."]]
+
+    def parseArgs(self, session: str) -> None:  # type: ignore[override]
+        self["session"] = session
+
+
+@defer.inlineCallbacks
+def drop(reactor: Any, options: DropOptions, out: Any) -> Any:
+    result = yield ControlClient(reactor, options["from"]).drop(options["session"])
+    dropped = result["dropped"]
+    out.write(
+        f"dropped session {dropped['id']}: {dropped['image_count']} images,"
+        f" {_size(dropped['bytes'])}\n"
+    )
+
+
+# -- pull ----------------------------------------------------------------------
+
+
+class PullOptions(_AnyOrder):
+    synopsis = "[--from WHERE] [--session ID] [--snapshot-id ID] DIR"
+    description = (
+        "Write a session's images into DIR, ready for `criu restore -D DIR`. "
+        "The chosen snapshot goes to DIR, its parent snapshot (if the session "
+        "is a chain of dumps) to DIR/parent, and so on."
+    )
+    optParameters = [
+        ["from", "f", ".", "The daemon: its images directory, control socket, or endpoint."],
+        ["session", "s", None, "The session [default: the current one if it holds images, else the last kept one]."],
+        ["snapshot-id", None, None, "The snapshot to restore [default: the last of the session's chain]."],
+    ]
+    optFlags = [["force", None, "Overwrite image files that exist in DIR."]]
+
+    def parseArgs(self, directory: str) -> None:  # type: ignore[override]
+        self["directory"] = directory
+
+
+def _pickSession(sessions: list[dict[str, Any]], wanted: str | None) -> dict[str, Any]:
+    if wanted is not None:
+        for session in sessions:
+            if session["id"] == wanted:
+                return session
+        raise CommandError(f"no session {wanted}")
+    candidates = [s for s in sessions if s["current"] and s["image_count"]]
+    candidates += [s for s in reversed(sessions) if s["kept"]]
+    if not candidates:
+        raise CommandError("the daemon holds no images")
+    return candidates[0]
+
+
+@defer.inlineCallbacks
+def pull(reactor: Any, options: PullOptions, out: Any) -> Any:
+    client = ControlClient(reactor, options["from"])
+    listing = yield client.sessions()
+    chosen = _pickSession(listing["sessions"], options["session"])
+    session = yield client.session(chosen["id"])
+    chain: list[str] = session["snapshot_ids"]
+    snapshot = options["snapshot-id"]
+    if snapshot is None:
+        snapshot = chain[-1] if chain else ""
+    elif snapshot not in chain:
+        raise CommandError(f"session {session['id']} has no snapshot {snapshot!r} (it has {chain})")
+    # The chosen snapshot, then its parents: DIR, DIR/parent, DIR/parent/parent...
+    lineage = [snapshot]
+    if snapshot in chain:
+        lineage = list(reversed(chain[: chain.index(snapshot) + 1]))
+    byName: dict[str, list[dict[str, Any]]] = {}
+    for image in session["images"]:
+        byName.setdefault(image["snapshot_id"], []).append(image)
+    directory = options["directory"]
+    total = count = 0
+    for depth, snapshotId in enumerate(lineage):
+        target = os.path.join(directory, *(["parent"] * depth))
+        images = [
+            i for i in byName.get(snapshotId, []) if not (i["snapshot_id"] == "" and i["name"] == wire.PARENT_IMAGE and chain)
+        ]
+        if not images:
+            raise CommandError(f"session {session['id']} holds no images of snapshot {snapshotId!r}")
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        for image in images:
+            try:
+                wire.checkName(image["name"])  # never a path, whatever the daemon says
+            except ProtocolError as e:
+                raise CommandError(f"refusing an image name from the daemon: {e}")
+            path = os.path.join(target, image["name"])
+            if os.path.lexists(path) and not options["force"]:
+                raise CommandError(f"{path} exists (use --force to overwrite)")
+            yield client.download(session["id"], snapshotId, image["name"], path, image["size"])
+            total += image["size"]
+            count += 1
+        label = repr(snapshotId) if snapshotId else "(stream images)"
+        out.write(f"  {target}: snapshot {label}, {len(images)} images\n")
+    out.write(f"pulled session {session['id']}: {count} images, {_size(total)} into {directory}\n")
+
+
+# -- push ----------------------------------------------------------------------
+
+
+class PushOptions(_AnyOrder):
+    synopsis = "DIR (--address HOST [--port PORT] | --to ENDPOINT) [options]"
+    description = (
+        "Send the images of an on-disk dump (the *.img files that `criu dump -D DIR` "
+        "wrote) to a criu-cache, as a criu-proxy would. Without --snapshot-id they "
+        "are served to `criu restore --stream`; with it, to `criu restore --remote "
+        "-D SNAPSHOT_ID`."
+    )
+
+    def __init__(self) -> None:
+        from twisted_criu.options import LinkTLSOptions
+
+        super().__init__()
+        self._tls = LinkTLSOptions()
+
+    optParameters: list[list[Any]] = [
+        ["address", "a", None, "Host of the criu-cache."],
+        ["port", "p", 9996, "TCP port of the criu-cache.", int],
+        ["to", None, None, "Client endpoint of the cache (instead of --address/--port)."],
+        ["snapshot-id", None, None, "Push as this snapshot id (criu restore --remote -D SNAPSHOT_ID)."],
+        ["timeout", None, 60.0, "Give up when nothing moved for this many seconds.", float],
+    ]
+    optFlags: list[list[Any]] = [
+        ["checksum", None, "Send each image's SHA-256 (a twisted-criu cache checks it)."],
+    ]
+
+    def parseArgs(self, directory: str) -> None:  # type: ignore[override]
+        self["directory"] = directory
+
+    def postOptions(self) -> None:
+        if (self["to"] is None) == (self["address"] is None):
+            raise usage.UsageError("give --address HOST (and --port) or --to ENDPOINT")
+        self["connect"] = self["to"] or f"tcp:host={self['address']}:port={self['port']}"
+        if not os.path.isdir(self["directory"]):
+            raise usage.UsageError(f"{self['directory']} is not a directory")
+
+
+def _addTLSOptions() -> None:
+    from twisted_criu.options import LinkTLSOptions
+
+    PushOptions.optFlags = PushOptions.optFlags + LinkTLSOptions.optFlags
+    PushOptions.optParameters = PushOptions.optParameters + LinkTLSOptions.optParameters
+
+
+_addTLSOptions()
+
+
+def imageFiles(directory: str) -> list[str]:
+    """The image files of a dump directory, in a stable order."""
+    names = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.endswith(".img") and os.path.isfile(path) and not os.path.islink(path):
+            names.append(name)
+    return names
+
+
+@defer.inlineCallbacks
+def push(reactor: Any, options: PushOptions, out: Any) -> Any:
+    from twisted_criu.activity import Activity
+    from twisted_criu.options import LinkTLSOptions
+    from twisted_criu.proxy import ProxySession
+    from twisted_criu.proxy_tap import cacheEndpoint, checkCacheEndpoint
+    from twisted_criu.storage.files import FileImage
+
+    tlsOptions = LinkTLSOptions()
+    tlsOptions.update(options)
+    tlsOptions.loadTLS()
+    checkCacheEndpoint(tlsOptions)
+    directory = options["directory"]
+    names = imageFiles(directory)
+    if not names:
+        raise CommandError(f"no *.img files in {directory}")
+    cache, retryPolicy, description = cacheEndpoint(reactor, tlsOptions, 5.0)
+    activity = Activity(reactor, interval=10.0)
+    session = ProxySession(
+        reactor, cache, retryPolicy, options["timeout"], options["checksum"], "push", activity
+    )
+    delivered: Deferred[Any] = Deferred()
+    session.onDelivered = delivered.callback
+    snapshotId = options["snapshot-id"] or ""
+    registry = session.registry
+    session.start()
+    activity.startReporting()
+    if options["snapshot-id"] is not None:
+        from twisted_criu.storage.memory import MemoryStore
+
+        writer = MemoryStore().newWriter()
+        writer.write(wire.encodeSnapshotId(snapshotId))
+        registry.publish(("", wire.PARENT_IMAGE), writer.commit())
+    total = 0
+    for name in names:
+        image = FileImage(os.path.join(directory, name))
+        total += image.size
+        registry.publish((snapshotId, name), image)
+    registry.close()
+    out.write(f"pushing {len(names)} images ({_size(total)}) from {directory} to {description}\n")
+
+    # Give up when nothing moves (the cache is unreachable, or stalled).
+    lastMoved = [-1, reactor.seconds()]
+
+    def watch() -> None:
+        moved = sum(activity.bytes.values()) + activity.bytesInFlight + sum(activity.images.values())
+        now = reactor.seconds()
+        if moved != lastMoved[0]:
+            lastMoved[:] = [moved, now]
+        elif now - lastMoved[1] >= options["timeout"] and not delivered.called:
+            delivered.errback(
+                CommandError(f"nothing moved for {options['timeout']:g} s: is the cache at {description} up?")
+            )
+
+    watcher = task.LoopingCall(watch)
+    watcher.start(1.0)
+    started = reactor.seconds()
+    try:
+        summary = yield delivered
+    finally:
+        watcher.stop()
+        activity.stopReporting()
+        yield session.stop()
+    seconds = reactor.seconds() - started
+    confirmed = "confirmed by the cache" if session.over is False else "sent (a C cache does not confirm)"
+    out.write(
+        f"pushed {summary.images} images, {_size(summary.bytes)} in {seconds:.2f} s; {confirmed}\n"
+    )
+
+
+# -- the command -----------------------------------------------------------------
+
+
+class Options(usage.Options):
+    synopsis = "twisted-criu COMMAND [options]"
+    longdesc = __doc__
+    subCommands = [
+        ["ls", None, LsOptions, "List the sessions and images a daemon holds."],
+        ["pull", None, PullOptions, "Write a session's images to a directory (criu restore -D DIR)."],
+        ["extract", None, PullOptions, "The same as pull."],
+        ["drop", None, DropOptions, "Drop a session's images."],
+        ["push", None, PushOptions, "Send an on-disk dump to a criu-cache."],
+    ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"twisted-criu {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("give a command: ls, pull, drop or push")
+
+
+_COMMANDS: dict[str, Callable[[Any, Any, Any], Deferred[Any]]] = {
+    "ls": ls,
+    "pull": pull,
+    "extract": pull,
+    "drop": drop,
+    "push": push,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = Options()
+    try:
+        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
+    except usage.UsageError as e:
+        sys.stderr.write(f"{options}\ntwisted-criu: {e}\n")
+        return 2
+    assert options.subCommand is not None
+    command = _COMMANDS[options.subCommand]
+    # Warnings and errors of the library (e.g. "cannot reach the cache") on stderr.
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr),
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+            )
+        ],
+        redirectStandardIO=False,
+    )
+    status = [0]
+
+    @defer.inlineCallbacks
+    def run(reactor: Any) -> Any:
+        try:
+            yield command(reactor, options.subOptions, sys.stdout)
+        except CommandError as e:
+            sys.stderr.write(f"twisted-criu {options.subCommand}: {e}\n")
+            status[0] = 1
+
+    try:
+        task.react(run, [])
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else 1
+    return status[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
