@@ -351,3 +351,83 @@ class ChecksumTests(SynchronousTestCase):
             wire.RemoteHeader("after.img", "X", 1, 19).toBytes().hex(),
             "120000000a0961667465722e696d6712015818012013",
         )
+
+
+class LinkExtensionTests(SynchronousTestCase):
+    """twisted-criu's link extension, and that C peers never see it."""
+
+    def setUp(self) -> None:
+        self.sink = FakeSink()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.receiver = RemoteReceiver(self.sink)
+        self.transport = StringTransport()
+        self.receiver.makeConnection(self.transport)
+
+    def statuses(self) -> list[wire.LinkStatus]:
+        return [wire.LinkStatus.fromBytes(p) for p in wire.iterFrames(self.transport.value())]
+
+    def test_cProxyIsNeverWrittenTo(self) -> None:
+        """A C proxy never reads: bytes left unread would turn its close into a reset."""
+        self.receiver.dataReceived(_stream(("a.img", b"alpha"), ("b.img", b"")))
+        self.receiver.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.sink.closed, [True])
+
+    def test_helloAfterTheFirstExtendedHeader(self) -> None:
+        self.assertEqual(self.transport.value(), b"")
+        self.receiver.dataReceived(_sent(("a.img", b"alpha")))
+        self.assertEqual(self.statuses(), [wire.LinkStatus(wire.LinkStatusKind.HELLO, 1)])
+        self.receiver.dataReceived(_sent(("b.img", b"bravo")))
+        self.assertEqual(len(self.statuses()), 1)
+
+    def test_endOfDumpConfirmed(self) -> None:
+        self.receiver.dataReceived(
+            _sent(("a.img", b"alpha"), ("e.img", b"")) + wire.END_OF_DUMP.toBytes()
+        )
+        self.assertEqual(
+            self.statuses()[1:],
+            [wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=2, size=5)],
+        )
+        self.assertEqual(self.sink.dumpsEnded, 1)
+        self.assertTrue(self.receiver.betweenDumps)
+        # The link stays; the next dump's images start a new dump.
+        self.receiver.dataReceived(_sent(("c.img", b"charlie")) + wire.END_OF_DUMP.toBytes())
+        self.assertEqual(self.sink.dumpsStarted, 1)
+        self.assertEqual(
+            self.statuses()[-1], wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=1, size=7)
+        )
+        self.assertEqual(readAll(self.sink.registry.get(("snap1", "c.img"))), b"charlie")  # type: ignore[arg-type]
+
+    def test_markerFromACProxyIsRefused(self) -> None:
+        """Only a header carrying the link version can be a marker."""
+        self.receiver.dataReceived(wire.RemoteHeader("", "", 0, 0).toBytes())
+        self.assertTrue(self.transport.disconnected)
+
+
+class SenderStatusTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.statuses: list[wire.LinkStatus] = []
+        self.sender = RemoteSender(
+            lambda s: None, lambda key: None, statusReceived=lambda s, st: self.statuses.append(st)
+        )
+        self.transport = StringTransport()
+        self.sender.makeConnection(self.transport)
+
+    def test_statusesSplitAnywhere(self) -> None:
+        data = (
+            wire.LinkStatus(wire.LinkStatusKind.HELLO, 1).toBytes()
+            + wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=3, size=9).toBytes()
+        )
+        for byte in range(len(data)):
+            self.sender.dataReceived(data[byte : byte + 1])
+        self.assertTrue(self.sender.extended)
+        self.assertEqual([s.kind for s in self.statuses], [1, 2])
+
+    def test_garbageDropsTheLink(self) -> None:
+        """A TLS alert (a cache with --tls, a proxy without) is not a status."""
+        self.sender.dataReceived(bytes.fromhex("15030300020246"))
+        self.assertTrue(self.transport.disconnected)
+        errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
+        self.assertIn("the cache sent bytes that are not a link status", errors[0])
+        self.assertIn("--tls on one end only", errors[0])

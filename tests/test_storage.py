@@ -81,6 +81,22 @@ class StoreTestsMixin(_Base):
         writer.abort()
         self.assertEqual(writer.size, 0)
 
+    def test_accountingReturnsToZero(self) -> None:
+        """Bytes held are counted while held, and given back when released or aborted."""
+        first = self._write(b"a" * 3000, b"b" * 5000)
+        writer = self.store.newWriter(first)
+        writer.write(b"c" * 100)
+        second = writer.commit()
+        aborted = self.store.newWriter()
+        aborted.write(b"d" * 700)
+        held = self.store.inMemory + getattr(self.store, "onDisk", 0)  # type: ignore[attr-defined]
+        self.assertEqual(held, 8000 + 8100 + 700)
+        aborted.abort()
+        first.release()
+        second.release()
+        second.release()  # twice is harmless
+        self.assertEqual(self.store.inMemory + getattr(self.store, "onDisk", 0), 0)  # type: ignore[attr-defined]
+
     def test_writeAcceptsBuffers(self) -> None:
         buffer = bytearray(b"abc")
         writer = self.store.newWriter()

@@ -97,3 +97,66 @@ class CacheOptionsTests(SynchronousTestCase):
         options = cache_tap.Options()
         options.parseOptions(["--local", "unix:x", "--once"])
         self.assertIsInstance(cache_tap.makeService(options), ImageCacheService)
+
+
+class OperationsOptionsTests(SynchronousTestCase):
+    """The options both daemons share for operators."""
+
+    def parse(self, *argv: str, tap: object = cache_tap) -> usage.Options:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        options = tap.Options()  # type: ignore[attr-defined]
+        options.parseOptions(["-D", directory, *argv])
+        return options  # type: ignore[no-any-return]
+
+    def test_defaults(self) -> None:
+        options = self.parse()
+        path = options["images-dir"]
+        self.assertEqual(options["control"], f"unix:{path}/cache-control.sock:mode=600")
+        proxy = self.parse(tap=proxy_tap)
+        self.assertEqual(
+            proxy["control"], f"unix:{proxy['images-dir']}/proxy-control.sock:mode=600"
+        )
+        self.assertEqual(
+            (options["metrics"], options["status-fd"], options["pidfile"], options["log-json"]),
+            (None, None, None, None),
+        )
+        self.assertFalse(options["keep"])
+        self.assertFalse(proxy["checksum"])
+        self.assertEqual(options["progress-interval"], 10.0)
+
+    def test_socketMode(self) -> None:
+        options = self.parse("--socket-mode", "0660")
+        for option in ("local", "stream-local", "control"):
+            self.assertTrue(options[option].endswith(":mode=660"), options[option])
+        for bad in ("666", "rw", "1777"):
+            with self.assertRaises(usage.UsageError, msg=bad):
+                self.parse("--socket-mode", bad)
+
+    def test_controlOff(self) -> None:
+        self.assertIsNone(self.parse("--control", "none")["control"])
+
+    def test_flags(self) -> None:
+        options = self.parse(
+            "--keep", "--metrics", "tcp:9101:interface=127.0.0.1", "--status-fd", "5",
+            "--pidfile", "/run/x.pid", "--log-json", "-", "--progress-interval", "0",
+        )
+        self.assertTrue(options["keep"])
+        self.assertEqual(options["status-fd"], 5)
+        self.assertEqual(options["progress-interval"], 0.0)
+        self.assertTrue(self.parse("--checksum", tap=proxy_tap)["checksum"])
+        with self.assertRaises(usage.UsageError):
+            self.parse("--status-fd", "-1")
+        with self.assertRaises(usage.UsageError):
+            self.parse("--progress-interval", "-1")
+
+    def test_servicesGetThem(self) -> None:
+        options = self.parse("--keep", "--progress-interval", "3", "--metrics", "tcp:0")
+        service = cache_tap.makeService(options)
+        self.assertTrue(service.keep)  # type: ignore[attr-defined]
+        self.assertEqual(service.activity.interval, 3.0)  # type: ignore[attr-defined]
+        names = sorted(type(child).__name__ for child in service)  # type: ignore[attr-defined]
+        self.assertIn("MetricsService", names)
+        self.assertIn("_ReadinessService", names)
+        proxy = proxy_tap.makeService(self.parse("--checksum", "--control", "none", tap=proxy_tap))
+        self.assertTrue(proxy.checksum)  # type: ignore[attr-defined]

@@ -37,14 +37,17 @@ class _ChunkReader:
 class MemoryImage:
     """An immutable image made of the chunks it was written in."""
 
-    def __init__(self, chunks: list[bytes], size: int) -> None:
+    def __init__(self, chunks: list[bytes], size: int, store: MemoryStore | None = None) -> None:
         self._chunks = chunks
         self.size = size
+        self._store = store
 
     def open(self) -> IImageReader:
         return _ChunkReader(self._chunks)
 
     def release(self) -> None:
+        if self._chunks and self._store is not None:
+            self._store.inMemory -= self.size
         self._chunks = []
 
     def chunks(self) -> list[bytes]:
@@ -53,19 +56,23 @@ class MemoryImage:
 
 @implementer(IImageWriter)
 class _MemoryWriter:
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: list[bytes], store: MemoryStore) -> None:
         self._chunks = chunks
+        self._store = store
         self.size = sum(len(c) for c in chunks)
+        store.inMemory += self.size
 
     def write(self, data: bytes) -> None:
         if data:
             self._chunks.append(bytes(data))
             self.size += len(data)
+            self._store.inMemory += len(data)
 
     def commit(self) -> IStoredImage:
-        return MemoryImage(self._chunks, self.size)
+        return MemoryImage(self._chunks, self.size, self._store)
 
     def abort(self) -> None:
+        self._store.inMemory -= self.size
         self._chunks = []
         self.size = 0
 
@@ -75,7 +82,12 @@ class MemoryStore:
     """
     An unbounded in-memory store.  Chunks are kept as received and never
     joined, so storing costs no copies beyond the socket read.
+
+    @ivar inMemory: bytes held (written and not yet released).
     """
+
+    def __init__(self) -> None:
+        self.inMemory = 0
 
     def newWriter(self, base: IStoredImage | None = None) -> IImageWriter:
         chunks: list[bytes] = []
@@ -84,7 +96,7 @@ class MemoryStore:
             while chunk := reader.read(1 << 20):
                 chunks.append(chunk)
             reader.close()
-        return _MemoryWriter(chunks)
+        return _MemoryWriter(chunks, self)
 
     def close(self) -> None:
         pass
