@@ -197,3 +197,15 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual(wire.REPLY_OK.hex(), "020000000800")
         self.assertEqual(wire.REPLY_ENOENT.hex(), "020000000802")
         self.assertEqual(wire.Reply.fromBytes(wire.REPLY_ENOENT[4:]).error, 2)
+
+
+class Utf8Tests(SynchronousTestCase):
+    def test_invalidUtf8Refused(self) -> None:
+        """proto2 strings are not checked by the parser: we do."""
+        raw = wire.LocalRequest("ab.img", "s", 1).toBytes()[4:].replace(b"ab", b"\xff\xfe")
+        with self.assertRaises(ProtocolError) as e:
+            wire.LocalRequest.fromBytes(raw)
+        self.assertIn("local_image_entry.name is not valid UTF-8", str(e.exception))
+        raw = wire.StreamRequest("ab.img").toBytes()[4:].replace(b"ab", b"\xc3")
+        with self.assertRaises(ProtocolError):
+            wire.StreamRequest.fromBytes(raw)

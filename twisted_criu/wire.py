@@ -86,6 +86,10 @@ def _parse(cls: type[_M], raw: bytes) -> _M:
     if not message.IsInitialized():
         missing = ", ".join(message.FindInitializationErrors())  # type: ignore[attr-defined]
         raise ProtocolError(f"{cls.__name__} lacks required fields: {missing}")
+    for field in message.DESCRIPTOR.fields:
+        # proto2 does not check UTF-8: upb then hands out bytes, not str.
+        if field.type == field.TYPE_STRING and isinstance(getattr(message, field.name), bytes):
+            raise ProtocolError(f"{cls.__name__}.{field.name} is not valid UTF-8")
     return message
 
 
