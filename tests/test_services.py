@@ -202,7 +202,12 @@ class ServiceTests(TestCase):
             m.dump.finishDump()
             return ids
 
+        assert m.proxy
+        delivered = m.proxy.whenSessionDone()
         self.assertEqual((yield inThread(dump)), ["pre", "dump"])
+        # Both versions of twice.img travel; a restore started before the
+        # second arrived could read the first (as with the C daemons).
+        yield delivered
 
         def restore() -> tuple[Any, ...]:
             return (

@@ -32,8 +32,8 @@ class IImageWriter(Interface):
 
     size = Attribute("Bytes written so far.")
 
-    def write(data: bytes) -> None:
-        """Append C{data}."""
+    def write(data: bytes | memoryview) -> None:
+        """Append C{data} (a copy: a buffer passed in may be reused at once)."""
 
     def commit() -> IStoredImage:
         """Seal the image: nothing more will be written."""

@@ -149,6 +149,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.setTimeout(None)
         self._closeFds()
+        self._dropTransfer()
         state = self._state
         if state in (_State.WRITE_START, _State.WRITE_INLINE):
             if reason.check(ConnectionDone):
@@ -158,9 +159,6 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         elif state is _State.READ_WAIT and self._waiting is not None:
             self._waiting.cancel()
         elif state is _State.READ_FD:
-            if self._transfer is not None:
-                self._transfer.close()
-                self._transfer = None
             self.log.warn(
                 "criu closed the connection for {image} before passing its pipe",
                 image=describe(self._key),
@@ -365,11 +363,20 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         if self._writer is not None:
             self._abort(str(error))
         pipe, self._pipe = self._pipe, None
-        if pipe is not None:
+        if isinstance(pipe, PipeWriter):
+            pipe.abortConnection()  # criu sees a short image at once
+        elif pipe is not None:
             pipe.stopProducing()
         self._closeFds()
+        self._dropTransfer()
         self._state = _State.DONE
         self.transport.abortConnection()
+
+    def _dropTransfer(self) -> None:
+        """Close an image opened for a reader that will never get it."""
+        transfer, self._transfer = self._transfer, None
+        if transfer is not None:
+            transfer.close()
 
     def _closeFds(self) -> None:
         fds, self._fds = self._fds, []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
+from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -42,7 +43,9 @@ from twisted_criu.local import describe
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
 
-#: Socket read size on the link (Twisted's default is 64 KiB).
+#: How much of an image body one read on the link may take.  Bodies are
+#: read into one reused buffer of this size (see L{RemoteReceiver}); headers
+#: use Twisted's own reads (64 KiB).
 LINK_READ_SIZE = 1 << 20
 
 
@@ -328,7 +331,14 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._bytesSinceMarker = 0
 
     def connectionMade(self) -> None:
-        self.transport.bufferSize = LINK_READ_SIZE
+        transport: Any = self.transport
+        if isinstance(transport, tcp.Connection):
+            # Image bodies are read straight into a reused buffer: a fresh
+            # bytes object per read costs more than the copy itself (page
+            # faults, and mmap churn for reads of 128 KiB and more).
+            self._buffer = memoryview(bytearray(LINK_READ_SIZE))
+            self._plainRead = transport.doRead
+            setattr(transport, "doRead", self._readBody)
         self._registry = self.sink.linkOpened(self)
         peer = self.transport.getPeer()
         self.log.info("proxy connected from {peer}", peer=str(peer))
@@ -350,10 +360,27 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self.sink.dumpEnded(self)
         self.sendStatus(wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=images, size=size))
 
-    def dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes | memoryview) -> None:
         self._receive(data)
         inFrame = self._writer is not None or self._frames.pending > 0
         self.setTimeout(self.sink.linkTimeout if inFrame else None)
+
+    def _readBody(self) -> Any:
+        """The TCP transport's C{doRead} while this protocol is connected."""
+        remaining = self._remaining
+        if self._writer is None or not remaining:
+            return self._plainRead()
+        view = self._buffer[: min(remaining, LINK_READ_SIZE)]
+        try:
+            count = self.transport.socket.recv_into(view)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        self.dataReceived(view[:count])  # never kept: the store copies it
+        return None
 
     def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
         return self.sink.reactor.callLater(period, func)
@@ -366,7 +393,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         )
         self.transport.abortConnection()
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: bytes | memoryview) -> None:
         while data:
             if self._writer is not None:
                 remaining = self._remaining
@@ -391,7 +418,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     return
                 continue
             try:
-                payload = self._frames.feed(data)
+                payload = self._frames.feed(bytes(data))
                 if payload is None:
                     return
                 header = wire.RemoteHeader.fromBytes(payload)

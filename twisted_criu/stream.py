@@ -172,7 +172,10 @@ class _StreamControl(Protocol, TimeoutMixin):
         for fd in fds:
             os.close(fd)
         for pipe in list(self._pipes):
-            pipe.stopProducing()
+            if isinstance(pipe, PipeWriter):
+                pipe.abortConnection()  # criu sees a short file at once
+            else:
+                pipe.stopProducing()
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:

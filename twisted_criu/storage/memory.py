@@ -62,7 +62,7 @@ class _MemoryWriter:
         self.size = sum(len(c) for c in chunks)
         store.inMemory += self.size
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if data:
             self._chunks.append(bytes(data))
             self.size += len(data)

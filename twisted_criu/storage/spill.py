@@ -177,7 +177,7 @@ class _SpillWriter:
         else:
             self._store._freeMemory(reserved - n)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         n = len(data)
         if not n:
             return
