@@ -129,7 +129,7 @@ class Activity:
     def report(self) -> None:
         """Log a progress line for every transfer older than the interval."""
         now = self.clock.seconds()
-        for transfer in sorted(self.active, key=lambda t: t.started):
+        for transfer in sorted(self.active, key=lambda t: (t.started, t.image)):
             elapsed = now - transfer.started
             if elapsed < self.interval:
                 continue
