@@ -39,6 +39,7 @@ from twisted_criu.stream import StreamCaptureProtocol, StreamServeProtocol
 
 from .helpers import FakeLocalService, driveProducer, pump
 from .test_remote import FakeSink
+from .test_wire import _collect as collectFrames
 
 settings.register_profile(
     "ci",
@@ -259,22 +260,30 @@ class _SpillDirTest(_Counting):
         self.assertEqual(os.listdir(parent), [])
 
 
-class LocalProtocolFuzzTests(_SpillDirTest):
-    """criu's UNIX socket (remote images, both variants)."""
+class _CriuSocketTest(_SpillDirTest):
+    """Plays events on a criu-facing protocol, then checks what it left behind."""
 
-    @given(events=localEvents(), waitForMissing=st.booleans())
-    def test_anythingOnTheLocalSocket(self, events: list[tuple[str, Any]], waitForMissing: bool) -> None:
-        self.count()
-        before = openFds()
+    def play(
+        self,
+        build: Callable[[FakeLocalService], Any],
+        events: list[tuple[str, Any]],
+        waitForMissing: bool,
+        published: tuple[str, str],
+    ) -> tuple[FakeLocalService, _Descriptors]:
+        """
+        Run C{events} on a new protocol over a spill store that already holds
+        C{published}; close the connection as the last event says.
+        """
+        self.fdsBefore = openFds()
         service = FakeLocalService(waitForMissing)
-        store, parent = self.spillStore()
-        service.store = store  # type: ignore[assignment]
+        self.store, self.parent = self.spillStore()
+        service.store = self.store  # type: ignore[assignment]
         writer = service.store.newWriter()
         writer.write(b"published before")
-        service.registry.beginWrite(("snap1", "pages-1.img"))
-        service.registry.publish(("snap1", "pages-1.img"), writer.commit())
+        service.registry.beginWrite(published)
+        service.registry.publish(published, writer.commit())
         descriptors = _Descriptors()
-        protocol = LocalImageProtocol(service)
+        protocol = build(service)
         transport = StringTransport()
         protocol.makeConnection(transport)
         for kind, value in events:
@@ -292,17 +301,30 @@ class LocalProtocolFuzzTests(_SpillDirTest):
         pump(service.reactor)
         service.registry.close()
         pump(service.reactor)
-        registry = service.registry
-        self.assertEqual(registry.writesInProgress, 0)
-        self.assertEqual(registry.waiting, 0)
-        for key in registry.keys():  # only well-formed keys, never paths
-            snapshotId, name = key
+        self.assertEqual(service.registry.writesInProgress, 0)
+        self.assertEqual(service.registry.waiting, 0)
+        return service, descriptors
+
+    def assertNothingLeft(self, service: FakeLocalService, descriptors: _Descriptors) -> None:
+        service.registry.release()
+        descriptors.close()
+        self.assertOnlySpillFiles(self.store, self.parent)
+        self.assertEqual(openFds(), self.fdsBefore)
+
+
+class LocalProtocolFuzzTests(_CriuSocketTest):
+    """criu's UNIX socket (remote images, both variants)."""
+
+    @given(events=localEvents(), waitForMissing=st.booleans())
+    def test_anythingOnTheLocalSocket(self, events: list[tuple[str, Any]], waitForMissing: bool) -> None:
+        self.count()
+        service, descriptors = self.play(
+            LocalImageProtocol, events, waitForMissing, ("snap1", "pages-1.img")
+        )
+        for snapshotId, name in service.registry.keys():  # well-formed keys, never paths
             wire.checkName(name)
             wire.checkSnapshotId(snapshotId)
-        registry.release()
-        descriptors.close()
-        self.assertOnlySpillFiles(store, parent)
-        self.assertEqual(openFds(), before)
+        self.assertNothingLeft(service, descriptors)
 
 
 class RemoteReceiverFuzzTests(_SpillDirTest):
@@ -406,48 +428,19 @@ class RemoteSenderFuzzTests(_Counting):
         sender.connectionLost(Failure(ConnectionDone()))
 
 
-class StreamFuzzTests(_SpillDirTest):
+class StreamFuzzTests(_CriuSocketTest):
     """criu --stream's control connection, capture and serve."""
 
     @given(events=localEvents(), capture=st.booleans())
     def test_anythingOnTheStreamSocket(self, events: list[tuple[str, Any]], capture: bool) -> None:
         self.count()
-        before = openFds()
-        service = FakeLocalService(waitForMissing=not capture)
-        store, parent = self.spillStore()
-        service.store = store  # type: ignore[assignment]
-        writer = service.store.newWriter()
-        writer.write(b"inventory")
-        service.registry.beginWrite(("", "inventory.img"))
-        service.registry.publish(("", "inventory.img"), writer.commit())
-        descriptors = _Descriptors()
-        protocol = (StreamCaptureProtocol if capture else StreamServeProtocol)(service)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        for kind, value in events:
-            if transport.disconnecting or transport.disconnected:
-                break
-            if kind == "data":
-                # stream requests are img_streamer_request_entry frames
-                protocol.dataReceived(value)
-            elif kind == "fd":
-                protocol.fileDescriptorReceived(descriptors.make(*value))
-            pump(service.reactor)
-        clean = events[-1][1]
-        protocol.connectionLost(Failure(ConnectionDone() if clean else ConnectionLost()))
-        pump(service.reactor)
-        service.registry.close()
-        pump(service.reactor)
-        self.assertEqual(service.registry.writesInProgress, 0)
-        self.assertEqual(service.registry.waiting, 0)
+        protocol = StreamCaptureProtocol if capture else StreamServeProtocol
+        service, descriptors = self.play(protocol, events, not capture, ("", "inventory.img"))
         for key in service.registry.keys():  # every file stored is a whole pipe's bytes
-            data = readAll(service.registry.get(key))  # type: ignore[arg-type]
             if key != ("", "inventory.img"):
+                data = readAll(service.registry.get(key))  # type: ignore[arg-type]
                 self.assertIn(data, descriptors.written, key)
-        service.registry.release()
-        descriptors.close()
-        self.assertOnlySpillFiles(store, parent)
-        self.assertEqual(openFds(), before)
+        self.assertNothingLeft(service, descriptors)
 
 
 class ParserFuzzTests(_Counting):
@@ -474,15 +467,4 @@ class ParserFuzzTests(_Counting):
     def test_framesSplitAnywhere(self, frames: list[bytes], cuts: list[int]) -> None:
         self.count()
         data = b"".join(wire.frame(f) for f in frames)
-        buffer = wire.FrameBuffer()
-        got: list[bytes] = []
-        pending = b""
-        for piece in chopped(data, cuts):
-            pending = piece
-            while pending:
-                payload = buffer.feed(pending)
-                if payload is None:
-                    break
-                got.append(payload)
-                pending = buffer.takeRest()
-        self.assertEqual(got, frames)
+        self.assertEqual(collectFrames(chopped(data, cuts)), frames)

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.activity import Activity
-from twisted_criu.control import ISessionControl, SessionBusy, SessionView
+from twisted_criu.control import ISessionControl, SessionBusy, SessionHolder, SessionView
 from twisted_criu.endpoints import ObservedServerEndpoint
 from twisted_criu.errors import ImageKey
 from twisted_criu.interfaces import IImageStore, IStoredImage
@@ -68,7 +68,7 @@ class CacheSession:
 
 
 @implementer(ILocalImageService, IRemoteImageSink, ISessionControl)
-class ImageCacheService(MultiService):
+class ImageCacheService(SessionHolder, MultiService):
     """
     The image cache, embeddable in any Twisted application.
 
@@ -195,28 +195,11 @@ class ImageCacheService(MultiService):
 
     role = "cache"
 
-    def listSessions(self) -> list[SessionView]:
-        current = self.session
-        views = [
-            SessionView.of(current.id, current.state, True, current.started, current.registry)
-        ]
-        for kept in self.kept.values():
-            views.append(SessionView.of(kept.id, "kept", False, kept.started, kept.registry))
-        return views
-
-    def _find(self, sessionId: str) -> CacheSession:
-        if self.session.id == sessionId:
-            return self.session
-        return self.kept[sessionId]
-
-    def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
-        try:
-            return self._find(sessionId).registry.get(key)
-        except KeyError:
-            return None
+    def currentSession(self) -> Any:
+        return self.session
 
     def dropSession(self, sessionId: str) -> SessionView:
-        session = self._find(sessionId)
+        session: CacheSession = self.findSession(sessionId)
         view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
         if session is self.session:
             registry = session.registry

@@ -106,6 +106,44 @@ class ISessionControl(Interface):
         """
 
 
+class SessionHolder:
+    """
+    The listing half of L{ISessionControl} for a daemon that has a current
+    session and kept ones; each session has C{id}, C{state}, C{started} and
+    C{registry}.
+    """
+
+    kept: dict[str, Any]
+
+    def currentSession(self) -> Any | None:
+        raise NotImplementedError()
+
+    def listSessions(self) -> list[SessionView]:
+        views = []
+        current = self.currentSession()
+        if current is not None:
+            views.append(
+                SessionView.of(current.id, current.state, True, current.started, current.registry)
+            )
+        for kept in self.kept.values():
+            views.append(SessionView.of(kept.id, "kept", False, kept.started, kept.registry))
+        return views
+
+    def findSession(self, sessionId: str) -> Any:
+        """The current or a kept session; L{KeyError} if there is none."""
+        current = self.currentSession()
+        if current is not None and current.id == sessionId:
+            return current
+        return self.kept[sessionId]
+
+    def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
+        try:
+            image: IStoredImage | None = self.findSession(sessionId).registry.get(key)
+        except KeyError:
+            return None
+        return image
+
+
 def _json(request: server.Request, value: Any, code: int = http.OK) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.activity import Activity
-from twisted_criu.control import ISessionControl, SessionBusy, SessionView
+from twisted_criu.control import ISessionControl, SessionBusy, SessionHolder, SessionView
 from twisted_criu.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
 from twisted_criu.errors import ImageKey
 from twisted_criu.interfaces import IImageStore, IStoredImage
@@ -289,7 +289,7 @@ class ProxySession:
 
 
 @implementer(ILocalImageService, ISessionControl)
-class ImageProxyService(MultiService):
+class ImageProxyService(SessionHolder, MultiService):
     """
     The image proxy, embeddable in any Twisted application.
 
@@ -423,42 +423,22 @@ class ImageProxyService(MultiService):
 
     role = "proxy"
 
-    def listSessions(self) -> list[SessionView]:
-        views = []
-        current = self.session
-        if current is not None:
-            views.append(
-                SessionView.of(current.id, current.state, True, current.started, current.registry)
-            )
-        for kept in self.kept.values():
-            views.append(SessionView.of(kept.id, "kept", False, kept.started, kept.registry))
-        return views
-
-    def _find(self, sessionId: str) -> ProxySession:
-        if self.session is not None and self.session.id == sessionId:
-            return self.session
-        return self.kept[sessionId]
-
-    def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
-        try:
-            return self._find(sessionId).registry.get(key)
-        except KeyError:
-            return None
+    def currentSession(self) -> Any:
+        return self.session
 
     def dropSession(self, sessionId: str) -> SessionView:
-        session = self._find(sessionId)
+        session: ProxySession = self.findSession(sessionId)
+        view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
         if session is self.session:
             if session.state != "delivered" or session.registry.writesInProgress:
                 raise SessionBusy(
                     f"session {sessionId} is {session.state}: drop it once its dump"
                     " has been delivered"
                 )
-            view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
             self.session = None
             session.over = True
             session.stop()
         else:
-            view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
             del self.kept[sessionId]
         session.registry.release()
         self.log.info("session {id} dropped by the operator", id=sessionId)
