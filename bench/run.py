@@ -221,6 +221,21 @@ def tail(path: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
+def memfdKiB(pid: int) -> int:
+    """Memory held in a process's memfds (allocated blocks), in KiB."""
+    seen: dict[tuple[int, int], int] = {}  # a memfd open twice counts once
+    directory = f"/proc/{pid}/fd"
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            if os.readlink(path).startswith("/memfd:"):
+                st = os.stat(path)
+                seen[(st.st_dev, st.st_ino)] = st.st_blocks // 2
+        except OSError:
+            pass  # closed meanwhile
+    return sum(seen.values())
+
+
 @dataclass
 class Usage:
     """What wait4() says about a child that exited: exact and cheap."""
@@ -265,6 +280,9 @@ class Child:
         #: runs. wait4()'s ru_maxrss is not used for peaks: exec() folds the
         #: forking parent's RSS into it (the benchmark's own ~25-40 MiB).
         self.peakRssKiB = 0
+        #: The largest VmRSS + memfd bytes seen (KiB): the daemons keep
+        #: in-memory images in memfds, which are not mapped, so not in RSS.
+        self.peakMemoryKiB = 0
 
     def start(self) -> None:
         with open(self.outPath, "wb") as out:
@@ -279,13 +297,20 @@ class Child:
     def _watchPeak(self) -> None:
         assert self.process is not None
         path = f"/proc/{self.process.pid}/status"
+        samples = 0
         while not self.exited.is_set():
             try:
+                rssKiB = 0
                 with open(path) as f:
                     for line in f:
                         if line.startswith("VmHWM:"):
                             self.peakRssKiB = max(self.peakRssKiB, int(line.split()[1]))
-                            break
+                        elif line.startswith("VmRSS:"):
+                            rssKiB = int(line.split()[1])
+                if samples % 5 == 0:  # every 100 ms: one stat() per descriptor
+                    total = rssKiB + memfdKiB(self.process.pid)
+                    self.peakMemoryKiB = max(self.peakMemoryKiB, total)
+                samples += 1
             except (OSError, ValueError):
                 pass
             self.exited.wait(0.02)
@@ -641,6 +666,7 @@ class DaemonResult:
     stime: float
     maxrssKiB: int  # peak RSS: VmHWM polled every 20 ms while it ran
     ruMaxrssKiB: int  # wait4's ru_maxrss: includes the forking parent's RSS
+    peakMemoryKiB: int  # peak of RSS + memfds (images held in memory), every 100 ms
     minflt: int
     nvcsw: int
     nivcsw: int
@@ -898,7 +924,7 @@ def _migrate(images: list[Image], proxy: Child, cache: Child, proxySock: str,
         assert u is not None and d.exitTime is not None
         cpu, rss = startup[d.name]
         return DaemonResult(u.cpu, cpu, rss, u.utime, u.stime, d.peakRssKiB, u.maxrssKiB,
-                            u.minflt, u.nvcsw, u.nivcsw, d.exitTime - t0)
+                            d.peakMemoryKiB, u.minflt, u.nvcsw, u.nivcsw, d.exitTime - t0)
 
     assert proxy.exitTime is not None
     if not link.wait(5):
@@ -1140,7 +1166,9 @@ def twistedLine(r: TwistedResult) -> str:
         f"({r.totalCpuPerGB:5.2f} with startup)\n"
         f"                peak rss proxy {p.maxrssKiB / 1024:7.1f} MiB (idle {p.startupRssKiB / 1024:5.1f})  "
         f"cache {c.maxrssKiB / 1024:7.1f} MiB (idle {c.startupRssKiB / 1024:5.1f})  "
-        f"minor faults proxy {p.minflt:,} cache {c.minflt:,}"
+        f"minor faults proxy {p.minflt:,} cache {c.minflt:,}\n"
+        f"                peak memory (rss + memfd images) proxy {p.peakMemoryKiB / 1024:7.1f} MiB  "
+        f"cache {c.peakMemoryKiB / 1024:7.1f} MiB"
     )
 
 
@@ -1187,6 +1215,8 @@ def report(args: argparse.Namespace, images: list[Image], tempRoot: str,
             "total_cpu_s_per_GB": med(lambda r: r.totalCpuPerGB),
             "proxy_maxrss_KiB": med(lambda r: r.proxy.maxrssKiB),
             "cache_maxrss_KiB": med(lambda r: r.cache.maxrssKiB),
+            "proxy_peak_memory_KiB": med(lambda r: r.proxy.peakMemoryKiB),
+            "cache_peak_memory_KiB": med(lambda r: r.cache.peakMemoryKiB),
             "proxy_idle_rss_KiB": med(lambda r: r.proxy.startupRssKiB),
             "cache_idle_rss_KiB": med(lambda r: r.cache.startupRssKiB),
             "proxy_minflt": med(lambda r: r.proxy.minflt),
@@ -1204,6 +1234,8 @@ def report(args: argparse.Namespace, images: list[Image], tempRoot: str,
         say(f"                peak rss: proxy {m['proxy_maxrss_KiB'] / 1024:.1f} MiB "
             f"(idle {m['proxy_idle_rss_KiB'] / 1024:.1f}), cache {m['cache_maxrss_KiB'] / 1024:.1f} MiB "
             f"(idle {m['cache_idle_rss_KiB'] / 1024:.1f})  for {human(total)} of images")
+        say(f"                peak memory (rss + memfd images): proxy {m['proxy_peak_memory_KiB'] / 1024:.1f} MiB,"
+            f" cache {m['cache_peak_memory_KiB'] / 1024:.1f} MiB")
         say(f"                minor page faults: proxy {m['proxy_minflt']:,.0f}, cache {m['cache_minflt']:,.0f}"
             f"  ({total / 4096:,.0f} pages of images)")
     if socats:

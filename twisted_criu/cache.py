@@ -224,6 +224,8 @@ class ImageCacheService(SessionHolder, MultiService):
         if session.remoteDone:  # another dump for the same restore
             session.remoteDone = False
             session.registry.reopen()
+        elif not session.links and not session.idleLinks and not session.registry.keys():
+            self.log.info("session {id} started", id=session.id)
         session.links.add(receiver)
         return session.registry
 

@@ -218,7 +218,7 @@ class ProxySession:
         self.log.info("the cache did not say HELLO: ending the session with EOF (C cache)")
         sender.expectClose()
         self.over = True
-        self._link.stopService().addCallback(lambda _: self._delivered(sender, endChain=True))
+        self._link.stopService().addCallback(lambda _: self._delivered(endChain=True))
 
     def _graceOver(self) -> None:
         self._graceCall = None
@@ -261,7 +261,7 @@ class ProxySession:
                 )
                 sender.transport.abortConnection()
                 return
-            self._delivered(sender, endChain=False)
+            self._delivered(endChain=False)
         elif kind is wire.LinkStatusKind.SESSION_DONE:
             self.log.info("the cache reports that the restore finished: session {id} is over", id=self.id)
             self.over = True
@@ -269,7 +269,7 @@ class ProxySession:
             self._cancelGrace()
             self._link.stopService().addCallback(lambda _: self._end())
 
-    def _delivered(self, sender: RemoteSender, endChain: bool) -> None:
+    def _delivered(self, endChain: bool) -> None:
         if self.dumpsDelivered < self.dumpsFinished:
             self.dumpsDelivered = self.dumpsFinished
             summary = self.registry.summary()
