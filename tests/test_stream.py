@@ -24,7 +24,7 @@ from twisted_criu.stream import StreamCaptureProtocol
 from .helpers import FakeLocalService, pump
 from .test_services import Migration, inThread, waitFor
 
-TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "criu-traces"
+TRACES = Path(__file__).resolve().parent / "criu-traces"
 
 
 class StreamTests(TestCase):

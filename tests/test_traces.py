@@ -2,9 +2,10 @@
 Replay real criu traffic (C{shared/criu-traces/remote-*}) through the
 daemons, in this process and as C{twistd} processes.
 
-The traces live beside the repository (C{../shared/criu-traces} from its
-root).  If they are missing these tests fail: they are the only check
-against what real criu sends.
+The traces are the project's C{shared/criu-traces}, copied into
+C{tests/criu-traces} so that a clean clone has them (their image bytes are
+checked against the recorded SHA-256s below).  If they are missing these
+tests fail: they are the only check against what real criu sends.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from twisted_criu.traces import (
 reactor: Any = _reactor
 
 REPO = Path(__file__).resolve().parent.parent
-TRACES = REPO.parent / "shared" / "criu-traces"
+#: A copy of the project's shared/criu-traces, kept in the repository so
+#: that a clean clone has them (tests.test_traces checks the copy is whole).
+TRACES = REPO / "tests" / "criu-traces"
 REMOTE_TRACES = ["remote-a-sleep", "remote-b-mem64", "remote-c-tree", "remote-d-iterative"]
 PUBLISHED = ["remote-a-sleep", "remote-c-tree"]
 
@@ -63,7 +66,7 @@ SESSION_TIMEOUT = 30.0
 def trace(name: str) -> Trace:
     if not TRACES.is_dir():
         raise AssertionError(
-            f"criu traces not found at {TRACES}: clone shared/ beside the repository"
+            f"criu traces not found at {TRACES}"
         )
     return loadTrace(TRACES / name)
 
