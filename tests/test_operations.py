@@ -139,7 +139,8 @@ class ManySessionsTests(pf._DaemonTest):
             self.assertNotRegex(listing.stdout, r"\d+ images +[1-9]")
             self.assertEqual(pf.errorLines(daemon.log()), [])
         # Flat: after warming up (sessions 1-2), no daemon grows by more than
-        # a few MiB over 18 more sessions of 16 MiB each (288 MiB in all).
+        # 3 MiB over 18 more sessions of 16 MiB each (288 MiB in all); a
+        # megabyte kept per session (a buffer per link, say) would show.
         warm, last = rss[1], rss[-1]
         growth = [(last[i] - warm[i]) / MiB for i in range(2)]
         figures = (
@@ -147,4 +148,4 @@ class ManySessionsTests(pf._DaemonTest):
             f" cache {warm[1] / MiB:.1f} -> {last[1] / MiB:.1f} MiB over sessions 2-{self.SESSIONS}"
         )
         print(figures)
-        self.assertLess(max(growth), 8, figures)
+        self.assertLess(max(growth), 3, figures)

@@ -53,6 +53,20 @@ LINK_READ_SIZE = 1 << 20
 DigestLookup = Callable[[ImageKey, IStoredImage], "tuple[bool, bytes | None]"]
 
 
+_buffer: list[memoryview] = []
+
+
+def _bodyBuffer() -> memoryview:
+    """
+    The one buffer image bodies are read into.  One is enough: the reactor
+    runs one read at a time, and the store copies the bytes before the read
+    returns.
+    """
+    if not _buffer:
+        _buffer.append(memoryview(bytearray(LINK_READ_SIZE)))
+    return _buffer[0]
+
+
 class RemoteSender(Protocol):
     """
     The proxy's end of a link: forwards images one at a time, in the order
@@ -320,6 +334,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._hash: Any = None
         self._writer: IImageWriter | None = None
         self._remaining = 0
+        self._plainRead: Callable[[], Any] | None = None
         self._moving: Transfer | None = None
         self.imagesReceived = 0
         self.bytesReceived = 0
@@ -336,7 +351,6 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             # Image bodies are read straight into a reused buffer: a fresh
             # bytes object per read costs more than the copy itself (page
             # faults, and mmap churn for reads of 128 KiB and more).
-            self._buffer = memoryview(bytearray(LINK_READ_SIZE))
             self._plainRead = transport.doRead
             setattr(transport, "doRead", self._readBody)
         self._registry = self.sink.linkOpened(self)
@@ -369,8 +383,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         """The TCP transport's C{doRead} while this protocol is connected."""
         remaining = self._remaining
         if self._writer is None or not remaining:
+            assert self._plainRead is not None
             return self._plainRead()
-        view = self._buffer[: min(remaining, LINK_READ_SIZE)]
+        view = _bodyBuffer()[: min(remaining, LINK_READ_SIZE)]
         try:
             count = self.transport.socket.recv_into(view)
         except BlockingIOError:
@@ -518,6 +533,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.setTimeout(None)
+        if self._plainRead is not None:  # no cycle between transport and protocol
+            vars(self.transport).pop("doRead", None)
+            self._plainRead = None
         header, writer = self._header, self._writer
         clean = reason.check(ConnectionDone) is not None and writer is None
         if header is not None and writer is not None and self._registry is not None:
