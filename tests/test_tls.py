@@ -572,3 +572,52 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(policy(1), 1.0)
         endpoint.rejections = 3
         self.assertEqual(policy(1), 4.0)
+
+
+class PushTLSTests(TestCase):
+    """twisted-criu push speaks the same mutual TLS as the proxy."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_pushOverTLS(self) -> Any:
+        import io
+
+        from twisted_criu import cli
+
+        m = TLSMigration(self)
+        pki = m.pki
+        yield m.startCache(*pki.args(pki.cache))
+        dump = m._directory("dump")
+        for name, data in IMAGES.items():
+            with open(os.path.join(dump, name), "wb") as f:
+                f.write(data)
+        options = cli.PushOptions()
+        options.parseOptions(
+            [dump, "--address", "localhost", "--port", str(m.port), "--snapshot-id", "snap1",
+             *pki.args(pki.proxy)]
+        )
+        out = io.StringIO()
+        yield cli.push(reactor, options, out)
+        self.assertIn("confirmed by the cache", out.getvalue())
+        self.assertEqual((yield m.restoreAll(list(IMAGES))), IMAGES)
+        self.assertTrue(m.lines("TLS: proxy at 127.0.0.1:"))
+
+        # A certificate from another CA gets nowhere, and says why.
+        options = cli.PushOptions()
+        options.parseOptions(
+            [dump, "--address", "localhost", "--port", str(m.port), "--timeout", "1",
+             *pki.args(pki.foreignProxy)]
+        )
+        with self.assertRaises(cli.CommandError):
+            yield cli.push(reactor, options, io.StringIO())
+
+    def test_badCertificateIsAUsageError(self) -> None:
+        from twisted_criu import cli
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        options = cli.PushOptions()
+        with self.assertRaises(usage.UsageError) as e:
+            options.parseOptions([directory, "--address", "h", "--tls", "--tls-cacert", "/nonexistent"])
+        self.assertIn("--tls-cacert /nonexistent: cannot read it", str(e.exception))

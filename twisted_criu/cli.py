@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from twisted_criu import __version__, wire
 from twisted_criu.errors import ProtocolError
+from twisted_criu.options import LinkTLSOptions
 
 #: The control sockets the daemons create in their images directory.
 CONTROL_SOCKETS = ("cache-control.sock", "proxy-control.sock")
@@ -176,6 +177,11 @@ def _size(n: int) -> str:
 
 class _AnyOrder(usage.Options):
     """Options and arguments in any order (C{push DIR --address HOST})."""
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"twisted-criu {__version__}")
+        sys.exit(0)
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         args = list(sys.argv[1:] if options is None else options)
@@ -337,7 +343,7 @@ def pull(reactor: Any, options: PullOptions, out: Any) -> Any:
 # -- push ----------------------------------------------------------------------
 
 
-class PushOptions(_AnyOrder):
+class PushOptions(_AnyOrder, LinkTLSOptions):
     synopsis = "DIR (--address HOST [--port PORT] | --to ENDPOINT) [options]"
     description = (
         "Send the images of an on-disk dump (the *.img files that `criu dump -D DIR` "
@@ -345,12 +351,6 @@ class PushOptions(_AnyOrder):
         "are served to `criu restore --stream`; with it, to `criu restore --remote "
         "-D SNAPSHOT_ID`."
     )
-
-    def __init__(self) -> None:
-        from twisted_criu.options import LinkTLSOptions
-
-        super().__init__()
-        self._tls = LinkTLSOptions()
 
     optParameters: list[list[Any]] = [
         ["address", "a", None, "Host of the criu-cache."],
@@ -367,21 +367,15 @@ class PushOptions(_AnyOrder):
         self["directory"] = directory
 
     def postOptions(self) -> None:
+        from twisted_criu.proxy_tap import checkCacheEndpoint
+
         if (self["to"] is None) == (self["address"] is None):
             raise usage.UsageError("give --address HOST (and --port) or --to ENDPOINT")
         self["connect"] = self["to"] or f"tcp:host={self['address']}:port={self['port']}"
         if not os.path.isdir(self["directory"]):
             raise usage.UsageError(f"{self['directory']} is not a directory")
-
-
-def _addTLSOptions() -> None:
-    from twisted_criu.options import LinkTLSOptions
-
-    PushOptions.optFlags = PushOptions.optFlags + LinkTLSOptions.optFlags
-    PushOptions.optParameters = PushOptions.optParameters + LinkTLSOptions.optParameters
-
-
-_addTLSOptions()
+        self.loadTLS()
+        checkCacheEndpoint(self)
 
 
 def imageFiles(directory: str) -> list[str]:
@@ -397,20 +391,15 @@ def imageFiles(directory: str) -> list[str]:
 @defer.inlineCallbacks
 def push(reactor: Any, options: PushOptions, out: Any) -> Any:
     from twisted_criu.activity import Activity
-    from twisted_criu.options import LinkTLSOptions
     from twisted_criu.proxy import ProxySession
-    from twisted_criu.proxy_tap import cacheEndpoint, checkCacheEndpoint
+    from twisted_criu.proxy_tap import cacheEndpoint
     from twisted_criu.storage.files import FileImage
 
-    tlsOptions = LinkTLSOptions()
-    tlsOptions.update(options)
-    tlsOptions.loadTLS()
-    checkCacheEndpoint(tlsOptions)
     directory = options["directory"]
     names = imageFiles(directory)
     if not names:
         raise CommandError(f"no *.img files in {directory}")
-    cache, retryPolicy, description = cacheEndpoint(reactor, tlsOptions, 5.0)
+    cache, retryPolicy, description = cacheEndpoint(reactor, options, 5.0)
     activity = Activity(reactor, interval=10.0)
     session = ProxySession(
         reactor, cache, retryPolicy, options["timeout"], options["checksum"], "push", activity
@@ -458,7 +447,7 @@ def push(reactor: Any, options: PushOptions, out: Any) -> Any:
         activity.stopReporting()
         yield session.stop()
     seconds = reactor.seconds() - started
-    confirmed = "confirmed by the cache" if session.over is False else "sent (a C cache does not confirm)"
+    confirmed = "sent (a C cache does not confirm)" if session.over else "confirmed by the cache"
     out.write(
         f"pushed {summary.images} images, {_size(summary.bytes)} in {seconds:.2f} s; {confirmed}\n"
     )
@@ -468,8 +457,13 @@ def push(reactor: Any, options: PushOptions, out: Any) -> Any:
 
 
 class Options(usage.Options):
-    synopsis = "twisted-criu COMMAND [options]"
-    longdesc = __doc__
+    synopsis = "twisted-criu"
+    longdesc = (
+        "List, pull and drop the images a criu-proxy or a criu-cache holds, and push "
+        "an on-disk dump to a criu-cache. --from takes a daemon's images directory, its "
+        "control socket, or a Twisted endpoint string. `twisted-criu COMMAND --help` "
+        "for each command."
+    )
     subCommands = [
         ["ls", None, LsOptions, "List the sessions and images a daemon holds."],
         ["pull", None, PullOptions, "Write a session's images to a directory (criu restore -D DIR)."],
@@ -478,10 +472,7 @@ class Options(usage.Options):
         ["push", None, PushOptions, "Send an on-disk dump to a criu-cache."],
     ]
 
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"twisted-criu {__version__}")
-        sys.exit(0)
+    opt_version = _AnyOrder.opt_version
 
     def postOptions(self) -> None:
         if self.subCommand is None:
