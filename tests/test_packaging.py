@@ -153,6 +153,11 @@ class WheelTests(SynchronousTestCase):
         self.assertEqual(len(wheels), 1, wheels)
         with zipfile.ZipFile(os.path.join(out, wheels[0])) as wheel:
             names = set(wheel.namelist())
+            entryPoints = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+            self.assertEqual(len(entryPoints), 1, sorted(names))
+            scripts = wheel.read(entryPoints[0]).decode()
+        self.assertIn("twisted-criu = twisted_criu.cli:main", scripts)
+        self.assertIn("twisted-criu-demo = twisted_criu.demo:main", scripts)
 
         for required in (
             "twisted/plugins/twisted_criu_plugins.py",
@@ -160,6 +165,8 @@ class WheelTests(SynchronousTestCase):
             "twisted_criu/_pb/criu_image_pb2.py",
             "twisted_criu/_pb/criu_image_pb2.pyi",
             "twisted_criu/py.typed",
+            "twisted_criu/storage/files.py",
+            "twisted_criu/cli.py",
         ):
             self.assertIn(required, names)
         for forbidden in ("twisted/__init__.py", "twisted/plugins/__init__.py"):
