@@ -88,6 +88,10 @@ class RemoteSender(Protocol):
     ) -> None:
         self._connected = connected
         self._statusReceived = statusReceived
+        if activity is None:  # counted nowhere else, but timed all the same
+            from twisted.internet import reactor
+
+            activity = Activity(clock if clock is not None else reactor)
         self._activity = activity
         self._frames = wire.FrameBuffer()
         #: The cache said HELLO: it speaks twisted-criu's link extension.
@@ -197,11 +201,9 @@ class RemoteSender(Protocol):
         self._armWatchdog(key, -1)
         self.transport.write(header.toBytes())
         activity = self._activity
-        moving = None
-        if activity is not None:
-            moving = activity.begin(
-                Direction.TO_CACHE, describe(key), transfer.size, lambda: transfer.sent
-            )
+        moving = activity.begin(
+            Direction.TO_CACHE, describe(key), transfer.size, lambda: transfer.sent
+        )
 
         def sent(_: None) -> None:
             self._sending = False
@@ -210,21 +212,18 @@ class RemoteSender(Protocol):
             self.bytesSent += transfer.size
             self.imagesSinceMarker += 1
             self.bytesSinceMarker += transfer.size
-            timing = {} if moving is None or activity is None else activity.end(moving, transfer.size)
             self.log.info(
                 "forwarded {image} ({size} bytes) {timing}",
                 image=describe(key),
                 size=transfer.size,
-                timing=timing.pop("timing", ""),
-                **timing,
+                **activity.end(moving, transfer.size),
             )
             self._sendNext()
 
         def failed(reason: Failure) -> None:
             self._sending = False
             self._disarmWatchdog()
-            if moving is not None and activity is not None:
-                activity.abandon(moving)
+            activity.abandon(moving)
             if reason.check(ImageSizeMismatch):
                 self.log.error(
                     "store failure while forwarding {image}, dropping the link: {why}",
