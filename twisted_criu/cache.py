@@ -137,10 +137,7 @@ class ImageCacheService(SessionHolder, MultiService):
 
         def closeStore(result: object) -> object:
             self._cancelGiveUp()
-            self.session.registry.release()
-            for kept in self.kept.values():
-                kept.registry.release()
-            self.kept.clear()
+            self.releaseAll()
             self.store.close()
             return result
 
@@ -174,11 +171,7 @@ class ImageCacheService(SessionHolder, MultiService):
             bytes=summary.bytes,
             session=session.id,
         )
-        if self.keep:
-            self.kept[session.id] = session
-            self.log.info("session {id} is over; its images are kept (--keep)", id=session.id)
-        else:
-            session.registry.release()
+        self.retire(session)
         self.session = self._newSession()
         self.sessionsCompleted += 1
         self._endLinks(session)

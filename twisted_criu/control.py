@@ -114,9 +114,29 @@ class SessionHolder:
     """
 
     kept: dict[str, Any]
+    keep: bool
+    log: Logger
 
     def currentSession(self) -> Any | None:
         raise NotImplementedError()
+
+    def retire(self, session: Any) -> None:
+        """A session is over: keep it (C{keep}) or drop its images."""
+        if self.keep:
+            self.kept[session.id] = session
+            self.log.info("session {id} is over; its images are kept (--keep)", id=session.id)
+        else:
+            session.registry.release()
+            self.log.info("session {id} is over; its images are dropped", id=session.id)
+
+    def releaseAll(self) -> None:
+        """The daemon stops: drop every session's images."""
+        current = self.currentSession()
+        if current is not None:
+            current.registry.release()
+        for kept in self.kept.values():
+            kept.registry.release()
+        self.kept.clear()
 
     def listSessions(self) -> list[SessionView]:
         views = []

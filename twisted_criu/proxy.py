@@ -366,11 +366,7 @@ class ImageProxyService(SessionHolder, MultiService):
         return d
 
     def _closeStore(self, result: object) -> object:
-        if self.session is not None:
-            self.session.registry.release()
-        for kept in self.kept.values():
-            kept.registry.release()
-        self.kept.clear()
+        self.releaseAll()
         self.store.close()
         return result
 
@@ -407,12 +403,7 @@ class ImageProxyService(SessionHolder, MultiService):
     def _sessionEnded(self, session: ProxySession) -> None:
         if self.session is session:
             self.session = None
-        if self.keep:
-            self.kept[session.id] = session
-            self.log.info("session {id} is over; its images are kept (--keep)", id=session.id)
-        else:
-            session.registry.release()
-            self.log.info("session {id} is over; its images are dropped", id=session.id)
+        self.retire(session)
 
     @property
     def readsWaiting(self) -> int:
