@@ -39,6 +39,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from twisted_criu import __version__, wire
+from twisted_criu.activity import formatBytes
 from twisted_criu.errors import ProtocolError
 from twisted_criu.options import LinkTLSOptions
 
@@ -168,13 +169,6 @@ class _FileSink(Protocol):
             self.done.errback(CommandError(f"download broke off: {reason.getErrorMessage()}"))
 
 
-def _size(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 class _AnyOrder(usage.Options):
     """Options and arguments in any order (C{push DIR --address HOST})."""
 
@@ -232,7 +226,7 @@ def ls(reactor: Any, options: LsOptions, out: Any) -> Any:
         ids = ", ".join(i or '""' for i in s["snapshot_ids"]) or "-"
         out.write(
             f"  session {s['id']:>4}  {s['state']:<24} {s['image_count']:>5} images"
-            f" {_size(s['bytes']):>10}  snapshots: {ids}\n"
+            f" {formatBytes(s['bytes']):>10}  snapshots: {ids}\n"
         )
         for image in s.get("images", []):
             where = f"{image['snapshot_id']}/" if image["snapshot_id"] else ""
@@ -257,7 +251,7 @@ def drop(reactor: Any, options: DropOptions, out: Any) -> Any:
     dropped = result["dropped"]
     out.write(
         f"dropped session {dropped['id']}: {dropped['image_count']} images,"
-        f" {_size(dropped['bytes'])}\n"
+        f" {formatBytes(dropped['bytes'])}\n"
     )
 
 
@@ -337,7 +331,7 @@ def pull(reactor: Any, options: PullOptions, out: Any) -> Any:
             count += 1
         label = repr(snapshotId) if snapshotId else "(stream images)"
         out.write(f"  {target}: snapshot {label}, {len(images)} images\n")
-    out.write(f"pulled session {session['id']}: {count} images, {_size(total)} into {directory}\n")
+    out.write(f"pulled session {session['id']}: {count} images, {formatBytes(total)} into {directory}\n")
 
 
 # -- push ----------------------------------------------------------------------
@@ -422,7 +416,7 @@ def push(reactor: Any, options: PushOptions, out: Any) -> Any:
         total += image.size
         registry.publish((snapshotId, name), image)
     registry.close()
-    out.write(f"pushing {len(names)} images ({_size(total)}) from {directory} to {description}\n")
+    out.write(f"pushing {len(names)} images ({formatBytes(total)}) from {directory} to {description}\n")
 
     # Give up when nothing moves (the cache is unreachable, or stalled).
     lastMoved = [-1, reactor.seconds()]
@@ -449,7 +443,7 @@ def push(reactor: Any, options: PushOptions, out: Any) -> Any:
     seconds = reactor.seconds() - started
     confirmed = "sent (a C cache does not confirm)" if session.over else "confirmed by the cache"
     out.write(
-        f"pushed {summary.images} images, {_size(summary.bytes)} in {seconds:.2f} s; {confirmed}\n"
+        f"pushed {summary.images} images, {formatBytes(summary.bytes)} in {seconds:.2f} s; {confirmed}\n"
     )
 
 
