@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.test_chains -*-
 """
 C{twisted-criu}: the operator's command.
 

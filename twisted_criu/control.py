@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_control -*-
+# -*- test-case-name: tests.test_chains -*-
 """
 The operator's view of a daemon: which sessions it holds, their images,
 and dropping one.  Served as JSON over HTTP (L{twisted.web}) on the

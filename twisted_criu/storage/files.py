@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.test_chains -*-
 """Images that are files already on disk (what C{criu dump -D DIR} wrote)."""
 
 from __future__ import annotations
