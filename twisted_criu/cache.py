@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cache -*-
+# -*- test-case-name: tests.test_services -*-
 """
 The image cache (restore host): receives images from an image proxy and
 serves them to C{criu restore --remote} on a local socket.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.test_services -*-
 """
 A blocking client of the local protocol: what C{criu --remote} does.
 

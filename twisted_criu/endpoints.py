@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_endpoints -*-
+# -*- test-case-name: tests.test_services -*-
 """Endpoint wrappers: report where a server listens; log failed connects."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy -*-
+# -*- test-case-name: tests.test_services -*-
 """
 The image proxy (dump host): takes images from C{criu dump --remote} on a
 local socket and forwards each, once complete, to an image cache.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_transfer -*-
+# -*- test-case-name: tests.test_backpressure -*-
 """Stream a stored image into any consumer (socket, pipe, TCP link)."""
 
 from __future__ import annotations
