@@ -46,6 +46,20 @@ class ProxyOptionsTests(SynchronousTestCase):
             proxy_tap.Options().parseOptions(["-D", "/nonexistent/dir"])
         self.assertIn("does not exist", str(e.exception))
 
+    def test_socketPathTooLong(self) -> None:
+        """A -D too deep for a UNIX socket is refused up front, naming the way out."""
+        directory = os.path.join(self.mktemp(), "d" * 120)
+        os.makedirs(directory)
+        with self.assertRaises(usage.UsageError) as e:
+            proxy_tap.Options().parseOptions(["-D", directory])
+        self.assertIn("longer than a UNIX socket allows", str(e.exception))
+        self.assertIn("--local", str(e.exception))
+        options = proxy_tap.Options()
+        options.parseOptions(
+            ["-D", directory, "--local", "unix:/tmp/x.sock", "--stream-local", "none", "--control", "none"]
+        )
+        self.assertEqual(options["local"], "unix:/tmp/x.sock")
+
     def test_badPort(self) -> None:
         self.assertRaises(usage.UsageError, proxy_tap.Options().parseOptions, ["--port", "70000"])
         self.assertRaises(usage.UsageError, proxy_tap.Options().parseOptions, ["--port", "x"])

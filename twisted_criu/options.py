@@ -86,6 +86,10 @@ def parseFd(value: str) -> int:
     return fd
 
 
+#: The longest path a UNIX socket can be bound to (sun_path, less its NUL).
+MAX_SOCKET_PATH = 107
+
+
 def unixEndpoint(path: str, mode: str = "600") -> str:
     """A C{unix:} server endpoint string for C{path}, safely quoted."""
     return f"unix:{quoteStringArgument(path)}:mode={mode}"
@@ -201,13 +205,24 @@ class DaemonOptions(LinkTLSOptions):
             ("control", self.controlSocketName),
         ):
             if self[option] is None:
-                self[option] = unixEndpoint(os.path.join(self._imagesDir(), name), self["socket-mode"])
+                self[option] = unixEndpoint(self._socketPath(option, name), self["socket-mode"])
         for option in ("stream-local", "control"):
             if self[option] == "none":
                 self[option] = None
         if self["progress-interval"] < 0:
             raise usage.UsageError("--progress-interval must be 0 (off) or a number of seconds")
         self.loadTLS()
+
+    def _socketPath(self, option: str, name: str) -> str:
+        """C{name} in the images directory, if a UNIX socket can be bound there."""
+        path = os.path.join(self._imagesDir(), name)
+        size = len(os.fsencode(path))
+        if size > MAX_SOCKET_PATH:
+            raise usage.UsageError(
+                f"the socket path {path} is {size} bytes, longer than a UNIX socket allows"
+                f" ({MAX_SOCKET_PATH}): use a shorter --images-dir (criu needs it too), or give --{option}"
+            )
+        return path
 
     def _imagesDir(self) -> str:
         directory = os.path.abspath(self["images-dir"])
