@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from twisted_criu import wire
@@ -89,3 +92,14 @@ def isClosed(fd: int) -> bool:
     except OSError:
         return True
     return False
+
+
+def socketDirectory(test: SynchronousTestCase) -> str:
+    """A fresh, short directory for UNIX sockets (sun_path holds 107 bytes).
+
+    Not under trial's C{_trial_temp}: a clone at a deep path (as CI's is)
+    would push the daemons' sockets past the limit.
+    """
+    directory = tempfile.mkdtemp(prefix="tc-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory

@@ -7,6 +7,7 @@ import os
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers import socketDirectory
 from twisted_criu import cache_tap, proxy_tap
 from twisted_criu.cache import ImageCacheService
 from twisted_criu.proxy import ImageProxyService
@@ -15,8 +16,7 @@ from twisted_criu.variants import ReadVariant
 
 class ProxyOptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
-        directory = self.mktemp()
-        os.mkdir(directory)
+        directory = socketDirectory(self)
         options = proxy_tap.Options()
         options.parseOptions(["-D", directory])
         path = os.path.abspath(directory)
@@ -26,8 +26,7 @@ class ProxyOptionsTests(SynchronousTestCase):
         self.assertFalse(options["once"])
 
     def test_criuSpellings(self) -> None:
-        directory = self.mktemp()
-        os.mkdir(directory)
+        directory = socketDirectory(self)
         options = proxy_tap.Options()
         options.parseOptions(["--images-dir", directory, "--address", "dst", "--port", "1234", "--once"])
         self.assertEqual(options["connect"], "tcp:host=dst:port=1234")
@@ -71,15 +70,14 @@ class ProxyOptionsTests(SynchronousTestCase):
 
     def test_pathIsQuoted(self) -> None:
         """A -D with colons still makes a valid endpoint string."""
-        directory = os.path.join(self.mktemp(), "a:b")
+        directory = os.path.join(socketDirectory(self), "a:b")
         os.makedirs(directory)
         options = proxy_tap.Options()
         options.parseOptions(["-D", directory])
         self.assertIn("a\\:b/img-proxy.sock", options["local"])
 
     def test_makeService(self) -> None:
-        directory = self.mktemp()
-        os.mkdir(directory)
+        directory = socketDirectory(self)
         options = proxy_tap.Options()
         options.parseOptions(["-D", directory, "--read-variant", "pipe"])
         service = proxy_tap.makeService(options)
@@ -89,8 +87,7 @@ class ProxyOptionsTests(SynchronousTestCase):
 
 class CacheOptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
-        directory = self.mktemp()
-        os.mkdir(directory)
+        directory = socketDirectory(self)
         options = cache_tap.Options()
         options.parseOptions(["-D", directory])
         path = os.path.abspath(directory)
@@ -117,8 +114,7 @@ class OperationsOptionsTests(SynchronousTestCase):
     """The options both daemons share for operators."""
 
     def parse(self, *argv: str, tap: object = cache_tap) -> usage.Options:
-        directory = self.mktemp()
-        os.mkdir(directory)
+        directory = socketDirectory(self)
         options = tap.Options()  # type: ignore[attr-defined]
         options.parseOptions(["-D", directory, *argv])
         return options  # type: ignore[no-any-return]

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +34,7 @@ from twisted_criu.cache import ImageCacheService
 from twisted_criu.options import unixEndpoint
 from twisted_criu.proxy import ImageProxyService
 from twisted_criu.registry import SessionSummary
+from tests.helpers import socketDirectory
 from twisted_criu.traces import (
     LegOutcome,
     Op,
@@ -80,17 +79,6 @@ def summaryOf(name: str) -> dict[str, Any]:
 
 def within(d: Deferred[Any], seconds: float = SESSION_TIMEOUT) -> Deferred[Any]:
     return d.addTimeout(seconds, reactor)
-
-
-def socketDirectory(test: SynchronousTestCase) -> str:
-    """A fresh, short directory for UNIX sockets (sun_path holds 107 bytes).
-
-    Not under trial's C{_trial_temp}: a clone at a deep path (as CI's is)
-    would push the daemons' sockets past the limit.
-    """
-    directory = tempfile.mkdtemp(prefix="tc-")
-    test.addCleanup(shutil.rmtree, directory, True)
-    return directory
 
 
 def expectedSummary(t: Trace) -> SessionSummary:
