@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -11,7 +15,8 @@ from zope.interface.verify import verifyObject
 from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
 from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.storage.spill import SpillImage, SpillStore
+from twisted_criu.storage import spill
+from twisted_criu.storage.spill import BLOCK, STAGE_SIZE, SpillImage, SpillStore, openSpillFile
 
 
 if TYPE_CHECKING:
@@ -221,3 +226,94 @@ class SpillBehaviourTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(dead))
         self.assertTrue(os.path.exists(live))  # type: ignore[arg-type]
         self.assertTrue(os.path.exists(unrelated))
+
+
+class DirectSpillTests(SynchronousTestCase):
+    """Spill files are written and read in aligned blocks (direct I/O)."""
+
+    #: Sizes around the block and staging-buffer boundaries.
+    SIZES = (1, BLOCK - 1, BLOCK, BLOCK + 1, STAGE_SIZE - 1, STAGE_SIZE, STAGE_SIZE + 1, 3 * STAGE_SIZE + 777)
+
+    def setUp(self) -> None:
+        self.store = SpillStore(0, self.mktemp())
+        self.addCleanup(self.store.close)
+
+    def imageOf(self, data: bytes, piece: int) -> IStoredImage:
+        writer = self.store.newWriter()
+        for start in range(0, len(data), piece):
+            writer.write(data[start : start + piece])
+        return writer.commit()
+
+    def test_unalignedSizesRoundTrip(self) -> None:
+        """Every size, written in odd pieces, reads back exactly, by read() and by sendfile()."""
+        for size in self.SIZES:
+            data = os.urandom(size)
+            image = self.imageOf(data, 100_003)
+            self.assertEqual(image.size, size)
+            [name] = [n for n in os.listdir(self.store.directory) if n != ".lock"]  # type: ignore[arg-type]
+            path = os.path.join(self.store.directory, name)  # type: ignore[arg-type]
+            self.assertEqual(os.path.getsize(path), size)  # the padding is cut off
+            self.assertEqual(readAll(image), data)
+            self.assertEqual(self.sendAll(image), data)
+            image.release()
+
+    def sendAll(self, image: IStoredImage) -> bytes:
+        """The image as sendfile() moves it into a pipe, less than the pipe holds at a time."""
+        reader = image.open()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        received = []
+        while sent := reader.sendfile(w, 60_001):  # type: ignore[attr-defined]
+            received.append(os.read(r, sent))
+        reader.close()
+        return b"".join(received)
+
+    def test_fromPipe(self) -> None:
+        """Bytes spliced from a pipe land in the spill file too."""
+        data = os.urandom(STAGE_SIZE + 5000)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        writer = self.store.newWriter()
+        os.set_blocking(r, False)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view[:60_000]) :]
+            while True:
+                try:
+                    if not writer.spliceFrom(r, 1 << 20):  # type: ignore[attr-defined]
+                        break
+                except BlockingIOError:
+                    break
+        os.close(w)
+        self.assertEqual(writer.spliceFrom(r, 1 << 20), 0)  # type: ignore[attr-defined]
+        self.assertEqual(readAll(writer.commit()), data)
+
+    def test_directWhereSupported(self) -> None:
+        """Where the filesystem allows it, the spill file bypasses the page cache."""
+        directory = tempfile.mkdtemp(dir="/var/tmp")
+        self.addCleanup(shutil.rmtree, directory)
+        try:
+            os.close(os.open(os.path.join(directory, "probe"), os.O_RDWR | os.O_CREAT | os.O_DIRECT))
+            direct = os.O_DIRECT
+        except OSError:
+            direct = 0
+        fd, path = openSpillFile(directory)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT, direct)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+    def test_fallbackWithoutDirect(self) -> None:
+        """A filesystem refusing O_DIRECT gets ordinary files, same bytes."""
+        realOpen = os.open
+
+        def refuseDirect(path: str, flags: int, mode: int = 0o777) -> int:
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "no direct I/O")
+            return realOpen(path, flags, mode)
+
+        self.patch(spill.os, "open", refuseDirect)
+        data = os.urandom(STAGE_SIZE + 3)
+        image = self.imageOf(data, 4097)
+        self.assertEqual(readAll(image), data)
+        self.assertEqual(self.sendAll(image), data)

@@ -5,7 +5,10 @@ Memory up to a budget shared by all images, then files on disk.
 Each image keeps its first bytes in memory while the daemon-wide budget
 allows, in a memfd (kernel memory: no page faults in the daemon, and pipes
 splice into it without a copy through Python); once a write would exceed
-the budget, that image's remaining bytes go to a private file.  Spill files live in a directory of their own (mode 0700,
+the budget, that image's remaining bytes go to a private file, written and
+read with direct I/O (C{O_DIRECT}) through one aligned staging buffer per
+open run: on a VM, the page cache costs two to three CPU-seconds per GB
+while direct I/O costs a tenth of that.  Spill files live in a directory of their own (mode 0700,
 files 0600, random names never derived from image names) under the spill
 directory; it is removed when the store closes, and a directory left by a
 crashed daemon is removed by the next store that starts there.
@@ -14,7 +17,9 @@ crashed daemon is removed by the next store that starts there.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
+import secrets
 import shutil
 import tempfile
 
@@ -27,10 +32,35 @@ _PREFIX = "twisted-criu-spill-"
 _LOCK = ".lock"
 
 
+#: Direct I/O alignment of buffers, offsets and lengths (a page covers every
+#: logical block size Linux filesystems use).
+BLOCK = mmap.PAGESIZE
+
+#: Bytes staged between direct writes to a spill file, or read at once.
+STAGE_SIZE = 1 << 20
+
+
 def _writeAll(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _roundUp(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def openSpillFile(directory: str) -> tuple[int, str]:
+    """
+    A new private file (0600, random name) in C{directory}, for direct I/O
+    where the filesystem allows it.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    path = os.path.join(directory, f"{secrets.token_hex(8)}.img")
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600), path
+    except OSError:  # EINVAL: no direct I/O here (older tmpfs, some FUSE)
+        return os.open(path, flags, 0o600), path
 
 
 def removeStaleSpillDirs(parent: str) -> list[str]:
@@ -75,49 +105,137 @@ class _Segment:
         return self.path is not None
 
 
+class _StagedFile:
+    """
+    Appends to a spill file in whole aligned blocks: bytes gather in a
+    page-aligned buffer, which goes to the file when full; L{finish}
+    writes the padded last block and cuts the file to its true size.
+    """
+
+    def __init__(self, segment: _Segment) -> None:
+        self._segment = segment
+        self._buffer = mmap.mmap(-1, STAGE_SIZE)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._flushed = 0
+
+    def append(self, data: memoryview) -> None:
+        while data:
+            n = min(len(data), STAGE_SIZE - self._filled)
+            self._view[self._filled : self._filled + n] = data[:n]
+            self._filled += n
+            data = data[n:]
+            if self._filled == STAGE_SIZE:
+                self._flush(STAGE_SIZE)
+
+    def readFrom(self, fd: int, count: int) -> int:
+        """Read up to C{count} bytes from C{fd} (a pipe) into the file."""
+        room = min(count, STAGE_SIZE - self._filled)
+        n = os.readv(fd, [self._view[self._filled : self._filled + room]])
+        self._filled += n
+        if self._filled == STAGE_SIZE:
+            self._flush(STAGE_SIZE)
+        return n
+
+    def _flush(self, length: int) -> None:
+        fd, view = self._segment.fd, self._view[:length]
+        while view:
+            written = os.pwrite(fd, view, self._flushed)
+            self._flushed += written
+            view = view[written:]
+        self._filled = 0
+
+    def finish(self) -> None:
+        """Write what is staged; the file then holds exactly the bytes given."""
+        if self._filled:
+            size = self._flushed + self._filled
+            self._view[self._filled : _roundUp(self._filled)] = bytes(_roundUp(self._filled) - self._filled)
+            self._flush(_roundUp(self._filled))
+            os.ftruncate(self._segment.fd, size)
+            self._flushed = size
+        self.close()
+
+    def close(self) -> None:
+        self._view.release()
+        self._buffer.close()
+
+
 @implementer(IImageReader)
 class _SpillReader:
+    """
+    Reads an image's runs in order: memfd runs with C{pread}/C{sendfile},
+    spill files in aligned blocks (direct I/O) through a buffer of its own.
+    """
+
     def __init__(self, segments: list[_Segment]) -> None:
         # Our own descriptors, so the bytes outlive a release during the read.
-        self._runs = [(os.dup(segment.fd), segment.size) for segment in segments]
+        self._runs = [(os.dup(segment.fd), segment.size, segment.onDisk) for segment in segments]
         self._index = 0
         self._offset = 0
+        self._buffer: mmap.mmap | None = None
+        self._pending = memoryview(b"")
 
-    def _current(self) -> tuple[int, int] | None:
+    def _current(self) -> tuple[int, int, bool] | None:
         while self._index < len(self._runs):
-            fd, size = self._runs[self._index]
+            fd, size, onDisk = self._runs[self._index]
             if self._offset < size:
-                return fd, size - self._offset
+                return fd, size - self._offset, onDisk
             self._index += 1
             self._offset = 0
         return None
+
+    def _staged(self, fd: int, left: int) -> memoryview:
+        """Bytes of the current spill file at the read position, read ahead."""
+        if not self._pending:
+            if self._buffer is None:
+                self._buffer = mmap.mmap(-1, STAGE_SIZE)
+            n = os.preadv(fd, [memoryview(self._buffer)[: min(STAGE_SIZE, _roundUp(left))]], self._offset)
+            if n <= 0:
+                raise OSError(f"spill file ended {left} bytes early")
+            self._pending = memoryview(self._buffer)[: min(n, left)]
+        return self._pending
+
+    def _consumed(self, n: int) -> None:
+        self._offset += n
+        if self._pending:
+            self._pending = self._pending[n:]
 
     def read(self, size: int) -> bytes:
         current = self._current()
         if current is None:
             return b""
-        fd, left = current
-        chunk = os.pread(fd, min(size, left), self._offset)
-        self._offset += len(chunk)
+        fd, left, onDisk = current
+        if onDisk:
+            chunk = bytes(self._staged(fd, left)[:size])
+        else:
+            chunk = os.pread(fd, min(size, left), self._offset)
+        self._consumed(len(chunk))
         return chunk
 
     def sendfile(self, out: int, count: int) -> int:
         """
-        Copy up to C{count} bytes into the descriptor C{out} in the kernel;
-        0 at the end of the image.  May raise L{BlockingIOError}.
+        Copy up to C{count} bytes into the descriptor C{out}; 0 at the end
+        of the image.  May raise L{BlockingIOError}.
         """
         current = self._current()
         if current is None:
             return 0
-        fd, left = current
-        sent = os.sendfile(out, fd, self._offset, min(count, left))
-        self._offset += sent
+        fd, left, onDisk = current
+        if onDisk:
+            sent = os.write(out, self._staged(fd, left)[:count])
+        else:
+            sent = os.sendfile(out, fd, self._offset, min(count, left))
+        self._consumed(sent)
         return sent
 
     def close(self) -> None:
         runs, self._runs = self._runs, []
-        for fd, _ in runs:
+        for fd, _, _ in runs:
             os.close(fd)
+        self._pending.release()
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
 
 
 @implementer(IStoredImage)
@@ -154,6 +272,7 @@ class _SpillWriter:
     def __init__(self, store: SpillStore) -> None:
         self._store = store
         self._segments: list[_Segment] = []
+        self._staged: _StagedFile | None = None
         self.size = 0
 
     def _segmentFor(self, n: int) -> _Segment:
@@ -167,6 +286,7 @@ class _SpillWriter:
         if last is None or not last.onDisk:
             last = _Segment(*self._store._newSpillFile())
             self._segments.append(last)
+            self._staged = _StagedFile(last)
         return last
 
     def _wrote(self, segment: _Segment, reserved: int, n: int) -> None:
@@ -183,7 +303,10 @@ class _SpillWriter:
             return
         segment = self._segmentFor(n)
         try:
-            _writeAll(segment.fd, data)
+            if self._staged is not None:
+                self._staged.append(memoryview(data).cast("B"))
+            else:
+                _writeAll(segment.fd, data)
         except OSError:
             self._wrote(segment, n, 0)
             raise
@@ -191,13 +314,16 @@ class _SpillWriter:
 
     def spliceFrom(self, fd: int, count: int) -> int:
         """
-        Move up to C{count} bytes from the pipe C{fd} into the image, in the
-        kernel.  Returns 0 at EOF; raises L{BlockingIOError} if the pipe is
-        empty.
+        Move up to C{count} bytes from the pipe C{fd} into the image (into
+        memory in the kernel).  Returns 0 at EOF; raises
+        L{BlockingIOError} if the pipe is empty.
         """
         segment = self._segmentFor(count)
         try:
-            n = os.splice(fd, segment.fd, count)
+            if self._staged is not None:
+                n = self._staged.readFrom(fd, count)
+            else:
+                n = os.splice(fd, segment.fd, count)
         except OSError:
             self._wrote(segment, count, 0)
             raise
@@ -205,11 +331,22 @@ class _SpillWriter:
         return n
 
     def _closeAll(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.close()
         segments, self._segments = self._segments, []
         for segment in segments:
             self._store._drop(segment)
 
     def commit(self) -> IStoredImage:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            try:
+                staged.finish()
+            except OSError:
+                staged.close()
+                self._closeAll()
+                raise
         segments, self._segments = self._segments, []
         return SpillImage(self._store, segments)
 
@@ -290,8 +427,7 @@ class SpillStore:
             fcntl.flock(lockFd, fcntl.LOCK_EX)
             self._dir, self._lockFd = directory, lockFd
             self.log.info("spilling images past the memory limit to {path}", path=directory)
-        fd, path = tempfile.mkstemp(dir=self._dir, suffix=".img")
-        return fd, path
+        return openSpillFile(self._dir)
 
     def _drop(self, segment: _Segment) -> None:
         """Give back a segment's memory or disk space."""
