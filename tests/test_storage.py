@@ -212,6 +212,12 @@ class SpillBehaviourTests(SynchronousTestCase):
         reader.close()
         self.assertEqual(data, b"a" * 100 + b"b" * 100)
 
+    def test_roomBeforeTheSpillDirectoryExists(self) -> None:
+        """Free disk space counts before the first spill has made the directory."""
+        store = SpillStore(100, os.path.join(self.mktemp(), "not", "yet"))
+        free = os.statvfs(".")
+        self.assertGreater(store.room(), 100 + free.f_bavail * free.f_frsize // 2)  # type: ignore[operator]
+
     def test_staleDirectoriesOfDeadDaemonsRemoved(self) -> None:
         writer = self.store.newWriter()
         writer.write(b"x" * 500)

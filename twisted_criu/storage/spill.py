@@ -387,10 +387,19 @@ class SpillStore:
 
     def room(self) -> int | None:
         memory = max(0, self.memoryLimit - self.inMemory)
-        try:
-            disk = os.statvfs(self.spillParent)
-        except OSError:
-            return memory
+        # The spill directory is made on the first spill: until then, the
+        # filesystem it will be on is that of its nearest existing parent.
+        path = self.spillParent
+        while True:
+            try:
+                disk = os.statvfs(path)
+                break
+            except FileNotFoundError:
+                if path == os.path.dirname(path):
+                    return memory
+                path = os.path.dirname(path)
+            except OSError:
+                return memory
         return memory + disk.f_bavail * disk.f_frsize
 
     @property
