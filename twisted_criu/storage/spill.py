@@ -22,11 +22,15 @@ import os
 import secrets
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
+
+_T = TypeVar("_T")
 
 _PREFIX = "twisted-criu-spill-"
 _LOCK = ".lock"
@@ -105,19 +109,73 @@ class _Segment:
         return self.path is not None
 
 
-class _StagedFile:
+def _pwriteAll(fd: int, data: mmap.mmap | memoryview, offset: int) -> None:
+    written = os.pwrite(fd, data, offset)
+    if written < len(data):
+        view = memoryview(data)
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], offset + written)
+        view.release()
+
+
+def _closeBuffers(buffers: list[mmap.mmap]) -> None:
+    for buffer in buffers:
+        try:
+            buffer.close()
+        except BufferError:  # a view is still referenced: the GC unmaps it
+            pass
+
+
+class _DiskIO:
     """
-    Appends to a spill file in whole aligned blocks: bytes gather in a
-    page-aligned buffer, which goes to the file when full; L{finish}
-    writes the padded last block and cuts the file to its true size.
+    Runs spill-file reads and writes on a few threads (the calls release
+    the GIL), so the reactor fills or drains one buffer while the disk
+    works on another.  After L{shutdown}, calls run inline.
     """
 
-    def __init__(self, segment: _Segment) -> None:
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def submit(self, call: Callable[..., _T], *args: object) -> Future[_T]:
+        if not self._closed:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(4, thread_name_prefix="twisted-criu-spill")
+            try:
+                return self._pool.submit(call, *args)
+            except RuntimeError:  # shut down meanwhile
+                pass
+        done: Future[_T] = Future()
+        try:
+            done.set_result(call(*args))
+        except BaseException as e:
+            done.set_exception(e)
+        return done
+
+    def shutdown(self) -> None:
+        self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+class _StagedFile:
+    """
+    Appends to a spill file in whole aligned blocks: bytes gather in one of
+    two page-aligned buffers; a full one is written by the store's I/O
+    thread while the other fills.  L{finish} writes the padded last block
+    and cuts the file to its true size.
+    """
+
+    def __init__(self, segment: _Segment, io: _DiskIO) -> None:
         self._segment = segment
-        self._buffer = mmap.mmap(-1, STAGE_SIZE)
-        self._view = memoryview(self._buffer)
+        self._io = io
+        self._buffers = [mmap.mmap(-1, STAGE_SIZE) for _ in range(2)]
+        self._view = memoryview(self._buffers[0])
+        self._current = 0
         self._filled = 0
         self._flushed = 0
+        self._writing: Future[None] | None = None
 
     def append(self, data: memoryview) -> None:
         while data:
@@ -126,7 +184,7 @@ class _StagedFile:
             self._filled += n
             data = data[n:]
             if self._filled == STAGE_SIZE:
-                self._flush(STAGE_SIZE)
+                self._flush()
 
     def readFrom(self, fd: int, count: int) -> int:
         """Read up to C{count} bytes from C{fd} (a pipe) into the file."""
@@ -134,46 +192,67 @@ class _StagedFile:
         n = os.readv(fd, [self._view[self._filled : self._filled + room]])
         self._filled += n
         if self._filled == STAGE_SIZE:
-            self._flush(STAGE_SIZE)
+            self._flush()
         return n
 
-    def _flush(self, length: int) -> None:
-        fd, view = self._segment.fd, self._view[:length]
-        while view:
-            written = os.pwrite(fd, view, self._flushed)
-            self._flushed += written
-            view = view[written:]
+    def _wait(self) -> None:
+        """Wait for the write in progress; raises its L{OSError}."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def _flush(self) -> None:
+        """Hand the full buffer to the I/O thread and fill the other one."""
+        self._wait()
+        self._view.release()  # the thread gets the mmap itself: no view outlives the write
+        self._writing = self._io.submit(_pwriteAll, self._segment.fd, self._buffers[self._current], self._flushed)
+        self._flushed += STAGE_SIZE
+        self._current ^= 1
+        self._view = memoryview(self._buffers[self._current])
         self._filled = 0
 
     def finish(self) -> None:
         """Write what is staged; the file then holds exactly the bytes given."""
+        self._wait()
         if self._filled:
-            size = self._flushed + self._filled
-            self._view[self._filled : _roundUp(self._filled)] = bytes(_roundUp(self._filled) - self._filled)
-            self._flush(_roundUp(self._filled))
-            os.ftruncate(self._segment.fd, size)
-            self._flushed = size
+            padded = _roundUp(self._filled)
+            self._view[self._filled : padded] = bytes(padded - self._filled)
+            _pwriteAll(self._segment.fd, self._view[:padded], self._flushed)
+            self._flushed += self._filled
+            os.ftruncate(self._segment.fd, self._flushed)
+            self._filled = 0
         self.close()
 
     def close(self) -> None:
+        """Release the buffers (after any write in progress: the fd outlives it)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            try:
+                writing.result()
+            except OSError:
+                pass
         self._view.release()
-        self._buffer.close()
+        _closeBuffers(self._buffers)
+        self._buffers = []
 
 
 @implementer(IImageReader)
 class _SpillReader:
     """
     Reads an image's runs in order: memfd runs with C{pread}/C{sendfile},
-    spill files in aligned blocks (direct I/O) through a buffer of its own.
+    spill files in aligned blocks (direct I/O) into buffers of its own,
+    the next block read ahead by the store's I/O thread.
     """
 
-    def __init__(self, segments: list[_Segment]) -> None:
+    def __init__(self, segments: list[_Segment], io: _DiskIO) -> None:
         # Our own descriptors, so the bytes outlive a release during the read.
         self._runs = [(os.dup(segment.fd), segment.size, segment.onDisk) for segment in segments]
+        self._io = io
         self._index = 0
         self._offset = 0
-        self._buffer: mmap.mmap | None = None
+        self._buffers: list[mmap.mmap] = []
         self._pending = memoryview(b"")
+        self._ahead: tuple[Future[int], int, int] | None = None  # read, its fd, its offset
 
     def _current(self) -> tuple[int, int, bool] | None:
         while self._index < len(self._runs):
@@ -184,15 +263,31 @@ class _SpillReader:
             self._offset = 0
         return None
 
+    def _readInto(self, which: int, fd: int, offset: int) -> Future[int]:
+        """Read a whole buffer (the file ends at the run's end) on the I/O thread."""
+        return self._io.submit(os.preadv, fd, [self._buffers[which]], offset)
+
     def _staged(self, fd: int, left: int) -> memoryview:
-        """Bytes of the current spill file at the read position, read ahead."""
-        if not self._pending:
-            if self._buffer is None:
-                self._buffer = mmap.mmap(-1, STAGE_SIZE)
-            n = os.preadv(fd, [memoryview(self._buffer)[: min(STAGE_SIZE, _roundUp(left))]], self._offset)
-            if n <= 0:
-                raise OSError(f"spill file ended {left} bytes early")
-            self._pending = memoryview(self._buffer)[: min(n, left)]
+        """Bytes of the current spill file at the read position."""
+        if self._pending:
+            return self._pending
+        if not self._buffers:
+            self._buffers = [mmap.mmap(-1, STAGE_SIZE) for _ in range(2)]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[1:] == (fd, self._offset):
+            reading = ahead[0]
+        else:
+            if ahead is not None:
+                ahead[0].exception()  # a stale read-ahead: let it finish
+            reading = self._readInto(1, fd, self._offset)
+        n = reading.result()
+        if n <= 0:
+            raise OSError(f"spill file ended {left} bytes early")
+        n = min(n, left)
+        self._buffers.reverse()  # the buffer just read is now [0]
+        self._pending = memoryview(self._buffers[0])[:n]
+        if left > n:
+            self._ahead = (self._readInto(1, fd, self._offset + n), fd, self._offset + n)
         return self._pending
 
     def _consumed(self, n: int) -> None:
@@ -229,13 +324,15 @@ class _SpillReader:
         return sent
 
     def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[0].exception()  # the read-ahead uses our fd and buffer
         runs, self._runs = self._runs, []
         for fd, _, _ in runs:
             os.close(fd)
         self._pending.release()
-        if self._buffer is not None:
-            self._buffer.close()
-            self._buffer = None
+        _closeBuffers(self._buffers)
+        self._buffers = []
 
 
 @implementer(IStoredImage)
@@ -253,7 +350,7 @@ class SpillImage:
         return sum(segment.size for segment in self._segments if segment.onDisk)
 
     def open(self) -> IImageReader:
-        return _SpillReader(self._segments)
+        return _SpillReader(self._segments, self._store._io)
 
     def release(self) -> None:
         segments, self._segments = self._segments, []
@@ -286,7 +383,7 @@ class _SpillWriter:
         if last is None or not last.onDisk:
             last = _Segment(*self._store._newSpillFile())
             self._segments.append(last)
-            self._staged = _StagedFile(last)
+            self._staged = _StagedFile(last, self._store._io)
         return last
 
     def _wrote(self, segment: _Segment, reserved: int, n: int) -> None:
@@ -371,6 +468,7 @@ class SpillStore:
         self.onDisk = 0
         self._dir: str | None = None
         self._lockFd = -1
+        self._io = _DiskIO()
         for path in removeStaleSpillDirs(self.spillParent):
             self.log.warn("removed spill files left by a dead daemon: {path}", path=path)
 
@@ -409,6 +507,7 @@ class SpillStore:
 
     def close(self) -> None:
         """Remove every spill file; the store must not be used afterwards."""
+        self._io.shutdown()
         directory, self._dir = self._dir, None
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
