@@ -97,7 +97,11 @@ class RegenerateTests(SynchronousTestCase):
 
 #: twisted-criu's own optional fields, invisible to CRIU's C peers.
 EXTENSIONS = {
-    "remote_image_entry": [(5, "sha256", _F.TYPE_BYTES), (6, "link_version", _F.TYPE_UINT32)]
+    "remote_image_entry": [
+        (5, "sha256", _F.TYPE_BYTES),
+        (6, "link_version", _F.TYPE_UINT32),
+        (7, "chunked", _F.TYPE_BOOL),
+    ]
 }
 
 #: twisted-criu's own message, sent only between twisted-criu daemons: its

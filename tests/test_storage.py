@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
+from twisted_criu.interfaces import IGrowingImage, IImageReader, IImageStore, IImageWriter, IStoredImage
 from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage import spill
@@ -323,3 +323,77 @@ class DirectSpillTests(SynchronousTestCase):
         image = self.imageOf(data, 4097)
         self.assertEqual(readAll(image), data)
         self.assertEqual(self.sendAll(image), data)
+
+
+class GrowingImageTests(SynchronousTestCase):
+    """A follower reads an image while it is written (cut-through forwarding)."""
+
+    def follow(self, budget: int) -> None:
+        store = SpillStore(budget, self.mktemp())
+        self.addCleanup(store.close)
+        writer = store.newWriter()
+        follower = writer.follow()  # type: ignore[attr-defined]
+        verifyObject(IGrowingImage, follower)
+        changes: list[int] = []
+        follower.onChange = lambda: changes.append(follower.available)
+        data = os.urandom(3 * STAGE_SIZE + 12_345)
+        got = bytearray()
+        for start in range(0, len(data), 300_001):
+            writer.write(data[start : start + 300_001])
+            while chunk := follower.read(100_000):
+                got += chunk
+            # Never ahead of the writer; in memory at once, on disk per buffer.
+            self.assertLessEqual(len(got), start + 300_001)
+            self.assertEqual(bytes(got), data[: len(got)])
+            self.assertFalse(follower.complete)
+        if budget >= len(data):
+            self.assertEqual(len(got), len(data))
+        image = writer.commit()
+        self.assertTrue(follower.complete)
+        while chunk := follower.read(100_000):
+            got += chunk
+        self.assertEqual(bytes(got), data)
+        self.assertEqual(changes[-1], len(data))
+        follower.close()
+        self.assertEqual(readAll(image), data)
+        image.release()
+
+    def test_inMemory(self) -> None:
+        self.follow(1 << 30)
+
+    def test_onDisk(self) -> None:
+        self.follow(0)
+
+    def test_spillsMidway(self) -> None:
+        self.follow(STAGE_SIZE + 7)
+
+    def test_abortStopsTheFollower(self) -> None:
+        store = SpillStore(1 << 20, self.mktemp())
+        self.addCleanup(store.close)
+        writer = store.newWriter()
+        follower = writer.follow()  # type: ignore[attr-defined]
+        writer.write(b"x" * 5000)
+        self.assertEqual(follower.read(10), b"x" * 10)
+        writer.abort()
+        self.assertTrue(follower.aborted)
+        self.assertEqual(follower.read(10), b"")
+        follower.close()
+        self.assertEqual((store.inMemory, store.onDisk), (0, 0))
+
+    def test_sendfileFollows(self) -> None:
+        store = SpillStore(STAGE_SIZE, self.mktemp())
+        self.addCleanup(store.close)
+        writer = store.newWriter()
+        follower = writer.follow()  # type: ignore[attr-defined]
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        data = os.urandom(2 * STAGE_SIZE + 99)
+        got = bytearray()
+        writer.write(data[:STAGE_SIZE + 10])
+        writer.write(data[STAGE_SIZE + 10 :])
+        writer.commit()
+        while sent := follower.sendfile(w, 60_000):
+            got += os.read(r, sent)
+        self.assertEqual(bytes(got), data)
+        follower.close()

@@ -147,7 +147,7 @@ class MessageTests(SynchronousTestCase):
     def test_endOfDumpMarker(self) -> None:
         """The link extension's marker: no name, id or bytes, a link version."""
         raw = wire.END_OF_DUMP.toBytes()
-        self.assertEqual(raw.hex(), "0a0000000a001200180020003001")
+        self.assertEqual(raw.hex(), "0a0000000a001200180020003002")
         marker = wire.RemoteHeader.fromBytes(raw[4:])
         self.assertEqual(marker, wire.END_OF_DUMP)
         self.assertTrue(marker.isEndOfDump)
@@ -166,6 +166,22 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual(extended[4:], plain[4:] + bytes.fromhex("3001"))
         self.assertEqual(wire.RemoteHeader.fromBytes(extended[4:]).linkVersion, 1)
         self.assertIsNone(wire.RemoteHeader.fromBytes(plain[4:]).linkVersion)
+
+    def test_chunkedHeader(self) -> None:
+        """A cut-through image: field 7, size 0, version 2, a plain write."""
+        header = wire.RemoteHeader("pages-1.img", "X", 1, 0, None, 2, True)
+        raw = header.toBytes()
+        self.assertEqual(raw[4:], wire.RemoteHeader("pages-1.img", "X", 1, 0, None, 2).toBytes()[4:] + b"\x38\x01")
+        self.assertEqual(wire.RemoteHeader.fromBytes(raw[4:]), header)
+        for bad in [
+            wire.RemoteHeader("a.img", "X", 1, 0, None, 1, True),  # version 1 has no chunks
+            wire.RemoteHeader("a.img", "X", 1, 0, None, None, True),
+            wire.RemoteHeader("a.img", "X", 1, 5, None, 2, True),  # a size as well
+            wire.RemoteHeader("a.img", "X", 1, 0, b"d" * 32, 2, True),  # a digest of what?
+            wire.RemoteHeader("a.img", "X", 1 | 0o2000, 0, None, 2, True),  # an append
+        ]:
+            with self.assertRaises(ProtocolError):
+                wire.RemoteHeader.fromBytes(bad.toBytes()[4:])
 
     def test_linkStatus(self) -> None:
         hello = wire.LinkStatus(wire.LinkStatusKind.HELLO, version=1)

@@ -59,3 +59,24 @@ class IImageStore(Interface):
         How many more image bytes the store can take now (memory left in
         the budget plus free space for spilling), or L{None} if unbounded.
         """
+
+
+class IGrowingImage(IImageReader):
+    """
+    An image still being written, read as it grows (cut-through
+    forwarding).  L{read} returns C{b""} whenever it has caught up with the
+    writer: C{complete} or C{aborted} then tell whether more will come, and
+    C{onChange} is called after every write, commit or abort.
+    """
+
+    available = Attribute("Bytes written so far that can be read now (all, once complete).")
+    complete = Attribute("The write was committed: C{available} is the image's size.")
+    aborted = Attribute("The write broke off: the bytes must be thrown away.")
+    onChange = Attribute("A callable without arguments, set by the consumer.")
+
+
+class IGrowableWriter(IImageWriter):
+    """A writer whose image can be read while it is being written."""
+
+    def follow() -> IGrowingImage:
+        """A reader of this image from its first byte, following the writer."""

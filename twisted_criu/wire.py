@@ -184,6 +184,8 @@ class RemoteHeader:
     size: int
     sha256: bytes | None = None
     linkVersion: int | None = None
+    #: Cut through: C{size} is 0 and chunks follow (see L{Chunk}).
+    chunked: bool = False
 
     def toBytes(self) -> bytes:
         message = _pb.remote_image_entry(
@@ -196,6 +198,8 @@ class RemoteHeader:
             message.sha256 = self.sha256
         if self.linkVersion is not None:
             message.link_version = self.linkVersion
+        if self.chunked:
+            message.chunked = True
         return _serialize(message)
 
     @property
@@ -217,11 +221,26 @@ class RemoteHeader:
         digest = m.sha256 if m.HasField("sha256") else None
         if digest is not None and len(digest) != 32:
             raise ProtocolError(f"a SHA-256 of {len(digest)} bytes")
-        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest, version)
+        chunked = m.chunked
+        if chunked and (version is None or version < 2 or m.size or digest is not None):
+            raise ProtocolError("a chunked image needs link version 2, size 0 and no SHA-256")
+        if chunked and openKind(m.open_mode) is not OpenKind.WRITE:
+            raise ProtocolError("only a plain write can be chunked")
+        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest, version, chunked)
 
 
-#: The version of the link extension this code speaks.
-LINK_EXTENSION_VERSION = 1
+#: The version of the link extension this code speaks: 1 link statuses,
+#: 2 also chunked (cut-through) images.
+LINK_EXTENSION_VERSION = 2
+
+#: Chunked images: each chunk is this length prefix, then that many bytes.
+CHUNK_LENGTH = struct.Struct("<I")
+#: The length that ends a chunked image: it is complete.
+CHUNK_END = 0
+#: The length that ends a chunked image whose write broke off: discard it.
+CHUNK_ABORT = 0xFFFFFFFF
+#: The largest chunk a sender makes (and a receiver accepts).
+MAX_CHUNK = 1 << 24
 
 #: The proxy's end-of-dump marker, sent only to caches that said HELLO.
 END_OF_DUMP = RemoteHeader("", "", O_RDONLY, 0, None, LINK_EXTENSION_VERSION)

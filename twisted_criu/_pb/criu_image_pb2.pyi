@@ -15,20 +15,22 @@ class local_image_entry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ...) -> None: ...
 
 class remote_image_entry(_message.Message):
-    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256", "link_version")
+    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256", "link_version", "chunked")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_MODE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LINK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
     name: str
     snapshot_id: str
     open_mode: int
     size: int
     sha256: bytes
     link_version: int
-    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., link_version: _Optional[int] = ...) -> None: ...
+    chunked: bool
+    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., link_version: _Optional[int] = ..., chunked: _Optional[bool] = ...) -> None: ...
 
 class local_image_reply_entry(_message.Message):
     __slots__ = ("error",)

@@ -28,7 +28,14 @@ from typing import Callable, TypeVar
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
+from twisted_criu.interfaces import (
+    IGrowableWriter,
+    IGrowingImage,
+    IImageReader,
+    IImageStore,
+    IImageWriter,
+    IStoredImage,
+)
 
 _T = TypeVar("_T")
 
@@ -195,6 +202,14 @@ class _StagedFile:
             self._flush()
         return n
 
+    @property
+    def durable(self) -> int:
+        """Bytes of the file already written (a whole number of buffers)."""
+        writing = self._writing
+        if writing is not None and not writing.done():
+            return self._flushed - STAGE_SIZE
+        return self._flushed
+
     def _wait(self) -> None:
         """Wait for the write in progress; raises its L{OSError}."""
         writing, self._writing = self._writing, None
@@ -253,12 +268,16 @@ class _SpillReader:
         self._buffers: list[mmap.mmap] = []
         self._pending = memoryview(b"")
         self._ahead: tuple[Future[int], int, int] | None = None  # read, its fd, its offset
+        #: The last run may still grow (a reader following its writer).
+        self._lastMayGrow = False
 
     def _current(self) -> tuple[int, int, bool] | None:
         while self._index < len(self._runs):
             fd, size, onDisk = self._runs[self._index]
             if self._offset < size:
                 return fd, size - self._offset, onDisk
+            if self._lastMayGrow and self._index == len(self._runs) - 1:
+                return None
             self._index += 1
             self._offset = 0
         return None
@@ -335,6 +354,68 @@ class _SpillReader:
         self._buffers = []
 
 
+@implementer(IGrowingImage)
+class _GrowingReader(_SpillReader):
+    """
+    Follows a L{_SpillWriter}: reads what is already in memory or durably
+    in the spill file (whole aligned buffers), and more after each change.
+    """
+
+    def __init__(self, writer: _SpillWriter) -> None:
+        super().__init__([], writer._store._io)
+        self._writer: _SpillWriter | None = writer
+        self._segments = writer._segments  # the list itself: commit hands it on
+        self._lastMayGrow = True
+        self.complete = False
+        self.aborted = False
+        self.onChange: Callable[[], None] = lambda: None
+
+    @property
+    def available(self) -> int:
+        self._refresh()
+        return sum(size for _, size, _ in self._runs)
+
+    def _refresh(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        for i, segment in enumerate(self._segments):
+            size = writer._durable(segment)
+            if i < len(self._runs):
+                fd, _, onDisk = self._runs[i]
+                self._runs[i] = (fd, size, onDisk)
+            else:
+                self._runs.append((os.dup(segment.fd), size, segment.onDisk))
+
+    def _changed(self, complete: bool = False, aborted: bool = False) -> None:
+        """Called by the writer after each change (before it drops anything)."""
+        if not aborted:
+            self._refresh()
+        if complete or aborted:
+            self._writer = None
+            self._lastMayGrow = False
+        self.complete, self.aborted = complete, aborted
+        self.onChange()
+
+    def read(self, size: int) -> bytes:
+        if self.aborted:
+            return b""
+        self._refresh()
+        return super().read(size)
+
+    def sendfile(self, out: int, count: int) -> int:
+        if self.aborted:
+            return 0
+        self._refresh()
+        return super().sendfile(out, count)
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer._unfollow(self)
+        super().close()
+
+
 @implementer(IStoredImage)
 class SpillImage:
     """An image whose head is in memory (a memfd) and whose tail may be on disk."""
@@ -358,7 +439,7 @@ class SpillImage:
             self._store._drop(segment)
 
 
-@implementer(IImageWriter)
+@implementer(IGrowableWriter)
 class _SpillWriter:
     """
     Fills a memfd while the store's budget allows, then a spill file.  The
@@ -370,7 +451,31 @@ class _SpillWriter:
         self._store = store
         self._segments: list[_Segment] = []
         self._staged: _StagedFile | None = None
+        self._followers: list[_GrowingReader] = []
         self.size = 0
+
+    def follow(self) -> IGrowingImage:
+        reader = _GrowingReader(self)
+        self._followers.append(reader)
+        return reader
+
+    def _unfollow(self, reader: _GrowingReader) -> None:
+        if reader in self._followers:
+            self._followers.remove(reader)
+
+    def _durable(self, segment: _Segment) -> int:
+        """Bytes of C{segment} a follower may read now."""
+        staged = self._staged
+        if staged is not None and segment is self._segments[-1] and segment.onDisk:
+            return staged.durable
+        return segment.size
+
+    def _notify(self, complete: bool = False, aborted: bool = False) -> None:
+        followers = self._followers
+        if complete or aborted:
+            self._followers = []
+        for follower in list(followers):
+            follower._changed(complete, aborted)
 
     def _segmentFor(self, n: int) -> _Segment:
         """The segment the next C{n} bytes go to, with memory reserved."""
@@ -408,6 +513,8 @@ class _SpillWriter:
             self._wrote(segment, n, 0)
             raise
         self._wrote(segment, n, n)
+        if self._followers:
+            self._notify()
 
     def spliceFrom(self, fd: int, count: int) -> int:
         """
@@ -425,6 +532,8 @@ class _SpillWriter:
             self._wrote(segment, count, 0)
             raise
         self._wrote(segment, count, n)
+        if n and self._followers:
+            self._notify()
         return n
 
     def _closeAll(self) -> None:
@@ -442,12 +551,15 @@ class _SpillWriter:
                 staged.finish()
             except OSError:
                 staged.close()
-                self._closeAll()
+                self.abort()
                 raise
         segments, self._segments = self._segments, []
-        return SpillImage(self._store, segments)
+        image = SpillImage(self._store, segments)
+        self._notify(complete=True)
+        return image
 
     def abort(self) -> None:
+        self._notify(aborted=True)
         self._closeAll()
         self.size = 0
 
