@@ -18,6 +18,7 @@ from twisted_criu.errors import ImageNotFound
 from twisted_criu.registry import SnapshotRegistry, readAll
 from twisted_criu.remote import IRemoteImageSink, RemoteReceiver, RemoteSender
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.storage.spill import SpillStore
 
 from .helpers import driveProducer
 
@@ -293,7 +294,6 @@ class SenderTests(SynchronousTestCase):
 class RoomTests(SynchronousTestCase):
     def test_refuseImageLargerThanRoom(self) -> None:
         """A size beyond budget plus free disk is refused before any body byte."""
-        from twisted_criu.storage.spill import SpillStore
 
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         sink = FakeSink()
@@ -376,7 +376,7 @@ class LinkExtensionTests(SynchronousTestCase):
     def test_helloAfterTheFirstExtendedHeader(self) -> None:
         self.assertEqual(self.transport.value(), b"")
         self.receiver.dataReceived(_sent(("a.img", b"alpha")))
-        self.assertEqual(self.statuses(), [wire.LinkStatus(wire.LinkStatusKind.HELLO, 1)])
+        self.assertEqual(self.statuses(), [wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION)])
         self.receiver.dataReceived(_sent(("b.img", b"bravo")))
         self.assertEqual(len(self.statuses()), 1)
 
@@ -402,6 +402,122 @@ class LinkExtensionTests(SynchronousTestCase):
         """Only a header carrying the link version can be a marker."""
         self.receiver.dataReceived(wire.RemoteHeader("", "", 0, 0).toBytes())
         self.assertTrue(self.transport.disconnected)
+
+
+def _chunked(name: str, *chunks: bytes, end: int = wire.CHUNK_END, snapshotId: str = "snap1") -> bytes:
+    """A cut-through image as a twisted-criu proxy sends it."""
+    out = wire.RemoteHeader(name, snapshotId, 1, 0, None, wire.LINK_EXTENSION_VERSION, True).toBytes()
+    assert all(chunks), "a chunk of length 0 is the end of the image"
+    for chunk in chunks:
+        out += wire.CHUNK_LENGTH.pack(len(chunk)) + chunk
+    return out + wire.CHUNK_LENGTH.pack(end)
+
+
+class ChunkedReceiverTests(SynchronousTestCase):
+    """Cut-through images: chunks as criu writes them, published only when ended."""
+
+    def setUp(self) -> None:
+        self.sink = FakeSink()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def connect(self) -> tuple[RemoteReceiver, StringTransport]:
+        receiver = RemoteReceiver(self.sink)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        return receiver, transport
+
+    def stored(self, name: str) -> bytes | None:
+        image = self.sink.registry.get(("snap1", name))
+        return None if image is None else readAll(image)
+
+    def test_everySplitPoint(self) -> None:
+        data = (
+            _sent(("first.img", b"1"))
+            + _chunked("pages.img", b"abc", b"d", b"efgh")
+            + _chunked("empty.img")
+            + _sent(("after.img", b"after"))
+            + wire.END_OF_DUMP.toBytes()
+        )
+        for cut in range(len(data) + 1):
+            self.sink = FakeSink()
+            receiver, transport = self.connect()
+            receiver.dataReceived(data[:cut])
+            receiver.dataReceived(data[cut:])
+            self.assertEqual(
+                [self.stored(n) for n in ("pages.img", "empty.img", "after.img")],
+                [b"abcdefgh", b"", b"after"],
+                cut,
+            )
+            statuses = [wire.LinkStatus.fromBytes(p) for p in wire.iterFrames(transport.value())]
+            self.assertEqual(
+                statuses[-1], wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=4, size=14)
+            )
+
+    def test_notPublishedUntilEnded(self) -> None:
+        """A restore waiting for the image gets it only once it is complete."""
+        receiver, _ = self.connect()
+        waiting = self.sink.registry.whenAvailable(("snap1", "pages.img"))
+        data = _chunked("pages.img", b"abc", b"def")
+        receiver.dataReceived(data[:-4])
+        self.assertNoResult(waiting)
+        self.assertIsNone(self.stored("pages.img"))
+        receiver.dataReceived(data[-4:])
+        self.assertEqual(readAll(self.successResultOf(waiting)), b"abcdef")
+
+    def test_abortedWriteIsDiscarded(self) -> None:
+        """The proxy's criu broke off: nothing published, the link goes on."""
+        receiver, transport = self.connect()
+        old = _sent(("pages.img", b"old version"))
+        receiver.dataReceived(old + _chunked("pages.img", b"partial", end=wire.CHUNK_ABORT))
+        self.assertEqual(self.stored("pages.img"), b"old version")
+        receiver.dataReceived(_sent(("next.img", b"next")) + wire.END_OF_DUMP.toBytes())
+        self.assertEqual(self.stored("next.img"), b"next")
+        self.assertFalse(transport.disconnected)
+        statuses = [wire.LinkStatus.fromBytes(p) for p in wire.iterFrames(transport.value())]
+        self.assertEqual(statuses[-1].images, 2)  # the discarded image is not counted
+
+    def test_linkLostMidImage(self) -> None:
+        receiver, _ = self.connect()
+        waiting = self.sink.registry.whenAvailable(("snap1", "pages.img"))
+        receiver.dataReceived(_chunked("pages.img", b"abc", b"def")[:-4])
+        receiver.connectionLost(Failure(ConnectionLost()))
+        self.assertIsNone(self.stored("pages.img"))
+        self.assertEqual(self.sink.closed, [False])
+        errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
+        self.assertIn("link lost in the middle of snap1/pages.img: 6 of its bytes arrived", errors[-1])
+        self.sink.registry.close()
+        self.failureResultOf(waiting)
+
+    def test_oversizedChunkDropsTheLink(self) -> None:
+        receiver, transport = self.connect()
+        header = wire.RemoteHeader("pages.img", "snap1", 1, 0, None, 2, True).toBytes()
+        receiver.dataReceived(header + wire.CHUNK_LENGTH.pack(wire.MAX_CHUNK + 1))
+        self.assertTrue(transport.disconnected)
+        receiver.connectionLost(Failure(ConnectionLost()))
+        self.assertIsNone(self.stored("pages.img"))
+
+    def test_noRoomForAChunk(self) -> None:
+        """Room is checked as chunks come, since the size is not known up front."""
+        self.sink.store = SpillStore(100, self.mktemp())  # type: ignore[assignment]
+        self.patch(self.sink.store, "room", lambda: 10)
+        receiver, transport = self.connect()
+        receiver.dataReceived(_chunked("pages.img", b"12345", b"678901"))
+        self.assertTrue(transport.disconnected)
+        errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
+        self.assertIn("refusing snap1/pages.img: 11 bytes so far, room for 10", errors[-1])
+
+    def test_silenceBetweenChunksIsNoStall(self) -> None:
+        """criu may be slow: only silence inside a chunk or header is a stall."""
+        clock = Clock()
+        self.sink.reactor = clock
+        receiver, transport = self.connect()
+        data = _chunked("pages.img", b"abcdef")
+        receiver.dataReceived(data[:-4])  # a whole chunk: waiting for the next
+        clock.advance(self.sink.linkTimeout * 2)
+        self.assertFalse(transport.disconnected)
+        receiver.dataReceived(data[-4:-2])  # half a length: now it is a stall
+        clock.advance(self.sink.linkTimeout + 1)
+        self.assertTrue(transport.disconnected)
 
 
 class SenderStatusTests(SynchronousTestCase):

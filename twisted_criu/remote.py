@@ -333,6 +333,11 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._hash: Any = None
         self._writer: IImageWriter | None = None
         self._remaining = 0
+        #: The current image is chunked (cut through): lengths come between chunks.
+        self._chunked = False
+        self._chunkLength = bytearray()
+        #: Bytes of the current image received so far.
+        self._received = 0
         self._plainRead: Callable[[], Any] | None = None
         self._moving: Transfer | None = None
         self.imagesReceived = 0
@@ -375,8 +380,10 @@ class RemoteReceiver(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes | memoryview) -> None:
         self._receive(data)
-        inFrame = self._writer is not None or self._frames.pending > 0
-        self.setTimeout(self.sink.linkTimeout if inFrame else None)
+        # Between the chunks of a cut-through image the proxy waits for
+        # criu, which may be slow: like between images, that is no stall.
+        inImage = self._writer is not None and (self._remaining > 0 or len(self._chunkLength) > 0)
+        self.setTimeout(self.sink.linkTimeout if inImage or self._frames.pending > 0 else None)
 
     def _readBody(self) -> Any:
         """The TCP transport's C{doRead} while this protocol is connected."""
@@ -409,6 +416,12 @@ class RemoteReceiver(Protocol, TimeoutMixin):
 
     def _receive(self, data: bytes | memoryview) -> None:
         while data:
+            if self._writer is not None and self._chunked and not self._remaining:
+                rest = self._chunkBoundary(data)
+                if rest is None:
+                    return
+                data = rest
+                continue
             if self._writer is not None:
                 remaining = self._remaining
                 if len(data) <= remaining:
@@ -428,7 +441,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     self.transport.abortConnection()
                     return
                 self._remaining -= len(chunk)
-                if not self._remaining and not self._finishImage():
+                self._received += len(chunk)
+                if not self._remaining and not self._chunked and not self._finishImage():
                     return
                 continue
             try:
@@ -468,36 +482,97 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         assert registry is not None
         key = (header.snapshotId, header.name)
         store: IImageStore = self.sink.store
-        room = store.room()
-        if room is not None and header.size > room:
-            self.log.error(
-                "refusing {image}: {size} bytes announced, room for {room}"
-                " (memory budget plus free spill space); dropping the link",
-                image=describe(key),
-                size=header.size,
-                room=room,
-            )
-            self.transport.abortConnection()
+        if not header.chunked and not self._roomFor(key, header.size, "announced"):
             return False
         registry.beginWrite(key)
         self._header = header
         self._hash = hashlib.sha256() if header.sha256 is not None else None
         self._writer = store.newWriter()
+        self._chunked = header.chunked
         self._remaining = header.size
+        self._received = 0
         self._moving = self.sink.activity.begin(
             Direction.FROM_PROXY,
             describe(key),
-            header.size,
-            lambda: header.size - self._remaining,
+            None if header.chunked else header.size,
+            lambda: self._received,
         )
-        if not self._remaining:
+        if not self._remaining and not self._chunked:
             return self._finishImage()
         return True
+
+    def _roomFor(self, key: ImageKey, size: int, what: str) -> bool:
+        """Is there room for C{size} more bytes? If not, say so and drop the link."""
+        room = self.sink.store.room()
+        if room is None or size <= room:
+            return True
+        self.log.error(
+            "refusing {image}: {size} bytes {what}, room for {room}"
+            " (memory budget plus free spill space); dropping the link",
+            image=describe(key),
+            size=size,
+            what=what,
+            room=room,
+        )
+        self.transport.abortConnection()
+        return False
+
+    def _chunkBoundary(self, data: bytes | memoryview) -> bytes | memoryview | None:
+        """
+        Read a chunk length of the current cut-through image: start the
+        chunk, or end the image.  Returns the bytes after it, or L{None} to
+        stop (more bytes needed, or the link is being dropped).
+        """
+        need = wire.CHUNK_LENGTH.size - len(self._chunkLength)
+        self._chunkLength += data[:need]
+        data = data[need:]
+        if len(self._chunkLength) < wire.CHUNK_LENGTH.size:
+            return None
+        (length,) = wire.CHUNK_LENGTH.unpack(self._chunkLength)
+        self._chunkLength.clear()
+        if length == wire.CHUNK_END:
+            return data if self._finishImage() else None
+        if length == wire.CHUNK_ABORT:
+            self._discardImage()
+            return data
+        key = self._currentKey()
+        if length > wire.MAX_CHUNK:
+            self.log.error(
+                "bad frame from the proxy, dropping the link: a chunk of {length} bytes in {image}"
+                " (at most {limit})",
+                length=length,
+                image=describe(key),
+                limit=wire.MAX_CHUNK,
+            )
+            self.transport.abortConnection()
+            return None
+        if not self._roomFor(key, self._received + length, "so far"):
+            return None
+        self._remaining = length
+        return data
+
+    def _discardImage(self) -> None:
+        """The proxy's write of a cut-through image broke off: throw it away."""
+        header, writer = self._header, self._writer
+        assert header is not None and writer is not None and self._registry is not None
+        key = (header.snapshotId, header.name)
+        self._header, self._writer, self._chunked = None, None, False
+        moving, self._moving = self._moving, None
+        if moving is not None:
+            self.sink.activity.abandon(moving)
+        self.log.warn(
+            "criu's write of {image} broke off on the dump host after {got} bytes; discarded",
+            image=describe(key),
+            got=self._received,
+        )
+        writer.abort()
+        self._registry.abortWrite(key)
 
     def _finishImage(self) -> bool:
         header, writer = self._header, self._writer
         assert header is not None and writer is not None and self._registry
-        self._header, self._writer = None, None
+        self._header, self._writer, self._chunked = None, None, False
+        size = self._received
         key = (header.snapshotId, header.name)
         digest, self._hash = self._hash, None
         moving, self._moving = self._moving, None
@@ -507,7 +582,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             self.log.error(
                 "SHA-256 mismatch for {image} ({size} bytes): discarded; dropping the link",
                 image=describe(key),
-                size=header.size,
+                size=size,
             )
             writer.abort()
             self._registry.abortWrite(key)
@@ -515,14 +590,14 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             return False
         image = writer.commit()
         self.imagesReceived += 1
-        self.bytesReceived += header.size
+        self.bytesReceived += size
         self._imagesSinceMarker += 1
-        self._bytesSinceMarker += header.size
+        self._bytesSinceMarker += size
         self.log.info(
             "received {image} ({size} bytes) {timing}",
             image=describe(key),
-            size=header.size,
-            **self.sink.activity.end(moving, header.size),
+            size=size,
+            **self.sink.activity.end(moving, size),
         )
         if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
             self._registry.publishAppend(key, image, self.sink.store)
@@ -546,8 +621,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 "link lost in the middle of {image}: {got} of {size} bytes arrived;"
                 " discarded ({why})",
                 image=describe((header.snapshotId, header.name)),
-                got=header.size - self._remaining,
-                size=header.size,
+                got=self._received,
+                size="its" if header.chunked else header.size,
                 why=reason.getErrorMessage(),
             )
             writer.abort()
