@@ -493,12 +493,22 @@ def errorLines(log: str) -> list[str]:
     return re.findall(r"^.*#(?:error|critical)\].*$", log, re.M)
 
 
+def arrivedPart(size: int) -> str:
+    """How the cache says what part of an image arrived (both ways of forwarding)."""
+    return rf"(\d+) (?:of {size} bytes|bytes of a cut-through image) arrived"
+
+
 class _DaemonTest(SynchronousTestCase):
+    #: Extra proxy options: how it forwards (default: cut through).
+    FORWARDING: tuple[str, ...] = ()
+
     def startCache(self, base: str, port: int, *args: str) -> Daemon:
         return Daemon(self, "criu-cache", base, "--address", "127.0.0.1", "--port", str(port), *args).start()
 
     def startProxy(self, base: str, port: int, *args: str) -> Daemon:
-        return Daemon(self, "criu-proxy", base, "--address", "127.0.0.1", "--port", str(port), *args).start()
+        return Daemon(
+            self, "criu-proxy", base, "--address", "127.0.0.1", "--port", str(port), *self.FORWARDING, *args
+        ).start()
 
     def startPair(
         self, cacheArgs: tuple[str, ...] = (), proxyArgs: tuple[str, ...] = ()
@@ -514,11 +524,17 @@ class _DaemonTest(SynchronousTestCase):
     def dumpSmall(self, proxy: Daemon, cache: Daemon, count: int = 3) -> dict[str, bytes]:
         """C{parent} and a few small images, until the cache has them all."""
         pushSnapshotId(proxy.socketPath)
+        proxy.waitForLog(r"the cache speaks twisted-criu's link extension \(version 2\)")
         images = {f"core-{i}.img": randomBytes(1000 * (i + 1) + 7, ("small", i)) for i in range(count)}
         for name, data in images.items():
             writeImage(proxy.socketPath, name, data)
         for name, data in images.items():
             cache.waitForLog(rf"received {SNAP}/{re.escape(name)} \({len(data)} bytes\)")
+        cutThrough = re.findall(r"forwarded (\S+) \(\d+ bytes, cut through\)", proxy.log())
+        if self.FORWARDING:
+            self.assertEqual(cutThrough, [])
+        else:  # the link was free when it started (later ones may finish first)
+            self.assertIn(f"{SNAP}/core-0.img", cutThrough, proxy.log())
         return images
 
 
@@ -551,9 +567,7 @@ class ProxyKilledTests(_DaemonTest):
         finally:
             cache.signal(signal.SIGCONT)
 
-        lost = cache.waitForLog(
-            rf"link lost in the middle of {SNAP}/pages-1.img: (\d+) of {size} bytes arrived; discarded"
-        )
+        lost = cache.waitForLog(rf"link lost in the middle of {SNAP}/pages-1.img: {arrivedPart(size)}; discarded")
         arrived = int(lost.group(1))
         self.assertTrue(0 < arrived < size, arrived)
         cache.waitForLog(r"link to the proxy lost; waiting 2.0 s for it to come back")
@@ -637,7 +651,7 @@ class CacheKilledTests(_DaemonTest):
         writeImage(proxy.socketPath, "pages-2.img", huge)
         waitUntil(self, lambda: linkQueues(port)[1] > 64 << 10, "pages-2.img is in the link")
         cache.kill()
-        proxy.waitForLog(rf"link lost while forwarding {SNAP}/pages-2.img: ")
+        proxy.waitForLog(rf"link lost while forwarding {SNAP}/pages-2.img(?: \(cut through\))?: ")
 
         images = {f"{SNAP}/{k}": v for k, v in small.items()}
         images[f"{SNAP}/pages-1.img"] = big
@@ -699,13 +713,11 @@ class NetworkStallTests(_DaemonTest):
             r"link stalled: no bytes from the proxy for 2.0 s in the middle of a frame; dropping it"
         )
         seen["cache"] = time.monotonic()
-        lost = cache.waitForLog(
-            rf"link lost in the middle of {SNAP}/{name}: (\d+) of {size} bytes arrived; discarded"
-        )
+        lost = cache.waitForLog(rf"link lost in the middle of {SNAP}/{name}: {arrivedPart(size)}; discarded")
         self.assertTrue(0 < int(lost.group(1)) <= 8 * MiB, lost.group(0))
         proxy.waitForLog(
             rf"link stalled: no progress forwarding {SNAP}/{name} for 2.0 s"
-            rf" \((\d+) of {size} bytes sent\); dropping it"
+            rf" \((\d+) of (?:{size}|its) bytes sent\); dropping it"
         )
         seen["proxy"] = time.monotonic()
         return seen
@@ -852,3 +864,17 @@ class SilentClientTests(_DaemonTest):
         self.assertEqual(waiting.result(), late)
         assertImages(self, cache.socketPath, {**small, "late.img": late})
         self.assertTrue(proxy.running() and cache.running())
+
+
+class ProxyKilledStoreAndForwardTests(ProxyKilledTests):
+    """The same with images forwarded only once complete (as to a C cache)."""
+
+    FORWARDING = ("--store-and-forward",)
+
+
+class CacheKilledStoreAndForwardTests(CacheKilledTests):
+    FORWARDING = ("--store-and-forward",)
+
+
+class NetworkStallStoreAndForwardTests(NetworkStallTests):
+    FORWARDING = ("--store-and-forward",)

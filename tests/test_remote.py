@@ -484,7 +484,9 @@ class ChunkedReceiverTests(SynchronousTestCase):
         self.assertIsNone(self.stored("pages.img"))
         self.assertEqual(self.sink.closed, [False])
         errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
-        self.assertIn("link lost in the middle of snap1/pages.img: 6 of its bytes arrived", errors[-1])
+        self.assertIn(
+            "link lost in the middle of snap1/pages.img: 6 bytes of a cut-through image arrived", errors[-1]
+        )
         self.sink.registry.close()
         self.failureResultOf(waiting)
 

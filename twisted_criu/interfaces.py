@@ -73,10 +73,13 @@ class IGrowingImage(IImageReader):
     complete = Attribute("The write was committed: C{available} is the image's size.")
     aborted = Attribute("The write broke off: the bytes must be thrown away.")
     onChange = Attribute("A callable without arguments, set by the consumer.")
+    image = Attribute("The L{IStoredImage} the write became, once complete.")
 
 
 class IGrowableWriter(IImageWriter):
     """A writer whose image can be read while it is being written."""
+
+    writing = Attribute("Neither committed nor aborted yet.")
 
     def follow() -> IGrowingImage:
         """A reader of this image from its first byte, following the writer."""

@@ -191,9 +191,9 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
             waiting.addCallbacks(self._imageReady, self._imageMissing)
             return
         self._append = kind is wire.OpenKind.APPEND
-        self._registry.beginWrite(self._key)
         store: IImageStore = self.service.store
         writer = self._writer = store.newWriter()
+        self._registry.beginWrite(self._key, None if self._append else writer)
         self._moving = self.service.activity.begin(
             Direction.FROM_CRIU, describe(self._key), None, lambda: writer.size
         )

@@ -21,7 +21,7 @@ from twisted_criu.activity import Activity
 from twisted_criu.control import ISessionControl, SessionBusy, SessionHolder, SessionView
 from twisted_criu.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
 from twisted_criu.errors import ImageKey
-from twisted_criu.interfaces import IImageStore, IStoredImage
+from twisted_criu.interfaces import IGrowableWriter, IGrowingImage, IImageStore, IImageWriter, IStoredImage
 from twisted_criu.local import ILocalImageService, LocalImageFactory
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.remote import RemoteSender, RemoteSenderFactory
@@ -68,8 +68,10 @@ class ProxySession:
         checksum: bool = False,
         sessionId: str = "1",
         activity: Activity | None = None,
+        cutThrough: bool = True,
     ) -> None:
         self.id = sessionId
+        self.cutThrough = cutThrough and not checksum
         self.started = reactor.seconds()
         self._clock = reactor
         self.registry = SnapshotRegistry(waitForMissing=False)
@@ -77,6 +79,9 @@ class ProxySession:
         self._digests: dict[ImageKey, tuple[IStoredImage, bytes]] = {}
         self._hashing = 0
         self.registry.onPublish(self._published)
+        self.registry.onWriteStarted(self._writeStarted)
+        #: Writes under way that the link may cut through, oldest first.
+        self._writes: dict[ImageKey, IGrowableWriter] = {}
         self.seed = False
         self.onDelivered: Callable[[SessionSummary], None] = lambda summary: None
         self.ended: Deferred[None] = Deferred()
@@ -99,6 +104,7 @@ class ProxySession:
             self._digestFor if checksum else None,
             self._statusReceived,
             activity,
+            self._nextLive if self.cutThrough else None,
         )
         self._link = ClientService(cache, factory, **kwargs)
 
@@ -146,7 +152,32 @@ class ProxySession:
             return True, known[1]
         return False, None
 
+    def _writeStarted(self, key: ImageKey, writer: IImageWriter) -> None:
+        """criu started writing an image: the link may cut it through."""
+        if not self.cutThrough or not IGrowableWriter.providedBy(writer):
+            return
+        self._writes.pop(key, None)
+        self._writes[key] = writer
+        sender = self._sender
+        if sender is not None:
+            sender.offerLive()
+
+    def _nextLive(self) -> tuple[ImageKey, IGrowingImage] | None:
+        """The oldest image criu is still writing, for a link that is free."""
+        while self._writes:
+            key = next(iter(self._writes))
+            writer = self._writes.pop(key)
+            if writer.writing:
+                return key, writer.follow()
+        return None
+
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
+        writer = self._writes.get(key)
+        if writer is not None and not writer.writing:
+            del self._writes[key]
+        sender = self._sender
+        if sender is not None and sender.cutThrough(key, image):
+            return  # already on its way
         if self.checksum:
             # Hash in a thread (hashlib releases the GIL); forward when known.
             self._hashing += 1
@@ -316,8 +347,11 @@ class ImageProxyService(SessionHolder, MultiService):
         checksum: bool = False,
         keep: bool = False,
         progressInterval: float = 10.0,
+        cutThrough: bool = True,
     ) -> None:
         super().__init__()
+        #: Forward images to a twisted-criu cache while criu writes them.
+        self.cutThrough = cutThrough
         self.reactor = reactor
         self.activity = Activity(reactor, progressInterval)
         self.checksum = checksum
@@ -386,6 +420,7 @@ class ImageProxyService(SessionHolder, MultiService):
             self.checksum,
             sessionId=str(self._sessionCounter),
             activity=self.activity,
+            cutThrough=self.cutThrough,
         )
         self.session = session
         session.onDelivered = self._dumpDelivered

@@ -21,13 +21,15 @@ class Options(DaemonOptions):
     synopsis = "[options]"
     longdesc = (
         "Receive checkpoint images from `criu dump --remote -D DIR` on "
-        "DIR/img-proxy.sock and forward each, once complete, to a criu-cache."
+        "DIR/img-proxy.sock and forward them to a criu-cache: to a twisted-criu "
+        "cache while criu writes them (cut through), to CRIU's C cache once complete."
     )
     streamSocketName = "streamer-capture.sock"
     socketName = "img-proxy.sock"
     controlSocketName = "proxy-control.sock"
     optFlags = [
-        ["checksum", None, "Send each image's SHA-256 with it; a twisted-criu cache checks it before serving the image (CRIU's C cache ignores it)."],
+        ["checksum", None, "Send each image's SHA-256 with it; a twisted-criu cache checks it before serving the image (CRIU's C cache ignores it). Implies --store-and-forward."],
+        ["store-and-forward", None, "Forward each image only once criu has written all of it, as CRIU's own proxy does [default: a twisted-criu cache gets images while criu writes them]."],
     ]
     optParameters = [
         ["address", None, "localhost", "Host of the criu-cache."],
@@ -102,6 +104,7 @@ def makeService(options: Options) -> IService:
         retryPolicy=retryPolicy,
         cacheDescription=description,
         checksum=options["checksum"],
+        cutThrough=not options["store-and-forward"],
         keep=options["keep"],
         progressInterval=options["progress-interval"],
     )

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from twisted_criu import wire
 from twisted_criu.errors import ImageKey, ImageNotFound
-from twisted_criu.interfaces import IImageStore, IStoredImage
+from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
 
 
 def readAll(image: IStoredImage) -> bytes:
@@ -60,13 +60,21 @@ class SnapshotRegistry:
         self._waiters: dict[ImageKey, list[Deferred[IStoredImage]]] = {}
         self._completion: list[Deferred[None]] = []
         self._publishObservers: list[Callable[[ImageKey, IStoredImage], None]] = []
+        self._writeObservers: list[Callable[[ImageKey, IImageWriter], None]] = []
         self.publishOrder: list[ImageKey] = []
 
     # -- writers -----------------------------------------------------------
 
-    def beginWrite(self, key: ImageKey) -> None:
-        """A write of C{key} has started: readers of C{key} now wait."""
+    def beginWrite(self, key: ImageKey, writer: IImageWriter | None = None) -> None:
+        """
+        A write of C{key} has started: readers of C{key} now wait.  A
+        C{writer} given is shown to the L{onWriteStarted} observers (the
+        proxy cuts images through while they are written).
+        """
         self._writing[key] = self._writing.get(key, 0) + 1
+        if writer is not None:
+            for observer in list(self._writeObservers):
+                observer(key, writer)
 
     def publish(self, key: ImageKey, image: IStoredImage) -> None:
         """A write of C{key} completed: C{image} replaces any older version."""
@@ -113,6 +121,10 @@ class SnapshotRegistry:
     @property
     def writesInProgress(self) -> int:
         return sum(self._writing.values())
+
+    def onWriteStarted(self, observer: Callable[[ImageKey, IImageWriter], None]) -> None:
+        """Call C{observer(key, writer)} for every plain write started with a writer."""
+        self._writeObservers.append(observer)
 
     def onPublish(self, observer: Callable[[ImageKey, IStoredImage], None]) -> None:
         """Call C{observer(key, image)} for every image published from now on."""

@@ -38,7 +38,8 @@ from zope.interface import Attribute, Interface
 from twisted_criu import wire
 from twisted_criu.activity import Activity, Direction, Transfer
 from twisted_criu.errors import ImageKey, ProtocolError
-from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
+from twisted_criu.cutthrough import ImageAborted, LiveTransfer
+from twisted_criu.interfaces import IGrowingImage, IImageStore, IImageWriter, IStoredImage
 from twisted_criu.local import describe
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
@@ -51,6 +52,10 @@ LINK_READ_SIZE = 1 << 20
 
 #: C{(key, image) -> (ready, sha256)}: the checksum to send with an image.
 DigestLookup = Callable[[ImageKey, IStoredImage], "tuple[bool, bytes | None]"]
+
+#: Gives the link, when it is free, an image criu is still writing to cut
+#: through (or None).
+LiveLookup = Callable[[], "tuple[ImageKey, IGrowingImage] | None"]
 
 
 _buffer: list[memoryview] = []
@@ -85,8 +90,10 @@ class RemoteSender(Protocol):
         digestFor: DigestLookup | None = None,
         statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
         activity: Activity | None = None,
+        nextLive: LiveLookup | None = None,
     ) -> None:
         self._connected = connected
+        self._nextLive = nextLive
         self._statusReceived = statusReceived
         if activity is None:  # counted nowhere else, but timed all the same
             from twisted.internet import reactor
@@ -96,6 +103,10 @@ class RemoteSender(Protocol):
         self._frames = wire.FrameBuffer()
         #: The cache said HELLO: it speaks twisted-criu's link extension.
         self.extended = False
+        #: The extension version the cache said HELLO with.
+        self.peerVersion = 0
+        #: Images cut through on this connection, by key: their growing view.
+        self._cutThrough: dict[ImageKey, IGrowingImage] = {}
         self.connectedAt = 0.0
         #: Images and bytes handed over since the last end-of-dump marker.
         self.imagesSinceMarker = 0
@@ -105,7 +116,7 @@ class RemoteSender(Protocol):
         self._clock = clock
         self.stallTimeout = stallTimeout
         self._watchdog: IDelayedCall | None = None
-        self._transfer: ImageTransfer | None = None
+        self._transfer: ImageTransfer | LiveTransfer | None = None
         self._queue: dict[ImageKey, None] = {}
         self._sending = False
         self._idleWaiters: list[Deferred[None]] = []
@@ -141,6 +152,8 @@ class RemoteSender(Protocol):
             rest = self._frames.takeRest()
             if status.kind is wire.LinkStatusKind.HELLO:
                 self.extended = True
+                self.peerVersion = status.version
+                self._sendNext()  # a write under way may now be cut through
             if self._statusReceived is not None:
                 self._statusReceived(self, status)
 
@@ -165,6 +178,68 @@ class RemoteSender(Protocol):
     def idle(self) -> bool:
         return not self._sending and not self._queue
 
+    def offerLive(self) -> None:
+        """A write started: if the link is free, it may be cut through now."""
+        self._sendNext()
+
+    def cutThrough(self, key: ImageKey, image: IStoredImage) -> bool:
+        """Was C{image} (just published) sent, or is it being sent, as chunks?"""
+        growing = self._cutThrough.get(key)
+        if growing is None or growing.image is not image:
+            return False
+        del self._cutThrough[key]
+        return True
+
+    def sendLive(self, key: ImageKey, growing: IGrowingImage) -> None:
+        """Send the image criu is writing under C{key} as it grows."""
+        assert self.idle and self.peerVersion >= 2
+        snapshotId, name = key
+        transfer = LiveTransfer(growing)
+        header = wire.RemoteHeader(
+            name, snapshotId, wire.O_WRONLY, 0, None, wire.LINK_EXTENSION_VERSION, True
+        )
+        self._cutThrough[key] = growing
+        self._sending = True
+        self._transfer = transfer
+        self._armWatchdog(key, -1)
+        self.transport.write(header.toBytes())
+        activity = self._activity
+        moving = activity.begin(Direction.TO_CACHE, describe(key), None, lambda: transfer.sent)
+
+        def sent(size: int) -> None:
+            self._sending = False
+            self._disarmWatchdog()
+            self.imagesSent += 1
+            self.bytesSent += size
+            self.imagesSinceMarker += 1
+            self.bytesSinceMarker += size
+            self.log.info(
+                "forwarded {image} ({size} bytes, cut through) {timing}",
+                image=describe(key),
+                size=size,
+                **activity.end(moving, size),
+            )
+            self._sendNext()
+
+        def failed(reason: Failure) -> None:
+            self._sending = False
+            self._disarmWatchdog()
+            activity.abandon(moving)
+            self._cutThrough.pop(key, None)
+            if reason.check(ImageAborted):
+                self.log.info(
+                    "criu's write of {image} broke off: the cache discards it", image=describe(key)
+                )
+                self._sendNext()
+                return
+            self.log.warn(
+                "link lost while forwarding {image} (cut through): {why}",
+                image=describe(key),
+                why=reason.getErrorMessage(),
+            )
+
+        transfer.sendTo(self.transport).addCallbacks(sent, failed)
+
     def whenIdle(self) -> Deferred[None]:
         """Fires once everything enqueued so far has been handed over."""
         d: Deferred[None] = Deferred()
@@ -185,6 +260,11 @@ class RemoteSender(Protocol):
                 if not ready:
                     continue  # enqueued again once its checksum is known
             self._send(key, image, digest)
+        if not self._sending and not self._queue and not self.lost:
+            live = self._nextLive() if self._nextLive is not None and self.peerVersion >= 2 else None
+            if live is not None:
+                self.sendLive(*live)
+                return
         if not self._sending and not self._queue:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
@@ -253,8 +333,8 @@ class RemoteSender(Protocol):
         if transfer is None or self.lost:
             return
         now = clock.seconds()
-        if since is None or transfer.sent != lastSent:
-            since = now
+        if since is None or transfer.sent != lastSent or transfer.waiting:
+            since = now  # progress, or waiting for criu rather than the link
         elif now - since >= self.stallTimeout:
             self.log.error(
                 "link stalled: no progress forwarding {image} for {seconds} s"
@@ -262,7 +342,7 @@ class RemoteSender(Protocol):
                 image=describe(key),
                 seconds=self.stallTimeout,
                 sent=transfer.sent,
-                size=transfer.size,
+                size=getattr(transfer, "size", "its"),
             )
             self._dropping = True
             self.transport.abortConnection()
@@ -618,11 +698,10 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 self.sink.activity.abandon(self._moving)
                 self._moving = None
             self.log.error(
-                "link lost in the middle of {image}: {got} of {size} bytes arrived;"
-                " discarded ({why})",
+                "link lost in the middle of {image}: {got} {of} arrived; discarded ({why})",
                 image=describe((header.snapshotId, header.name)),
                 got=self._received,
-                size="its" if header.chunked else header.size,
+                of="bytes of a cut-through image" if header.chunked else f"of {header.size} bytes",
                 why=reason.getErrorMessage(),
             )
             writer.abort()
@@ -659,8 +738,10 @@ class RemoteSenderFactory(Factory):
         digestFor: DigestLookup | None = None,
         statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
         activity: Activity | None = None,
+        nextLive: LiveLookup | None = None,
     ) -> None:
         self.connected = connected
+        self.nextLive = nextLive
         self.imageFor = imageFor
         self.clock = clock
         self.stallTimeout = stallTimeout
@@ -677,6 +758,7 @@ class RemoteSenderFactory(Factory):
             self.digestFor,
             self.statusReceived,
             self.activity,
+            self.nextLive,
         )
         protocol.factory = self
         return protocol

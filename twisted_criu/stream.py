@@ -210,7 +210,7 @@ class StreamCaptureProtocol(_StreamControl):
         key = _key(filename)
         registry = self.registry
         writer: IImageWriter = self.service.store.newWriter()
-        registry.beginWrite(key)
+        registry.beginWrite(key, writer)
         self.files += 1
         activity = self.service.activity
         moving = activity.begin(Direction.FROM_CRIU, filename, None, lambda: writer.size)

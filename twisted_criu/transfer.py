@@ -118,6 +118,9 @@ class ImageTransfer:
     before the consumer is ready.
     """
 
+    #: Never waiting for its source (see L{LiveTransfer.waiting}).
+    waiting = False
+
     def __init__(self, image: IStoredImage) -> None:
         self.size: int = image.size
         self._reader: IImageReader | None = image.open()

@@ -368,6 +368,8 @@ class _GrowingReader(_SpillReader):
         self._lastMayGrow = True
         self.complete = False
         self.aborted = False
+        #: The image the write became, once committed.
+        self.image: IStoredImage | None = None
         self.onChange: Callable[[], None] = lambda: None
 
     @property
@@ -397,15 +399,14 @@ class _GrowingReader(_SpillReader):
         self.complete, self.aborted = complete, aborted
         self.onChange()
 
+    # After an abort, what was available stays readable (our own fds): a
+    # chunk already announced can still be completed.
+
     def read(self, size: int) -> bytes:
-        if self.aborted:
-            return b""
         self._refresh()
         return super().read(size)
 
     def sendfile(self, out: int, count: int) -> int:
-        if self.aborted:
-            return 0
         self._refresh()
         return super().sendfile(out, count)
 
@@ -453,6 +454,7 @@ class _SpillWriter:
         self._staged: _StagedFile | None = None
         self._followers: list[_GrowingReader] = []
         self.size = 0
+        self.writing = True
 
     def follow(self) -> IGrowingImage:
         reader = _GrowingReader(self)
@@ -545,6 +547,7 @@ class _SpillWriter:
             self._store._drop(segment)
 
     def commit(self) -> IStoredImage:
+        self.writing = False
         staged, self._staged = self._staged, None
         if staged is not None:
             try:
@@ -555,10 +558,13 @@ class _SpillWriter:
                 raise
         segments, self._segments = self._segments, []
         image = SpillImage(self._store, segments)
+        for follower in self._followers:
+            follower.image = image
         self._notify(complete=True)
         return image
 
     def abort(self) -> None:
+        self.writing = False
         self._notify(aborted=True)
         self._closeAll()
         self.size = 0
