@@ -599,13 +599,39 @@ def openPipeRead(path: str, name: str, timeout: float) -> int | None:
     return readEnd
 
 
-def sendFile(image: Image, out: int, method: str, toSocket: bool = False) -> None:
+class Pacer:
+    """Holds a writer to C{rate} bytes per second (0: as fast as it goes)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = time.perf_counter()
+
+    def wrote(self, total: int) -> None:
+        if self.rate:
+            ahead = total / self.rate - (time.perf_counter() - self.start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def sendFile(image: Image, out: int, method: str, toSocket: bool = False, rate: int = 0) -> None:
     """Copy a source file into C{out} (a pipe, or a socket) with C{method}."""
     fd = os.open(image.path, os.O_RDONLY)
+    pacer = Pacer(rate if image.large else 0)
     try:
         size = image.size
         offset = 0
-        if method == "splice":
+        if method == "splice" and rate and image.large:
+            while offset < size:  # as below, a chunk at a time, on schedule
+                count = min(IO_SIZE, size - offset)
+                if toSocket:
+                    n = os.sendfile(out, fd, offset, count)
+                else:
+                    n = os.splice(fd, out, count, offset_src=offset)
+                if not n:
+                    raise BenchError(f"{image.path} shrank while being sent")
+                offset += n
+                pacer.wrote(offset)
+        elif method == "splice":
             # Kernel-side: page-cache pages go into the pipe (sendfile for a socket).
             while offset < size:
                 count = min(IO_SIZE, size - offset)
@@ -849,7 +875,7 @@ def _migrate(images: list[Image], proxy: Child, cache: Child, proxySock: str,
     def write(image: Image) -> None:
         fd = openPipeWrite(proxySock, image.name, timeout())
         try:
-            sendFile(image, fd, args.source_io)
+            sendFile(image, fd, args.source_io, rate=args.write_rate)
         finally:
             os.close(fd)
 
@@ -1064,7 +1090,7 @@ def runSocat(run: int, images: list[Image], workDir: str, args: argparse.Namespa
             sock.settimeout(None)
             t0 = time.perf_counter()
             for image in images:
-                sendFile(image, sock.fileno(), args.source_io, toSocket=True)
+                sendFile(image, sock.fileno(), args.source_io, toSocket=True, rate=args.write_rate)
             sock.shutdown(socket.SHUT_WR)
             sink.thread.join(watchdog.remaining())
         if sink.thread.is_alive():
@@ -1269,6 +1295,7 @@ def report(args: argparse.Namespace, images: list[Image], tempRoot: str,
             "small": args.small, "small_size": args.small_size,
             "images": len(images), "total_bytes": total, "runs": args.runs,
             "source_io": args.source_io, "writes": "sequential" if args.sequential else "concurrent",
+            "write_rate": args.write_rate,
             "restore_after": args.restore_after, "proxy_args": args.proxy_args,
             "cache_args": args.cache_args, "socat_block": args.socat_block,
             "temp_root": tempRoot, "profiled": bool(args.profile or args.py_spy or args.attach),
@@ -1329,6 +1356,9 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--small-size", type=parseSize, default=parseSize("16K"), metavar="SIZE",
                    help="size of each small image")
     g = parser.add_argument_group("how the benchmark plays criu")
+    g.add_argument("--write-rate", type=parseSize, default=0, metavar="SIZE",
+                   help="bytes per second each large image is written at, as a criu dumping a "
+                   "process's memory would (splice source io; e.g. 500M); 0: as fast as possible")
     g.add_argument("--sequential", action="store_true",
                    help="write the large images one after the other (default: all at once, "
                    "one thread each, like criu's overlapping page pipes)")
@@ -1428,7 +1458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = generateImages(imagesDir, args)
         say(f"  images    {len(images)} files generated in {time.perf_counter() - t:.1f} s in {imagesDir}")
         say(f"  client    source io {args.source_io}, large writes "
-            f"{'sequential' if args.sequential else 'concurrent'}, restore starts after "
+            f"{'sequential' if args.sequential else 'concurrent'}"
+            f"{f' at {human(args.write_rate)}/s each' if args.write_rate else ''}, restore starts after "
             f"{'the dump finish' if args.restore_after == 'dump' else 'the proxy exited'}, "
             f"CRC-32 verification on")
         say(f"  daemons   criu-proxy {shlex.join(args.proxy_args) or '(no extra args)'}; "

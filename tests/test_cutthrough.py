@@ -1,0 +1,149 @@
+"""
+Cut-through forwarding, end to end in one process: the proxy sends an
+image to the cache while criu is still writing it, the cache publishes it
+only once complete, and a write that breaks off is discarded on both ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests.test_services import Migration, inThread, waitFor
+from twisted_criu.client import ImageWriter
+from twisted_criu.storage.spill import SpillStore
+
+
+class _Pair(TestCase):
+    """A proxy (spill store) and a cache, the link up and extended."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.m = Migration(self)
+        self.store = SpillStore(2 << 20, self.mktemp())  # spills past about 1 MiB: both kinds of bytes
+        self.addCleanup(self.store.close)
+        yield self.m.start(**self.proxyArgs())
+        # parent goes first and brings the cache's HELLO (version 2).
+        yield inThread(self.m.dump.pushSnapshotId, "snap1")
+        assert self.m.proxy is not None
+        yield waitFor(lambda: self.m.proxy.session._sender.peerVersion == 2)  # type: ignore[union-attr]
+
+    def proxyArgs(self) -> dict[str, Any]:
+        return {"store": self.store}
+
+    def messages(self) -> list[str]:
+        return [e["log_format"].format(**e) for e in self.events if "log_format" in e]
+
+    def logged(self, text: str) -> bool:
+        return any(text in message for message in self.messages())
+
+    def cacheReceived(self) -> int:
+        """Bytes of the image the cache is receiving now."""
+        assert self.m.cache is not None and self.m.cache.session is not None
+        return sum(r._received for r in self.m.cache.session.links if r._writer is not None)
+
+    @inlineCallbacks
+    def migrateConcurrent(self) -> Any:
+        """Three images written at once all arrive whole."""
+        m = self.m
+        images = {f"pages-{i}.img": os.urandom((2 << 20) + i) for i in range(3)}
+        writers = {}
+        for name in images:
+            writers[name] = yield inThread(m.dump.openWrite, "snap1", name)
+        for name, data in images.items():
+            yield inThread(writers[name].write, data)
+        for writer in writers.values():
+            yield inThread(writer.close)
+        yield inThread(m.dump.finishDump)
+        for name, data in images.items():
+            got = yield inThread(m.restore.read, "snap1", name)
+            self.assertEqual(got, data, name)
+
+
+class CutThroughTests(_Pair):
+    @inlineCallbacks
+    def test_forwardedWhileWritten(self) -> Any:
+        """The cache has most of the image before criu has finished writing it."""
+        m = self.m
+        data = os.urandom(6 << 20)
+        writer: ImageWriter = yield inThread(m.dump.openWrite, "snap1", "pages-1.img")
+        yield inThread(writer.write, data[: 5 << 20])
+        yield waitFor(lambda: self.cacheReceived() >= 4 << 20)
+        self.assertIsNone(m.cache.session.registry.get(("snap1", "pages-1.img")))  # type: ignore[union-attr]
+        yield inThread(writer.write, data[5 << 20 :])
+        yield inThread(writer.close)
+        got = yield inThread(m.restore.read, "snap1", "pages-1.img")
+        self.assertEqual(got, data)
+        self.assertTrue(self.logged("forwarded snap1/pages-1.img (6291456 bytes, cut through)"))
+
+    @inlineCallbacks
+    def test_brokenWriteIsDiscardedOnBothEnds(self) -> Any:
+        """
+        The proxy cannot keep an image (its spill disk is full): the cache
+        throws its part away, and the link serves the next image.
+        """
+        m = self.m
+
+        def diskFull() -> Any:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(self.store, "_newSpillFile", diskFull)
+        writer: ImageWriter = yield inThread(m.dump.openWrite, "snap1", "pages-1.img")
+        try:
+            yield inThread(writer.write, os.urandom(3 << 20))
+        except BrokenPipeError:
+            pass  # the proxy closed the pipe: criu's write fails
+        yield inThread(writer.close)
+        discarded = "criu's write of snap1/pages-1.img broke off on the dump host after "
+        yield waitFor(lambda: self.logged(discarded))
+        [line] = [m for m in self.messages() if discarded in m]
+        self.assertGreater(int(line[len(discarded) :].split()[0]), 0)  # the cache had part of it
+        self.assertTrue(self.logged("criu's write of snap1/pages-1.img broke off: the cache discards it"))
+        yield inThread(m.dump.write, "snap1", "core.img", b"next image")
+        yield inThread(m.dump.finishDump)
+        got = yield inThread(m.restore.read, "snap1", "core.img")
+        self.assertEqual(got, b"next image")
+        missing = yield inThread(m.restore.read, "snap1", "pages-1.img")
+        self.assertIsNone(missing)
+
+    @inlineCallbacks
+    def test_concurrentWritesAllArrive(self) -> Any:
+        """One image is cut through; those written meanwhile follow when the link is free."""
+        yield self.migrateConcurrent()
+        self.assertTrue(self.logged("forwarded snap1/pages-0.img (2097152 bytes, cut through)"))
+
+
+class StoreAndForwardTests(_Pair):
+    """With cut-through off, images go whole, once complete."""
+
+    def proxyArgs(self) -> dict[str, Any]:
+        return {"store": self.store, "cutThrough": False}
+
+    @inlineCallbacks
+    def test_forwardedOnlyWhenComplete(self) -> Any:
+        m = self.m
+        data = os.urandom(6 << 20)
+        writer: ImageWriter = yield inThread(m.dump.openWrite, "snap1", "pages-1.img")
+        yield inThread(writer.write, data[: 5 << 20])
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.cacheReceived(), 0)
+        yield inThread(writer.write, data[5 << 20 :])
+        yield inThread(writer.close)
+        got = yield inThread(m.restore.read, "snap1", "pages-1.img")
+        self.assertEqual(got, data)
+
+    @inlineCallbacks
+    def test_concurrentWritesAllArrive(self) -> Any:
+        yield self.migrateConcurrent()
+        self.assertFalse(self.logged("cut through"))
