@@ -125,7 +125,18 @@ def localFrames(draw: Callable[[Any], Any]) -> bytes:
 @st.composite
 def remoteSegments(draw: Callable[[Any], Any]) -> bytes:
     """One piece of a link stream: mostly a well-formed image, sometimes not."""
-    kind = draw(st.sampled_from(["image"] * 5 + ["odd", "marker", "mutated", "random", "huge"]))
+    kind = draw(
+        st.sampled_from(["image"] * 5 + ["chunked"] * 2 + ["odd", "marker", "mutated", "random", "huge"])
+    )
+    if kind == "chunked":  # a cut-through image: chunks, then end, abort or a bad length
+        frame = wire.RemoteHeader(
+            draw(goodNames), "snap1", 1, 0, None, wire.LINK_EXTENSION_VERSION, True
+        ).toBytes()
+        for chunk in draw(st.lists(st.binary(min_size=1, max_size=200), max_size=4)):
+            frame += wire.CHUNK_LENGTH.pack(len(chunk)) + chunk
+        end = draw(st.sampled_from([wire.CHUNK_END] * 3 + [wire.CHUNK_ABORT, wire.MAX_CHUNK + 1]))
+        frame += wire.CHUNK_LENGTH.pack(end)
+        return mutate(frame, draw) if draw(st.integers(0, 5)) == 0 else frame
     if kind == "random":
         return bytes(draw(st.binary(max_size=64)))
     if kind == "huge":
@@ -142,6 +153,7 @@ def remoteSegments(draw: Callable[[Any], Any]) -> bytes:
                 max(0, len(body) + draw(st.sampled_from([1, -1, 1000]))),
                 draw(st.sampled_from([None, b"\0" * 32, b"short"])),
                 draw(st.sampled_from([None, 1, 2])),
+                draw(st.booleans()),
             ).toBytes()
         except (ValueError, ProtocolError):
             return body
@@ -350,6 +362,21 @@ class RemoteReceiverFuzzTests(_SpillDirTest):
             rest = rest[4 + length :]
             extended = extended or header.linkVersion is not None
             if header.isEndOfDump:
+                continue
+            if header.chunked:
+                body = b""
+                while True:
+                    if len(rest) < 4:
+                        return images, extended
+                    (n,) = wire.CHUNK_LENGTH.unpack_from(rest)
+                    rest = rest[4:]
+                    if n in (wire.CHUNK_END, wire.CHUNK_ABORT):
+                        break
+                    if n > wire.MAX_CHUNK or len(rest) < n:
+                        return images, extended
+                    body, rest = body + rest[:n], rest[n:]
+                if n == wire.CHUNK_END:
+                    images[(header.snapshotId, header.name)] = body
                 continue
             if len(rest) < header.size:
                 break
