@@ -180,7 +180,7 @@ class DaemonOptions(LinkTLSOptions):
         ["local", None, None, "Endpoint criu --remote connects to (default: unix socket in --images-dir)."],
         ["stream-local", None, None, "Endpoint criu --stream connects to (default: unix socket in --images-dir; 'none' to disable)."],
         ["memory-limit", None, None, "Image bytes held in memory (all images together) before spilling to disk, e.g. 512M [default: a quarter of RAM].", parseSize],
-        ["spill-dir", None, None, "Where images past --memory-limit are spilled [default: the system temp dir]."],
+        ["spill-dir", None, None, "Where images past --memory-limit are spilled, with direct I/O where the filesystem allows it [default: the system temp dir]."],
         ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
         ["timeout", None, 60.0, "Seconds the proxy -> cache link may stall inside an image, or stay down after losing one, before it is dropped (waiting restores then get ENOENT).", parseSeconds],
         ["client-timeout", None, 60.0, "Seconds a criu connection may take to send its request before it is closed.", parseSeconds],
