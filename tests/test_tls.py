@@ -281,6 +281,32 @@ class MutualTLSTests(TestCase):
         self.assertEqual(self.m.lines("refused"), [])
 
     @inlineCallbacks
+    def test_cutThroughOverTLS(self) -> Any:
+        """
+        An image cut through over TLS (chunks written through the TLS
+        transport, not sendfile): the restore gets it whole.
+        """
+        m = self.m
+        pki = m.pki
+        yield m.startCache(*pki.args(pki.cache))
+        proxy, dump = m.startProxy(*pki.args(pki.proxy))
+        yield inThread(dump.pushSnapshotId, "snap1")
+        yield m.waitForLog("the cache speaks twisted-criu's link extension (version 2)")
+        data = os.urandom((3 << 20) + 5)
+
+        def write() -> None:
+            writer = dump.openWrite("snap1", "pages-1.img")
+            for start in range(0, len(data), 1 << 18):
+                writer.write(data[start : start + (1 << 18)])
+            writer.close()
+            dump.finishDump()
+
+        yield inThread(write)
+        yield proxy.whenSessionDone()
+        self.assertEqual(len(m.lines(f"forwarded snap1/pages-1.img ({len(data)} bytes, cut through)")), 1)
+        self.assertEqual((yield m.restoreAll(["pages-1.img"])), {"pages-1.img": data})
+
+    @inlineCallbacks
     def test_nameFromConnect(self) -> Any:
         """With --connect, the name checked is its host: here an IP address."""
         m = self.m
