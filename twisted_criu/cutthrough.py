@@ -10,6 +10,7 @@ reply), but the link no longer waits for whole images.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import abstract
@@ -24,6 +25,10 @@ from twisted_criu.interfaces import IGrowingImage
 
 #: Largest chunk sent with sendfile on a plain socket.
 SOCKET_CHUNK = 1 << 22
+
+#: Smallest chunk sent while criu is still writing (it writes through a
+#: 64 KiB pipe: a chunk per pipeful would cost more calls than bytes).
+MIN_CHUNK = 1 << 18
 
 #: Chunk read and written through other transports (TLS).
 WRITTEN_CHUNK = 1 << 18
@@ -102,9 +107,13 @@ class _SocketChunks(_Chunks):
         return self.done
 
     def changed(self) -> None:
-        if self.waiting and not self.finished:
+        if self.waiting and not self.finished and self._worthSending():
             self.waiting = False
             self.transport.startWriting()  # then asks us again
+
+    def _worthSending(self) -> bool:
+        growing = self.growing
+        return growing.complete or growing.aborted or growing.available - self.sent >= MIN_CHUNK
 
     def resumeProducing(self) -> None:
         transport = self.transport
@@ -120,10 +129,13 @@ class _SocketChunks(_Chunks):
             if not length:
                 self.endIfOver()
                 return
+            if length < MIN_CHUNK and not self._worthSending():
+                self.waiting = True  # for a bigger chunk, or the end
+                return
             self._chunkLeft = length
             prefix = wire.CHUNK_LENGTH.pack(length)
             try:
-                written = transport.socket.send(prefix)
+                written = transport.socket.send(prefix, socket.MSG_MORE)  # goes with the bytes
             except BlockingIOError:
                 written = 0
             except OSError as e:

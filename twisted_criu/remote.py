@@ -468,10 +468,12 @@ class RemoteReceiver(Protocol, TimeoutMixin):
     def _readBody(self) -> Any:
         """The TCP transport's C{doRead} while this protocol is connected."""
         remaining = self._remaining
-        if self._writer is None or not remaining:
+        if self._writer is None:
             assert self._plainRead is not None
             return self._plainRead()
-        view = _bodyBuffer()[: min(remaining, LINK_READ_SIZE)]
+        # Inside an image (a chunked one may be between chunks: the length
+        # and the next bytes come together).
+        view = _bodyBuffer()[: min(remaining, LINK_READ_SIZE) if remaining else LINK_READ_SIZE]
         try:
             count = self.transport.socket.recv_into(view)
         except BlockingIOError:
