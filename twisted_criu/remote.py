@@ -199,32 +199,13 @@ class RemoteSender(Protocol):
             name, snapshotId, wire.O_WRONLY, 0, None, wire.LINK_EXTENSION_VERSION, True
         )
         self._cutThrough[key] = growing
-        self._sending = True
-        self._transfer = transfer
-        self._armWatchdog(key, -1)
-        self.transport.write(header.toBytes())
-        activity = self._activity
-        moving = activity.begin(Direction.TO_CACHE, describe(key), None, lambda: transfer.sent)
+        moving = self._begin(key, header, transfer, None)
 
         def sent(size: int) -> None:
-            self._sending = False
-            self._disarmWatchdog()
-            self.imagesSent += 1
-            self.bytesSent += size
-            self.imagesSinceMarker += 1
-            self.bytesSinceMarker += size
-            self.log.info(
-                "forwarded {image} ({size} bytes, cut through) {timing}",
-                image=describe(key),
-                size=size,
-                **activity.end(moving, size),
-            )
-            self._sendNext()
+            self._forwarded(key, size, moving, ", cut through")
 
         def failed(reason: Failure) -> None:
-            self._sending = False
-            self._disarmWatchdog()
-            activity.abandon(moving)
+            self._ended(moving)
             self._cutThrough.pop(key, None)
             if reason.check(ImageAborted):
                 self.log.info(
@@ -276,34 +257,13 @@ class RemoteSender(Protocol):
         header = wire.RemoteHeader(
             name, snapshotId, wire.O_WRONLY, transfer.size, digest, wire.LINK_EXTENSION_VERSION
         )
-        self._sending = True
-        self._transfer = transfer
-        self._armWatchdog(key, -1)
-        self.transport.write(header.toBytes())
-        activity = self._activity
-        moving = activity.begin(
-            Direction.TO_CACHE, describe(key), transfer.size, lambda: transfer.sent
-        )
+        moving = self._begin(key, header, transfer, transfer.size)
 
         def sent(_: None) -> None:
-            self._sending = False
-            self._disarmWatchdog()
-            self.imagesSent += 1
-            self.bytesSent += transfer.size
-            self.imagesSinceMarker += 1
-            self.bytesSinceMarker += transfer.size
-            self.log.info(
-                "forwarded {image} ({size} bytes) {timing}",
-                image=describe(key),
-                size=transfer.size,
-                **activity.end(moving, transfer.size),
-            )
-            self._sendNext()
+            self._forwarded(key, transfer.size, moving, "")
 
         def failed(reason: Failure) -> None:
-            self._sending = False
-            self._disarmWatchdog()
-            activity.abandon(moving)
+            self._ended(moving)
             if reason.check(ImageSizeMismatch):
                 self.log.error(
                     "store failure while forwarding {image}, dropping the link: {why}",
@@ -319,6 +279,39 @@ class RemoteSender(Protocol):
             )
 
         transfer.sendTo(self.transport).addCallbacks(sent, failed)
+
+    def _begin(
+        self, key: ImageKey, header: wire.RemoteHeader, transfer: ImageTransfer | LiveTransfer, size: int | None
+    ) -> Transfer:
+        """Start forwarding C{key}: its header now, its bytes by C{transfer}."""
+        self._sending = True
+        self._transfer = transfer
+        self._armWatchdog(key, -1)
+        self.transport.write(header.toBytes())
+        return self._activity.begin(Direction.TO_CACHE, describe(key), size, lambda: transfer.sent)
+
+    def _ended(self, moving: Transfer | None) -> None:
+        """The image being forwarded is done with (C{moving} if it failed)."""
+        self._sending = False
+        self._disarmWatchdog()
+        if moving is not None:
+            self._activity.abandon(moving)
+
+    def _forwarded(self, key: ImageKey, size: int, moving: Transfer, how: str) -> None:
+        """All of C{key} is handed over: count it, say so, send the next."""
+        self._ended(None)
+        self.imagesSent += 1
+        self.bytesSent += size
+        self.imagesSinceMarker += 1
+        self.bytesSinceMarker += size
+        self.log.info(
+            "forwarded {image} ({size} bytes{how}) {timing}",
+            image=describe(key),
+            size=size,
+            how=how,
+            **self._activity.end(moving, size),
+        )
+        self._sendNext()
 
     def _armWatchdog(self, key: ImageKey, lastSent: int, since: float | None = None) -> None:
         """
@@ -635,20 +628,23 @@ class RemoteReceiver(Protocol, TimeoutMixin):
 
     def _discardImage(self) -> None:
         """The proxy's write of a cut-through image broke off: throw it away."""
+        self.log.warn(
+            "criu's write of {image} broke off on the dump host after {got} bytes; discarded",
+            image=describe(self._currentKey()),
+            got=self._received,
+        )
+        self._dropImage()
+
+    def _dropImage(self) -> None:
+        """Throw away the image being received: nothing of it is published."""
         header, writer = self._header, self._writer
         assert header is not None and writer is not None and self._registry is not None
-        key = (header.snapshotId, header.name)
         self._header, self._writer, self._chunked = None, None, False
         moving, self._moving = self._moving, None
         if moving is not None:
             self.sink.activity.abandon(moving)
-        self.log.warn(
-            "criu's write of {image} broke off on the dump host after {got} bytes; discarded",
-            image=describe(key),
-            got=self._received,
-        )
         writer.abort()
-        self._registry.abortWrite(key)
+        self._registry.abortWrite((header.snapshotId, header.name))
 
     def _finishImage(self) -> bool:
         header, writer = self._header, self._writer
@@ -695,10 +691,6 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         header, writer = self._header, self._writer
         clean = reason.check(ConnectionDone) is not None and writer is None
         if header is not None and writer is not None and self._registry is not None:
-            self._header, self._writer = None, None
-            if self._moving is not None:
-                self.sink.activity.abandon(self._moving)
-                self._moving = None
             self.log.error(
                 "link lost in the middle of {image}: {got} {of} arrived; discarded ({why})",
                 image=describe((header.snapshotId, header.name)),
@@ -706,8 +698,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 of="bytes of a cut-through image" if header.chunked else f"of {header.size} bytes",
                 why=reason.getErrorMessage(),
             )
-            writer.abort()
-            self._registry.abortWrite((header.snapshotId, header.name))
+            self._dropImage()
         elif self._frames.pending:
             clean = False
             self.log.error(
