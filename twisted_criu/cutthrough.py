@@ -59,8 +59,8 @@ class _Chunks:
     def changed(self) -> None:
         raise NotImplementedError
 
-    def endIfOver(self) -> bool:
-        """Nothing left to send now: end the image if criu is done with it."""
+    def endIfOver(self) -> None:
+        """Nothing left to send now: end the image if criu is done with it, else wait."""
         growing = self.growing
         if growing.complete:
             self.finish(wire.CHUNK_END, None)
@@ -68,8 +68,6 @@ class _Chunks:
             self.finish(wire.CHUNK_ABORT, Failure(ImageAborted()))
         else:
             self.waiting = True
-            return False
-        return True
 
     def finish(self, marker: int | None, failure: Failure | None) -> None:
         if self.finished:
