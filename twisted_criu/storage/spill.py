@@ -206,8 +206,8 @@ class _StagedFile:
     def durable(self) -> int:
         """Bytes of the file already written (a whole number of buffers)."""
         writing = self._writing
-        if writing is not None and not writing.done():
-            return self._flushed - STAGE_SIZE
+        if writing is not None and (not writing.done() or writing.exception() is not None):
+            return self._flushed - STAGE_SIZE  # in progress, or failed (the writer will say)
         return self._flushed
 
     def _wait(self) -> None:
