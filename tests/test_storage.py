@@ -398,3 +398,25 @@ class GrowingImageTests(SynchronousTestCase):
             got += os.read(r, sent)
         self.assertEqual(bytes(got), data)
         follower.close()
+
+
+class SpillWriteFailureTests(SynchronousTestCase):
+    """A spill disk that fills up: the error reaches the writer (the write runs on a thread)."""
+
+    def test_diskFullReachesTheWriter(self) -> None:
+        store = SpillStore(0, self.mktemp())
+        self.addCleanup(store.close)
+
+        def full(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(spill.os, "pwrite", full)
+        writer = store.newWriter()
+        with self.assertRaises(OSError) as e:
+            for _ in range(4):  # the first full buffer fails in the background; a later call says so
+                writer.write(b"x" * STAGE_SIZE)
+            writer.commit()
+        self.assertEqual(e.exception.errno, errno.ENOSPC)
+        writer.abort()
+        self.assertEqual((store.inMemory, store.onDisk), (0, 0))
+        self.assertEqual([n for n in os.listdir(store.directory) if n != ".lock"], [])  # type: ignore[arg-type]
