@@ -620,18 +620,7 @@ def sendFile(image: Image, out: int, method: str, toSocket: bool = False, rate: 
     try:
         size = image.size
         offset = 0
-        if method == "splice" and rate and image.large:
-            while offset < size:  # as below, a chunk at a time, on schedule
-                count = min(IO_SIZE, size - offset)
-                if toSocket:
-                    n = os.sendfile(out, fd, offset, count)
-                else:
-                    n = os.splice(fd, out, count, offset_src=offset)
-                if not n:
-                    raise BenchError(f"{image.path} shrank while being sent")
-                offset += n
-                pacer.wrote(offset)
-        elif method == "splice":
+        if method == "splice":
             # Kernel-side: page-cache pages go into the pipe (sendfile for a socket).
             while offset < size:
                 count = min(IO_SIZE, size - offset)
@@ -642,6 +631,7 @@ def sendFile(image: Image, out: int, method: str, toSocket: bool = False, rate: 
                 if not n:
                     raise BenchError(f"{image.path} shrank while being sent")
                 offset += n
+                pacer.wrote(offset)  # (returns at once without --write-rate)
         elif method == "mmap":
             if size:
                 with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
