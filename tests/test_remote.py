@@ -83,7 +83,9 @@ def _sent(*images: tuple[str, bytes], snapshotId: str = "snap1") -> bytes:
     return _stream(*images, snapshotId=snapshotId, linkVersion=wire.LINK_EXTENSION_VERSION)
 
 
-class ReceiverTests(SynchronousTestCase):
+class _ReceiverCase(SynchronousTestCase):
+    """A cache's end of a link on a fake sink, and what it stored and logged."""
+
     def setUp(self) -> None:
         self.sink = FakeSink()
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -102,6 +104,9 @@ class ReceiverTests(SynchronousTestCase):
         return [
             e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error
         ]
+
+
+class ReceiverTests(_ReceiverCase):
 
     def test_everySplitPoint(self) -> None:
         """Headers and bodies cut at any byte give the same images."""
@@ -413,22 +418,8 @@ def _chunked(name: str, *chunks: bytes, end: int = wire.CHUNK_END, snapshotId: s
     return out + wire.CHUNK_LENGTH.pack(end)
 
 
-class ChunkedReceiverTests(SynchronousTestCase):
+class ChunkedReceiverTests(_ReceiverCase):
     """Cut-through images: chunks as criu writes them, published only when ended."""
-
-    def setUp(self) -> None:
-        self.sink = FakeSink()
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-
-    def connect(self) -> tuple[RemoteReceiver, StringTransport]:
-        receiver = RemoteReceiver(self.sink)
-        transport = StringTransport()
-        receiver.makeConnection(transport)
-        return receiver, transport
-
-    def stored(self, name: str) -> bytes | None:
-        image = self.sink.registry.get(("snap1", name))
-        return None if image is None else readAll(image)
 
     def test_everySplitPoint(self) -> None:
         data = (
@@ -483,7 +474,7 @@ class ChunkedReceiverTests(SynchronousTestCase):
         receiver.connectionLost(Failure(ConnectionLost()))
         self.assertIsNone(self.stored("pages.img"))
         self.assertEqual(self.sink.closed, [False])
-        errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
+        errors = self.errors()
         self.assertIn(
             "link lost in the middle of snap1/pages.img: 6 bytes of a cut-through image arrived", errors[-1]
         )
@@ -505,7 +496,7 @@ class ChunkedReceiverTests(SynchronousTestCase):
         receiver, transport = self.connect()
         receiver.dataReceived(_chunked("pages.img", b"12345", b"678901"))
         self.assertTrue(transport.disconnected)
-        errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
+        errors = self.errors()
         self.assertIn("refusing snap1/pages.img: 11 bytes so far, room for 10", errors[-1])
 
     def test_silenceBetweenChunksIsNoStall(self) -> None:
