@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -398,6 +399,99 @@ class GrowingImageTests(SynchronousTestCase):
             got += os.read(r, sent)
         self.assertEqual(bytes(got), data)
         follower.close()
+
+
+class LoopbackTCPTests(SynchronousTestCase):
+    """
+    Into TCP to this host, memory runs are written from a mapping of the
+    memfd, a window at a time; everywhere else they go by sendfile().
+    """
+
+    def setUp(self) -> None:
+        self.patch(spill, "SOCKET_WINDOW", 5 * BLOCK)  # many windows in a small image
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.sending = socket.create_connection(listener.getsockname())
+        self.receiving, _ = listener.accept()
+        listener.close()
+        self.addCleanup(self.sending.close)
+        self.addCleanup(self.receiving.close)
+        self.sendfiles: list[int] = []  # the descriptors sendfile() wrote into
+        realSendfile = os.sendfile
+
+        def recordingSendfile(out: int, *args: int) -> int:
+            self.sendfiles.append(out)
+            return realSendfile(out, *args)
+
+        self.patch(spill.os, "sendfile", recordingSendfile)
+
+    def receive(self, count: int) -> bytes:
+        got = bytearray()
+        while len(got) < count:
+            got += self.receiving.recv(count - len(got))
+        return bytes(got)
+
+    def sendAll(self, reader: IImageReader) -> bytes:
+        got = bytearray()
+        while sent := reader.sendfile(self.sending.fileno(), 60_001):  # type: ignore[attr-defined]
+            got += self.receive(sent)
+        return bytes(got)
+
+    def test_whichDescriptors(self) -> None:
+        """Only a TCP socket connected to a loopback address is written from a mapping."""
+        self.assertTrue(spill.writesFromMapping(self.sending.fileno()))
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        self.assertFalse(spill.writesFromMapping(w))
+        unix, other = socket.socketpair()
+        self.addCleanup(unix.close)
+        self.addCleanup(other.close)
+        self.assertFalse(spill.writesFromMapping(unix.fileno()))
+        unconnected = socket.socket()
+        self.addCleanup(unconnected.close)
+        self.assertFalse(spill.writesFromMapping(unconnected.fileno()))
+        self.assertFalse(spill.writesFromMapping(os.open(os.devnull, os.O_RDONLY) + 1000))
+        os.fstat(w)  # the probe left the descriptors open
+        os.fstat(unix.fileno())
+
+    def test_memoryAndDisk(self) -> None:
+        """An image half in memory, half spilled, arrives whole; no sendfile into the socket."""
+        store = SpillStore(STAGE_SIZE + 5, self.mktemp())
+        self.addCleanup(store.close)
+        writer = store.newWriter()
+        data = os.urandom(2 * STAGE_SIZE + 777)
+        for start in range(0, len(data), 100_003):
+            writer.write(data[start : start + 100_003])
+        image = writer.commit()
+        self.assertTrue(0 < image.spilled < len(data))  # type: ignore[attr-defined]
+        reader = image.open()
+        self.assertEqual(self.sendAll(reader), data)
+        reader.close()
+        self.assertIsNone(reader._window)  # type: ignore[attr-defined]
+        self.assertEqual(self.sendfiles, [])
+        # Into a pipe, the same image goes by sendfile().
+        self.assertEqual(DirectSpillTests.sendAll(self, image), data)  # type: ignore[arg-type]
+        self.assertNotEqual(self.sendfiles, [])
+
+    def test_followerMapsWhatIsWritten(self) -> None:
+        """A follower maps only what the writer has written, and maps again as it grows."""
+        store = SpillStore(1 << 30, self.mktemp())
+        self.addCleanup(store.close)
+        writer = store.newWriter()
+        follower = writer.follow()  # type: ignore[attr-defined]
+        data = os.urandom(3 * spill.SOCKET_WINDOW + 1234)
+        got = bytearray()
+        for start in range(0, len(data), 7001):
+            writer.write(data[start : start + 7001])
+            got += self.sendAll(follower)
+            self.assertEqual(bytes(got), data[: start + 7001])
+        writer.commit()
+        self.assertEqual(self.sendAll(follower), b"")
+        follower.close()
+        self.assertEqual(bytes(got), data)
+        self.assertEqual(self.sendfiles, [])
 
 
 class SpillWriteFailureTests(SynchronousTestCase):
