@@ -55,7 +55,7 @@ def makeService(options: Options) -> IService:
         reactor,
         serverFromString(reactor, options["local"]),
         listen,
-        store=makeStore(options),
+        store=makeStore(reactor, options),
         readVariant=options["read-variant"],
         linkTimeout=options["timeout"],
         clientTimeout=options["client-timeout"],

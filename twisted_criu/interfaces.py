@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class IImageReader(Interface):
@@ -40,6 +45,17 @@ class IImageWriter(Interface):
 
     def abort() -> None:
         """Throw away what was written."""
+
+
+class IPacedWriter(IImageWriter):
+    """A writer whose storage (a disk) may fall behind what it is given."""
+
+    def whenCaughtUp() -> Deferred[None] | None:
+        """
+        L{None} if the writer keeps up; else a L{Deferred} that fires once
+        it has caught up.  Writes are still taken meanwhile, but whatever
+        feeds the writer should pause until then.
+        """
 
 
 class IImageStore(Interface):

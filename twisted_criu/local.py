@@ -28,6 +28,7 @@ from twisted_criu import wire
 from twisted_criu.activity import Direction, Transfer
 from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
 from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
+from twisted_criu.pacing import pauseWhileBehind, readPipeInto
 from twisted_criu.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
@@ -118,11 +119,14 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         state = self._state
         if state is _State.WRITE_INLINE:
             assert self._writer is not None
+            writer = self._writer
             try:
-                self._writer.write(data)
+                writer.write(data)
             except OSError as e:
                 self._abort(f"cannot store the data: {e}")
                 self.transport.abortConnection()
+                return
+            pauseWhileBehind(writer, self.transport)
         elif state is _State.HEADER:
             try:
                 payload = self._frames.feed(data)
@@ -219,13 +223,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         self._state = _State.WRITE_PIPE
         writer = self._writer
         assert writer is not None
-        self._pipe = PipeReader(
-            self._reactor(),
-            fd,
-            writer.write,
-            self._pipeWriteEnded,
-            spliceInto=getattr(writer, "spliceFrom", None),
-        )
+        self._pipe = readPipeInto(self._reactor(), fd, writer, self._pipeWriteEnded)
 
     def _pipeWriteEnded(self, reason: Failure) -> None:
         self._pipe = None

@@ -95,8 +95,8 @@ def unixEndpoint(path: str, mode: str = "600") -> str:
     return f"unix:{quoteStringArgument(path)}:mode={mode}"
 
 
-def makeStore(options: usage.Options) -> SpillStore:
-    return SpillStore(options["memory-limit"], options["spill-dir"])
+def makeStore(reactor: Any, options: usage.Options) -> SpillStore:
+    return SpillStore(options["memory-limit"], options["spill-dir"], reactor.callFromThread)
 
 
 def streamEndpoint(reactor: Any, options: usage.Options) -> IStreamServerEndpoint | None:

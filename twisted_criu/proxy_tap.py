@@ -96,7 +96,7 @@ def makeService(options: Options) -> IService:
         reactor,
         serverFromString(reactor, options["local"]),
         cache,
-        store=makeStore(options),
+        store=makeStore(reactor, options),
         readVariant=options["read-variant"],
         linkTimeout=options["timeout"],
         clientTimeout=options["client-timeout"],

@@ -41,6 +41,7 @@ from twisted_criu.errors import ImageKey, ProtocolError
 from twisted_criu.cutthrough import ImageAborted, LiveTransfer
 from twisted_criu.interfaces import IGrowingImage, IImageStore, IImageWriter, IStoredImage
 from twisted_criu.local import describe
+from twisted_criu.pacing import pauseWhileBehind
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
 
@@ -515,6 +516,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     )
                     self.transport.abortConnection()
                     return
+                pauseWhileBehind(self._writer, self.transport)
                 self._remaining -= len(chunk)
                 self._received += len(chunk)
                 if not self._remaining and not self._chunked and not self._finishImage():

@@ -33,6 +33,7 @@ from twisted_criu.activity import Direction
 from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
 from twisted_criu.interfaces import IImageWriter, IStoredImage
 from twisted_criu.local import ILocalImageService
+from twisted_criu.pacing import readPipeInto
 from twisted_criu.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.transfer import ImageTransfer
@@ -237,13 +238,7 @@ class StreamCaptureProtocol(_StreamControl):
                 registry.abortWrite(key)
             self.pipeEnded(pipe)
 
-        pipe = PipeReader(
-            self.service.reactor,
-            fd,
-            writer.write,
-            ended,
-            spliceInto=getattr(writer, "spliceFrom", None),
-        )
+        pipe = readPipeInto(self.service.reactor, fd, writer, ended)
         self.trackPipe(pipe)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:

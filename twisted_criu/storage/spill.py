@@ -24,9 +24,11 @@ import secrets
 import shutil
 import socket
 import tempfile
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -36,6 +38,7 @@ from twisted_criu.interfaces import (
     IImageReader,
     IImageStore,
     IImageWriter,
+    IPacedWriter,
     IStoredImage,
 )
 
@@ -170,11 +173,17 @@ class _DiskIO:
     Runs spill-file reads and writes on a few threads (the calls release
     the GIL), so the reactor fills or drains one buffer while the disk
     works on another.  After L{shutdown}, calls run inline.
+
+    @ivar callFromThread: runs a callable in the reactor thread (as
+        L{IReactorFromThreads.callFromThread}), or L{None} without a
+        reactor: then nothing is told when a write ends, and a writer that
+        falls behind waits for its disk instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, callFromThread: Callable[[Callable[[], None]], None] | None = None) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self.callFromThread = callFromThread
 
     def submit(self, call: Callable[..., _T], *args: object) -> Future[_T]:
         if not self._closed:
@@ -200,23 +209,38 @@ class _DiskIO:
 
 class _StagedFile:
     """
-    Appends to a spill file in whole aligned blocks: bytes gather in one of
-    two page-aligned buffers; a full one is written by the store's I/O
-    thread while the other fills.  L{finish} writes the padded last block
-    and cuts the file to its true size.
+    Appends to a spill file in whole aligned blocks: bytes gather in a
+    page-aligned buffer; full ones queue for the store's I/O thread, which
+    writes them in order, one at a time, while the reactor fills the next.
+    The reactor never waits for the disk unless L{MAX_QUEUED} buffers are
+    waiting (a caller ignoring L{whenCaughtUp}, or no reactor to tell).
+    L{finish} writes the padded last block and cuts the file to its true
+    size.
     """
 
-    def __init__(self, segment: _Segment, io: _DiskIO) -> None:
+    #: Full buffers queued (the one being written included) from which on
+    #: the file is behind: its feeder should pause.
+    BEHIND = 2
+
+    #: Full buffers queued at most; one more makes the reactor wait.
+    MAX_QUEUED = 4
+
+    def __init__(self, segment: _Segment, io: _DiskIO, written: Callable[[], None]) -> None:
         self._segment = segment
         self._io = io
-        self._buffers = [mmap.mmap(-1, STAGE_SIZE) for _ in range(2)]
-        self._view = memoryview(self._buffers[0])
-        self._current = 0
+        self._written = written
+        self._free: list[mmap.mmap] = []
+        self._buffer: mmap.mmap | None = mmap.mmap(-1, STAGE_SIZE)
+        self._view = memoryview(self._buffer)
         self._filled = 0
-        self._flushed = 0
-        self._writing: Future[None] | None = None
+        self._queued: deque[mmap.mmap] = deque()
+        self._writing: Future[None] | None = None  # the write of _queued[0]
+        self._durable = 0  # written by the disk (whole buffers)
+        self._failure: OSError | None = None
+        self._caughtUp: Deferred[None] | None = None
 
     def append(self, data: memoryview) -> None:
+        self._raiseFailure()
         while data:
             n = min(len(data), STAGE_SIZE - self._filled)
             self._view[self._filled : self._filled + n] = data[:n]
@@ -227,6 +251,7 @@ class _StagedFile:
 
     def readFrom(self, fd: int, count: int) -> int:
         """Read up to C{count} bytes from C{fd} (a pipe) into the file."""
+        self._raiseFailure()
         room = min(count, STAGE_SIZE - self._filled)
         n = os.readv(fd, [self._view[self._filled : self._filled + room]])
         self._filled += n
@@ -237,36 +262,87 @@ class _StagedFile:
     @property
     def durable(self) -> int:
         """Bytes of the file already written (a whole number of buffers)."""
-        writing = self._writing
-        if writing is not None and (not writing.done() or writing.exception() is not None):
-            return self._flushed - STAGE_SIZE  # in progress, or failed (the writer will say)
-        return self._flushed
+        self._reap()
+        return self._durable
 
-    def _wait(self) -> None:
-        """Wait for the write in progress; raises its L{OSError}."""
-        writing, self._writing = self._writing, None
-        if writing is not None:
-            writing.result()
+    def whenCaughtUp(self) -> Deferred[None] | None:
+        """L{None} if the disk keeps up; else fires once it has caught up."""
+        self._reap()
+        if len(self._queued) < self.BEHIND or self._io.callFromThread is None:
+            return None
+        if self._caughtUp is None:
+            self._caughtUp = Deferred()
+        return self._caughtUp
+
+    def _raiseFailure(self) -> None:
+        self._reap()
+        if self._failure is not None:
+            raise self._failure
+
+    def _reap(self) -> None:
+        """Account for a finished write (in the reactor thread) and start the next."""
+        writing = self._writing
+        if writing is None or not writing.done():
+            return
+        self._writing = None
+        failure = writing.exception()
+        if failure is not None:
+            self._failure = failure if isinstance(failure, OSError) else OSError(str(failure))
+            self._free.extend(self._queued)
+            self._queued.clear()
+        else:
+            self._free.append(self._queued.popleft())
+            self._durable += STAGE_SIZE
+            self._startWrite()
+        if self._caughtUp is not None and (len(self._queued) < self.BEHIND or self._failure is not None):
+            caughtUp, self._caughtUp = self._caughtUp, None
+            caughtUp.callback(None)
+
+    def _startWrite(self) -> None:
+        if self._writing is not None or not self._queued:
+            return
+        offset = self._durable
+        self._writing = writing = self._io.submit(_pwriteAll, self._segment.fd, self._queued[0], offset)
+        callFromThread = self._io.callFromThread
+        if callFromThread is not None:
+            writing.add_done_callback(lambda _: callFromThread(self._writeEnded))
+
+    def _writeEnded(self) -> None:
+        if self._buffer is None:  # closed meanwhile
+            return
+        self._reap()
+        self._written()
 
     def _flush(self) -> None:
-        """Hand the full buffer to the I/O thread and fill the other one."""
-        self._wait()
+        """Queue the full buffer for the I/O thread and fill another one."""
+        assert self._buffer is not None
         self._view.release()  # the thread gets the mmap itself: no view outlives the write
-        self._writing = self._io.submit(_pwriteAll, self._segment.fd, self._buffers[self._current], self._flushed)
-        self._flushed += STAGE_SIZE
-        self._current ^= 1
-        self._view = memoryview(self._buffers[self._current])
+        self._queued.append(self._buffer)
         self._filled = 0
+        self._startWrite()
+        while len(self._queued) >= self.MAX_QUEUED and self._writing is not None:
+            self._writing.exception()  # wait for the disk (the failure, if any, is raised next)
+            self._reap()
+        self._buffer = self._free.pop() if self._free else mmap.mmap(-1, STAGE_SIZE)
+        self._view = memoryview(self._buffer)
+
+    def _waitAll(self) -> None:
+        """Wait until every queued buffer is written; raises the first L{OSError}."""
+        while self._writing is not None:
+            self._writing.exception()
+            self._reap()
+        if self._failure is not None:
+            raise self._failure
 
     def finish(self) -> None:
         """Write what is staged; the file then holds exactly the bytes given."""
-        self._wait()
+        self._waitAll()
         if self._filled:
             padded = _roundUp(self._filled)
             self._view[self._filled : padded] = bytes(padded - self._filled)
-            _pwriteAll(self._segment.fd, self._view[:padded], self._flushed)
-            self._flushed += self._filled
-            os.ftruncate(self._segment.fd, self._flushed)
+            _pwriteAll(self._segment.fd, self._view[:padded], self._durable)
+            self._durable += self._filled
+            os.ftruncate(self._segment.fd, self._durable)
             self._filled = 0
         self.close()
 
@@ -274,13 +350,17 @@ class _StagedFile:
         """Release the buffers (after any write in progress: the fd outlives it)."""
         writing, self._writing = self._writing, None
         if writing is not None:
-            try:
-                writing.result()
-            except OSError:
-                pass
+            writing.exception()
         self._view.release()
-        _closeBuffers(self._buffers)
-        self._buffers = []
+        buffers = [*self._free, *self._queued]
+        if self._buffer is not None:
+            buffers.append(self._buffer)
+        self._free, self._buffer = [], None
+        self._queued.clear()
+        _closeBuffers(buffers)
+        caughtUp, self._caughtUp = self._caughtUp, None
+        if caughtUp is not None:
+            caughtUp.callback(None)
 
 
 @implementer(IImageReader)
@@ -504,7 +584,7 @@ class SpillImage:
             self._store._drop(segment)
 
 
-@implementer(IGrowableWriter)
+@implementer(IGrowableWriter, IPacedWriter)
 class _SpillWriter:
     """
     Fills a memfd while the store's budget allows, then a spill file.  The
@@ -519,6 +599,10 @@ class _SpillWriter:
         self._followers: list[_GrowingReader] = []
         self.size = 0
         self.writing = True
+
+    def whenCaughtUp(self) -> Deferred[None] | None:
+        staged = self._staged
+        return None if staged is None else staged.whenCaughtUp()
 
     def follow(self) -> IGrowingImage:
         reader = _GrowingReader(self)
@@ -554,7 +638,7 @@ class _SpillWriter:
         if last is None or not last.onDisk:
             last = _Segment(*self._store._newSpillFile())
             self._segments.append(last)
-            self._staged = _StagedFile(last, self._store._io)
+            self._staged = _StagedFile(last, self._store._io, self._notify)
         return last
 
     def _wrote(self, segment: _Segment, reserved: int, n: int) -> None:
@@ -639,18 +723,26 @@ class SpillStore:
     """
     Images in memory up to C{memoryLimit} bytes in all, the rest in files
     under C{spillDir} (default: the system's temporary directory).
+
+    Give C{callFromThread} (the reactor's) and a writer whose disk falls
+    behind says so (L{IPacedWriter}) instead of making the reactor wait.
     """
 
     log = Logger()
 
-    def __init__(self, memoryLimit: int, spillDir: str | None = None) -> None:
+    def __init__(
+        self,
+        memoryLimit: int,
+        spillDir: str | None = None,
+        callFromThread: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self.memoryLimit = memoryLimit
         self.spillParent = os.path.abspath(spillDir or tempfile.gettempdir())
         self.inMemory = 0
         self.onDisk = 0
         self._dir: str | None = None
         self._lockFd = -1
-        self._io = _DiskIO()
+        self._io = _DiskIO(callFromThread)
         for path in removeStaleSpillDirs(self.spillParent):
             self.log.warn("removed spill files left by a dead daemon: {path}", path=path)
 

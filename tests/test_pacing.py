@@ -1,0 +1,288 @@
+"""
+A slow spill disk pauses what feeds the writer, not the reactor: full
+staging buffers queue for the disk thread, and past a small backlog the
+writer asks its feeder (a pipe, a socket) to pause until the disk catches up.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from twisted_criu.interfaces import IPacedWriter
+from twisted_criu.pacing import pauseWhileBehind, readPipeInto
+from twisted_criu.registry import readAll
+from twisted_criu.remote import RemoteReceiver
+from twisted_criu.storage import spill
+from twisted_criu.storage.spill import STAGE_SIZE, SpillStore
+
+from .test_remote import FakeSink, _stream
+
+#: How long a test waits for a background thread before failing.
+PATIENCE = 10.0
+
+
+class StuckDisk:
+    """Spill writes wait until L{release}, then run (or fail with C{error})."""
+
+    def __init__(self, case: SynchronousTestCase, error: OSError | None = None) -> None:
+        self._open = threading.Event()
+        self._error = error
+        self.started = 0
+        realWrite = spill._pwriteAll
+
+        def gatedWrite(fd: int, data: Any, offset: int) -> None:
+            self.started += 1
+            self._open.wait(PATIENCE)
+            if self._error is not None:
+                raise self._error
+            realWrite(fd, data, offset)
+
+        case.patch(spill, "_pwriteAll", gatedWrite)
+        case.addCleanup(self.release)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+class Wakeups:
+    """A stand-in for C{reactor.callFromThread}: keeps the calls for the test to run."""
+
+    def __init__(self) -> None:
+        self._calls: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            self._calls.append(call)
+
+    def runAfter(self, count: int) -> None:
+        """Wait for C{count} wakeups in all, then run those not run yet."""
+        deadline = time.monotonic() + PATIENCE
+        while True:
+            with self._lock:
+                if len(self._calls) >= count:
+                    calls, self._calls = self._calls, []
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} writes ended")
+            time.sleep(0.001)
+        for call in calls:
+            call()
+
+
+class BacklogTests(SynchronousTestCase):
+    """The writer takes bytes at once however slow the disk, and says when it is behind."""
+
+    def setUp(self) -> None:
+        self.wakeups = Wakeups()
+        self.store = SpillStore(0, self.mktemp(), self.wakeups)
+        self.addCleanup(self.store.close)
+        self.data = os.urandom(4 * STAGE_SIZE + 1234)
+
+    def test_behindThenCaughtUp(self) -> None:
+        disk = StuckDisk(self)
+        writer = self.store.newWriter()
+        verified = IPacedWriter.providedBy(writer)
+        self.assertTrue(verified)
+        writer.write(self.data[:STAGE_SIZE])  # one buffer, being written
+        self.assertIsNone(writer.whenCaughtUp())  # type: ignore[attr-defined]
+        writer.write(self.data[STAGE_SIZE : 2 * STAGE_SIZE])  # a second one waits
+        caughtUp = writer.whenCaughtUp()  # type: ignore[attr-defined]
+        self.assertIsInstance(caughtUp, Deferred)
+        fired: list[object] = []
+        caughtUp.addCallback(fired.append)
+        # More is taken while the disk is stuck: the reactor never waits.
+        writer.write(self.data[2 * STAGE_SIZE : 3 * STAGE_SIZE + 99])
+        self.assertIs(writer.whenCaughtUp(), caughtUp)  # type: ignore[attr-defined]
+        self.assertEqual(disk.started, 1)  # one write at a time, in order
+        self.assertEqual(fired, [])
+        disk.release()
+        self.wakeups.runAfter(1)  # the first buffer written, the next one started
+        self.assertEqual(fired, [])  # two still queued
+        self.wakeups.runAfter(1)
+        self.assertEqual(fired, [None])
+        self.assertIsNone(writer.whenCaughtUp())  # type: ignore[attr-defined]
+        writer.write(self.data[3 * STAGE_SIZE + 99 :])
+        image = writer.commit()
+        self.assertEqual(readAll(image), self.data)
+
+    def test_followersHearOfWrittenBuffers(self) -> None:
+        """A cut-through follower learns of bytes the disk took, with no new write needed."""
+        disk = StuckDisk(self)
+        writer = self.store.newWriter()
+        follower = writer.follow()  # type: ignore[attr-defined]
+        seen: list[int] = []
+        follower.onChange = lambda: seen.append(follower.available)
+        writer.write(self.data[:STAGE_SIZE])
+        self.assertEqual(follower.available, 0)  # not on disk yet
+        disk.release()
+        self.wakeups.runAfter(1)
+        self.assertEqual(seen[-1], STAGE_SIZE)
+        self.assertEqual(follower.read(STAGE_SIZE), self.data[:STAGE_SIZE])
+        follower.close()
+        writer.abort()
+
+    def test_failureWakesTheFeederAndReachesTheWriter(self) -> None:
+        disk = StuckDisk(self, OSError(errno.ENOSPC, "No space left on device"))
+        writer = self.store.newWriter()
+        writer.write(self.data[: 2 * STAGE_SIZE])
+        caughtUp = writer.whenCaughtUp()  # type: ignore[attr-defined]
+        fired: list[object] = []
+        caughtUp.addCallback(fired.append)
+        disk.release()
+        self.wakeups.runAfter(1)
+        self.assertEqual(fired, [None])  # the feeder resumes, and its next write fails
+        error = self.assertRaises(OSError, writer.write, b"more")
+        self.assertEqual(error.errno, errno.ENOSPC)
+        writer.abort()
+        self.assertEqual((self.store.inMemory, self.store.onDisk), (0, 0))
+        self.assertEqual(os.listdir(self.store.directory), [".lock"])  # type: ignore[arg-type]
+
+    def test_withoutAReactorTheWriterWaitsAtTheCap(self) -> None:
+        """Nobody could be told of the disk catching up: past the cap, the write waits for it."""
+        store = SpillStore(0, self.mktemp())
+        self.addCleanup(store.close)
+        disk = StuckDisk(self)
+        writer = store.newWriter()
+        writer.write(self.data[: spill._StagedFile.MAX_QUEUED * STAGE_SIZE - 1])
+        self.assertIsNone(writer.whenCaughtUp())  # type: ignore[attr-defined]
+        released = threading.Timer(0.2, disk.release)
+        released.start()
+        self.addCleanup(released.cancel)
+        started = time.monotonic()
+        writer.write(b"x")  # fills the last buffer the queue may hold
+        self.assertGreaterEqual(time.monotonic() - started, 0.15)
+        writer.write(self.data[spill._StagedFile.MAX_QUEUED * STAGE_SIZE :])
+        self.assertEqual(
+            readAll(writer.commit()),
+            self.data[: spill._StagedFile.MAX_QUEUED * STAGE_SIZE - 1]
+            + b"x"
+            + self.data[spill._StagedFile.MAX_QUEUED * STAGE_SIZE :],
+        )
+
+
+@implementer(IPacedWriter)
+class BehindWriter:
+    """A writer whose disk is behind until the test says so."""
+
+    size = 0
+
+    def __init__(self) -> None:
+        self.caughtUp: Deferred[None] | None = Deferred()
+
+    def whenCaughtUp(self) -> Deferred[None] | None:
+        return self.caughtUp
+
+    def write(self, data: bytes | memoryview) -> None:
+        pass
+
+    def commit(self) -> Any:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class PauseWhileBehindTests(SynchronousTestCase):
+    def test_pausedUntilCaughtUp(self) -> None:
+        writer = BehindWriter()
+        transport = StringTransport()
+        pauseWhileBehind(writer, transport)
+        self.assertEqual(transport.producerState, "paused")
+        assert writer.caughtUp is not None
+        writer.caughtUp.callback(None)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_keepingUpPausesNothing(self) -> None:
+        writer = BehindWriter()
+        writer.caughtUp = None
+        transport = StringTransport()
+        pauseWhileBehind(writer, transport)
+        self.assertEqual(transport.producerState, "producing")
+
+
+class LinkIntakeTests(SynchronousTestCase):
+    """The cache's end of the link stops reading the socket while its disk is behind."""
+
+    def test_slowDiskPausesTheLink(self) -> None:
+        wakeups = Wakeups()
+        disk = StuckDisk(self)
+        sink = FakeSink()
+        sink.store = SpillStore(0, self.mktemp(), wakeups)  # type: ignore[assignment]
+        self.addCleanup(sink.store.close)
+        receiver = RemoteReceiver(sink)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        data = os.urandom(4 * STAGE_SIZE + 5)
+        stream = _stream(("pages-1.img", data))
+        head = len(stream) - len(data) + 3 * STAGE_SIZE
+        receiver.dataReceived(stream[:head])
+        self.assertEqual(transport.producerState, "paused")
+        disk.release()
+        wakeups.runAfter(1)
+        self.assertEqual(transport.producerState, "paused")  # two buffers still queued
+        wakeups.runAfter(1)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIsNone(sink.registry.get(("snap1", "pages-1.img")))
+        receiver.dataReceived(stream[head:])
+        image = sink.registry.get(("snap1", "pages-1.img"))
+        self.assertIsNotNone(image)
+        self.assertEqual(readAll(image), data)
+
+
+class PipeIntakeTests(TestCase):
+    """criu's pipe into a spilling store, with the real reactor and a stuck disk."""
+
+    def test_slowDiskPausesThePipeNotTheReactor(self) -> None:
+        disk = StuckDisk(self)
+        store = SpillStore(0, self.mktemp(), reactor.callFromThread)
+        self.addCleanup(store.close)
+        writer = store.newWriter()
+        data = os.urandom(6 * STAGE_SIZE + 4321)
+        r, w = os.pipe()
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ, as criu does
+        reasons: list[Failure] = []
+        ended: Deferred[None] = Deferred()
+
+        def pipeEnded(reason: Failure) -> None:
+            reasons.append(reason)
+            ended.callback(None)
+
+        pipe = readPipeInto(reactor, r, writer, pipeEnded)
+
+        def criu() -> None:
+            os.write(w, data)  # blocks while the pipe is full
+            os.close(w)
+
+        writing = threading.Thread(target=criu)
+        writing.start()
+        self.addCleanup(writing.join, PATIENCE)
+
+        async def scenario() -> None:
+            # The reader stops reading the pipe once two buffers wait for the disk...
+            deadline = time.monotonic() + PATIENCE
+            while pipe in reactor.getReaders():
+                self.assertLess(time.monotonic(), deadline, "the pipe was never paused")
+                await deferLater(reactor, 0.005, lambda: None)  # ...while the reactor runs on
+            self.assertEqual(disk.started, 1)
+            self.assertLess(writer.size, len(data))
+            disk.release()
+            await ended
+            self.assertTrue(reasons[0].check(ConnectionDone))
+            self.assertEqual(readAll(writer.commit()), data)
+
+        return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
