@@ -118,8 +118,8 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         state = self._state
         if state is _State.WRITE_INLINE:
-            assert self._writer is not None
             writer = self._writer
+            assert writer is not None
             try:
                 writer.write(data)
             except OSError as e:

@@ -210,20 +210,23 @@ class _DiskIO:
 class _StagedFile:
     """
     Appends to a spill file in whole aligned blocks: bytes gather in a
-    page-aligned buffer; full ones queue for the store's I/O thread, which
-    writes them in order, one at a time, while the reactor fills the next.
+    page-aligned buffer, and each full one goes at once to the store's I/O
+    threads, written at its own offset while the reactor fills the next.
     The reactor never waits for the disk unless L{MAX_QUEUED} buffers are
-    waiting (a caller ignoring L{whenCaughtUp}, or no reactor to tell).
+    in flight (a caller ignoring L{whenCaughtUp}, or no reactor to tell).
     L{finish} writes the padded last block and cuts the file to its true
     size.
     """
 
-    #: Full buffers queued (the one being written included) from which on
-    #: the file is behind: its feeder should pause.
-    BEHIND = 2
+    #: Buffers in flight from which on the file is behind: its feeder
+    #: should pause...
+    BEHIND = 4
 
-    #: Full buffers queued at most; one more makes the reactor wait.
-    MAX_QUEUED = 4
+    #: ...until no more than this many are left.
+    CAUGHT_UP = 1
+
+    #: Buffers in flight at most; one more makes the reactor wait.
+    MAX_QUEUED = 8
 
     def __init__(self, segment: _Segment, io: _DiskIO, written: Callable[[], None]) -> None:
         self._segment = segment
@@ -233,9 +236,10 @@ class _StagedFile:
         self._buffer: mmap.mmap | None = mmap.mmap(-1, STAGE_SIZE)
         self._view = memoryview(self._buffer)
         self._filled = 0
-        self._queued: deque[mmap.mmap] = deque()
-        self._writing: Future[None] | None = None  # the write of _queued[0]
-        self._durable = 0  # written by the disk (whole buffers)
+        #: Full buffers in file order, each with its write.
+        self._queued: deque[tuple[mmap.mmap, Future[None]]] = deque()
+        self._submitted = 0  # bytes handed to the I/O threads (whole buffers)
+        self._durable = 0  # bytes written, from the start of the file
         self._failure: OSError | None = None
         self._caughtUp: Deferred[None] | None = None
 
@@ -261,14 +265,14 @@ class _StagedFile:
 
     @property
     def durable(self) -> int:
-        """Bytes of the file already written (a whole number of buffers)."""
+        """Bytes from the start of the file already written (whole buffers)."""
         self._reap()
         return self._durable
 
     def whenCaughtUp(self) -> Deferred[None] | None:
         """L{None} if the disk keeps up; else fires once it has caught up."""
         self._reap()
-        if len(self._queued) < self.BEHIND or self._io.callFromThread is None:
+        if self._caughtUp is None and (len(self._queued) < self.BEHIND or self._io.callFromThread is None):
             return None
         if self._caughtUp is None:
             self._caughtUp = Deferred()
@@ -280,32 +284,19 @@ class _StagedFile:
             raise self._failure
 
     def _reap(self) -> None:
-        """Account for a finished write (in the reactor thread) and start the next."""
-        writing = self._writing
-        if writing is None or not writing.done():
-            return
-        self._writing = None
-        failure = writing.exception()
-        if failure is not None:
-            self._failure = failure if isinstance(failure, OSError) else OSError(str(failure))
-            self._free.extend(self._queued)
-            self._queued.clear()
-        else:
-            self._free.append(self._queued.popleft())
-            self._durable += STAGE_SIZE
-            self._startWrite()
-        if self._caughtUp is not None and (len(self._queued) < self.BEHIND or self._failure is not None):
+        """Account for the writes that ended, in file order (in the reactor thread)."""
+        queued = self._queued
+        while queued and queued[0][1].done():
+            buffer, writing = queued.popleft()
+            self._free.append(buffer)
+            failure = writing.exception()
+            if failure is not None and self._failure is None:
+                self._failure = failure if isinstance(failure, OSError) else OSError(str(failure))
+            if self._failure is None:
+                self._durable += STAGE_SIZE
+        if self._caughtUp is not None and (len(queued) <= self.CAUGHT_UP or self._failure is not None):
             caughtUp, self._caughtUp = self._caughtUp, None
             caughtUp.callback(None)
-
-    def _startWrite(self) -> None:
-        if self._writing is not None or not self._queued:
-            return
-        offset = self._durable
-        self._writing = writing = self._io.submit(_pwriteAll, self._segment.fd, self._queued[0], offset)
-        callFromThread = self._io.callFromThread
-        if callFromThread is not None:
-            writing.add_done_callback(lambda _: callFromThread(self._writeEnded))
 
     def _writeEnded(self) -> None:
         if self._buffer is None:  # closed meanwhile
@@ -314,45 +305,43 @@ class _StagedFile:
         self._written()
 
     def _flush(self) -> None:
-        """Queue the full buffer for the I/O thread and fill another one."""
-        assert self._buffer is not None
+        """Send the full buffer to the I/O threads and fill another one."""
+        buffer = self._buffer
+        assert buffer is not None
         self._view.release()  # the thread gets the mmap itself: no view outlives the write
-        self._queued.append(self._buffer)
+        writing = self._io.submit(_pwriteAll, self._segment.fd, buffer, self._submitted)
+        self._queued.append((buffer, writing))
+        self._submitted += STAGE_SIZE
         self._filled = 0
-        self._startWrite()
-        while len(self._queued) >= self.MAX_QUEUED and self._writing is not None:
-            self._writing.exception()  # wait for the disk (the failure, if any, is raised next)
+        callFromThread = self._io.callFromThread
+        if callFromThread is not None:
+            writing.add_done_callback(lambda _: callFromThread(self._writeEnded))
+        while len(self._queued) >= self.MAX_QUEUED:
+            self._queued[0][1].exception()  # wait for the disk (a failure is raised next)
             self._reap()
         self._buffer = self._free.pop() if self._free else mmap.mmap(-1, STAGE_SIZE)
         self._view = memoryview(self._buffer)
 
-    def _waitAll(self) -> None:
-        """Wait until every queued buffer is written; raises the first L{OSError}."""
-        while self._writing is not None:
-            self._writing.exception()
-            self._reap()
-        if self._failure is not None:
-            raise self._failure
-
     def finish(self) -> None:
         """Write what is staged; the file then holds exactly the bytes given."""
-        self._waitAll()
+        for _, writing in list(self._queued):
+            writing.exception()
+        self._raiseFailure()
         if self._filled:
             padded = _roundUp(self._filled)
             self._view[self._filled : padded] = bytes(padded - self._filled)
-            _pwriteAll(self._segment.fd, self._view[:padded], self._durable)
-            self._durable += self._filled
+            _pwriteAll(self._segment.fd, self._view[:padded], self._submitted)
+            self._durable = self._submitted + self._filled
             os.ftruncate(self._segment.fd, self._durable)
             self._filled = 0
         self.close()
 
     def close(self) -> None:
-        """Release the buffers (after any write in progress: the fd outlives it)."""
-        writing, self._writing = self._writing, None
-        if writing is not None:
+        """Release the buffers (after the writes in flight: the fd outlives them)."""
+        for _, writing in self._queued:
             writing.exception()
         self._view.release()
-        buffers = [*self._free, *self._queued]
+        buffers = [*self._free, *(buffer for buffer, _ in self._queued)]
         if self._buffer is not None:
             buffers.append(self._buffer)
         self._free, self._buffer = [], None
