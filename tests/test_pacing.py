@@ -1,7 +1,9 @@
 """
-A slow spill disk pauses what feeds the writer, not the reactor: full
-staging buffers queue for the disk thread, and past a small backlog the
-writer asks its feeder (a pipe, a socket) to pause until the disk catches up.
+A slow spill disk pauses what feeds a writer or drains a reader, not the
+reactor.  Full staging buffers go to the disk threads, and past a small
+backlog the writer asks its feeder (a pipe, a socket) to pause until the
+disk catches up; a reader whose next bytes are still being read says so
+(L{SourceBusy}), and its consumer waits for them without blocking.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -16,13 +19,19 @@ from typing import Any, Callable
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from twisted_criu.interfaces import IPacedWriter
+from twisted_criu import wire
+from twisted_criu.cutthrough import LiveTransfer
+from twisted_criu.errors import SourceBusy
+from twisted_criu.interfaces import IPacedWriter, IStoredImage
+from twisted_criu.pipes import PipeWriter
+from twisted_criu.transfer import ImageTransfer
 from twisted_criu.pacing import pauseWhileBehind, readPipeInto
 from twisted_criu.registry import readAll
 from twisted_criu.remote import RemoteReceiver
@@ -39,20 +48,24 @@ BEHIND = spill._StagedFile.BEHIND
 
 
 class StuckDisk:
-    """Spill writes wait until L{release}, then run (or fail with C{error})."""
+    """
+    Spill writes (or, with C{reads}, reads) wait until L{release}, then run
+    (or fail with C{error}).
+    """
 
-    def __init__(self, case: SynchronousTestCase, error: OSError | None = None) -> None:
+    def __init__(self, case: SynchronousTestCase, error: OSError | None = None, reads: bool = False) -> None:
         self._open = threading.Event()
         self._error = error
-        realWrite = spill._pwriteAll
+        name = "_preadInto" if reads else "_pwriteAll"
+        real = getattr(spill, name)
 
-        def gatedWrite(fd: int, data: Any, offset: int) -> None:
+        def gated(fd: int, data: Any, offset: int) -> Any:
             self._open.wait(PATIENCE)
             if self._error is not None:
                 raise self._error
-            realWrite(fd, data, offset)
+            return real(fd, data, offset)
 
-        case.patch(spill, "_pwriteAll", gatedWrite)
+        case.patch(spill, name, gated)
         case.addCleanup(self.release)
 
     def release(self) -> None:
@@ -276,5 +289,164 @@ class PipeIntakeTests(TestCase):
             await ended
             self.assertTrue(reasons[0].check(ConnectionDone))
             self.assertEqual(readAll(writer.commit()), data)
+
+        return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
+
+
+def _spilled(store: SpillStore, data: bytes) -> IStoredImage:
+    writer = store.newWriter()
+    writer.write(data)
+    image: IStoredImage = writer.commit()
+    return image
+
+
+class SlowReadTests(SynchronousTestCase):
+    """A reader of a spill file says when the disk has not delivered yet."""
+
+    def test_sourceBusyUntilRead(self) -> None:
+        wakeups = Wakeups()
+        store = SpillStore(0, self.mktemp(), wakeups)
+        self.addCleanup(store.close)
+        data = os.urandom(2 * STAGE_SIZE + 77)
+        image = _spilled(store, data)
+        wakeups.runAfter(2)  # the writes of its two full buffers
+        disk = StuckDisk(self, reads=True)
+        reader = image.open()
+        self.addCleanup(reader.close)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        busy = self.assertRaises(SourceBusy, reader.sendfile, w, 60_000)  # type: ignore[attr-defined]
+        ready: list[object] = []
+        busy.whenReady.addCallback(ready.append)
+        self.assertEqual(ready, [])
+        disk.release()
+        wakeups.runAfter(1)
+        self.assertEqual(ready, [None])
+        got = bytearray()
+        while True:
+            try:
+                sent = reader.sendfile(w, 60_000)  # type: ignore[attr-defined]
+            except SourceBusy:  # the read-ahead of the next buffer
+                wakeups.runAfter(1)
+                continue
+            if not sent:
+                break
+            got += os.read(r, sent)
+        self.assertEqual(bytes(got), data)
+
+
+class SlowReadConsumerTests(TestCase):
+    """A restore pipe and a link socket wait for a slow disk; the reactor does not."""
+
+    def setUp(self) -> None:
+        self.store = SpillStore(0, self.mktemp(), reactor.callFromThread)
+        self.addCleanup(self.store.close)
+        self.data = os.urandom(3 * STAGE_SIZE + 999)
+        self.image = _spilled(self.store, self.data)
+        self.disk = StuckDisk(self, reads=True)
+
+    async def stalledThenWhole(self, consumer: Any, sent: Deferred[None], received: Callable[[], bytes]) -> None:
+        for _ in range(20):  # the reactor runs on while the consumer waits
+            await deferLater(reactor, 0.005, lambda: None)
+        self.assertNotIn(consumer, reactor.getWriters())
+        self.assertFalse(sent.called)
+        self.disk.release()
+        await sent
+        self.assertEqual(received(), self.data)
+
+    def test_restorePipe(self) -> None:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        pipe = PipeWriter(reactor, w, lambda reason: None)
+        self.addCleanup(pipe.abortConnection)
+        got = bytearray()
+
+        def restore() -> None:
+            while len(got) < len(self.data) and (chunk := os.read(r, 1 << 20)):
+                got.extend(chunk)
+
+        reading = threading.Thread(target=restore)
+        reading.start()
+        self.addCleanup(reading.join, PATIENCE)
+        sent = ImageTransfer(self.image).sendTo(pipe)
+
+        def received() -> bytes:
+            reading.join(PATIENCE)
+            return bytes(got)
+
+        return Deferred.fromCoroutine(self.stalledThenWhole(pipe, sent, received))  # type: ignore[return-value]
+
+    async def overTheLink(self, send: Callable[[Any], Deferred[Any]]) -> bytes:
+        """What C{send(transport)} puts on a loopback TCP connection, once stalled by the disk."""
+        connected: Deferred[Any] = Deferred()
+        closed: Deferred[None] = Deferred()
+
+        class Sending(Protocol):
+            def connectionMade(self) -> None:
+                connected.callback(self.transport)
+
+            def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+                closed.callback(None)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Sending), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        cache = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(cache.close)
+        got = bytearray()
+
+        def receive() -> None:
+            while chunk := cache.recv(1 << 20):
+                got.extend(chunk)
+
+        transport = await connected
+        self.addCleanup(transport.abortConnection)
+        receiving = threading.Thread(target=receive)
+        receiving.start()
+        self.addCleanup(receiving.join, PATIENCE)
+        sent = send(transport)
+        for _ in range(20):  # the reactor runs on while the sender waits
+            await deferLater(reactor, 0.005, lambda: None)
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertFalse(sent.called)
+        self.disk.release()
+        await sent
+        transport.loseConnection()  # after what was written
+        await closed
+        receiving.join(PATIENCE)
+        return bytes(got)
+
+    def test_linkSocket(self) -> None:
+        async def scenario() -> None:
+            got = await self.overTheLink(ImageTransfer(self.image).sendTo)
+            self.assertEqual(got, self.data)
+
+        return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
+
+    def test_cutThrough(self) -> None:
+        """The proxy's cut-through of an image it is spilling, as criu writes it."""
+        writer = self.store.newWriter()
+        follower = writer.follow()  # type: ignore[attr-defined]
+        writer.write(self.data[: 2 * STAGE_SIZE])  # on disk before the link asks for it
+
+        def send(transport: Any) -> Deferred[Any]:
+            sent = LiveTransfer(follower).sendTo(transport)
+            reactor.callLater(0.01, lambda: (writer.write(self.data[2 * STAGE_SIZE :]), writer.commit()))
+            return sent
+
+        async def scenario() -> None:
+            while follower.available < 2 * STAGE_SIZE:  # the writes' ends reach the reactor
+                await deferLater(reactor, 0.001, lambda: None)
+            got = await self.overTheLink(send)
+            payload, rest = bytearray(), memoryview(got)
+            while True:
+                (length,) = wire.CHUNK_LENGTH.unpack(rest[:4])
+                rest = rest[4:]
+                if length == wire.CHUNK_END:
+                    break
+                payload += rest[:length]
+                rest = rest[length:]
+            self.assertEqual(bytes(payload), self.data)
+            follower.close()
 
         return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]

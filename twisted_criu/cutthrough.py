@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import wire
+from twisted_criu.errors import SourceBusy
 from twisted_criu.interfaces import IGrowingImage
 
 #: Largest chunk sent with sendfile on a plain socket.
@@ -146,6 +147,9 @@ class _SocketChunks(_Chunks):
             sent = self.growing.sendfile(transport.fileno(), self._chunkLeft)  # type: ignore[attr-defined]
         except BlockingIOError:
             sent = None
+        except SourceBusy as busy:  # asked again once the disk has the bytes
+            busy.whenReady.addCallback(self._sourceReady)
+            return
         except OSError as e:
             self._broken(e.strerror)
             return
@@ -156,6 +160,10 @@ class _SocketChunks(_Chunks):
             self.sent += sent
             self._chunkLeft -= sent
         transport.startWriting()
+
+    def _sourceReady(self, _: None) -> None:
+        if not self.finished and self.transport.connected:
+            self.transport.startWriting()
 
     def _broken(self, why: str | None) -> None:
         self.finish(None, Failure(ConnectionLost(why)))

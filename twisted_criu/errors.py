@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 ImageKey = Tuple[str, str]
 """(snapshot_id, name): how images are addressed on both daemons."""
@@ -26,3 +29,14 @@ class ImageNotFound(Exception):
 
 class ImageAborted(Exception):
     """An image's transfer broke off before it was complete."""
+
+
+class SourceBusy(Exception):
+    """
+    A file source's next bytes are still on their way from a disk: try
+    again once C{whenReady} has fired (in the reactor thread).
+    """
+
+    def __init__(self, whenReady: Deferred[None]) -> None:
+        super().__init__("waiting for the disk")
+        self.whenReady = whenReady

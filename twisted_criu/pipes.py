@@ -20,7 +20,7 @@ from twisted.internet import abstract, error, main
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.python.failure import Failure
 
-from twisted_criu.errors import ProtocolError
+from twisted_criu.errors import ProtocolError, SourceBusy
 
 #: How much one read from a pipe may return.
 PIPE_READ_SIZE = 1 << 18
@@ -33,7 +33,11 @@ class IFileSource(Protocol):
     """Something whose bytes the kernel can copy into a descriptor."""
 
     def sendfile(self, out: int, count: int) -> int:
-        """Copy up to C{count} bytes into C{out}; 0 at the end."""
+        """
+        Copy up to C{count} bytes into C{out}; 0 at the end.  May raise
+        L{BlockingIOError} (C{out} is full) or L{SourceBusy} (the bytes
+        are still being read from a disk).
+        """
 
 
 def checkPipe(fd: int) -> None:
@@ -175,9 +179,19 @@ class PipeWriter(abstract.FileDescriptor):
     def doWrite(self) -> Any:
         if self._source is None:
             return super().doWrite()
+        source = self._source
         try:
-            sent = self._source.sendfile(self._fd, min(self._sourceLeft, SPLICE_SIZE))
+            sent = source.sendfile(self._fd, min(self._sourceLeft, SPLICE_SIZE))
         except BlockingIOError:
+            return None
+        except SourceBusy as busy:
+            self.stopWriting()  # not the pipe: the disk
+
+            def ready(_: None) -> None:
+                if self._source is source and self.connected:
+                    self.startWriting()
+
+            busy.whenReady.addCallback(ready)
             return None
         except OSError as e:
             return error.ConnectionLost(e.strerror)

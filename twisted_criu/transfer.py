@@ -14,6 +14,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_criu.errors import SourceBusy
 from twisted_criu.interfaces import IImageReader, IStoredImage
 from twisted_criu.pipes import PipeWriter
 
@@ -76,6 +77,9 @@ class _SocketFileProducer:
             sent = self._source.sendfile(transport.fileno(), min(self.left, SENDFILE_SIZE))
         except BlockingIOError:
             sent = None
+        except SourceBusy as busy:  # asked again once the disk has the bytes
+            busy.whenReady.addCallback(self._sourceReady)
+            return
         except OSError as e:
             self._finish(Failure(ConnectionLost(e.strerror)))
             transport.abortConnection()
@@ -91,6 +95,10 @@ class _SocketFileProducer:
             self._finish(None)
         else:
             transport.startWriting()  # ask again once the socket has room
+
+    def _sourceReady(self, _: None) -> None:
+        if self._done is not None and self._transport.connected:
+            self._transport.startWriting()
 
     def stopProducing(self) -> None:
         self._finish(Failure(ConnectionLost("the consumer stopped the transfer")))

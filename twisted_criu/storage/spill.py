@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_criu.errors import SourceBusy
 from twisted_criu.interfaces import (
     IGrowableWriter,
     IGrowingImage,
@@ -149,6 +150,11 @@ def writesFromMapping(fd: int) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+def _preadInto(fd: int, buffer: mmap.mmap, offset: int) -> int:
+    """Fill C{buffer} from C{fd} at C{offset} (fewer bytes at the end of the file)."""
+    return os.preadv(fd, [buffer], offset)
 
 
 def _pwriteAll(fd: int, data: mmap.mmap | memoryview, offset: int) -> None:
@@ -388,10 +394,22 @@ class _SpillReader:
 
     def _readInto(self, which: int, fd: int, offset: int) -> Future[int]:
         """Read a whole buffer (the file ends at the run's end) on the I/O thread."""
-        return self._io.submit(os.preadv, fd, [self._buffers[which]], offset)
+        return self._io.submit(_preadInto, fd, self._buffers[which], offset)
 
-    def _staged(self, fd: int, left: int) -> memoryview:
-        """Bytes of the current spill file at the read position."""
+    def _busy(self, reading: Future[int]) -> SourceBusy:
+        """Raised by L{sendfile} while C{reading} runs (with a reactor to say when it ends)."""
+        callFromThread = self._io.callFromThread
+        assert callFromThread is not None
+        whenReady: Deferred[None] = Deferred()
+        reading.add_done_callback(lambda _: callFromThread(lambda: whenReady.callback(None)))
+        return SourceBusy(whenReady)
+
+    def _staged(self, fd: int, left: int, wait: bool = True) -> memoryview:
+        """
+        Bytes of the current spill file at the read position.  Unless
+        C{wait}, raises L{SourceBusy} instead of waiting for the disk
+        (given a reactor to tell when to try again).
+        """
         if self._pending:
             return self._pending
         if not self._buffers:
@@ -403,6 +421,9 @@ class _SpillReader:
             if ahead is not None:
                 ahead[0].exception()  # a stale read-ahead: let it finish
             reading = self._readInto(1, fd, self._offset)
+        if not wait and not reading.done() and self._io.callFromThread is not None:
+            self._ahead = (reading, fd, self._offset)
+            raise self._busy(reading)
         n = reading.result()
         if n <= 0:
             raise OSError(f"spill file ended {left} bytes early")
@@ -433,14 +454,15 @@ class _SpillReader:
     def sendfile(self, out: int, count: int) -> int:
         """
         Copy up to C{count} bytes into the descriptor C{out}; 0 at the end
-        of the image.  May raise L{BlockingIOError}.
+        of the image.  May raise L{BlockingIOError} (C{out} is full), or
+        L{SourceBusy} (the bytes are still being read from the disk).
         """
         current = self._current()
         if current is None:
             return 0
         fd, left, onDisk = current
         if onDisk:
-            sent = os.write(out, self._staged(fd, left)[:count])
+            sent = os.write(out, self._staged(fd, left, wait=False)[:count])
         elif self._fromMapping(out):
             sent = self._writeMapped(out, fd, left, count)
         else:
