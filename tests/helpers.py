@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.activity import Activity
+from twisted_criu.interfaces import IImageStore, IStoredImage
 from twisted_criu.local import ILocalImageService
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
@@ -42,6 +43,13 @@ class FakeLocalService:
 
     def readsInline(self, request: wire.LocalRequest) -> bool:
         return readsInline(ReadVariant.AUTO, request, False)
+
+
+def storedImage(store: IImageStore, data: bytes) -> IStoredImage:
+    """An image of C{data}, written into C{store} in one piece and committed."""
+    writer = store.newWriter()
+    writer.write(data)
+    return writer.commit()
 
 
 def pump(reactor: MemoryReactor, drain: int | None = None, sink: list[bytes] | None = None) -> None:

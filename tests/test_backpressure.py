@@ -19,7 +19,7 @@ from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.transfer import CHUNK_SIZE, ImageTransfer
 
-from .helpers import FakeLocalService, pump
+from .helpers import FakeLocalService, pump, storedImage
 
 PIPE_CAPACITY = 1 << 16
 IMAGE = os.urandom(4 << 20)
@@ -49,13 +49,6 @@ class CountingImage:
         return Reader()
 
 
-def _store(store: Any, data: bytes) -> IStoredImage:
-    writer = store.newWriter()
-    writer.write(data)
-    image: IStoredImage = writer.commit()
-    return image
-
-
 class RestorePipeTests(SynchronousTestCase):
     """A restore that does not read its pipe pauses the serving."""
 
@@ -79,7 +72,7 @@ class RestorePipeTests(SynchronousTestCase):
             data += chunk
 
     def test_memoryStore(self) -> None:
-        image = CountingImage(_store(MemoryStore(), IMAGE))
+        image = CountingImage(storedImage(MemoryStore(), IMAGE))
         sent = ImageTransfer(image).sendTo(self.pipe)  # type: ignore[arg-type]
         pump(self.reactor)
         # The pipe is full: at most the pipe, the transport's buffer and one
@@ -99,7 +92,7 @@ class RestorePipeTests(SynchronousTestCase):
     def test_spillStoreSendfile(self) -> None:
         store = SpillStore(1 << 20, self.mktemp())  # part memfd, part on disk
         self.addCleanup(store.close)
-        image = _store(store, IMAGE)
+        image = storedImage(store, IMAGE)
         transfer = ImageTransfer(image)
         sent = transfer.sendTo(self.pipe)
         pump(self.reactor)
@@ -120,7 +113,7 @@ class LinkTests(SynchronousTestCase):
     """A cache that does not read pauses the proxy's reading of the store."""
 
     def test_slowCache(self) -> None:
-        image = CountingImage(_store(MemoryStore(), IMAGE))
+        image = CountingImage(storedImage(MemoryStore(), IMAGE))
         sender = RemoteSender(lambda s: None, lambda key: image)  # type: ignore[arg-type,return-value]
         transport = StringTransport()
         sender.makeConnection(transport)

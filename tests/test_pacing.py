@@ -29,7 +29,7 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.cutthrough import LiveTransfer
 from twisted_criu.errors import SourceBusy
-from twisted_criu.interfaces import IPacedWriter, IStoredImage
+from twisted_criu.interfaces import IPacedWriter
 from twisted_criu.pacing import pauseWhileBehind, readPipeInto
 from twisted_criu.pipes import PipeWriter
 from twisted_criu.registry import readAll
@@ -38,6 +38,7 @@ from twisted_criu.storage import spill
 from twisted_criu.storage.spill import STAGE_SIZE, SpillStore
 from twisted_criu.transfer import ImageTransfer
 
+from .helpers import storedImage
 from .test_remote import FakeSink, _stream
 
 #: How long a test waits for a background thread before failing.
@@ -293,13 +294,6 @@ class PipeIntakeTests(TestCase):
         return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
 
 
-def _spilled(store: SpillStore, data: bytes) -> IStoredImage:
-    writer = store.newWriter()
-    writer.write(data)
-    image: IStoredImage = writer.commit()
-    return image
-
-
 class SlowReadTests(SynchronousTestCase):
     """A reader of a spill file says when the disk has not delivered yet."""
 
@@ -308,7 +302,7 @@ class SlowReadTests(SynchronousTestCase):
         store = SpillStore(0, self.mktemp(), wakeups)
         self.addCleanup(store.close)
         data = os.urandom(2 * STAGE_SIZE + 77)
-        image = _spilled(store, data)
+        image = storedImage(store, data)
         wakeups.runAfter(2)  # the writes of its two full buffers
         disk = StuckDisk(self, reads=True)
         reader = image.open()
@@ -343,39 +337,50 @@ class SlowReadConsumerTests(TestCase):
         self.store = SpillStore(0, self.mktemp(), reactor.callFromThread)
         self.addCleanup(self.store.close)
         self.data = os.urandom(3 * STAGE_SIZE + 999)
-        self.image = _spilled(self.store, self.data)
+        self.image = storedImage(self.store, self.data)
         self.disk = StuckDisk(self, reads=True)
 
-    async def stalledThenWhole(self, consumer: Any, sent: Deferred[None], received: Callable[[], bytes]) -> None:
+    async def stalledThenSent(
+        self, consumer: Any, send: Callable[[Any], Deferred[Any]], closed: Deferred[None], read: Callable[[int], bytes]
+    ) -> bytes:
+        """
+        What C{send(consumer)} delivers to the other end (drained with
+        C{read} on a thread until EOF), after checking that the consumer
+        waits for the stuck disk while the reactor runs on.
+        """
+        got = bytearray()
+
+        def drain() -> None:
+            while chunk := read(1 << 20):
+                got.extend(chunk)
+
+        draining = threading.Thread(target=drain)
+        draining.start()
+        self.addCleanup(draining.join, PATIENCE)
+        sent = send(consumer)
         for _ in range(20):  # the reactor runs on while the consumer waits
             await deferLater(reactor, 0.005, lambda: None)
         self.assertNotIn(consumer, reactor.getWriters())
         self.assertFalse(sent.called)
         self.disk.release()
         await sent
-        self.assertEqual(received(), self.data)
+        consumer.loseConnection()  # after what was written
+        await closed
+        draining.join(PATIENCE)
+        return bytes(got)
 
     def test_restorePipe(self) -> None:
         r, w = os.pipe()
         self.addCleanup(os.close, r)
-        pipe = PipeWriter(reactor, w, lambda reason: None)
+        closed: Deferred[None] = Deferred()
+        pipe = PipeWriter(reactor, w, lambda reason: closed.callback(None))
         self.addCleanup(pipe.abortConnection)
-        got = bytearray()
 
-        def restore() -> None:
-            while len(got) < len(self.data) and (chunk := os.read(r, 1 << 20)):
-                got.extend(chunk)
+        async def scenario() -> None:
+            got = await self.stalledThenSent(pipe, ImageTransfer(self.image).sendTo, closed, lambda n: os.read(r, n))
+            self.assertEqual(got, self.data)
 
-        reading = threading.Thread(target=restore)
-        reading.start()
-        self.addCleanup(reading.join, PATIENCE)
-        sent = ImageTransfer(self.image).sendTo(pipe)
-
-        def received() -> bytes:
-            reading.join(PATIENCE)
-            return bytes(got)
-
-        return Deferred.fromCoroutine(self.stalledThenWhole(pipe, sent, received))  # type: ignore[return-value]
+        return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
 
     async def overTheLink(self, send: Callable[[Any], Deferred[Any]]) -> bytes:
         """What C{send(transport)} puts on a loopback TCP connection, once stalled by the disk."""
@@ -393,28 +398,9 @@ class SlowReadConsumerTests(TestCase):
         self.addCleanup(port.stopListening)
         cache = socket.create_connection(("127.0.0.1", port.getHost().port))
         self.addCleanup(cache.close)
-        got = bytearray()
-
-        def receive() -> None:
-            while chunk := cache.recv(1 << 20):
-                got.extend(chunk)
-
         transport = await connected
         self.addCleanup(transport.abortConnection)
-        receiving = threading.Thread(target=receive)
-        receiving.start()
-        self.addCleanup(receiving.join, PATIENCE)
-        sent = send(transport)
-        for _ in range(20):  # the reactor runs on while the sender waits
-            await deferLater(reactor, 0.005, lambda: None)
-        self.assertNotIn(transport, reactor.getWriters())
-        self.assertFalse(sent.called)
-        self.disk.release()
-        await sent
-        transport.loseConnection()  # after what was written
-        await closed
-        receiving.join(PATIENCE)
-        return bytes(got)
+        return await self.stalledThenSent(transport, send, closed, cache.recv)
 
     def test_linkSocket(self) -> None:
         async def scenario() -> None:
