@@ -44,12 +44,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
     from twisted_criu import __version__ as TWISTED_CRIU_VERSION
     from twisted_criu import wire
-    from twisted_criu.client import PIPE, LocalImageClient
+    from twisted_criu.testing.criu import PIPE, LocalImageClient
 except ImportError:  # not installed: use the working tree
     sys.path.insert(0, REPO)
     from twisted_criu import __version__ as TWISTED_CRIU_VERSION
     from twisted_criu import wire
-    from twisted_criu.client import PIPE, LocalImageClient
+    from twisted_criu.testing.criu import PIPE, LocalImageClient
 
 #: twistd's console-script entry point (twisted.scripts.twistd has no
 #: __main__ guard, so "python -m twisted.scripts.twistd" would do nothing).

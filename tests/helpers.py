@@ -13,12 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.activity import Activity
-from twisted_criu.interfaces import IImageStore, IStoredImage
-from twisted_criu.local import ILocalImageService
+from twisted_criu.criu.images import ReadVariant, readsInline
+from twisted_criu.interfaces import IImageStore, ILocalImageService, IStoredImage
+from twisted_criu.progress import Activity
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.variants import ReadVariant, readsInline
 
 
 @implementer(ILocalImageService)

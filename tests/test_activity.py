@@ -1,4 +1,4 @@
-"""Tests for L{twisted_criu.activity}: timing, counters, progress lines."""
+"""Tests for L{twisted_criu.progress}: timing, counters, progress lines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_criu.activity import Activity, Direction, formatBytes
+from twisted_criu.progress import Activity, Direction, formatBytes
 
 GiB = 1 << 30
 

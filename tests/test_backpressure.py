@@ -12,12 +12,12 @@ from typing import Any
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_criu.flow.pipes import PipeWriter
+from twisted_criu.flow.send import CHUNK_SIZE, ImageTransfer
 from twisted_criu.interfaces import IStoredImage
-from twisted_criu.pipes import PipeWriter
-from twisted_criu.remote import RemoteSender
+from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.transfer import CHUNK_SIZE, ImageTransfer
 
 from .helpers import FakeLocalService, pump, storedImage
 

@@ -17,9 +17,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
 from twisted_criu import cli, wire
-from twisted_criu.control import controlSite
-from twisted_criu.options import unixEndpoint
+from twisted_criu.daemons.control import controlSite
 from twisted_criu.storage.spill import SpillStore
+from twisted_criu.twistd.options import unixEndpoint
 
 from .test_services import Migration, inThread, waitFor
 
@@ -363,7 +363,7 @@ class PushTests(TestCase):
         out = yield self.push()
         self.assertIn("pushed 3 images", out)
         self.assertIn("confirmed by the cache", out)
-        from twisted_criu.client import StreamClient
+        from twisted_criu.testing.criu import StreamClient
 
         def restore() -> dict[str, Any]:
             client = StreamClient(self.m.serveSocket, timeout=10)

@@ -11,15 +11,15 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.test_services import Migration, inThread, waitFor
-from twisted_criu.client import ImageWriter
 from twisted_criu.storage.spill import SpillStore
+from twisted_criu.testing.criu import ImageWriter
 
 
 class _Pair(TestCase):

@@ -20,10 +20,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_criu import wire
-from twisted_criu.local import LocalImageProtocol
-from twisted_criu.remote import RemoteReceiver, RemoteSender
+from twisted_criu.criu.images import LocalImageProtocol
+from twisted_criu.criu.stream import StreamCaptureProtocol
+from twisted_criu.link.receiver import RemoteReceiver
+from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.stream import StreamCaptureProtocol
 
 from .helpers import FakeLocalService, isClosed
 from .test_remote import FakeSink

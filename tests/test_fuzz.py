@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
 import socket
 import tempfile
+from collections import Counter
 from typing import Any, Callable
 
 from hypothesis import HealthCheck, given, settings
@@ -30,12 +30,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu import wire
+from twisted_criu.criu.images import LocalImageProtocol
+from twisted_criu.criu.stream import StreamCaptureProtocol, StreamServeProtocol
 from twisted_criu.errors import ProtocolError
-from twisted_criu.local import LocalImageProtocol
+from twisted_criu.link.receiver import RemoteReceiver
+from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
-from twisted_criu.remote import RemoteReceiver, RemoteSender
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.stream import StreamCaptureProtocol, StreamServeProtocol
 
 from .helpers import FakeLocalService, driveProducer, pump
 from .test_remote import FakeSink

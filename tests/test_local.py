@@ -1,4 +1,4 @@
-"""Tests for the criu-facing protocol, L{twisted_criu.local}."""
+"""Tests for the criu-facing protocol, L{twisted_criu.criu.images}."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu import wire
-from twisted_criu.local import LocalImageProtocol
+from twisted_criu.criu.images import LocalImageProtocol
 from twisted_criu.registry import readAll
 
 from .helpers import FakeLocalService, driveProducer, isClosed, pump

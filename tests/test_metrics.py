@@ -13,8 +13,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
-from twisted_criu.endpoints import ObservedServerEndpoint
-from twisted_criu.metrics import MetricsService
+from twisted_criu.daemons.endpoints import ObservedServerEndpoint
+from twisted_criu.daemons.metrics import MetricsService
 
 from .test_services import Migration, inThread, waitFor
 

@@ -27,16 +27,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.cutthrough import LiveTransfer
 from twisted_criu.errors import SourceBusy
+from twisted_criu.flow.chunks import LiveTransfer
+from twisted_criu.flow.pacing import pauseWhileBehind, readPipeInto
+from twisted_criu.flow.pipes import PipeWriter
+from twisted_criu.flow.send import ImageTransfer
 from twisted_criu.interfaces import IPacedWriter
-from twisted_criu.pacing import pauseWhileBehind, readPipeInto
-from twisted_criu.pipes import PipeWriter
+from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.registry import readAll
-from twisted_criu.remote import RemoteReceiver
 from twisted_criu.storage import spill
 from twisted_criu.storage.spill import STAGE_SIZE, SpillStore
-from twisted_criu.transfer import ImageTransfer
 
 from .helpers import storedImage
 from .test_remote import FakeSink, _stream

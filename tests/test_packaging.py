@@ -2,7 +2,7 @@
 Packaging: the twistd dropin is found, a wheel built from the checkout
 ships it (and the generated protobuf code) without the files that would
 break Twisted's own C{twisted.plugins} package, and the installed demo
-(C{python -m twisted_criu.demo}, real twistd processes) runs.
+(C{python -m twisted_criu.testing.demo}, real twistd processes) runs.
 
 See the style guide's "Packaging the dropin": package discovery silently
 drops C{twisted/plugins/*.py}, a C{twisted/plugins/__init__.py} clobbers
@@ -23,7 +23,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_criu.options import DEFAULT_PORT
+from twisted_criu.twistd.options import DEFAULT_PORT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +157,7 @@ class WheelTests(SynchronousTestCase):
             self.assertEqual(len(entryPoints), 1, sorted(names))
             scripts = wheel.read(entryPoints[0]).decode()
         self.assertIn("twisted-criu = twisted_criu.cli:main", scripts)
-        self.assertIn("twisted-criu-demo = twisted_criu.demo:main", scripts)
+        self.assertIn("twisted-criu-demo = twisted_criu.testing.demo:main", scripts)
 
         for required in (
             "twisted/plugins/twisted_criu_plugins.py",
@@ -179,11 +179,11 @@ class WheelTests(SynchronousTestCase):
 
 
 class DemoTests(SynchronousTestCase):
-    """C{python -m twisted_criu.demo} (the C{twisted-criu-demo} script) works."""
+    """C{python -m twisted_criu.testing.demo} (the C{twisted-criu-demo} script) works."""
 
     def runDemo(self, *args: str) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "twisted_criu.demo", "--size", "1", "--timeout", "60", *args],
+            [sys.executable, "-m", "twisted_criu.testing.demo", "--size", "1", "--timeout", "60", *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -34,7 +34,7 @@ from typing import Any, Callable, Generic, TypeVar
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu import wire
-from twisted_criu.client import LocalImageClient
+from twisted_criu.testing.criu import LocalImageClient
 
 T = TypeVar("T")
 
@@ -764,7 +764,7 @@ class NetworkStallTests(_DaemonTest):
 READER = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from twisted_criu.client import LocalImageClient
+from twisted_criu.testing.criu import LocalImageClient
 reader = LocalImageClient(sys.argv[2], timeout=30).openRead("snap1", "pages-1.img")
 got = 0
 while got < (1 << 20):

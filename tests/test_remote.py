@@ -1,4 +1,4 @@
-"""Tests for the proxy -> cache link, L{twisted_criu.remote}."""
+"""Tests for the proxy -> cache link, L{twisted_criu.link.sender} and L{twisted_criu.link.receiver}."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.activity import Activity
 from twisted_criu.errors import ImageNotFound
+from twisted_criu.interfaces import IRemoteImageSink
+from twisted_criu.link.receiver import RemoteReceiver
+from twisted_criu.link.sender import RemoteSender
+from twisted_criu.progress import Activity
 from twisted_criu.registry import SnapshotRegistry, readAll
-from twisted_criu.remote import IRemoteImageSink, RemoteReceiver, RemoteSender
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
 

@@ -20,10 +20,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from twisted_criu import wire
-from twisted_criu.cache import ImageCacheService
-from twisted_criu.client import LocalImageClient
-from twisted_criu.options import unixEndpoint
-from twisted_criu.proxy import ImageProxyService
+from twisted_criu.daemons.cache import ImageCacheService
+from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.testing.criu import LocalImageClient
+from twisted_criu.twistd.options import unixEndpoint
 
 T = TypeVar("T")
 

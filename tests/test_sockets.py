@@ -15,9 +15,9 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from twisted_criu.cache import ImageCacheService
-from twisted_criu.client import LocalImageClient
-from twisted_criu.options import unixEndpoint
+from twisted_criu.daemons.cache import ImageCacheService
+from twisted_criu.testing.criu import LocalImageClient
+from twisted_criu.twistd.options import unixEndpoint
 
 
 class SocketSafetyTests(TestCase):

@@ -13,12 +13,17 @@ from typing import TYPE_CHECKING
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from twisted_criu.interfaces import IGrowingImage, IImageReader, IImageStore, IImageWriter, IStoredImage
+from twisted_criu.interfaces import (
+    IGrowingImage,
+    IImageReader,
+    IImageStore,
+    IImageWriter,
+    IStoredImage,
+)
 from twisted_criu.registry import readAll
-from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage import spill
+from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import BLOCK, STAGE_SIZE, SpillImage, SpillStore, openSpillFile
-
 
 if TYPE_CHECKING:
     _Base = SynchronousTestCase

@@ -17,9 +17,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_criu import wire
-from twisted_criu.client import StreamClient
+from twisted_criu.criu.stream import StreamCaptureProtocol
 from twisted_criu.registry import readAll
-from twisted_criu.stream import StreamCaptureProtocol
+from twisted_criu.testing.criu import StreamClient
 
 from .helpers import FakeLocalService, pump
 from .test_services import Migration, inThread, waitFor

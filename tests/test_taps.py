@@ -8,10 +8,10 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import socketDirectory
-from twisted_criu import cache_tap, proxy_tap
-from twisted_criu.cache import ImageCacheService
-from twisted_criu.proxy import ImageProxyService
-from twisted_criu.variants import ReadVariant
+from twisted_criu.criu.images import ReadVariant
+from twisted_criu.daemons.cache import ImageCacheService
+from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.twistd import cache_tap, proxy_tap
 
 
 class ProxyOptionsTests(SynchronousTestCase):

@@ -32,11 +32,12 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_services import inThread, waitFor
-from twisted_criu import cache_tap, proxy_tap, tls
-from twisted_criu.cache import ImageCacheService
-from twisted_criu.client import LocalImageClient
-from twisted_criu.options import unixEndpoint
-from twisted_criu.proxy import ImageProxyService
+from twisted_criu.daemons.cache import ImageCacheService
+from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.link import tls
+from twisted_criu.testing.criu import LocalImageClient
+from twisted_criu.twistd import cache_tap, proxy_tap
+from twisted_criu.twistd.options import unixEndpoint
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)

@@ -29,13 +29,12 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_criu import wire
-from twisted_criu.cache import ImageCacheService
-from twisted_criu.options import unixEndpoint
-from twisted_criu.proxy import ImageProxyService
-from twisted_criu.registry import SessionSummary
 from tests.helpers import socketDirectory
-from twisted_criu.traces import (
+from twisted_criu import wire
+from twisted_criu.daemons.cache import ImageCacheService
+from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.registry import SessionSummary
+from twisted_criu.testing.traces import (
     LegOutcome,
     Op,
     Trace,
@@ -44,6 +43,7 @@ from twisted_criu.traces import (
     loadTrace,
     tracesIn,
 )
+from twisted_criu.twistd.options import unixEndpoint
 
 reactor: Any = _reactor
 

@@ -39,9 +39,9 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from twisted_criu import __version__, wire
-from twisted_criu.activity import formatBytes
 from twisted_criu.errors import ProtocolError
-from twisted_criu.options import LinkTLSOptions
+from twisted_criu.progress import formatBytes
+from twisted_criu.twistd.options import LinkTLSOptions
 
 #: The control sockets the daemons create in their images directory.
 CONTROL_SOCKETS = ("cache-control.sock", "proxy-control.sock")
@@ -361,7 +361,7 @@ class PushOptions(_AnyOrder, LinkTLSOptions):
         self["directory"] = directory
 
     def postOptions(self) -> None:
-        from twisted_criu.proxy_tap import checkCacheEndpoint
+        from twisted_criu.twistd.proxy_tap import checkCacheEndpoint
 
         if (self["to"] is None) == (self["address"] is None):
             raise usage.UsageError("give --address HOST (and --port) or --to ENDPOINT")
@@ -384,10 +384,10 @@ def imageFiles(directory: str) -> list[str]:
 
 @defer.inlineCallbacks
 def push(reactor: Any, options: PushOptions, out: Any) -> Any:
-    from twisted_criu.activity import Activity
-    from twisted_criu.proxy import ProxySession
-    from twisted_criu.proxy_tap import cacheEndpoint
+    from twisted_criu.daemons.proxy import ProxySession
+    from twisted_criu.progress import Activity
     from twisted_criu.storage.files import FileImage
+    from twisted_criu.twistd.proxy_tap import cacheEndpoint
 
     directory = options["directory"]
     names = imageFiles(directory)

@@ -1,14 +1,14 @@
-"""Exceptions shared by the wire, the registry and the daemons."""
+"""Exceptions shared by the wire, the flow of bytes, the registry and the daemons."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-ImageKey = Tuple[str, str]
-"""(snapshot_id, name): how images are addressed on both daemons."""
+    from twisted_criu.keys import ImageKey
+
 
 
 class ProtocolError(Exception):
@@ -28,7 +28,7 @@ class ImageNotFound(Exception):
 
 
 class ImageAborted(Exception):
-    """An image's transfer broke off before it was complete."""
+    """An image's write or transfer broke off before it was complete: discard it."""
 
 
 class SourceBusy(Exception):
@@ -40,3 +40,11 @@ class SourceBusy(Exception):
     def __init__(self, whenReady: Deferred[None]) -> None:
         super().__init__("waiting for the disk")
         self.whenReady = whenReady
+
+
+class ImageSizeMismatch(Exception):
+    """An image's reader produced more or fewer bytes than its size."""
+
+
+class SessionBusy(Exception):
+    """The session is in use (a dump or restore is under way)."""

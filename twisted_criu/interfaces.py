@@ -1,4 +1,7 @@
-"""The seams of twisted-criu: where storage plugs in."""
+"""
+The seams of twisted-criu: every zope interface, from storage up to the
+daemons' sessions and their operators.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,12 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+
+    from twisted_criu import wire
+    from twisted_criu.daemons.control import SessionView
+    from twisted_criu.keys import ImageKey
+    from twisted_criu.link.receiver import RemoteReceiver
+    from twisted_criu.registry import SnapshotRegistry
 
 
 class IImageReader(Interface):
@@ -99,3 +108,71 @@ class IGrowableWriter(IImageWriter):
 
     def follow() -> IGrowingImage:
         """A reader of this image from its first byte, following the writer."""
+
+
+# -- criu's side ------------------------------------------------------------
+
+
+class ILocalImageService(Interface):
+    """What a daemon offers the criu-facing protocol."""
+
+    reactor = Attribute("The reactor pipes are registered with.")
+    store = Attribute("The L{IImageStore} new images go to.")
+    activity = Attribute("The daemon's L{Activity}: transfers and counters.")
+    clientTimeout = Attribute("Seconds criu may take to send its request.")
+
+    def registryFor(request: wire.LocalRequest) -> SnapshotRegistry:
+        """The registry a write or read of C{request} belongs to."""
+
+    def finishRequested(request: wire.LocalRequest) -> None:
+        """criu says its dump (or restore) is over."""
+
+    def readsInline(request: wire.LocalRequest) -> bool:
+        """Does the reader expect the bytes on the socket (not in a pipe)?"""
+
+
+# -- the link -----------------------------------------------------------------
+
+
+class IRemoteImageSink(Interface):
+    """What the cache offers the receiving end of a link."""
+
+    store = Attribute("The L{IImageStore} received images go to.")
+    reactor = Attribute("The reactor (for timeouts).")
+    activity = Attribute("The daemon's L{Activity}: transfers and counters.")
+    linkTimeout = Attribute("Seconds a link may stall inside a frame.")
+
+    def linkOpened(receiver: RemoteReceiver) -> SnapshotRegistry:
+        """A proxy connected; return the registry its images go to."""
+
+    def linkClosed(receiver: RemoteReceiver, clean: bool) -> None:
+        """The link ended: cleanly (session over) or not (it may come back)."""
+
+    def dumpEnded(receiver: RemoteReceiver) -> None:
+        """The proxy's end-of-dump marker: the link stays, idle, for the next dump."""
+
+    def dumpStarted(receiver: RemoteReceiver) -> SnapshotRegistry:
+        """Images arrive on a link after its end-of-dump marker: a new dump."""
+
+
+# -- operators ----------------------------------------------------------------
+
+
+class ISessionControl(Interface):
+    """What a daemon lets an operator see and do."""
+
+    role = Attribute('"proxy" or "cache".')
+
+    def listSessions() -> list[SessionView]:
+        """The current session (if any) and the kept ones."""
+
+    def sessionImage(sessionId: str, key: ImageKey) -> IStoredImage | None:
+        """A complete image of a session, if it has it."""
+
+    def dropSession(sessionId: str) -> SessionView:
+        """
+        Drop a session's images.
+
+        @raise KeyError: no such session.
+        @raise SessionBusy: a dump or a restore is using it.
+        """

@@ -16,8 +16,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from twisted_criu import wire
-from twisted_criu.errors import ImageKey, ImageNotFound
+from twisted_criu.errors import ImageNotFound
 from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
+from twisted_criu.keys import ImageKey
 
 
 def readAll(image: IStoredImage) -> bytes:

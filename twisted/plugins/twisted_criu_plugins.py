@@ -4,13 +4,13 @@ from twisted.application.service import ServiceMaker
 
 criuProxy = ServiceMaker(
     "CRIU image proxy",
-    "twisted_criu.proxy_tap",
+    "twisted_criu.twistd.proxy_tap",
     "Receive images from criu dump --remote and forward them to a criu-cache",
     "criu-proxy",
 )
 criuCache = ServiceMaker(
     "CRIU image cache",
-    "twisted_criu.cache_tap",
+    "twisted_criu.twistd.cache_tap",
     "Receive images from a criu-proxy and serve them to criu restore --remote",
     "criu-cache",
 )

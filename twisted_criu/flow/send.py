@@ -6,27 +6,23 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
+from twisted.internet import abstract
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet import abstract
 from twisted.internet.interfaces import IConsumer, IPullProducer
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_criu.errors import SourceBusy
+from twisted_criu.errors import ImageSizeMismatch, SourceBusy
+from twisted_criu.flow.pipes import PipeWriter
 from twisted_criu.interfaces import IImageReader, IStoredImage
-from twisted_criu.pipes import PipeWriter
 
 #: Bytes handed to the consumer per resumeProducing().
 CHUNK_SIZE = 1 << 18
 
 #: Bytes one sendfile() may move into a socket.
 SENDFILE_SIZE = 1 << 22
-
-
-class ImageSizeMismatch(Exception):
-    """An image's reader produced more or fewer bytes than its size."""
 
 
 class _CountingReader:

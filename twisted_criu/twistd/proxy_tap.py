@@ -11,10 +11,11 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from twisted_criu.daemon import finishDaemon
-from twisted_criu.options import DaemonOptions, LinkTLSOptions, makeStore, streamEndpoint
-from twisted_criu.proxy import ImageProxyService
-from twisted_criu.tls import TLSClientEndpoint, clientConnectionCreator, endpointHost
+from twisted_criu.daemons.extras import finishDaemon
+from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.link.tls import TLSClientEndpoint, clientConnectionCreator
+from twisted_criu.twistd.endpointstrings import endpointHost
+from twisted_criu.twistd.options import DaemonOptions, LinkTLSOptions, makeStore, streamEndpoint
 
 
 class Options(DaemonOptions):

@@ -23,20 +23,20 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.policies import TimeoutMixin
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.activity import Direction
-from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
-from twisted_criu.interfaces import IImageWriter, IStoredImage
-from twisted_criu.local import ILocalImageService
-from twisted_criu.pacing import readPipeInto
-from twisted_criu.pipes import PipeReader, PipeWriter, checkPipe
+from twisted_criu.errors import ImageNotFound, ProtocolError
+from twisted_criu.flow.pacing import readPipeInto
+from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
+from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.interfaces import IImageWriter, ILocalImageService, IStoredImage
+from twisted_criu.keys import ImageKey
+from twisted_criu.progress import Direction
 from twisted_criu.registry import SnapshotRegistry
-from twisted_criu.transfer import ImageTransfer
 
 #: The snapshot id stream images are kept under.
 STREAM_SNAPSHOT_ID = ""

@@ -20,16 +20,12 @@ from attrs import frozen
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
-from zope.interface import Attribute, Interface
 
-from twisted_criu.errors import ImageKey
-from twisted_criu.interfaces import IStoredImage
+from twisted_criu.errors import SessionBusy
+from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.interfaces import ISessionControl, IStoredImage
+from twisted_criu.keys import ImageKey
 from twisted_criu.registry import SnapshotRegistry
-from twisted_criu.transfer import ImageTransfer
-
-
-class SessionBusy(Exception):
-    """The session is in use (a dump or restore is under way)."""
 
 
 @frozen
@@ -84,26 +80,6 @@ class SessionView:
                 {"snapshot_id": i.snapshotId, "name": i.name, "size": i.size} for i in self.images
             ]
         return described
-
-
-class ISessionControl(Interface):
-    """What a daemon lets an operator see and do."""
-
-    role = Attribute('"proxy" or "cache".')
-
-    def listSessions() -> list[SessionView]:
-        """The current session (if any) and the kept ones."""
-
-    def sessionImage(sessionId: str, key: ImageKey) -> IStoredImage | None:
-        """A complete image of a session, if it has it."""
-
-    def dropSession(sessionId: str) -> SessionView:
-        """
-        Drop a session's images.
-
-        @raise KeyError: no such session.
-        @raise SessionBusy: a dump or a restore is using it.
-        """
 
 
 class SessionHolder:

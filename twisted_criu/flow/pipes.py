@@ -14,9 +14,8 @@ import os
 import stat
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred
-
 from twisted.internet import abstract, error, main
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.python.failure import Failure
 

@@ -15,7 +15,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-
 #: Images smaller than this get no rate in their log line (it means nothing).
 RATE_THRESHOLD = 1 << 16
 

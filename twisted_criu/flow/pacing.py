@@ -8,8 +8,8 @@ from typing import Callable
 from twisted.internet.interfaces import IPushProducer, IReactorFDSet
 from twisted.python.failure import Failure
 
+from twisted_criu.flow.pipes import PipeReader
 from twisted_criu.interfaces import IImageWriter, IPacedWriter
-from twisted_criu.pipes import PipeReader
 
 
 def pauseWhileBehind(writer: IImageWriter, producer: IPushProducer) -> None:

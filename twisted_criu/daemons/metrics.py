@@ -21,7 +21,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from twisted_criu import __version__
-from twisted_criu.activity import Direction
+from twisted_criu.progress import Direction
 
 #: Label values for L{Direction}.
 _DIRECTIONS = {

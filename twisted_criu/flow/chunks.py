@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.errors import SourceBusy
+from twisted_criu.errors import ImageAborted, SourceBusy
 from twisted_criu.interfaces import IGrowingImage
 
 #: Largest chunk sent with sendfile on a plain socket.
@@ -35,10 +35,6 @@ MIN_CHUNK = 1 << 18
 WRITTEN_CHUNK = 1 << 18
 
 assert SOCKET_CHUNK <= wire.MAX_CHUNK
-
-
-class ImageAborted(Exception):
-    """criu's write broke off; the cache was told to discard the image."""
 
 
 class _Chunks:

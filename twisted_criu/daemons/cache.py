@@ -17,17 +17,23 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.activity import Activity
-from twisted_criu.control import ISessionControl, SessionBusy, SessionHolder, SessionView
-from twisted_criu.endpoints import ObservedServerEndpoint
-from twisted_criu.errors import ImageKey
-from twisted_criu.interfaces import IImageStore, IStoredImage
-from twisted_criu.local import ILocalImageService, LocalImageFactory
+from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
+from twisted_criu.criu.stream import StreamServeFactory
+from twisted_criu.daemons.control import SessionHolder, SessionView
+from twisted_criu.daemons.endpoints import ObservedServerEndpoint
+from twisted_criu.errors import SessionBusy
+from twisted_criu.interfaces import (
+    IImageStore,
+    ILocalImageService,
+    IRemoteImageSink,
+    ISessionControl,
+    IStoredImage,
+)
+from twisted_criu.keys import ImageKey
+from twisted_criu.link.receiver import RemoteReceiver, RemoteReceiverFactory
+from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
-from twisted_criu.remote import IRemoteImageSink, RemoteReceiver, RemoteReceiverFactory
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.stream import StreamServeFactory
-from twisted_criu.variants import ReadVariant, readsInline
 
 
 class CacheSession:

@@ -18,9 +18,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.python import usage
 
-from twisted_criu.control import controlSite
-from twisted_criu.endpoints import ObservedServerEndpoint
-from twisted_criu.metrics import MetricsService
+from twisted_criu.daemons.control import controlSite
+from twisted_criu.daemons.endpoints import ObservedServerEndpoint
+from twisted_criu.daemons.metrics import MetricsService
 
 log = Logger()
 

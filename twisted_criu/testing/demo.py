@@ -2,11 +2,11 @@
 """
 A loopback migration, end to end, with no CRIU binary.
 
-C{python -m twisted_criu.demo} starts a real C{twistd criu-cache} and a real
+C{python -m twisted_criu.testing.demo} starts a real C{twistd criu-cache} and a real
 C{twistd criu-proxy} as separate processes linked over TCP on 127.0.0.1,
 then plays C{criu dump --remote} against the proxy and C{criu restore
---remote} against the cache with L{twisted_criu.client.LocalImageClient}
-(or C{--stream} with L{twisted_criu.client.StreamClient}), and checks that
+--remote} against the cache with L{twisted_criu.testing.criu.LocalImageClient}
+(or C{--stream} with L{twisted_criu.testing.criu.StreamClient}), and checks that
 every image comes back byte for byte (SHA-256), that a missing image gets
 ENOENT, and that both daemons exit 0 on their own (they run with
 C{--once}).  Everything binds loopback or UNIX sockets.
@@ -31,7 +31,7 @@ from typing import NoReturn, Sequence, Union
 from attrs import frozen
 
 from twisted_criu import __version__, wire
-from twisted_criu.client import (
+from twisted_criu.testing.criu import (
     PIPE,
     SEED,
     ImageReader,
@@ -469,7 +469,7 @@ def restore(criu: Criu, images: Sequence[Image], width: int) -> float:
 
 def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m twisted_criu.demo",
+        prog="python -m twisted_criu.testing.demo",
         description=(
             "Loopback migration demo: start a criu-cache and a criu-proxy "
             "(twistd, --once) linked over 127.0.0.1, act as `criu dump "

@@ -10,9 +10,10 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
-from twisted_criu import tls
+from twisted_criu.criu.images import ReadVariant
+from twisted_criu.link import tls
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.variants import ReadVariant
+from twisted_criu.twistd.endpointstrings import endpointType
 
 #: The port CRIU's remote-images daemons used.
 DEFAULT_PORT = 9996
@@ -156,7 +157,7 @@ class LinkTLSOptions(usage.Options):
 
     def refuseDoubleTLS(self, option: str, kinds: tuple[str, ...], example: str) -> None:
         """--tls wraps the link endpoint itself: it must be a plain stream."""
-        if self["tls"] and tls.endpointType(self[option]) in kinds:
+        if self["tls"] and endpointType(self[option]) in kinds:
             raise usage.UsageError(
                 f"--tls puts TLS around --{option} itself: give it a plain stream endpoint"
                 f" (such as {example}), not {self[option].split(':', 1)[0]}:"

@@ -17,18 +17,26 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.activity import Activity
-from twisted_criu.control import ISessionControl, SessionBusy, SessionHolder, SessionView
-from twisted_criu.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
-from twisted_criu.errors import ImageKey
-from twisted_criu.interfaces import IGrowableWriter, IGrowingImage, IImageStore, IImageWriter, IStoredImage
-from twisted_criu.local import ILocalImageService, LocalImageFactory
+from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
+from twisted_criu.criu.stream import StreamCaptureFactory
+from twisted_criu.daemons.control import SessionHolder, SessionView
+from twisted_criu.daemons.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
+from twisted_criu.errors import SessionBusy
+from twisted_criu.flow.send import ImageTransfer, sha256Of
+from twisted_criu.interfaces import (
+    IGrowableWriter,
+    IGrowingImage,
+    IImageStore,
+    IImageWriter,
+    ILocalImageService,
+    ISessionControl,
+    IStoredImage,
+)
+from twisted_criu.keys import ImageKey
+from twisted_criu.link.sender import RemoteSender, RemoteSenderFactory
+from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
-from twisted_criu.remote import RemoteSender, RemoteSenderFactory
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.transfer import ImageTransfer, sha256Of
-from twisted_criu.stream import StreamCaptureFactory
-from twisted_criu.variants import ReadVariant, readsInline
 
 RetryPolicy = Callable[[int], float]
 

@@ -19,37 +19,20 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IFileDescriptorReceiver, IReactorFDSet
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.policies import TimeoutMixin
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.activity import Direction, Transfer
-from twisted_criu.errors import ImageKey, ImageNotFound, ProtocolError
-from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
-from twisted_criu.pacing import pauseWhileBehind, readPipeInto
-from twisted_criu.pipes import PipeReader, PipeWriter, checkPipe
+from twisted_criu.errors import ImageNotFound, ImageSizeMismatch, ProtocolError
+from twisted_criu.flow.pacing import pauseWhileBehind, readPipeInto
+from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
+from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.interfaces import IImageStore, IImageWriter, ILocalImageService, IStoredImage
+from twisted_criu.keys import ImageKey, describe
+from twisted_criu.progress import Direction, Transfer
 from twisted_criu.registry import SnapshotRegistry
-from twisted_criu.transfer import ImageSizeMismatch, ImageTransfer
-
-
-class ILocalImageService(Interface):
-    """What a daemon offers the criu-facing protocol."""
-
-    reactor = Attribute("The reactor pipes are registered with.")
-    store = Attribute("The L{IImageStore} new images go to.")
-    activity = Attribute("The daemon's L{Activity}: transfers and counters.")
-    clientTimeout = Attribute("Seconds criu may take to send its request.")
-
-    def registryFor(request: wire.LocalRequest) -> SnapshotRegistry:
-        """The registry a write or read of C{request} belongs to."""
-
-    def finishRequested(request: wire.LocalRequest) -> None:
-        """criu says its dump (or restore) is over."""
-
-    def readsInline(request: wire.LocalRequest) -> bool:
-        """Does the reader expect the bytes on the socket (not in a pipe)?"""
 
 
 class _State(Enum):
@@ -61,11 +44,6 @@ class _State(Enum):
     READ_FD = auto()  # replied 0, waiting for criu's pipe
     READ_SEND = auto()
     DONE = auto()
-
-
-def describe(key: ImageKey) -> str:
-    snapshotId, name = key
-    return f"{snapshotId}/{name}" if snapshotId else name
 
 
 @implementer(IFileDescriptorReceiver)
@@ -398,3 +376,29 @@ class LocalImageFactory(Factory):
         protocol = LocalImageProtocol(self.service)
         protocol.factory = self
         return protocol
+
+
+# -- which data variant a reader expects ----------------------------------------
+
+
+class ReadVariant(Enum):
+    """
+    How image bytes reach criu on a read.
+
+    C{AUTO}: inline for C{parent} (empty snapshot id) and for every image of
+    a session that used the 2015 seed's markers; through a pipe otherwise.
+    """
+
+    AUTO = "auto"
+    PIPE = "pipe"
+    INLINE = "inline"
+
+
+def readsInline(variant: ReadVariant, request: wire.LocalRequest, seedSession: bool) -> bool:
+    if variant is ReadVariant.INLINE:
+        return True
+    if request.snapshotId == "":
+        return True
+    if variant is ReadVariant.PIPE:
+        return False
+    return request.isSeed or seedSession

@@ -8,10 +8,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
-from twisted_criu.cache import ImageCacheService
-from twisted_criu.daemon import finishDaemon
-from twisted_criu.options import DaemonOptions, makeStore, streamEndpoint
-from twisted_criu.tls import TLSServerEndpoint, serverConnectionCreator
+from twisted_criu.daemons.cache import ImageCacheService
+from twisted_criu.daemons.extras import finishDaemon
+from twisted_criu.link.tls import TLSServerEndpoint, serverConnectionCreator
+from twisted_criu.twistd.options import DaemonOptions, makeStore, streamEndpoint
 
 
 class Options(DaemonOptions):

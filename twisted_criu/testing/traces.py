@@ -41,8 +41,8 @@ from typing import Any, Iterable, Iterator
 from attrs import Factory, define, frozen
 
 from twisted_criu import wire
-from twisted_criu.client import ImageReader, ImageWriter, LocalImageClient
-from twisted_criu.errors import ImageKey
+from twisted_criu.keys import ImageKey
+from twisted_criu.testing.criu import ImageReader, ImageWriter, LocalImageClient
 
 #: How the manifest names the key of images without a snapshot id.
 NO_SNAPSHOT_DIR = "_nosnap_"

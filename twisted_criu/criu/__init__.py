@@ -1,0 +1,1 @@
+"""CRIU's side: the local image protocols criu speaks on UNIX sockets."""

@@ -1,0 +1,1 @@
+"""The two daemons, embeddable: proxy and cache services, their sessions, control API, metrics."""

@@ -1,0 +1,1 @@
+"""Flow control: moving image bytes between pipes, sockets and stores at the pace of the slowest."""

@@ -1,0 +1,379 @@
+# -*- test-case-name: tests.test_remote -*-
+"""
+The cache's end of the link: header, then exactly C{size} bytes (or
+chunks), repeat; published only when whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+from twisted.internet import main, tcp
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from twisted_criu import wire
+from twisted_criu.errors import ProtocolError
+from twisted_criu.flow.pacing import pauseWhileBehind
+from twisted_criu.interfaces import (
+    IImageStore,
+    IImageWriter,
+    IRemoteImageSink,
+)
+from twisted_criu.keys import ImageKey, describe
+from twisted_criu.progress import Direction, Transfer
+from twisted_criu.registry import SnapshotRegistry
+
+#: How much of an image body one read on the link may take.  Bodies are
+#: read into one reused buffer of this size (see L{RemoteReceiver}); headers
+#: use Twisted's own reads (64 KiB).
+LINK_READ_SIZE = 1 << 20
+
+_buffer: list[memoryview] = []
+
+
+def _bodyBuffer() -> memoryview:
+    """
+    The one buffer image bodies are read into.  One is enough: the reactor
+    runs one read at a time, and the store copies the bytes before the read
+    returns.
+    """
+    if not _buffer:
+        _buffer.append(memoryview(bytearray(LINK_READ_SIZE)))
+    return _buffer[0]
+
+class RemoteReceiver(Protocol, TimeoutMixin):
+    """
+    The cache's end of a link: header, then exactly C{size} bytes, repeat.
+
+    Between images the link may be silent for as long as a dump takes; in
+    the middle of a frame, silence for C{sink.linkTimeout} drops it.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, sink: IRemoteImageSink) -> None:
+        self.sink = sink
+        self._frames = wire.FrameBuffer()
+        self._registry: SnapshotRegistry | None = None
+        self._header: wire.RemoteHeader | None = None
+        self._hash: Any = None
+        self._writer: IImageWriter | None = None
+        self._remaining = 0
+        #: The current image is chunked (cut through): lengths come between chunks.
+        self._chunked = False
+        self._chunkLength = bytearray()
+        #: Bytes of the current image received so far.
+        self._received = 0
+        self._plainRead: Callable[[], Any] | None = None
+        self._moving: Transfer | None = None
+        self.imagesReceived = 0
+        self.bytesReceived = 0
+        #: The proxy ended its dump with a marker; the link is idle.
+        self.betweenDumps = False
+        #: The proxy's headers carry a link version: it reads link statuses.
+        self.peerExtended = False
+        self._imagesSinceMarker = 0
+        self._bytesSinceMarker = 0
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if isinstance(transport, tcp.Connection):
+            # Image bodies are read straight into a reused buffer: a fresh
+            # bytes object per read costs more than the copy itself (page
+            # faults, and mmap churn for reads of 128 KiB and more).
+            self._plainRead = transport.doRead
+            setattr(transport, "doRead", self._readBody)
+        self._registry = self.sink.linkOpened(self)
+        peer = self.transport.getPeer()
+        self.log.info("proxy connected from {peer}", peer=str(peer))
+
+    def sendStatus(self, status: wire.LinkStatus) -> None:
+        """Tell a twisted-criu proxy (never a C proxy: see L{peerExtended})."""
+        if self.peerExtended:
+            self.transport.write(status.toBytes())
+
+    def _endOfDump(self) -> None:
+        images, size = self._imagesSinceMarker, self._bytesSinceMarker
+        self._imagesSinceMarker = self._bytesSinceMarker = 0
+        self.betweenDumps = True
+        self.log.info(
+            "the proxy ended its dump: {images} images, {bytes} bytes on this link",
+            images=images,
+            bytes=size,
+        )
+        self.sink.dumpEnded(self)
+        self.sendStatus(wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=images, size=size))
+
+    def dataReceived(self, data: bytes | memoryview) -> None:
+        self._receive(data)
+        # Between the chunks of a cut-through image the proxy waits for
+        # criu, which may be slow: like between images, that is no stall.
+        inImage = self._writer is not None and (self._remaining > 0 or len(self._chunkLength) > 0)
+        self.setTimeout(self.sink.linkTimeout if inImage or self._frames.pending > 0 else None)
+
+    def _readBody(self) -> Any:
+        """The TCP transport's C{doRead} while this protocol is connected."""
+        remaining = self._remaining
+        if self._writer is None:
+            assert self._plainRead is not None
+            return self._plainRead()
+        # Inside an image (a chunked one may be between chunks: the length
+        # and the next bytes come together).
+        view = _bodyBuffer()[: min(remaining, LINK_READ_SIZE) if remaining else LINK_READ_SIZE]
+        try:
+            count = self.transport.socket.recv_into(view)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        self.dataReceived(view[:count])  # never kept: the store copies it
+        return None
+
+    def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
+        return self.sink.reactor.callLater(period, func)
+
+    def timeoutConnection(self) -> None:
+        self.log.error(
+            "link stalled: no bytes from the proxy for {seconds} s in the middle of"
+            " a frame; dropping it",
+            seconds=self.sink.linkTimeout,
+        )
+        self.transport.abortConnection()
+
+    def _receive(self, data: bytes | memoryview) -> None:
+        while data:
+            if self._writer is not None and self._chunked and not self._remaining:
+                rest = self._chunkBoundary(data)
+                if rest is None:
+                    return
+                data = rest
+                continue
+            if self._writer is not None:
+                remaining = self._remaining
+                if len(data) <= remaining:
+                    chunk, data = data, b""
+                else:
+                    chunk, data = data[:remaining], data[remaining:]
+                if self._hash is not None:
+                    self._hash.update(chunk)
+                try:
+                    self._writer.write(chunk)
+                except OSError as e:
+                    self.log.error(
+                        "cannot store {image}, dropping the link: {why}",
+                        image=describe(self._currentKey()),
+                        why=str(e),
+                    )
+                    self.transport.abortConnection()
+                    return
+                pauseWhileBehind(self._writer, self.transport)
+                self._remaining -= len(chunk)
+                self._received += len(chunk)
+                if not self._remaining and not self._chunked and not self._finishImage():
+                    return
+                continue
+            try:
+                payload = self._frames.feed(bytes(data))
+                if payload is None:
+                    return
+                header = wire.RemoteHeader.fromBytes(payload)
+            except ProtocolError as e:
+                self.log.error(
+                    "bad frame from the proxy, dropping the link: {error}",
+                    error=str(e),
+                )
+                self.transport.abortConnection()
+                return
+            data = self._frames.takeRest()
+            if header.linkVersion is not None and not self.peerExtended:
+                # A twisted-criu proxy: it reads what we tell it.
+                self.peerExtended = True
+                self.sendStatus(
+                    wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION)
+                )
+            if header.isEndOfDump:
+                self._endOfDump()
+                continue
+            if self.betweenDumps:
+                self.betweenDumps = False
+                self._registry = self.sink.dumpStarted(self)
+            if not self._startImage(header):
+                return
+
+    def _currentKey(self) -> ImageKey:
+        assert self._header is not None
+        return (self._header.snapshotId, self._header.name)
+
+    def _startImage(self, header: wire.RemoteHeader) -> bool:
+        registry = self._registry
+        assert registry is not None
+        key = (header.snapshotId, header.name)
+        store: IImageStore = self.sink.store
+        if not header.chunked and not self._roomFor(key, header.size, "announced"):
+            return False
+        registry.beginWrite(key)
+        self._header = header
+        self._hash = hashlib.sha256() if header.sha256 is not None else None
+        self._writer = store.newWriter()
+        self._chunked = header.chunked
+        self._remaining = header.size
+        self._received = 0
+        self._moving = self.sink.activity.begin(
+            Direction.FROM_PROXY,
+            describe(key),
+            None if header.chunked else header.size,
+            lambda: self._received,
+        )
+        if not self._remaining and not self._chunked:
+            return self._finishImage()
+        return True
+
+    def _roomFor(self, key: ImageKey, size: int, what: str) -> bool:
+        """Is there room for C{size} more bytes? If not, say so and drop the link."""
+        room = self.sink.store.room()
+        if room is None or size <= room:
+            return True
+        self.log.error(
+            "refusing {image}: {size} bytes {what}, room for {room}"
+            " (memory budget plus free spill space); dropping the link",
+            image=describe(key),
+            size=size,
+            what=what,
+            room=room,
+        )
+        self.transport.abortConnection()
+        return False
+
+    def _chunkBoundary(self, data: bytes | memoryview) -> bytes | memoryview | None:
+        """
+        Read a chunk length of the current cut-through image: start the
+        chunk, or end the image.  Returns the bytes after it, or L{None} to
+        stop (more bytes needed, or the link is being dropped).
+        """
+        need = wire.CHUNK_LENGTH.size - len(self._chunkLength)
+        self._chunkLength += data[:need]
+        data = data[need:]
+        if len(self._chunkLength) < wire.CHUNK_LENGTH.size:
+            return None
+        (length,) = wire.CHUNK_LENGTH.unpack(self._chunkLength)
+        self._chunkLength.clear()
+        if length == wire.CHUNK_END:
+            return data if self._finishImage() else None
+        if length == wire.CHUNK_ABORT:
+            self._discardImage()
+            return data
+        key = self._currentKey()
+        if length > wire.MAX_CHUNK:
+            self.log.error(
+                "bad frame from the proxy, dropping the link: a chunk of {length} bytes in {image}"
+                " (at most {limit})",
+                length=length,
+                image=describe(key),
+                limit=wire.MAX_CHUNK,
+            )
+            self.transport.abortConnection()
+            return None
+        if not self._roomFor(key, self._received + length, "so far"):
+            return None
+        self._remaining = length
+        return data
+
+    def _discardImage(self) -> None:
+        """The proxy's write of a cut-through image broke off: throw it away."""
+        self.log.warn(
+            "criu's write of {image} broke off on the dump host after {got} bytes; discarded",
+            image=describe(self._currentKey()),
+            got=self._received,
+        )
+        self._dropImage()
+
+    def _dropImage(self) -> None:
+        """Throw away the image being received: nothing of it is published."""
+        header, writer = self._header, self._writer
+        assert header is not None and writer is not None and self._registry is not None
+        self._header, self._writer, self._chunked = None, None, False
+        moving, self._moving = self._moving, None
+        if moving is not None:
+            self.sink.activity.abandon(moving)
+        writer.abort()
+        self._registry.abortWrite((header.snapshotId, header.name))
+
+    def _finishImage(self) -> bool:
+        header, writer = self._header, self._writer
+        assert header is not None and writer is not None and self._registry
+        self._header, self._writer, self._chunked = None, None, False
+        size = self._received
+        key = (header.snapshotId, header.name)
+        digest, self._hash = self._hash, None
+        moving, self._moving = self._moving, None
+        assert moving is not None
+        if digest is not None and digest.digest() != header.sha256:
+            self.sink.activity.abandon(moving)
+            self.log.error(
+                "SHA-256 mismatch for {image} ({size} bytes): discarded; dropping the link",
+                image=describe(key),
+                size=size,
+            )
+            writer.abort()
+            self._registry.abortWrite(key)
+            self.transport.abortConnection()
+            return False
+        image = writer.commit()
+        self.imagesReceived += 1
+        self.bytesReceived += size
+        self._imagesSinceMarker += 1
+        self._bytesSinceMarker += size
+        self.log.info(
+            "received {image} ({size} bytes) {timing}",
+            image=describe(key),
+            size=size,
+            **self.sink.activity.end(moving, size),
+        )
+        if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
+            self._registry.publishAppend(key, image, self.sink.store)
+        else:
+            self._registry.publish(key, image)
+        return True
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.setTimeout(None)
+        if self._plainRead is not None:  # no cycle between transport and protocol
+            vars(self.transport).pop("doRead", None)
+            self._plainRead = None
+        header, writer = self._header, self._writer
+        clean = reason.check(ConnectionDone) is not None and writer is None
+        if header is not None and writer is not None and self._registry is not None:
+            self.log.error(
+                "link lost in the middle of {image}: {got} {of} arrived; discarded ({why})",
+                image=describe((header.snapshotId, header.name)),
+                got=self._received,
+                of="bytes of a cut-through image" if header.chunked else f"of {header.size} bytes",
+                why=reason.getErrorMessage(),
+            )
+            self._dropImage()
+        elif self._frames.pending:
+            clean = False
+            self.log.error(
+                "link lost inside a header frame ({n} bytes)", n=self._frames.pending
+            )
+        self.sink.linkClosed(self, clean)
+
+
+class RemoteReceiverFactory(Factory):
+    noisy = False
+
+    def __init__(self, sink: IRemoteImageSink) -> None:
+        self.sink = sink
+
+    def buildProtocol(self, addr: Any) -> RemoteReceiver:
+        protocol = RemoteReceiver(self.sink)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,367 @@
+# -*- test-case-name: tests.test_remote -*-
+"""
+The proxy's end of the link: forwards images one at a time, each as a
+header frame and its raw bytes (or, cut through, as chunks while criu
+writes it), and reads the cache's link statuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_criu import wire
+from twisted_criu.errors import ImageAborted, ImageSizeMismatch, ProtocolError
+from twisted_criu.flow.chunks import LiveTransfer
+from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.interfaces import (
+    IGrowingImage,
+    IStoredImage,
+)
+from twisted_criu.keys import ImageKey, describe
+from twisted_criu.progress import Activity, Direction, Transfer
+
+#: C{(key, image) -> (ready, sha256)}: the checksum to send with an image.
+DigestLookup = Callable[[ImageKey, IStoredImage], "tuple[bool, bytes | None]"]
+
+#: Gives the link, when it is free, an image criu is still writing to cut
+#: through (or None).
+LiveLookup = Callable[[], "tuple[ImageKey, IGrowingImage] | None"]
+
+
+class RemoteSender(Protocol):
+    """
+    The proxy's end of a link: forwards images one at a time, in the order
+    L{enqueue} was called, each as a header frame plus its raw bytes.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(
+        self,
+        connected: Callable[[RemoteSender], None],
+        imageFor: Callable[[ImageKey], IStoredImage | None],
+        clock: IReactorTime | None = None,
+        stallTimeout: float = 60.0,
+        digestFor: DigestLookup | None = None,
+        statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
+        activity: Activity | None = None,
+        nextLive: LiveLookup | None = None,
+    ) -> None:
+        self._connected = connected
+        self._nextLive = nextLive
+        self._statusReceived = statusReceived
+        if activity is None:  # counted nowhere else, but timed all the same
+            from twisted.internet import reactor
+
+            activity = Activity(clock if clock is not None else reactor)
+        self._activity = activity
+        self._frames = wire.FrameBuffer()
+        #: The cache said HELLO: it speaks twisted-criu's link extension.
+        self.extended = False
+        #: The extension version the cache said HELLO with.
+        self.peerVersion = 0
+        #: Images cut through on this connection, by key: their growing view.
+        self._cutThrough: dict[ImageKey, IGrowingImage] = {}
+        self.connectedAt = 0.0
+        #: Images and bytes handed over since the last end-of-dump marker.
+        self.imagesSinceMarker = 0
+        self.bytesSinceMarker = 0
+        self._imageFor = imageFor
+        self._digestFor = digestFor
+        self._clock = clock
+        self.stallTimeout = stallTimeout
+        self._watchdog: IDelayedCall | None = None
+        self._transfer: ImageTransfer | LiveTransfer | None = None
+        self._queue: dict[ImageKey, None] = {}
+        self._sending = False
+        self._idleWaiters: list[Deferred[None]] = []
+        self.imagesSent = 0
+        self.bytesSent = 0
+        self.lost = False
+        #: We are closing the link on purpose (end of session, or a stall).
+        self._dropping = False
+
+    def connectionMade(self) -> None:
+        if self._clock is not None:
+            self.connectedAt = self._clock.seconds()
+        self._connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Link statuses from a twisted-criu cache (a C cache sends nothing)."""
+        rest = data
+        while rest and not self.lost:
+            try:
+                payload = self._frames.feed(rest)
+                if payload is None:
+                    return
+                status = wire.LinkStatus.fromBytes(payload)
+            except ProtocolError as e:
+                self.log.error(
+                    "the cache sent bytes that are not a link status ({error}); is it"
+                    " a TLS endpoint (--tls on one end only)? Dropping the link",
+                    error=str(e),
+                )
+                self._dropping = True
+                self.transport.abortConnection()
+                return
+            rest = self._frames.takeRest()
+            if status.kind is wire.LinkStatusKind.HELLO:
+                self.extended = True
+                self.peerVersion = status.version
+                self._sendNext()  # a write under way may now be cut through
+            if self._statusReceived is not None:
+                self._statusReceived(self, status)
+
+    def sendEndOfDump(self) -> None:
+        """Tell an extended cache that the dump is complete (nothing is pending)."""
+        assert self.extended and self.idle
+        self.transport.write(wire.END_OF_DUMP.toBytes())
+        self.imagesSinceMarker = 0
+        self.bytesSinceMarker = 0
+
+    def enqueue(self, key: ImageKey) -> None:
+        """
+        Forward the image under C{key}: the version current when its turn
+        comes.  A key already waiting moves to the end of the queue, so each
+        version is sent once, in the order the versions completed.
+        """
+        self._queue.pop(key, None)
+        self._queue[key] = None
+        self._sendNext()
+
+    @property
+    def idle(self) -> bool:
+        return not self._sending and not self._queue
+
+    def offerLive(self) -> None:
+        """A write started: if the link is free, it may be cut through now."""
+        self._sendNext()
+
+    def cutThrough(self, key: ImageKey, image: IStoredImage) -> bool:
+        """Was C{image} (just published) sent, or is it being sent, as chunks?"""
+        growing = self._cutThrough.get(key)
+        if growing is None or growing.image is not image:
+            return False
+        del self._cutThrough[key]
+        return True
+
+    def sendLive(self, key: ImageKey, growing: IGrowingImage) -> None:
+        """Send the image criu is writing under C{key} as it grows."""
+        assert self.idle and self.peerVersion >= 2
+        snapshotId, name = key
+        transfer = LiveTransfer(growing)
+        header = wire.RemoteHeader(
+            name, snapshotId, wire.O_WRONLY, 0, None, wire.LINK_EXTENSION_VERSION, True
+        )
+        self._cutThrough[key] = growing
+        moving = self._begin(key, header, transfer, None)
+
+        def sent(size: int) -> None:
+            self._forwarded(key, size, moving, ", cut through")
+
+        def failed(reason: Failure) -> None:
+            self._ended(moving)
+            self._cutThrough.pop(key, None)
+            if reason.check(ImageAborted):
+                self.log.info(
+                    "criu's write of {image} broke off: the cache discards it", image=describe(key)
+                )
+                self._sendNext()
+                return
+            self.log.warn(
+                "link lost while forwarding {image} (cut through): {why}",
+                image=describe(key),
+                why=reason.getErrorMessage(),
+            )
+
+        transfer.sendTo(self.transport).addCallbacks(sent, failed)
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires once everything enqueued so far has been handed over."""
+        d: Deferred[None] = Deferred()
+        self._idleWaiters.append(d)
+        self._sendNext()
+        return d
+
+    def _sendNext(self) -> None:
+        while not self._sending and not self.lost and self._queue:
+            key = next(iter(self._queue))
+            del self._queue[key]
+            image = self._imageFor(key)
+            if image is None:
+                continue
+            digest = None
+            if self._digestFor is not None:
+                ready, digest = self._digestFor(key, image)
+                if not ready:
+                    continue  # enqueued again once its checksum is known
+            self._send(key, image, digest)
+        if not self._sending and not self._queue and not self.lost:
+            live = self._nextLive() if self._nextLive is not None and self.peerVersion >= 2 else None
+            if live is not None:
+                self.sendLive(*live)
+                return
+        if not self._sending and not self._queue:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def _send(self, key: ImageKey, image: IStoredImage, digest: bytes | None) -> None:
+        snapshotId, name = key
+        transfer = ImageTransfer(image)
+        header = wire.RemoteHeader(
+            name, snapshotId, wire.O_WRONLY, transfer.size, digest, wire.LINK_EXTENSION_VERSION
+        )
+        moving = self._begin(key, header, transfer, transfer.size)
+
+        def sent(_: None) -> None:
+            self._forwarded(key, transfer.size, moving, "")
+
+        def failed(reason: Failure) -> None:
+            self._ended(moving)
+            if reason.check(ImageSizeMismatch):
+                self.log.error(
+                    "store failure while forwarding {image}, dropping the link: {why}",
+                    image=describe(key),
+                    why=reason.getErrorMessage(),
+                )
+                self.transport.abortConnection()
+                return
+            self.log.warn(
+                "link lost while forwarding {image}: {why}",
+                image=describe(key),
+                why=reason.getErrorMessage(),
+            )
+
+        transfer.sendTo(self.transport).addCallbacks(sent, failed)
+
+    def _begin(
+        self, key: ImageKey, header: wire.RemoteHeader, transfer: ImageTransfer | LiveTransfer, size: int | None
+    ) -> Transfer:
+        """Start forwarding C{key}: its header now, its bytes by C{transfer}."""
+        self._sending = True
+        self._transfer = transfer
+        self._armWatchdog(key, -1)
+        self.transport.write(header.toBytes())
+        return self._activity.begin(Direction.TO_CACHE, describe(key), size, lambda: transfer.sent)
+
+    def _ended(self, moving: Transfer | None) -> None:
+        """The image being forwarded is done with (C{moving} if it failed)."""
+        self._sending = False
+        self._disarmWatchdog()
+        if moving is not None:
+            self._activity.abandon(moving)
+
+    def _forwarded(self, key: ImageKey, size: int, moving: Transfer, how: str) -> None:
+        """All of C{key} is handed over: count it, say so, send the next."""
+        self._ended(None)
+        self.imagesSent += 1
+        self.bytesSent += size
+        self.imagesSinceMarker += 1
+        self.bytesSinceMarker += size
+        self.log.info(
+            "forwarded {image} ({size} bytes{how}) {timing}",
+            image=describe(key),
+            size=size,
+            how=how,
+            **self._activity.end(moving, size),
+        )
+        self._sendNext()
+
+    def _armWatchdog(self, key: ImageKey, lastSent: int, since: float | None = None) -> None:
+        """
+        Drop the link if forwarding C{key} makes no progress for
+        C{stallTimeout} seconds (checked four times as often, so a stall is
+        noticed within 1.25 timeouts).
+        """
+        clock = self._clock
+        if clock is None:
+            return
+        transfer = self._transfer
+        if transfer is None or self.lost:
+            return
+        now = clock.seconds()
+        if since is None or transfer.sent != lastSent or transfer.waiting:
+            since = now  # progress, or waiting for criu rather than the link
+        elif now - since >= self.stallTimeout:
+            self.log.error(
+                "link stalled: no progress forwarding {image} for {seconds} s"
+                " ({sent} of {size} bytes sent); dropping it",
+                image=describe(key),
+                seconds=self.stallTimeout,
+                sent=transfer.sent,
+                size=getattr(transfer, "size", "its"),
+            )
+            self._dropping = True
+            self.transport.abortConnection()
+            return
+        self._watchdog = clock.callLater(
+            self.stallTimeout / 4, self._armWatchdog, key, transfer.sent, since
+        )
+
+    def _disarmWatchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        self._transfer = None
+        if watchdog is not None and watchdog.active():
+            watchdog.cancel()
+
+    def expectClose(self) -> None:
+        """We are about to end the link on purpose: do not report it as lost."""
+        self._dropping = True
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = True
+        sending = self._sending
+        self._disarmWatchdog()
+        if not self._dropping and not sending:
+            # (While forwarding, the transfer's own failure says it.)
+            self.log.warn(
+                "link to the cache lost while idle: {why}; reconnecting",
+                why=reason.getErrorMessage(),
+            )
+
+
+class RemoteSenderFactory(Factory):
+    noisy = False
+
+    def __init__(
+        self,
+        connected: Callable[[RemoteSender], None],
+        imageFor: Callable[[ImageKey], IStoredImage | None],
+        clock: IReactorTime | None = None,
+        stallTimeout: float = 60.0,
+        digestFor: DigestLookup | None = None,
+        statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
+        activity: Activity | None = None,
+        nextLive: LiveLookup | None = None,
+    ) -> None:
+        self.connected = connected
+        self.nextLive = nextLive
+        self.imageFor = imageFor
+        self.clock = clock
+        self.stallTimeout = stallTimeout
+        self.digestFor = digestFor
+        self.statusReceived = statusReceived
+        self.activity = activity
+
+    def buildProtocol(self, addr: Any) -> RemoteSender:
+        protocol = RemoteSender(
+            self.connected,
+            self.imageFor,
+            self.clock,
+            self.stallTimeout,
+            self.digestFor,
+            self.statusReceived,
+            self.activity,
+            self.nextLive,
+        )
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,1 @@
+"""Public test tooling: a criu that speaks the local protocols, trace replay, the demo."""
