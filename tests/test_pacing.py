@@ -35,7 +35,7 @@ from twisted_criu.flow.send import ImageTransfer
 from twisted_criu.interfaces import IPacedWriter
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.registry import readAll
-from twisted_criu.storage import spill
+from twisted_criu.storage.spill import diskio, readers
 from twisted_criu.storage.spill import STAGE_SIZE, SpillStore
 
 from .helpers import storedImage
@@ -45,7 +45,7 @@ from .test_remote import FakeSink, _stream
 PATIENCE = 10.0
 
 #: Buffers in flight that make a writer say it is behind.
-BEHIND = spill._StagedFile.BEHIND
+BEHIND = diskio._StagedFile.BEHIND
 
 
 class StuckDisk:
@@ -57,8 +57,8 @@ class StuckDisk:
     def __init__(self, case: SynchronousTestCase, error: OSError | None = None, reads: bool = False) -> None:
         self._open = threading.Event()
         self._error = error
-        name = "_preadInto" if reads else "_pwriteAll"
-        real = getattr(spill, name)
+        module, name = (readers, "_preadInto") if reads else (diskio, "_pwriteAll")
+        real = getattr(module, name)
 
         def gated(fd: int, data: Any, offset: int) -> Any:
             self._open.wait(PATIENCE)
@@ -66,7 +66,7 @@ class StuckDisk:
                 raise self._error
             return real(fd, data, offset)
 
-        case.patch(spill, name, gated)
+        case.patch(module, name, gated)
         case.addCleanup(self.release)
 
     def release(self) -> None:
@@ -170,7 +170,7 @@ class BacklogTests(SynchronousTestCase):
         self.addCleanup(store.close)
         disk = StuckDisk(self)
         writer = store.newWriter()
-        cap = spill._StagedFile.MAX_QUEUED * STAGE_SIZE
+        cap = diskio._StagedFile.MAX_QUEUED * STAGE_SIZE
         data = os.urandom(cap + 777)
         writer.write(data[: cap - 1])
         self.assertIsNone(writer.whenCaughtUp())  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from twisted_criu.interfaces import (
     IStoredImage,
 )
 from twisted_criu.registry import readAll
-from twisted_criu.storage import spill
+from twisted_criu.storage.spill import readers
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import BLOCK, STAGE_SIZE, SpillImage, SpillStore, openSpillFile
 
@@ -324,7 +324,7 @@ class DirectSpillTests(SynchronousTestCase):
                 raise OSError(errno.EINVAL, "no direct I/O")
             return realOpen(path, flags, mode)
 
-        self.patch(spill.os, "open", refuseDirect)
+        self.patch(os, "open", refuseDirect)
         data = os.urandom(STAGE_SIZE + 3)
         image = self.imageOf(data, 4097)
         self.assertEqual(readAll(image), data)
@@ -413,7 +413,7 @@ class LoopbackTCPTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.patch(spill, "SOCKET_WINDOW", 5 * BLOCK)  # many windows in a small image
+        self.patch(readers, "SOCKET_WINDOW", 5 * BLOCK)  # many windows in a small image
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
@@ -429,7 +429,7 @@ class LoopbackTCPTests(SynchronousTestCase):
             self.sendfiles.append(out)
             return realSendfile(out, *args)
 
-        self.patch(spill.os, "sendfile", recordingSendfile)
+        self.patch(os, "sendfile", recordingSendfile)
 
     def receive(self, count: int) -> bytes:
         got = bytearray()
@@ -445,19 +445,19 @@ class LoopbackTCPTests(SynchronousTestCase):
 
     def test_whichDescriptors(self) -> None:
         """Only a TCP socket connected to a loopback address is written from a mapping."""
-        self.assertTrue(spill.writesFromMapping(self.sending.fileno()))
+        self.assertTrue(readers.writesFromMapping(self.sending.fileno()))
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         self.addCleanup(os.close, w)
-        self.assertFalse(spill.writesFromMapping(w))
+        self.assertFalse(readers.writesFromMapping(w))
         unix, other = socket.socketpair()
         self.addCleanup(unix.close)
         self.addCleanup(other.close)
-        self.assertFalse(spill.writesFromMapping(unix.fileno()))
+        self.assertFalse(readers.writesFromMapping(unix.fileno()))
         unconnected = socket.socket()
         self.addCleanup(unconnected.close)
-        self.assertFalse(spill.writesFromMapping(unconnected.fileno()))
-        self.assertFalse(spill.writesFromMapping(os.open(os.devnull, os.O_RDONLY) + 1000))
+        self.assertFalse(readers.writesFromMapping(unconnected.fileno()))
+        self.assertFalse(readers.writesFromMapping(os.open(os.devnull, os.O_RDONLY) + 1000))
         os.fstat(w)  # the probe left the descriptors open
         os.fstat(unix.fileno())
 
@@ -486,7 +486,7 @@ class LoopbackTCPTests(SynchronousTestCase):
         self.addCleanup(store.close)
         writer = store.newWriter()
         follower = writer.follow()  # type: ignore[attr-defined]
-        data = os.urandom(3 * spill.SOCKET_WINDOW + 1234)
+        data = os.urandom(3 * readers.SOCKET_WINDOW + 1234)
         got = bytearray()
         for start in range(0, len(data), 7001):
             writer.write(data[start : start + 7001])
@@ -509,7 +509,7 @@ class SpillWriteFailureTests(SynchronousTestCase):
         def full(fd: int, data: object, offset: int) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(spill.os, "pwrite", full)
+        self.patch(os, "pwrite", full)
         writer = store.newWriter()
         with self.assertRaises(OSError) as e:
             for _ in range(4):  # the first full buffer fails in the background; a later call says so

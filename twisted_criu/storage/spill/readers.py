@@ -1,0 +1,274 @@
+# -*- test-case-name: tests.test_storage -*-
+"""Reading stored images: memfd and spill-file segments, front to back, as bytes or into a descriptor."""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import os
+import socket
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Callable
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from twisted_criu.errors import SourceBusy
+from twisted_criu.interfaces import (
+    IGrowingImage,
+    IImageReader,
+    IStoredImage,
+)
+from twisted_criu.storage.spill.diskio import STAGE_SIZE, _closeBuffers, _DiskIO, _Segment
+
+if TYPE_CHECKING:
+    from twisted_criu.storage.spill.store import _SpillWriter
+
+#: Bytes of a memfd mapped at a time to write them into a loopback TCP
+#: socket (see L{writesFromMapping}).
+SOCKET_WINDOW = 32 << 20
+
+
+def writesFromMapping(fd: int) -> bool:
+    """
+    Whether memfd bytes go into C{fd} cheaper by C{write} from a mapping
+    than by C{sendfile}: only into TCP to this host.  There, C{sendfile}'s
+    one-page fragments cost the sender twice the CPU and the receiver 2.5
+    times (both ends run on this host).  Into a pipe or a UNIX socket
+    C{sendfile} is as cheap or cheaper, and to a remote host it spares
+    the sender a copy (the NIC reads the pages).
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket
+        return False
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+            return False
+        address = ipaddress.ip_address(sock.getpeername()[0])
+    except (OSError, ValueError):
+        return False
+    finally:
+        sock.detach()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _preadInto(fd: int, buffer: mmap.mmap, offset: int) -> int:
+    """Fill C{buffer} from C{fd} at C{offset} (fewer bytes at the end of the file)."""
+    return os.preadv(fd, [buffer], offset)
+
+
+@implementer(IImageReader)
+class _SpillReader:
+    """
+    Reads an image's runs in order: memfd runs with C{pread}, C{sendfile},
+    or C{write} from a mapped window (see L{writesFromMapping}), spill
+    files in aligned blocks (direct I/O) into buffers of its own, the next
+    block read ahead by the store's I/O thread.
+    """
+
+    def __init__(self, segments: list[_Segment], io: _DiskIO) -> None:
+        # Our own descriptors, so the bytes outlive a release during the read.
+        self._runs = [(os.dup(segment.fd), segment.size, segment.onDisk) for segment in segments]
+        self._io = io
+        self._index = 0
+        self._offset = 0
+        self._buffers: list[mmap.mmap] = []
+        self._pending = memoryview(b"")
+        self._ahead: tuple[Future[int], int, int] | None = None  # read, its fd, its offset
+        #: The last run may still grow (a reader following its writer).
+        self._lastMayGrow = False
+        self._window: tuple[int, int, mmap.mmap] | None = None  # run, start, mapping
+        self._outKind = (-1, False)  # descriptor, writesFromMapping
+
+    def _current(self) -> tuple[int, int, bool] | None:
+        while self._index < len(self._runs):
+            fd, size, onDisk = self._runs[self._index]
+            if self._offset < size:
+                return fd, size - self._offset, onDisk
+            if self._lastMayGrow and self._index == len(self._runs) - 1:
+                return None
+            self._index += 1
+            self._offset = 0
+        return None
+
+    def _readInto(self, which: int, fd: int, offset: int) -> Future[int]:
+        """Read a whole buffer (the file ends at the run's end) on the I/O thread."""
+        return self._io.submit(_preadInto, fd, self._buffers[which], offset)
+
+    def _busy(self, reading: Future[int]) -> SourceBusy:
+        """Raised by L{sendfile} while C{reading} runs (with a reactor to say when it ends)."""
+        callFromThread = self._io.callFromThread
+        assert callFromThread is not None
+        whenReady: Deferred[None] = Deferred()
+        reading.add_done_callback(lambda _: callFromThread(lambda: whenReady.callback(None)))
+        return SourceBusy(whenReady)
+
+    def _staged(self, fd: int, left: int, wait: bool = True) -> memoryview:
+        """
+        Bytes of the current spill file at the read position.  Unless
+        C{wait}, raises L{SourceBusy} instead of waiting for the disk
+        (given a reactor to tell when to try again).
+        """
+        if self._pending:
+            return self._pending
+        if not self._buffers:
+            self._buffers = [mmap.mmap(-1, STAGE_SIZE) for _ in range(2)]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[1:] == (fd, self._offset):
+            reading = ahead[0]
+        else:
+            if ahead is not None:
+                ahead[0].exception()  # a stale read-ahead: let it finish
+            reading = self._readInto(1, fd, self._offset)
+        if not wait and not reading.done() and self._io.callFromThread is not None:
+            self._ahead = (reading, fd, self._offset)
+            raise self._busy(reading)
+        n = reading.result()
+        if n <= 0:
+            raise OSError(f"spill file ended {left} bytes early")
+        n = min(n, left)
+        self._buffers.reverse()  # the buffer just read is now [0]
+        self._pending = memoryview(self._buffers[0])[:n]
+        if left > n:
+            self._ahead = (self._readInto(1, fd, self._offset + n), fd, self._offset + n)
+        return self._pending
+
+    def _consumed(self, n: int) -> None:
+        self._offset += n
+        if self._pending:
+            self._pending = self._pending[n:]
+
+    def read(self, size: int) -> bytes:
+        current = self._current()
+        if current is None:
+            return b""
+        fd, left, onDisk = current
+        if onDisk:
+            chunk = bytes(self._staged(fd, left)[:size])
+        else:
+            chunk = os.pread(fd, min(size, left), self._offset)
+        self._consumed(len(chunk))
+        return chunk
+
+    def sendfile(self, out: int, count: int) -> int:
+        """
+        Copy up to C{count} bytes into the descriptor C{out}; 0 at the end
+        of the image.  May raise L{BlockingIOError} (C{out} is full), or
+        L{SourceBusy} (the bytes are still being read from the disk).
+        """
+        current = self._current()
+        if current is None:
+            return 0
+        fd, left, onDisk = current
+        if onDisk:
+            sent = os.write(out, self._staged(fd, left, wait=False)[:count])
+        elif self._fromMapping(out):
+            sent = self._writeMapped(out, fd, left, count)
+        else:
+            sent = os.sendfile(out, fd, self._offset, min(count, left))
+        self._consumed(sent)
+        return sent
+
+    def _fromMapping(self, out: int) -> bool:
+        if self._outKind[0] != out:
+            self._outKind = (out, writesFromMapping(out))
+        return self._outKind[1]
+
+    def _writeMapped(self, out: int, fd: int, left: int, count: int) -> int:
+        """C{write} up to C{count} of the C{left} bytes of a memfd run at the read position."""
+        offset = self._offset
+        window = self._window
+        if window is None or window[0] != self._index or not window[1] <= offset < window[1] + len(window[2]):
+            self._unmap()
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            mapping = mmap.mmap(fd, min(SOCKET_WINDOW, offset + left - start), prot=mmap.PROT_READ, offset=start)
+            window = self._window = (self._index, start, mapping)
+        _, start, mapping = window
+        view = memoryview(mapping)[offset - start : offset - start + min(count, left)]
+        try:
+            return os.write(out, view)
+        finally:
+            view.release()
+
+    def _unmap(self) -> None:
+        window, self._window = self._window, None
+        if window is not None:
+            window[2].close()
+
+    def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[0].exception()  # the read-ahead uses our fd and buffer
+        runs, self._runs = self._runs, []
+        for fd, _, _ in runs:
+            os.close(fd)
+        self._unmap()
+        self._pending.release()
+        _closeBuffers(self._buffers)
+        self._buffers = []
+
+
+@implementer(IGrowingImage)
+class _GrowingReader(_SpillReader):
+    """
+    Follows a L{_SpillWriter}: reads what is already in memory or durably
+    in the spill file (whole aligned buffers), and more after each change.
+    """
+
+    def __init__(self, writer: _SpillWriter) -> None:
+        super().__init__([], writer._store._io)
+        self._writer: _SpillWriter | None = writer
+        self._segments = writer._segments  # the list itself: commit hands it on
+        self._lastMayGrow = True
+        self.complete = False
+        self.aborted = False
+        #: The image the write became, once committed.
+        self.image: IStoredImage | None = None
+        self.onChange: Callable[[], None] = lambda: None
+
+    @property
+    def available(self) -> int:
+        self._refresh()
+        return sum(size for _, size, _ in self._runs)
+
+    def _refresh(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        for i, segment in enumerate(self._segments):
+            size = writer._durable(segment)
+            if i < len(self._runs):
+                fd, _, onDisk = self._runs[i]
+                self._runs[i] = (fd, size, onDisk)
+            else:
+                self._runs.append((os.dup(segment.fd), size, segment.onDisk))
+
+    def _changed(self, complete: bool = False, aborted: bool = False) -> None:
+        """Called by the writer after each change (before it drops anything)."""
+        if not aborted:
+            self._refresh()
+        if complete or aborted:
+            self._writer = None
+            self._lastMayGrow = False
+        self.complete, self.aborted = complete, aborted
+        self.onChange()
+
+    # After an abort, what was available stays readable (our own fds): a
+    # chunk already announced can still be completed.
+
+    def read(self, size: int) -> bytes:
+        self._refresh()
+        return super().read(size)
+
+    def sendfile(self, out: int, count: int) -> int:
+        self._refresh()
+        return super().sendfile(out, count)
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer._unfollow(self)
+        super().close()

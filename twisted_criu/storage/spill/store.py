@@ -1,0 +1,295 @@
+# -*- test-case-name: tests.test_storage -*-
+"""The spill store: memory up to a shared budget, then spill files."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_criu.interfaces import (
+    IGrowableWriter,
+    IGrowingImage,
+    IImageReader,
+    IImageStore,
+    IImageWriter,
+    IPacedWriter,
+    IStoredImage,
+)
+from twisted_criu.storage.spill.directories import (
+    _LOCK,
+    _PREFIX,
+    openSpillFile,
+    removeStaleSpillDirs,
+)
+from twisted_criu.storage.spill.diskio import _DiskIO, _Segment, _StagedFile, _writeAll
+from twisted_criu.storage.spill.readers import _GrowingReader, _SpillReader
+
+
+@implementer(IStoredImage)
+class SpillImage:
+    """An image whose head is in memory (a memfd) and whose tail may be on disk."""
+
+    def __init__(self, store: SpillStore, segments: list[_Segment]) -> None:
+        self._store = store
+        self._segments = segments
+        self.size = sum(segment.size for segment in segments)
+
+    @property
+    def spilled(self) -> int:
+        """Bytes of this image kept on disk."""
+        return sum(segment.size for segment in self._segments if segment.onDisk)
+
+    def open(self) -> IImageReader:
+        return _SpillReader(self._segments, self._store._io)
+
+    def release(self) -> None:
+        segments, self._segments = self._segments, []
+        for segment in segments:
+            self._store._drop(segment)
+
+
+@implementer(IGrowableWriter, IPacedWriter)
+class _SpillWriter:
+    """
+    Fills a memfd while the store's budget allows, then a spill file.  The
+    bytes come from L{write} or, without passing through Python, from a
+    pipe with L{spliceFrom}.
+    """
+
+    def __init__(self, store: SpillStore) -> None:
+        self._store = store
+        self._segments: list[_Segment] = []
+        self._staged: _StagedFile | None = None
+        self._followers: list[_GrowingReader] = []
+        self.size = 0
+        self.writing = True
+
+    def whenCaughtUp(self) -> Deferred[None] | None:
+        staged = self._staged
+        return None if staged is None else staged.whenCaughtUp()
+
+    def follow(self) -> IGrowingImage:
+        reader = _GrowingReader(self)
+        self._followers.append(reader)
+        return reader
+
+    def _unfollow(self, reader: _GrowingReader) -> None:
+        if reader in self._followers:
+            self._followers.remove(reader)
+
+    def _durable(self, segment: _Segment) -> int:
+        """Bytes of C{segment} a follower may read now."""
+        staged = self._staged
+        if staged is not None and segment is self._segments[-1] and segment.onDisk:
+            return staged.durable
+        return segment.size
+
+    def _notify(self, complete: bool = False, aborted: bool = False) -> None:
+        followers = self._followers
+        if complete or aborted:
+            self._followers = []
+        for follower in list(followers):
+            follower._changed(complete, aborted)
+
+    def _segmentFor(self, n: int) -> _Segment:
+        """The segment the next C{n} bytes go to, with memory reserved."""
+        last = self._segments[-1] if self._segments else None
+        if (last is None or not last.onDisk) and self._store._reserveMemory(n):
+            if last is None:
+                last = _Segment(os.memfd_create("twisted-criu-image", os.MFD_CLOEXEC), None)
+                self._segments.append(last)
+            return last
+        if last is None or not last.onDisk:
+            last = _Segment(*self._store._newSpillFile())
+            self._segments.append(last)
+            self._staged = _StagedFile(last, self._store._io, self._notify)
+        return last
+
+    def _wrote(self, segment: _Segment, reserved: int, n: int) -> None:
+        segment.size += n
+        self.size += n
+        if segment.onDisk:
+            self._store.onDisk += n
+        else:
+            self._store._freeMemory(reserved - n)
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if not n:
+            return
+        segment = self._segmentFor(n)
+        try:
+            if self._staged is not None:
+                self._staged.append(memoryview(data).cast("B"))
+            else:
+                _writeAll(segment.fd, data)
+        except OSError:
+            self._wrote(segment, n, 0)
+            raise
+        self._wrote(segment, n, n)
+        if self._followers:
+            self._notify()
+
+    def spliceFrom(self, fd: int, count: int) -> int:
+        """
+        Move up to C{count} bytes from the pipe C{fd} into the image (into
+        memory in the kernel).  Returns 0 at EOF; raises
+        L{BlockingIOError} if the pipe is empty.
+        """
+        segment = self._segmentFor(count)
+        try:
+            if self._staged is not None:
+                n = self._staged.readFrom(fd, count)
+            else:
+                n = os.splice(fd, segment.fd, count)
+        except OSError:
+            self._wrote(segment, count, 0)
+            raise
+        self._wrote(segment, count, n)
+        if n and self._followers:
+            self._notify()
+        return n
+
+    def _closeAll(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.close()
+        segments, self._segments = self._segments, []
+        for segment in segments:
+            self._store._drop(segment)
+
+    def commit(self) -> IStoredImage:
+        self.writing = False
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            try:
+                staged.finish()
+            except OSError:
+                staged.close()
+                self.abort()
+                raise
+        segments, self._segments = self._segments, []
+        image = SpillImage(self._store, segments)
+        for follower in self._followers:
+            follower.image = image
+        self._notify(complete=True)
+        return image
+
+    def abort(self) -> None:
+        self.writing = False
+        self._notify(aborted=True)
+        self._closeAll()
+        self.size = 0
+
+
+@implementer(IImageStore)
+class SpillStore:
+    """
+    Images in memory up to C{memoryLimit} bytes in all, the rest in files
+    under C{spillDir} (default: the system's temporary directory).
+
+    Give C{callFromThread} (the reactor's) and a writer whose disk falls
+    behind says so (L{IPacedWriter}) instead of making the reactor wait.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        memoryLimit: int,
+        spillDir: str | None = None,
+        callFromThread: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
+        self.memoryLimit = memoryLimit
+        self.spillParent = os.path.abspath(spillDir or tempfile.gettempdir())
+        self.inMemory = 0
+        self.onDisk = 0
+        self._dir: str | None = None
+        self._lockFd = -1
+        self._io = _DiskIO(callFromThread)
+        for path in removeStaleSpillDirs(self.spillParent):
+            self.log.warn("removed spill files left by a dead daemon: {path}", path=path)
+
+    def newWriter(self, base: IStoredImage | None = None) -> IImageWriter:
+        writer = _SpillWriter(self)
+        if base is not None:
+            reader = base.open()
+            try:
+                while chunk := reader.read(1 << 20):
+                    writer.write(chunk)
+            finally:
+                reader.close()
+        return writer
+
+    def room(self) -> int | None:
+        memory = max(0, self.memoryLimit - self.inMemory)
+        # The spill directory is made on the first spill: until then, the
+        # filesystem it will be on is that of its nearest existing parent.
+        path = self.spillParent
+        while True:
+            try:
+                disk = os.statvfs(path)
+                break
+            except FileNotFoundError:
+                if path == os.path.dirname(path):
+                    return memory
+                path = os.path.dirname(path)
+            except OSError:
+                return memory
+        return memory + disk.f_bavail * disk.f_frsize
+
+    @property
+    def directory(self) -> str | None:
+        """This store's own spill directory, once something was spilled."""
+        return self._dir
+
+    def close(self) -> None:
+        """Remove every spill file; the store must not be used afterwards."""
+        self._io.shutdown()
+        directory, self._dir = self._dir, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+        if self._lockFd >= 0:
+            os.close(self._lockFd)
+            self._lockFd = -1
+        self.onDisk = 0
+
+    # -- accounting, for writers and images ----------------------------------
+
+    def _reserveMemory(self, n: int) -> bool:
+        if self.inMemory + n > self.memoryLimit:
+            return False
+        self.inMemory += n
+        return True
+
+    def _freeMemory(self, n: int) -> None:
+        self.inMemory -= n
+
+    def _newSpillFile(self) -> tuple[int, str]:
+        if self._dir is None:
+            os.makedirs(self.spillParent, exist_ok=True)
+            directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=self.spillParent)
+            lockFd = os.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(lockFd, fcntl.LOCK_EX)
+            self._dir, self._lockFd = directory, lockFd
+            self.log.info("spilling images past the memory limit to {path}", path=directory)
+        return openSpillFile(self._dir)
+
+    def _drop(self, segment: _Segment) -> None:
+        """Give back a segment's memory or disk space."""
+        os.close(segment.fd)
+        if segment.path is None:
+            self._freeMemory(segment.size)
+        elif self._dir is not None:  # else closed: the directory is gone already
+            self.onDisk -= segment.size
+            try:
+                os.unlink(segment.path)
+            except FileNotFoundError:
+                pass
