@@ -187,16 +187,23 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
 
     # -- writes --------------------------------------------------------------
 
-    def _startPipeWrite(self) -> None:
+    def _takePipe(self) -> int | None:
+        """The one pipe criu passed, or L{None} after refusing what it passed."""
         if len(self._fds) != 1:
             self._protocolError(ProtocolError(f"{len(self._fds)} descriptors passed"))
-            return
+            return None
         fd = self._fds.pop()
         try:
             checkPipe(fd)
         except ProtocolError as e:
             os.close(fd)
             self._protocolError(e)
+            return None
+        return fd
+
+    def _startPipeWrite(self) -> None:
+        fd = self._takePipe()
+        if fd is None:
             return
         self._state = _State.WRITE_PIPE
         writer = self._writer
@@ -272,15 +279,8 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
                 self._startPipeRead()
 
     def _startPipeRead(self) -> None:
-        if len(self._fds) != 1:
-            self._protocolError(ProtocolError(f"{len(self._fds)} descriptors passed"))
-            return
-        fd = self._fds.pop()
-        try:
-            checkPipe(fd)
-        except ProtocolError as e:
-            os.close(fd)
-            self._protocolError(e)
+        fd = self._takePipe()
+        if fd is None:
             return
         self._state = _State.READ_SEND
         pipe = PipeWriter(self._reactor(), fd, self._pipeReadEnded)

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.link.tls import TLSServerEndpoint, serverConnectionCreator
-from twisted_criu.twistd.options import DaemonOptions, makeStore, streamEndpoint
+from twisted_criu.twistd.options import DaemonOptions, daemonArguments
 
 
 class Options(DaemonOptions):
@@ -55,12 +55,6 @@ def makeService(options: Options) -> IService:
         reactor,
         serverFromString(reactor, options["local"]),
         listen,
-        store=makeStore(reactor, options),
-        readVariant=options["read-variant"],
-        linkTimeout=options["timeout"],
-        clientTimeout=options["client-timeout"],
-        streamLocal=streamEndpoint(reactor, options),
-        keep=options["keep"],
-        progressInterval=options["progress-interval"],
+        **daemonArguments(reactor, options),
     )
     return finishDaemon(reactor, service, options)

@@ -96,15 +96,23 @@ def unixEndpoint(path: str, mode: str = "600") -> str:
     return f"unix:{quoteStringArgument(path)}:mode={mode}"
 
 
-def makeStore(reactor: Any, options: usage.Options) -> SpillStore:
-    return SpillStore(options["memory-limit"], options["spill-dir"], reactor.callFromThread)
-
-
-def streamEndpoint(reactor: Any, options: usage.Options) -> IStreamServerEndpoint | None:
-    """The C{--stream-local} endpoint, if not disabled."""
-    if options["stream-local"] is None:
-        return None
-    return serverFromString(reactor, options["stream-local"])
+def daemonArguments(reactor: Any, options: usage.Options) -> dict[str, Any]:
+    """
+    The keyword arguments both daemons' services take from the options they
+    share: the store, the criu-facing endpoints' settings, timeouts, C{--keep}.
+    """
+    streamLocal: IStreamServerEndpoint | None = None
+    if options["stream-local"] is not None:
+        streamLocal = serverFromString(reactor, options["stream-local"])
+    return {
+        "store": SpillStore(options["memory-limit"], options["spill-dir"], reactor.callFromThread),
+        "readVariant": options["read-variant"],
+        "linkTimeout": options["timeout"],
+        "clientTimeout": options["client-timeout"],
+        "streamLocal": streamLocal,
+        "keep": options["keep"],
+        "progressInterval": options["progress-interval"],
+    }
 
 
 class LinkTLSOptions(usage.Options):

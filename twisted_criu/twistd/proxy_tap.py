@@ -15,7 +15,7 @@ from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.link.tls import TLSClientEndpoint, clientConnectionCreator
 from twisted_criu.twistd.endpointstrings import endpointHost
-from twisted_criu.twistd.options import DaemonOptions, LinkTLSOptions, makeStore, streamEndpoint
+from twisted_criu.twistd.options import DaemonOptions, LinkTLSOptions, daemonArguments
 
 
 class Options(DaemonOptions):
@@ -97,16 +97,10 @@ def makeService(options: Options) -> IService:
         reactor,
         serverFromString(reactor, options["local"]),
         cache,
-        store=makeStore(reactor, options),
-        readVariant=options["read-variant"],
-        linkTimeout=options["timeout"],
-        clientTimeout=options["client-timeout"],
-        streamLocal=streamEndpoint(reactor, options),
         retryPolicy=retryPolicy,
         cacheDescription=description,
         checksum=options["checksum"],
         cutThrough=not options["store-and-forward"],
-        keep=options["keep"],
-        progressInterval=options["progress-interval"],
+        **daemonArguments(reactor, options),
     )
     return finishDaemon(reactor, service, options)
