@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from twisted_criu import wire
     from twisted_criu.daemons.control import SessionView
     from twisted_criu.keys import ImageKey
-    from twisted_criu.link.receiver import RemoteReceiver
-    from twisted_criu.registry import SnapshotRegistry
 
 
 class IImageReader(Interface):
@@ -110,6 +108,40 @@ class IGrowableWriter(IImageWriter):
         """A reader of this image from its first byte, following the writer."""
 
 
+# -- the snapshot registry ------------------------------------------------------
+
+
+class ISnapshotRegistry(Interface):
+    """
+    The images of one session by L{ImageKey}, and who waits for one: what
+    the criu-facing and link protocols write into and read from.
+    """
+
+    def beginWrite(key: ImageKey, writer: IImageWriter | None = None) -> None:
+        """A write of C{key} started: its readers wait for it."""
+
+    def publish(key: ImageKey, image: IStoredImage) -> None:
+        """A write of C{key} completed: C{image} replaces any older version."""
+
+    def publishAppend(key: ImageKey, tail: IStoredImage, store: IImageStore) -> None:
+        """An append to C{key} completed: publish the current version plus C{tail}."""
+
+    def abortWrite(key: ImageKey) -> None:
+        """A write of C{key} broke off; the previous version, if any, stays."""
+
+    def whenAvailable(key: ImageKey) -> Deferred[IStoredImage]:
+        """The image, once no write of it is under way; fails with L{ImageNotFound}."""
+
+    def get(key: ImageKey) -> IStoredImage | None:
+        """The complete image under C{key} now, if any."""
+
+    def keys() -> list[ImageKey]:
+        """The keys of every complete image."""
+
+    def snapshotIds() -> list[str]:
+        """The snapshot ids C{parent} lists, in order."""
+
+
 # -- criu's side ------------------------------------------------------------
 
 
@@ -121,7 +153,7 @@ class ILocalImageService(Interface):
     activity = Attribute("The daemon's L{Activity}: transfers and counters.")
     clientTimeout = Attribute("Seconds criu may take to send its request.")
 
-    def registryFor(request: wire.LocalRequest) -> SnapshotRegistry:
+    def registryFor(request: wire.LocalRequest) -> ISnapshotRegistry:
         """The registry a write or read of C{request} belongs to."""
 
     def finishRequested(request: wire.LocalRequest) -> None:
@@ -134,6 +166,18 @@ class ILocalImageService(Interface):
 # -- the link -----------------------------------------------------------------
 
 
+class IRemoteLink(Interface):
+    """The receiving end of one link, as the cache's sessions see it."""
+
+    peerExtended = Attribute("The proxy speaks twisted-criu's link extension.")
+
+    def sendStatus(status: wire.LinkStatus) -> None:
+        """Tell a twisted-criu proxy (a C proxy is never written to)."""
+
+    def close() -> None:
+        """End the link once what was written is flushed."""
+
+
 class IRemoteImageSink(Interface):
     """What the cache offers the receiving end of a link."""
 
@@ -142,16 +186,16 @@ class IRemoteImageSink(Interface):
     activity = Attribute("The daemon's L{Activity}: transfers and counters.")
     linkTimeout = Attribute("Seconds a link may stall inside a frame.")
 
-    def linkOpened(receiver: RemoteReceiver) -> SnapshotRegistry:
+    def linkOpened(receiver: IRemoteLink) -> ISnapshotRegistry:
         """A proxy connected; return the registry its images go to."""
 
-    def linkClosed(receiver: RemoteReceiver, clean: bool) -> None:
+    def linkClosed(receiver: IRemoteLink, clean: bool) -> None:
         """The link ended: cleanly (session over) or not (it may come back)."""
 
-    def dumpEnded(receiver: RemoteReceiver) -> None:
+    def dumpEnded(receiver: IRemoteLink) -> None:
         """The proxy's end-of-dump marker: the link stays, idle, for the next dump."""
 
-    def dumpStarted(receiver: RemoteReceiver) -> SnapshotRegistry:
+    def dumpStarted(receiver: IRemoteLink) -> ISnapshotRegistry:
         """Images arrive on a link after its end-of-dump marker: a new dump."""
 
 

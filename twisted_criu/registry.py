@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Callable
 
 from attrs import define
+from zope.interface import implementer
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from twisted_criu import wire
 from twisted_criu.errors import ImageNotFound
-from twisted_criu.interfaces import IImageStore, IImageWriter, IStoredImage
+from twisted_criu.interfaces import IImageStore, IImageWriter, ISnapshotRegistry, IStoredImage
 from twisted_criu.keys import ImageKey
 
 
@@ -42,6 +43,7 @@ class SessionSummary:
     snapshotIds: list[str]
 
 
+@implementer(ISnapshotRegistry)
 class SnapshotRegistry:
     """
     Images of one migration session, keyed by (snapshot_id, name).

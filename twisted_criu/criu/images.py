@@ -29,10 +29,9 @@ from twisted_criu.errors import ImageNotFound, ImageSizeMismatch, ProtocolError
 from twisted_criu.flow.pacing import pauseWhileBehind, readPipeInto
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.flow.send import ImageTransfer
-from twisted_criu.interfaces import IImageStore, IImageWriter, ILocalImageService, IStoredImage
+from twisted_criu.interfaces import IImageStore, IImageWriter, ILocalImageService, ISnapshotRegistry, IStoredImage
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.progress import Direction, Transfer
-from twisted_criu.registry import SnapshotRegistry
 
 
 class _State(Enum):
@@ -59,7 +58,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         self._frames = wire.FrameBuffer()
         self._fds: list[int] = []
         self._key: ImageKey = ("", "")
-        self._registry: SnapshotRegistry | None = None
+        self._registry: ISnapshotRegistry | None = None
         self._writer: IImageWriter | None = None
         self._pipe: PipeReader | PipeWriter | None = None
         self._waiting: Deferred[IStoredImage] | None = None

@@ -33,10 +33,9 @@ from twisted_criu.errors import ImageNotFound, ProtocolError
 from twisted_criu.flow.pacing import readPipeInto
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.flow.send import ImageTransfer
-from twisted_criu.interfaces import IImageWriter, ILocalImageService, IStoredImage
+from twisted_criu.interfaces import IImageWriter, ILocalImageService, ISnapshotRegistry, IStoredImage
 from twisted_criu.keys import ImageKey
 from twisted_criu.progress import Direction
-from twisted_criu.registry import SnapshotRegistry
 
 #: The snapshot id stream images are kept under.
 STREAM_SNAPSHOT_ID = ""
@@ -70,7 +69,7 @@ class _StreamControl(Protocol, TimeoutMixin):
         self._pending = b""
         self._pipes: set[PipeReader | PipeWriter] = set()
         self._failed = False
-        self.registry: SnapshotRegistry | None = None
+        self.registry: ISnapshotRegistry | None = None
 
     def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
         return self.service.reactor.callLater(period, func)

@@ -26,11 +26,12 @@ from twisted_criu.interfaces import (
     IImageStore,
     ILocalImageService,
     IRemoteImageSink,
+    IRemoteLink,
     ISessionControl,
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey
-from twisted_criu.link.receiver import RemoteReceiver, RemoteReceiverFactory
+from twisted_criu.link.receiver import RemoteReceiverFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
@@ -48,9 +49,9 @@ class CacheSession:
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.registry.onPublish(self._published)
         #: Links in the middle of a dump (or connected and not yet sending).
-        self.links: set[RemoteReceiver] = set()
+        self.links: set[IRemoteLink] = set()
         #: Links whose dump ended with a marker, kept open for the next dump.
-        self.idleLinks: set[RemoteReceiver] = set()
+        self.idleLinks: set[IRemoteLink] = set()
         self.remoteDone = False
         self.restoreDone = False
         self.seed = False
@@ -158,7 +159,7 @@ class ImageCacheService(SessionHolder, MultiService):
         """Tell the session's proxies that their chain is over, and close."""
         for link in session.idleLinks:
             link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_DONE))
-            link.transport.loseConnection()
+            link.close()
 
     def whenSessionDone(self) -> Deferred[SessionSummary]:
         """Fires with a summary when the current (or next) session completes."""
@@ -217,7 +218,7 @@ class ImageCacheService(SessionHolder, MultiService):
 
     # -- IRemoteImageSink ----------------------------------------------------
 
-    def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+    def linkOpened(self, receiver: IRemoteLink) -> SnapshotRegistry:
         self._cancelGiveUp()
         session = self.session
         if session.remoteDone:  # another dump for the same restore
@@ -228,7 +229,7 @@ class ImageCacheService(SessionHolder, MultiService):
         session.links.add(receiver)
         return session.registry
 
-    def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
+    def linkClosed(self, receiver: IRemoteLink, clean: bool) -> None:
         session = self.session
         session.idleLinks.discard(receiver)
         if receiver not in session.links:
@@ -245,7 +246,7 @@ class ImageCacheService(SessionHolder, MultiService):
             return
         self._remoteQuiet(session)
 
-    def dumpEnded(self, receiver: RemoteReceiver) -> None:
+    def dumpEnded(self, receiver: IRemoteLink) -> None:
         session = self.session
         if receiver not in session.links:
             return
@@ -253,7 +254,7 @@ class ImageCacheService(SessionHolder, MultiService):
         session.idleLinks.add(receiver)
         self._remoteQuiet(session)
 
-    def dumpStarted(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+    def dumpStarted(self, receiver: IRemoteLink) -> SnapshotRegistry:
         session = self.session
         session.idleLinks.discard(receiver)
         return self.linkOpened(receiver)

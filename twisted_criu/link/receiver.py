@@ -15,18 +15,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.errors import ProtocolError
 from twisted_criu.flow.pacing import pauseWhileBehind
-from twisted_criu.interfaces import (
-    IImageStore,
-    IImageWriter,
-    IRemoteImageSink,
-)
+from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IRemoteLink, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.progress import Direction, Transfer
-from twisted_criu.registry import SnapshotRegistry
 
 #: How much of an image body one read on the link may take.  Bodies are
 #: read into one reused buffer of this size (see L{RemoteReceiver}); headers
@@ -46,6 +42,7 @@ def _bodyBuffer() -> memoryview:
         _buffer.append(memoryview(bytearray(LINK_READ_SIZE)))
     return _buffer[0]
 
+@implementer(IRemoteLink)
 class RemoteReceiver(Protocol, TimeoutMixin):
     """
     The cache's end of a link: header, then exactly C{size} bytes, repeat.
@@ -60,7 +57,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
     def __init__(self, sink: IRemoteImageSink) -> None:
         self.sink = sink
         self._frames = wire.FrameBuffer()
-        self._registry: SnapshotRegistry | None = None
+        self._registry: ISnapshotRegistry | None = None
         self._header: wire.RemoteHeader | None = None
         self._hash: Any = None
         self._writer: IImageWriter | None = None
@@ -92,6 +89,10 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._registry = self.sink.linkOpened(self)
         peer = self.transport.getPeer()
         self.log.info("proxy connected from {peer}", peer=str(peer))
+
+    def close(self) -> None:
+        """End the link once what was written is flushed."""
+        self.transport.loseConnection()
 
     def sendStatus(self, status: wire.LinkStatus) -> None:
         """Tell a twisted-criu proxy (never a C proxy: see L{peerExtended})."""
