@@ -34,15 +34,8 @@ from twisted_criu import wire
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.registry import SessionSummary
-from twisted_criu.testing.traces import (
-    LegOutcome,
-    Op,
-    Trace,
-    TraceReplay,
-    fillerBytes,
-    loadTrace,
-    tracesIn,
-)
+from twisted_criu.testing.replay import LegOutcome, TraceReplay
+from twisted_criu.testing.traces import Op, Trace, fillerBytes, loadTrace, tracesIn
 from twisted_criu.twistd.options import unixEndpoint
 
 reactor: Any = _reactor
