@@ -18,8 +18,7 @@ from twisted_criu.interfaces import IStoredImage
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
-
-from .helpers import FakeLocalService, pump, storedImage
+from twisted_criu.testing.fakes import FakeLocalService, pump, storedImage
 
 PIPE_CAPACITY = 1 << 16
 IMAGE = os.urandom(4 << 20)

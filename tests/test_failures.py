@@ -25,9 +25,9 @@ from twisted_criu.criu.stream import StreamCaptureProtocol
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.testing.fakes import FakeLocalService, FakeSink
 
-from .helpers import FakeLocalService, isClosed
-from .test_remote import FakeSink
+from .helpers import isClosed
 from .test_services import Migration, inThread
 
 

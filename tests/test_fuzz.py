@@ -37,9 +37,8 @@ from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
 from twisted_criu.storage.spill import SpillStore
+from twisted_criu.testing.fakes import FakeLocalService, FakeSink, driveProducer, pump
 
-from .helpers import FakeLocalService, driveProducer, pump
-from .test_remote import FakeSink
 from .test_wire import _collect as collectFrames
 
 settings.register_profile(

@@ -13,8 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageProtocol
 from twisted_criu.registry import readAll
+from twisted_criu.testing.fakes import FakeLocalService, driveProducer, pump
 
-from .helpers import FakeLocalService, driveProducer, isClosed, pump
+from .helpers import isClosed
 
 KEY = ("snap1", "pages-1.img")
 

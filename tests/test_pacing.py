@@ -37,9 +37,9 @@ from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.registry import readAll
 from twisted_criu.storage.spill import diskio, readers
 from twisted_criu.storage.spill import STAGE_SIZE, SpillStore
+from twisted_criu.testing.fakes import FakeSink, storedImage
 
-from .helpers import storedImage
-from .test_remote import FakeSink, _stream
+from .test_remote import _stream
 
 #: How long a test waits for a background thread before failing.
 PATIENCE = 10.0

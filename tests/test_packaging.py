@@ -166,7 +166,7 @@ class WheelTests(SynchronousTestCase):
             "twisted_criu/_pb/criu_image_pb2.pyi",
             "twisted_criu/py.typed",
             "twisted_criu/storage/files.py",
-            "twisted_criu/cli.py",
+            "twisted_criu/cli/__init__.py",
         ):
             self.assertIn(required, names)
         for forbidden in ("twisted/__init__.py", "twisted/plugins/__init__.py"):

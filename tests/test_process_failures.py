@@ -35,13 +35,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu import wire
 from twisted_criu.testing.criu import LocalImageClient
+from twisted_criu.testing.processes import TWISTD, freePort
 
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
-
-#: How the daemons are run (see tests.test_traces).
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
 
 #: The longest any single step may take (a daemon starting, an image
 #: arriving, a log line appearing) before the test fails.
@@ -49,13 +47,6 @@ STEP = 30.0
 
 MiB = 1 << 20
 SNAP = "snap1"
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def shortTempDir(test: SynchronousTestCase) -> str:

@@ -10,19 +10,15 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.errors import ImageNotFound
-from twisted_criu.interfaces import IRemoteImageSink
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.link.sender import RemoteSender
-from twisted_criu.progress import Activity
-from twisted_criu.registry import SnapshotRegistry, readAll
+from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
-
-from .helpers import driveProducer
+from twisted_criu.testing.fakes import FakeSink, driveProducer
 
 
 class RecordingTransport(StringTransport):
@@ -35,33 +31,6 @@ class RecordingTransport(StringTransport):
     def write(self, data: bytes) -> None:
         self.writes.append(data)
         super().write(data)
-
-
-@implementer(IRemoteImageSink)
-class FakeSink:
-    linkTimeout = 10.0
-
-    def __init__(self) -> None:
-        self.reactor = Clock()
-        self.activity = Activity(self.reactor)
-        self.store = MemoryStore()
-        self.registry = SnapshotRegistry(waitForMissing=True)
-        self.closed: list[bool] = []
-        self.dumpsEnded = 0
-        self.dumpsStarted = 0
-
-    def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
-        return self.registry
-
-    def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
-        self.closed.append(clean)
-
-    def dumpEnded(self, receiver: RemoteReceiver) -> None:
-        self.dumpsEnded += 1
-
-    def dumpStarted(self, receiver: RemoteReceiver) -> SnapshotRegistry:
-        self.dumpsStarted += 1
-        return self.registry
 
 
 def _image(data: bytes) -> Any:

@@ -20,8 +20,8 @@ from twisted_criu import wire
 from twisted_criu.criu.stream import StreamCaptureProtocol
 from twisted_criu.registry import readAll
 from twisted_criu.testing.criu import StreamClient
+from twisted_criu.testing.fakes import FakeLocalService, pump
 
-from .helpers import FakeLocalService, pump
 from .test_services import Migration, inThread, waitFor
 
 TRACES = Path(__file__).resolve().parent / "criu-traces"

@@ -34,15 +34,9 @@ from twisted_criu import wire
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.registry import SessionSummary
-from twisted_criu.testing.traces import (
-    LegOutcome,
-    Op,
-    Trace,
-    TraceReplay,
-    fillerBytes,
-    loadTrace,
-    tracesIn,
-)
+from twisted_criu.testing.processes import freePort
+from twisted_criu.testing.replay import LegOutcome, TraceReplay
+from twisted_criu.testing.traces import Op, Trace, fillerBytes, loadTrace, tracesIn
 from twisted_criu.twistd.options import unixEndpoint
 
 reactor: Any = _reactor
@@ -356,13 +350,6 @@ class DaemonProcess(ProcessProtocol):
         assert self.transport is not None
         self.transport.signalProcess("KILL")
         return within(self.whenEnded(), 10)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def canConnect(path: str) -> bool:

@@ -10,25 +10,23 @@ then plays C{criu dump --remote} against the proxy and C{criu restore
 every image comes back byte for byte (SHA-256), that a missing image gets
 ENOENT, and that both daemons exit 0 on their own (they run with
 C{--once}).  Everything binds loopback or UNIX sockets.
+
+This module is the run and what it prints; the daemons are
+L{twisted_criu.testing.processes}, the images L{twisted_criu.testing.imageset}.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from types import FrameType
 from typing import NoReturn, Sequence, Union
-
-from attrs import frozen
 
 from twisted_criu import __version__, wire
 from twisted_criu.testing.criu import (
@@ -39,33 +37,22 @@ from twisted_criu.testing.criu import (
     LocalImageClient,
     StreamClient,
 )
-
-#: Bytes per read/write when moving an image through the daemons.
-CHUNK = 1 << 20
-
-#: A pid that appears in the synthetic image names, as criu names them.
-FAKE_PID = 4247
-
-#: The synthetic small images: (name, size) in criu's dump order (see the
-#: criu-traces recordings: inventory is always written last).
-SMALL_IMAGES: tuple[tuple[str, int], ...] = (
-    ("seccomp.img", 12),
-    ("files.img", 1385),
-    (f"ids-{FAKE_PID}.img", 36),
-    ("fdinfo-2.img", 44),
-    (f"pagemap-{FAKE_PID}.img", 206),
-    # pages-1.img (--size MiB) goes here
-    (f"core-{FAKE_PID}.img", 2544),
-    (f"mm-{FAKE_PID}.img", 1421),
-    (f"fs-{FAKE_PID}.img", 18),
-    ("pstree.img", 26),
-    ("timens-0.img", 34),
-    ("pipes-data.img", 0),  # zero-length images are legal and must round-trip
-    ("inventory.img", 44),
+from twisted_criu.testing.imageset import (
+    CHUNK,
+    Image,
+    dumpOrder,
+    generateImages,
+    restoreOrder,
+    sha256File,
+    syntheticNames,
 )
-
-#: twistd's console-script entry point, runnable with C{sys.executable -c}.
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
+from twisted_criu.testing.processes import (
+    Daemon,
+    DaemonError,
+    freePort,
+    tail,
+    waitForSockets,
+)
 
 #: What criu restore asks for that usually does not exist.
 MISSING_IMAGE = "memfd.img"
@@ -73,14 +60,6 @@ MISSING_IMAGE = "memfd.img"
 
 class DemoError(Exception):
     """The demo failed; the message says why."""
-
-
-@frozen
-class Image:
-    name: str
-    path: str
-    size: int
-    sha256: str
 
 
 # -- output -----------------------------------------------------------------
@@ -102,58 +81,14 @@ def rate(size: int, seconds: float) -> str:
     return f"{size / 1e6 / max(seconds, 1e-9):.1f} MB/s"
 
 
-def tail(path: str, lines: int = 25) -> str:
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-
 # -- images -----------------------------------------------------------------
-
-
-def sha256File(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def generateImages(directory: str, pagesMiB: float) -> None:
-    """Write a synthetic image set: criu's names and typical sizes, random bytes."""
-    pages = ("pages-1.img", int(pagesMiB * (1 << 20)))
-    names = list(SMALL_IMAGES)
-    names.insert(names.index((f"pagemap-{FAKE_PID}.img", 206)) + 1, pages)
-    for name, size in names:
-        with open(os.path.join(directory, name), "wb") as f:
-            left = size
-            while left:
-                chunk = os.urandom(min(left, CHUNK))
-                f.write(chunk)
-                left -= len(chunk)
-
-
-def dumpOrder(names: Sequence[str]) -> list[str]:
-    """criu writes inventory.img last."""
-    return sorted(names, key=lambda n: n == "inventory.img")
-
-
-def restoreOrder(names: Sequence[str]) -> list[str]:
-    """criu reads inventory.img first and the pages last."""
-    return sorted(
-        names, key=lambda n: (n != "inventory.img", n.startswith("pages-"))
-    )
 
 
 def collectImages(directory: str, synthetic: bool) -> list[Image]:
     images = []
     entries = sorted(os.listdir(directory))
     if synthetic:
-        entries = [name for name, _ in SMALL_IMAGES]
-        entries.insert(entries.index(f"pagemap-{FAKE_PID}.img") + 1, "pages-1.img")
+        entries = syntheticNames()
     for name in entries:
         path = os.path.join(directory, name)
         if not os.path.isfile(path) or os.path.islink(path):
@@ -176,121 +111,14 @@ def collectImages(directory: str, synthetic: bool) -> list[Image]:
 # -- daemons ----------------------------------------------------------------
 
 
-def freePort() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _dieWithParent() -> None:
-    """In the child: get SIGTERM if the demo dies, so no daemon outlives it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except Exception:
-        pass
-
-
-def _childEnvironment() -> dict[str, str]:
-    """Let the daemons import this very copy of twisted_criu and its dropin."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = here + (os.pathsep + path if path else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class Daemon:
-    """A C{twistd -n} child process and its files."""
-
-    def __init__(self, tapname: str, workDir: str, imagesDir: str, socketName: str) -> None:
-        self.tapname = tapname
-        self.imagesDir = imagesDir
-        self.socketPath = os.path.join(imagesDir, socketName)
-        self.logPath = os.path.join(workDir, f"{tapname}.log")
-        self.outPath = os.path.join(workDir, f"{tapname}.out")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, args: Sequence[str], cwd: str) -> None:
-        # "python -m twisted.scripts.twistd" does nothing (no __main__ guard),
-        # so run twistd's entry point the way its console script does.
-        argv = [
-            sys.executable, "-c", TWISTD, "-n", "--pidfile=",
-            f"--logfile={self.logPath}", self.tapname, *args,
-        ]
-        with open(self.outPath, "wb") as out:
-            self.process = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=_childEnvironment(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_dieWithParent,
-                start_new_session=True,  # Ctrl-C reaches the demo, which cleans up
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def exitCode(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def failure(self, what: str) -> DemoError:
-        """An error that shows this daemon's log tail."""
-        parts = [f"{self.tapname} {what}"]
-        for path in (self.logPath, self.outPath):
-            text = tail(path)
-            if text:
-                parts.append(f"--- last lines of {path} ---\n{text}")
-        return DemoError("\n".join(parts))
-
-    def stop(self) -> None:
-        """Terminate it if it still runs (SIGTERM, then SIGKILL)."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def waitForSockets(daemons: Sequence[Daemon], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(daemons)
-    while pending:
-        for daemon in list(pending):
-            code = daemon.exitCode()
-            if code is not None:
-                raise daemon.failure(f"exited with code {code} before it was ready")
-            if os.path.exists(daemon.socketPath):
-                pending.remove(daemon)
-        if pending and time.monotonic() > deadline:
-            daemon = pending[0]
-            raise daemon.failure(
-                f"did not create {daemon.socketPath} within {timeout:g} s"
-            )
-        time.sleep(0.05)
-
-
 def waitForExit(daemons: Sequence[Daemon], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for daemon in daemons:
-        assert daemon.process is not None
-        try:
-            code = daemon.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        code = daemon.wait(deadline - time.monotonic())
+        if code is None:
             raise daemon.failure(
                 f"still running {timeout:g} s after the migration finished"
-            ) from None
+            )
         if code != 0:
             raise daemon.failure(f"exited with code {code}")
         say(f"  {daemon.tapname:<10} exited 0 by itself")
@@ -576,7 +404,7 @@ def run(args: argparse.Namespace, workDir: str) -> None:
             try:
                 waitForSockets([cache], timeout=min(30.0, args.timeout))
                 break
-            except DemoError:
+            except DaemonError:
                 # Someone else may have taken the free port in the meantime.
                 if attempt == 2 or "Address already in use" not in tail(cache.logPath):
                     raise
@@ -644,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args, workDir)
         return 0
-    except DemoError as e:
+    except (DemoError, DaemonError) as e:
         say()
         say(f"FAILED: {e}")
         return 1

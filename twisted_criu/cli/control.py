@@ -1,54 +1,34 @@
 # -*- test-case-name: tests.test_chains -*-
 """
-C{twisted-criu}: the operator's command.
-
-    twisted-criu ls   [--from WHERE] [-l]              sessions and images a daemon holds
-    twisted-criu pull [--from WHERE] [--session ID] DIR  write a session to DIR for criu restore -D DIR
-    twisted-criu drop [--from WHERE] ID                drop a session's images
-    twisted-criu push DIR --address HOST [--port P]     send an on-disk dump to a criu-cache
-
-WHERE is a daemon's control endpoint: its images directory (the control
-socket is found there), the socket's path, or a Twisted endpoint string.
+The daemons' control API from the command line: L{ControlClient} talks to
+one daemon (C{--from}), and C{twisted-criu ls}, C{drop} and C{pull} use it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import quote, urlencode
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, quoteStringArgument
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone, readBody
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from twisted_criu import __version__, wire
+from twisted_criu import wire
+from twisted_criu.cli.common import AnyOrderOptions, CommandError
 from twisted_criu.errors import ProtocolError
 from twisted_criu.progress import formatBytes
-from twisted_criu.twistd.options import LinkTLSOptions
 
 #: The control sockets the daemons create in their images directory.
 CONTROL_SOCKETS = ("cache-control.sock", "proxy-control.sock")
-
-
-class CommandError(Exception):
-    """The command failed; the message says why (no traceback)."""
 
 
 def controlEndpoint(where: str) -> str:
@@ -169,39 +149,10 @@ class _FileSink(Protocol):
             self.done.errback(CommandError(f"download broke off: {reason.getErrorMessage()}"))
 
 
-class _AnyOrder(usage.Options):
-    """Options and arguments in any order (C{push DIR --address HOST})."""
-
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"twisted-criu {__version__}")
-        sys.exit(0)
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        args = list(sys.argv[1:] if options is None else options)
-        takesValue = {f"--{name[:-1]}" for name in self.longOpt if name.endswith("=")}
-        short = self.shortOpt
-        takesValue |= {f"-{c}" for i, c in enumerate(short) if c != ":" and short[i + 1 : i + 2] == ":"}
-        flags: list[str] = []
-        positional: list[str] = []
-        while args:
-            arg = args.pop(0)
-            if arg == "--":
-                positional += args
-                break
-            if arg.startswith("-") and arg != "-":
-                flags.append(arg)
-                if arg in takesValue and args:
-                    flags.append(args.pop(0))
-            else:
-                positional.append(arg)
-        super().parseOptions(flags + positional)
-
-
 # -- ls ------------------------------------------------------------------------
 
 
-class LsOptions(_AnyOrder):
+class LsOptions(AnyOrderOptions):
     synopsis = "[--from WHERE] [-l] [--json]"
     description = "List the sessions a daemon holds (and with -l their images)."
     optParameters = [["from", "f", ".", "The daemon: its images directory, control socket, or endpoint."]]
@@ -236,7 +187,7 @@ def ls(reactor: Any, options: LsOptions, out: Any) -> Any:
 # -- drop ----------------------------------------------------------------------
 
 
-class DropOptions(_AnyOrder):
+class DropOptions(AnyOrderOptions):
     synopsis = "[--from WHERE] SESSION"
     description = "Drop a session's images (a kept one, or the current one when idle)."
     optParameters = [["from", "f", ".", "The daemon: its images directory, control socket, or endpoint."]]
@@ -258,7 +209,7 @@ def drop(reactor: Any, options: DropOptions, out: Any) -> Any:
 # -- pull ----------------------------------------------------------------------
 
 
-class PullOptions(_AnyOrder):
+class PullOptions(AnyOrderOptions):
     synopsis = "[--from WHERE] [--session ID] [--snapshot-id ID] DIR"
     description = (
         "Write a session's images into DIR, ready for `criu restore -D DIR`. "
@@ -332,192 +283,3 @@ def pull(reactor: Any, options: PullOptions, out: Any) -> Any:
         label = repr(snapshotId) if snapshotId else "(stream images)"
         out.write(f"  {target}: snapshot {label}, {len(images)} images\n")
     out.write(f"pulled session {session['id']}: {count} images, {formatBytes(total)} into {directory}\n")
-
-
-# -- push ----------------------------------------------------------------------
-
-
-class PushOptions(_AnyOrder, LinkTLSOptions):
-    synopsis = "DIR (--address HOST [--port PORT] | --to ENDPOINT) [options]"
-    description = (
-        "Send the images of an on-disk dump (the *.img files that `criu dump -D DIR` "
-        "wrote) to a criu-cache, as a criu-proxy would. Without --snapshot-id they "
-        "are served to `criu restore --stream`; with it, to `criu restore --remote "
-        "-D SNAPSHOT_ID`."
-    )
-
-    optParameters: list[list[Any]] = [
-        ["address", "a", None, "Host of the criu-cache."],
-        ["port", "p", 9996, "TCP port of the criu-cache.", int],
-        ["to", None, None, "Client endpoint of the cache (instead of --address/--port)."],
-        ["snapshot-id", None, None, "Push as this snapshot id (criu restore --remote -D SNAPSHOT_ID)."],
-        ["timeout", None, 60.0, "Give up when nothing moved for this many seconds.", float],
-    ]
-    optFlags: list[list[Any]] = [
-        ["checksum", None, "Send each image's SHA-256 (a twisted-criu cache checks it)."],
-    ]
-
-    def parseArgs(self, directory: str) -> None:  # type: ignore[override]
-        self["directory"] = directory
-
-    def postOptions(self) -> None:
-        from twisted_criu.twistd.proxy_tap import checkCacheEndpoint
-
-        if (self["to"] is None) == (self["address"] is None):
-            raise usage.UsageError("give --address HOST (and --port) or --to ENDPOINT")
-        self["connect"] = self["to"] or f"tcp:host={self['address']}:port={self['port']}"
-        if not os.path.isdir(self["directory"]):
-            raise usage.UsageError(f"{self['directory']} is not a directory")
-        self.loadTLS()
-        checkCacheEndpoint(self)
-
-
-def imageFiles(directory: str) -> list[str]:
-    """The image files of a dump directory, in a stable order."""
-    names = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name.endswith(".img") and os.path.isfile(path) and not os.path.islink(path):
-            names.append(name)
-    return names
-
-
-@defer.inlineCallbacks
-def push(reactor: Any, options: PushOptions, out: Any) -> Any:
-    from twisted_criu.daemons.proxy import ProxySession
-    from twisted_criu.progress import Activity
-    from twisted_criu.storage.files import FileImage
-    from twisted_criu.twistd.proxy_tap import cacheEndpoint
-
-    directory = options["directory"]
-    names = imageFiles(directory)
-    if not names:
-        raise CommandError(f"no *.img files in {directory}")
-    cache, retryPolicy, description = cacheEndpoint(reactor, options, 5.0)
-    activity = Activity(reactor, interval=10.0)
-    session = ProxySession(
-        reactor, cache, retryPolicy, options["timeout"], options["checksum"], "push", activity
-    )
-    delivered: Deferred[Any] = Deferred()
-    session.onDelivered = delivered.callback
-    snapshotId = options["snapshot-id"] or ""
-    registry = session.registry
-    session.start()
-    activity.startReporting()
-    if options["snapshot-id"] is not None:
-        from twisted_criu.storage.memory import MemoryStore
-
-        writer = MemoryStore().newWriter()
-        writer.write(wire.encodeSnapshotId(snapshotId))
-        registry.publish(("", wire.PARENT_IMAGE), writer.commit())
-    total = 0
-    for name in names:
-        image = FileImage(os.path.join(directory, name))
-        total += image.size
-        registry.publish((snapshotId, name), image)
-    registry.close()
-    out.write(f"pushing {len(names)} images ({formatBytes(total)}) from {directory} to {description}\n")
-
-    # Give up when nothing moves (the cache is unreachable, or stalled).
-    lastMoved = [-1, reactor.seconds()]
-
-    def watch() -> None:
-        moved = sum(activity.bytes.values()) + activity.bytesInFlight + sum(activity.images.values())
-        now = reactor.seconds()
-        if moved != lastMoved[0]:
-            lastMoved[:] = [moved, now]
-        elif now - lastMoved[1] >= options["timeout"] and not delivered.called:
-            delivered.errback(
-                CommandError(f"nothing moved for {options['timeout']:g} s: is the cache at {description} up?")
-            )
-
-    watcher = task.LoopingCall(watch)
-    watcher.start(1.0)
-    started = reactor.seconds()
-    try:
-        summary = yield delivered
-    finally:
-        watcher.stop()
-        activity.stopReporting()
-        yield session.stop()
-    seconds = reactor.seconds() - started
-    confirmed = "sent (a C cache does not confirm)" if session.over else "confirmed by the cache"
-    out.write(
-        f"pushed {summary.images} images, {formatBytes(summary.bytes)} in {seconds:.2f} s; {confirmed}\n"
-    )
-
-
-# -- the command -----------------------------------------------------------------
-
-
-class Options(usage.Options):
-    synopsis = "twisted-criu"
-    longdesc = (
-        "List, pull and drop the images a criu-proxy or a criu-cache holds, and push "
-        "an on-disk dump to a criu-cache. --from takes a daemon's images directory, its "
-        "control socket, or a Twisted endpoint string. `twisted-criu COMMAND --help` "
-        "for each command."
-    )
-    subCommands = [
-        ["ls", None, LsOptions, "List the sessions and images a daemon holds."],
-        ["pull", None, PullOptions, "Write a session's images to a directory (criu restore -D DIR)."],
-        ["extract", None, PullOptions, "The same as pull."],
-        ["drop", None, DropOptions, "Drop a session's images."],
-        ["push", None, PushOptions, "Send an on-disk dump to a criu-cache."],
-    ]
-
-    opt_version = _AnyOrder.opt_version
-
-    def postOptions(self) -> None:
-        if self.subCommand is None:
-            raise usage.UsageError("give a command: ls, pull, drop or push")
-
-
-_COMMANDS: dict[str, Callable[[Any, Any, Any], Deferred[Any]]] = {
-    "ls": ls,
-    "pull": pull,
-    "extract": pull,
-    "drop": drop,
-    "push": push,
-}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    options = Options()
-    try:
-        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
-    except usage.UsageError as e:
-        sys.stderr.write(f"{options}\ntwisted-criu: {e}\n")
-        return 2
-    assert options.subCommand is not None
-    command = _COMMANDS[options.subCommand]
-    # Warnings and errors of the library (e.g. "cannot reach the cache") on stderr.
-    globalLogBeginner.beginLoggingTo(
-        [
-            FilteringLogObserver(
-                textFileLogObserver(sys.stderr),
-                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
-            )
-        ],
-        redirectStandardIO=False,
-    )
-    status = [0]
-
-    @defer.inlineCallbacks
-    def run(reactor: Any) -> Any:
-        try:
-            yield command(reactor, options.subOptions, sys.stdout)
-        except CommandError as e:
-            sys.stderr.write(f"twisted-criu {options.subCommand}: {e}\n")
-            status[0] = 1
-
-    try:
-        task.react(run, [])
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return int(e.code) if isinstance(e.code, int) else 1
-    return status[0]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,168 @@
+# -*- test-case-name: tests.test_fakes -*-
+"""
+Fakes for testing code that embeds twisted-criu, without sockets, threads
+or a running reactor.
+
+  - L{FakeLocalService}: an L{ILocalImageService} (what a
+    L{twisted_criu.criu.images.LocalImageProtocol} serves criu for) with one
+    registry, a memory store and a L{MemoryReactorClock}; L{pump} runs the
+    pipes the protocol registers with that reactor.
+  - L{FakeSink}: an L{IRemoteImageSink} (what a
+    L{twisted_criu.link.receiver.RemoteReceiver} delivers the link's images
+    to) on a L{Clock}, counting the dumps and links it saw.
+  - L{storedImage}: an L{IStoredImage} of given bytes.
+  - L{driveProducer}: runs a pull producer registered on a
+    L{StringTransport} to its end.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_criu import wire
+from twisted_criu.criu.images import ReadVariant, readsInline
+from twisted_criu.interfaces import (
+    IImageStore,
+    ILocalImageService,
+    IRemoteImageSink,
+    IStoredImage,
+)
+from twisted_criu.progress import Activity
+from twisted_criu.registry import SnapshotRegistry
+from twisted_criu.storage.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from twisted_criu.link.receiver import RemoteReceiver
+
+
+@implementer(ILocalImageService)
+class FakeLocalService:
+    """
+    One registry, a memory store, and a reactor whose descriptors are
+    pumped by hand (L{pump}).
+
+    @ivar finishes: the FINISH requests criu sent, in order; each also
+        closes the registry.
+    """
+
+    clientTimeout = 30.0
+
+    def __init__(self, waitForMissing: bool = True) -> None:
+        """
+        @param waitForMissing: reads of images not there yet wait for them
+            (as in a cache) rather than failing at once.
+        """
+        self.reactor = MemoryReactorClock()
+        self.activity = Activity(self.reactor)
+        self.store = MemoryStore()
+        self.registry = SnapshotRegistry(waitForMissing)
+        self.finishes: list[wire.LocalRequest] = []
+
+    def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
+        return self.registry
+
+    def finishRequested(self, request: wire.LocalRequest) -> None:
+        self.finishes.append(request)
+        self.registry.close()
+
+    def readsInline(self, request: wire.LocalRequest) -> bool:
+        return readsInline(ReadVariant.AUTO, request, False)
+
+
+@implementer(IRemoteImageSink)
+class FakeSink:
+    """
+    The cache's side of a link: one registry for every dump, a memory
+    store, and a L{Clock} for the link's timeouts.
+
+    @ivar closed: for each link that closed, whether it closed cleanly.
+    @ivar dumpsStarted: how many dumps the links started.
+    @ivar dumpsEnded: how many dumps the links ended.
+    """
+
+    linkTimeout = 10.0
+
+    def __init__(self) -> None:
+        self.reactor = Clock()
+        self.activity = Activity(self.reactor)
+        self.store = MemoryStore()
+        self.registry = SnapshotRegistry(waitForMissing=True)
+        self.closed: list[bool] = []
+        self.dumpsEnded = 0
+        self.dumpsStarted = 0
+
+    def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+        return self.registry
+
+    def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
+        self.closed.append(clean)
+
+    def dumpEnded(self, receiver: RemoteReceiver) -> None:
+        self.dumpsEnded += 1
+
+    def dumpStarted(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+        self.dumpsStarted += 1
+        return self.registry
+
+
+def storedImage(store: IImageStore, data: bytes) -> IStoredImage:
+    """An image of C{data}, written into C{store} in one piece and committed."""
+    writer = store.newWriter()
+    writer.write(data)
+    return writer.commit()
+
+
+def pump(reactor: MemoryReactor, drain: int | None = None, sink: list[bytes] | None = None) -> None:
+    """
+    Run the reactor's readers and writers until nothing moves, as a real
+    reactor would.  If C{drain} is a pipe's read end, whatever the writers
+    put in it is read into C{sink} as we go (so pipes never fill up).
+
+    @raise AssertionError: if it has not settled after 100000 rounds.
+    """
+    for _ in range(100000):
+        moved = False
+        selectables: list[Any] = [*reactor.readers, *reactor.writers]
+        for selectable in selectables:
+            isReader = selectable in reactor.readers
+            counter = "bytesRead" if isReader else "bytesWritten"
+            before = getattr(selectable, counter, 0)
+            why = selectable.doRead() if isReader else selectable.doWrite()
+            if why is not None:
+                reactor.removeReader(selectable)
+                reactor.removeWriter(selectable)
+                selectable.connectionLost(Failure(why))
+                moved = True
+            elif getattr(selectable, counter, 0) != before:
+                moved = True
+        if drain is not None and sink is not None:
+            try:
+                data = os.read(drain, 1 << 20)
+            except BlockingIOError:
+                data = b""
+            if data:
+                sink.append(data)
+                moved = True
+        if not moved:
+            return
+    raise AssertionError("pump did not settle")
+
+
+def driveProducer(transport: Any) -> None:
+    """
+    Pull every chunk from a pull producer registered on a
+    L{StringTransport}, until it unregisters.
+
+    @raise AssertionError: if it has not finished after 100000 chunks.
+    """
+    for _ in range(100000):
+        if transport.producer is None:
+            return
+        transport.producer.resumeProducing()
+    raise AssertionError("producer never finished")
