@@ -18,7 +18,7 @@ or a running reactor.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
@@ -31,14 +31,12 @@ from twisted_criu.interfaces import (
     IImageStore,
     ILocalImageService,
     IRemoteImageSink,
+    IRemoteLink,
     IStoredImage,
 )
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
-
-if TYPE_CHECKING:
-    from twisted_criu.link.receiver import RemoteReceiver
 
 
 @implementer(ILocalImageService)
@@ -97,16 +95,16 @@ class FakeSink:
         self.dumpsEnded = 0
         self.dumpsStarted = 0
 
-    def linkOpened(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+    def linkOpened(self, receiver: IRemoteLink) -> SnapshotRegistry:
         return self.registry
 
-    def linkClosed(self, receiver: RemoteReceiver, clean: bool) -> None:
+    def linkClosed(self, receiver: IRemoteLink, clean: bool) -> None:
         self.closed.append(clean)
 
-    def dumpEnded(self, receiver: RemoteReceiver) -> None:
+    def dumpEnded(self, receiver: IRemoteLink) -> None:
         self.dumpsEnded += 1
 
-    def dumpStarted(self, receiver: RemoteReceiver) -> SnapshotRegistry:
+    def dumpStarted(self, receiver: IRemoteLink) -> SnapshotRegistry:
         self.dumpsStarted += 1
         return self.registry
 
