@@ -17,7 +17,7 @@ import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests import test_process_failures as pf
+from tests.slow import test_process_failures as pf
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ bytes or ENOENT), the survivors keep serving, and the daemons say in their
 log files what happened.
 
 The helpers here (L{Daemon}, L{Relay}, L{writeImage}, L{readImage}, ...)
-are also used by C{tests.test_load}.  Every wait is bounded, and every
+are also used by C{tests.slow.test_load}.  Every wait is bounded, and every
 process started here is killed in cleanup.
 """
 
@@ -38,9 +38,9 @@ from twisted_criu.testing.criu import LocalImageClient
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
-#: How the daemons are run (see tests.test_traces).
+#: How the daemons are run (see tests.slow.test_traces).
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
 
 #: The longest any single step may take (a daemon starting, an image
