@@ -28,7 +28,7 @@ class _Pair(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.m = Migration(self)
         self.store = SpillStore(2 << 20, self.mktemp())  # spills past about 1 MiB: both kinds of bytes

@@ -313,7 +313,7 @@ def readImage(path: str, name: str, snapshotId: str = SNAP, timeout: float = STE
     with reader:
         fd = reader.pipe
         assert fd is not None
-        parts = []
+        parts: list[bytes] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -792,7 +792,13 @@ class RestoreKilledTests(_DaemonTest):
             [sys.executable, "-c", READER, str(REPO), cache.socketPath],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )
-        self.addCleanup(lambda: (reader.poll() is None and reader.kill(), reader.wait(10)))
+
+        def stopReader() -> None:
+            if reader.poll() is None:
+                reader.kill()
+            reader.wait(10)
+
+        self.addCleanup(stopReader)
         assert reader.stdout is not None
         ready = select.select([reader.stdout], [], [], STEP)[0]
         self.assertTrue(ready, "the reader never read its first MiB")
