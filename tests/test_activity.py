@@ -16,7 +16,7 @@ class ActivityTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.activity = Activity(self.clock, interval=5.0)
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def progressLines(self) -> list[str]:
         return [formatEvent(e) for e in self.events if "progress:" in e.get("log_format", "")]

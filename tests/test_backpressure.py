@@ -121,5 +121,5 @@ class LinkTests(SynchronousTestCase):
         self.assertLessEqual(image.readOut, CHUNK_SIZE)
         self.assertLessEqual(len(transport.value()), CHUNK_SIZE + 100)
         for _ in range(3):
-            transport.producer.resumeProducing()
+            transport.producer.resumeProducing()  # type: ignore[attr-defined]
         self.assertLessEqual(image.readOut, 4 * CHUNK_SIZE)

@@ -37,7 +37,7 @@ class ChainTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.m = Migration(self)
         yield self.m.start()
 
@@ -201,7 +201,7 @@ class KeepAndControlTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.m = Migration(self)
         port = yield self.m.startCacheWith(keep=True)
         self.m.startProxy(port.getHost().port)
@@ -334,7 +334,7 @@ class PushTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.m = Migration(self)
         port = yield self.m.startCache()
         self.port = port.getHost().port

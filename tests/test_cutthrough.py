@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -18,6 +18,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.test_services import Migration, inThread, waitFor
+from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.testing.criu import ImageWriter
 
@@ -28,7 +29,7 @@ class _Pair(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.m = Migration(self)
         self.store = SpillStore(2 << 20, self.mktemp())  # spills past about 1 MiB: both kinds of bytes
@@ -51,7 +52,8 @@ class _Pair(TestCase):
     def cacheReceived(self) -> int:
         """Bytes of the image the cache is receiving now."""
         assert self.m.cache is not None and self.m.cache.session is not None
-        return sum(r._received for r in self.m.cache.session.links if r._writer is not None)
+        links = [cast(RemoteReceiver, r) for r in self.m.cache.session.links]
+        return sum(r._received for r in links if r._writer is not None)
 
     @inlineCallbacks
     def migrateConcurrent(self) -> Any:

@@ -38,7 +38,7 @@ def _errors(events: Any) -> list[str]:
 class SilentClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.service = FakeLocalService()
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def test_localClientThatNeverSpeaks(self) -> None:
         protocol = LocalImageProtocol(self.service)
@@ -85,7 +85,7 @@ class SilentClientTests(SynchronousTestCase):
 
 class LinkStallTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def test_cacheDropsALinkStalledInsideAnImage(self) -> None:
         sink = FakeSink()
@@ -116,10 +116,10 @@ class LinkStallTests(SynchronousTestCase):
         transport = StringTransport()
         sender.makeConnection(transport)
         sender.enqueue(("s", "pages-1.img"))
-        transport.producer.resumeProducing()
+        transport.producer.resumeProducing()  # type: ignore[attr-defined]
         clock.advance(5)
         self.assertFalse(transport.disconnected)  # the first chunk went out
-        transport.producer.resumeProducing()
+        transport.producer.resumeProducing()  # type: ignore[attr-defined]
         clock.advance(5)
         self.assertFalse(transport.disconnected)
         clock.advance(5)  # the cache stopped reading: no progress for 5 s

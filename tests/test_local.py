@@ -23,7 +23,7 @@ KEY = ("snap1", "pages-1.img")
 class LocalProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.service = FakeLocalService()
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def connect(self) -> tuple[LocalImageProtocol, StringTransport]:
         protocol = LocalImageProtocol(self.service)
@@ -57,7 +57,12 @@ class LocalProtocolTests(SynchronousTestCase):
             protocol.dataReceived(b"\0")
         protocol.connectionLost(Failure(ConnectionDone()))
         os.write(writeEnd, data)
-        self.addCleanup(lambda: isClosed(writeEnd) or os.close(writeEnd))
+
+        def closeWriteEnd() -> None:
+            if not isClosed(writeEnd):
+                os.close(writeEnd)
+
+        self.addCleanup(closeWriteEnd)
         return protocol, writeEnd
 
     # -- writes ---------------------------------------------------------------
@@ -313,8 +318,8 @@ class FullDiskTests(SynchronousTestCase):
             def abort(self) -> None:
                 pass
 
-        service.store.newWriter = lambda base=None: FullWriter()  # type: ignore[method-assign]
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service.store.newWriter = lambda base=None: FullWriter()  # type: ignore[method-assign, assignment, return-value]
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         protocol = LocalImageProtocol(service)
         protocol.makeConnection(StringTransport())
         readEnd, writeEnd = os.pipe()

@@ -23,7 +23,7 @@ class MetricsTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.m = Migration(self)
         yield self.m.start()
         assert self.m.cache and self.m.proxy

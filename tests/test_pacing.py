@@ -17,9 +17,11 @@ import time
 from typing import Any, Callable
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -162,7 +164,7 @@ class BacklogTests(SynchronousTestCase):
         self.assertEqual(error.errno, errno.ENOSPC)
         writer.abort()
         self.assertEqual((self.store.inMemory, self.store.onDisk), (0, 0))
-        self.assertEqual(os.listdir(self.store.directory), [".lock"])  # type: ignore[arg-type]
+        self.assertEqual(os.listdir(self.store.directory), [".lock"])
 
     def test_withoutAReactorTheWriterWaitsAtTheCap(self) -> None:
         """Nobody could be told of the disk catching up: past the cap, the write waits for it."""
@@ -248,6 +250,7 @@ class LinkIntakeTests(SynchronousTestCase):
         receiver.dataReceived(stream[head:])
         image = sink.registry.get(("snap1", "pages-1.img"))
         self.assertIsNotNone(image)
+        assert image is not None
         self.assertEqual(readAll(image), data)
 
 
@@ -256,7 +259,7 @@ class PipeIntakeTests(TestCase):
 
     def test_slowDiskPausesThePipeNotTheReactor(self) -> None:
         disk = StuckDisk(self)
-        store = SpillStore(0, self.mktemp(), reactor.callFromThread)
+        store = SpillStore(0, self.mktemp(), IReactorFromThreads(reactor).callFromThread)
         self.addCleanup(store.close)
         writer = store.newWriter()
         data = os.urandom((BEHIND + 3) * STAGE_SIZE + 4321)
@@ -334,7 +337,7 @@ class SlowReadConsumerTests(TestCase):
     """A restore pipe and a link socket wait for a slow disk; the reactor does not."""
 
     def setUp(self) -> None:
-        self.store = SpillStore(0, self.mktemp(), reactor.callFromThread)
+        self.store = SpillStore(0, self.mktemp(), IReactorFromThreads(reactor).callFromThread)
         self.addCleanup(self.store.close)
         self.data = os.urandom(3 * STAGE_SIZE + 999)
         self.image = storedImage(self.store, self.data)
@@ -394,9 +397,13 @@ class SlowReadConsumerTests(TestCase):
             def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
                 closed.callback(None)
 
-        port = reactor.listenTCP(0, Factory.forProtocol(Sending), interface="127.0.0.1")
+        factory = ServerFactory()
+        factory.protocol = Sending
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        cache = socket.create_connection(("127.0.0.1", port.getHost().port))
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        cache = socket.create_connection(("127.0.0.1", address.port))
         self.addCleanup(cache.close)
         transport = await connected
         self.addCleanup(transport.abortConnection)
@@ -415,9 +422,13 @@ class SlowReadConsumerTests(TestCase):
         follower = writer.follow()  # type: ignore[attr-defined]
         writer.write(self.data[: 2 * STAGE_SIZE])  # on disk before the link asks for it
 
+        def writeTheRest() -> None:
+            writer.write(self.data[2 * STAGE_SIZE :])
+            writer.commit()
+
         def send(transport: Any) -> Deferred[Any]:
             sent = LiveTransfer(follower).sendTo(transport)
-            reactor.callLater(0.01, lambda: (writer.write(self.data[2 * STAGE_SIZE :]), writer.commit()))
+            reactor.callLater(0.01, writeTheRest)
             return sent
 
         async def scenario() -> None:

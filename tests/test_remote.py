@@ -59,7 +59,7 @@ class _ReceiverCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.sink = FakeSink()
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def connect(self) -> tuple[RemoteReceiver, StringTransport]:
         receiver = RemoteReceiver(self.sink)
@@ -225,7 +225,7 @@ class SenderTests(SynchronousTestCase):
     def test_linkLostStopsSending(self) -> None:
         self.enqueue(("s", "a"), b"a" * 10)
         self.sender.connectionLost(Failure(ConnectionLost()))
-        self.transport.producer.stopProducing()
+        self.transport.producer.stopProducing()  # type: ignore[attr-defined]
         self.assertTrue(self.sender.lost)
 
     def test_replacedWhileQueuedSendsLatestOnce(self) -> None:
@@ -271,7 +271,7 @@ class RoomTests(SynchronousTestCase):
     def test_refuseImageLargerThanRoom(self) -> None:
         """A size beyond budget plus free disk is refused before any body byte."""
 
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         sink = FakeSink()
         sink.store = SpillStore(100, self.mktemp())  # type: ignore[assignment]
         receiver = RemoteReceiver(sink)
@@ -290,7 +290,7 @@ class ChecksumTests(SynchronousTestCase):
     """twisted-criu's optional SHA-256 (field 5, unknown to the C peers)."""
 
     def receive(self, data: bytes, digest: bytes) -> tuple[FakeSink, StringTransport, Any]:
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         sink = FakeSink()
         receiver = RemoteReceiver(sink)
         transport = StringTransport()
@@ -334,7 +334,7 @@ class LinkExtensionTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.sink = FakeSink()
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         self.receiver = RemoteReceiver(self.sink)
         self.transport = StringTransport()
         self.receiver.makeConnection(self.transport)
@@ -486,7 +486,7 @@ class ChunkedReceiverTests(_ReceiverCase):
 
 class SenderStatusTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         self.statuses: list[wire.LinkStatus] = []
         self.sender = RemoteSender(
             lambda s: None, lambda key: None, statusReceived=lambda s, st: self.statuses.append(st)

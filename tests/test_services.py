@@ -103,7 +103,7 @@ class ServiceTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.m = Migration(self)
         yield self.m.start()
 

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted_criu import wire
 from twisted_criu.criu.stream import StreamCaptureProtocol
 from twisted_criu.registry import readAll
-from twisted_criu.testing.criu import StreamClient
+from twisted_criu.testing.criu import ImageWriter, StreamClient
 from twisted_criu.testing.fakes import FakeLocalService, pump
 
 from .test_services import Migration, inThread, waitFor
@@ -31,7 +31,7 @@ class StreamTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]
         self.m = Migration(self)
         yield self.m.start()
         self.capture = StreamClient(self.m.captureSocket, timeout=20)
@@ -166,9 +166,9 @@ class StreamTraceTests(TestCase):
         images = {p.name: p.read_bytes() for p in (directory / "images").iterdir()}
 
         def dump() -> None:
-            writers = {}
+            writers: dict[str, ImageWriter] = {}
             for event in _events(directory / "dump.jsonl"):
-                name = event.get("name")
+                name: str = event.get("name", "")
                 if event["event"] == "fd":
                     writers[name] = capture.openWrite(name)
                 elif event["event"] == "data_eof":
@@ -180,7 +180,7 @@ class StreamTraceTests(TestCase):
         yield inThread(dump)
 
         def restore() -> list[tuple[str, Any]]:
-            mismatches = []
+            mismatches: list[tuple[str, Any]] = []
             for event in _events(directory / "restore.jsonl"):
                 if event["event"] == "request":
                     data = serve.read(event["name"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
+from typing import Any
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -113,11 +115,12 @@ class CacheOptionsTests(SynchronousTestCase):
 class OperationsOptionsTests(SynchronousTestCase):
     """The options both daemons share for operators."""
 
-    def parse(self, *argv: str, tap: object = cache_tap) -> usage.Options:
+    def parse(self, *argv: str, tap: ModuleType = cache_tap) -> Any:
+        """C{tap.Options} parsed from C{argv}: C{cache_tap}'s or C{proxy_tap}'s."""
         directory = socketDirectory(self)
-        options = tap.Options()  # type: ignore[attr-defined]
+        options = tap.Options()
         options.parseOptions(["-D", directory, *argv])
-        return options  # type: ignore[no-any-return]
+        return options
 
     def test_defaults(self) -> None:
         options = self.parse()

@@ -358,7 +358,7 @@ class MutualTLSTests(TestCase):
         m = self.m
         pki = m.pki
         yield m.startCache(*pki.args(pki.cache))
-        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(open(pki.ca.path).read())])
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(open(pki.ca.path, "rb").read())])
         endpoint = tls.TLSClientEndpoint(
             reactor,
             clientFromString(reactor, f"tcp:host=127.0.0.1:port={m.port}"),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_packaging -*-
+# -*- test-case-name: tests.slow.test_packaging -*-
 """
 A loopback migration, end to end, with no CRIU binary.
 

@@ -8,7 +8,7 @@ bytes or ENOENT), the survivors keep serving, and the daemons say in their
 log files what happened.
 
 The helpers here (L{Daemon}, L{Relay}, L{writeImage}, L{readImage}, ...)
-are also used by C{tests.test_load}.  Every wait is bounded, and every
+are also used by C{tests.slow.test_load}.  Every wait is bounded, and every
 process started here is killed in cleanup.
 """
 
@@ -39,7 +39,7 @@ from twisted_criu.testing.processes import TWISTD, freePort
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 #: The longest any single step may take (a daemon starting, an image
 #: arriving, a log line appearing) before the test fails.
@@ -304,7 +304,7 @@ def readImage(path: str, name: str, snapshotId: str = SNAP, timeout: float = STE
     with reader:
         fd = reader.pipe
         assert fd is not None
-        parts = []
+        parts: list[bytes] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -783,7 +783,13 @@ class RestoreKilledTests(_DaemonTest):
             [sys.executable, "-c", READER, str(REPO), cache.socketPath],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )
-        self.addCleanup(lambda: (reader.poll() is None and reader.kill(), reader.wait(10)))
+
+        def stopReader() -> None:
+            if reader.poll() is None:
+                reader.kill()
+            reader.wait(10)
+
+        self.addCleanup(stopReader)
         assert reader.stdout is not None
         ready = select.select([reader.stdout], [], [], STEP)[0]
         self.assertTrue(ready, "the reader never read its first MiB")

@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.python import log
 
-from tests import test_process_failures as pf
+from tests.slow import test_process_failures as pf
 
 MiB = pf.MiB
 SNAP = pf.SNAP

@@ -17,7 +17,7 @@ import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests import test_process_failures as pf
+from tests.slow import test_process_failures as pf
 
 MiB = 1 << 20
 
@@ -59,7 +59,12 @@ class ReadinessTests(SynchronousTestCase):
             "--metrics", f"tcp:{metricsPort}:interface=127.0.0.1",
         ]
         process = subprocess.Popen(argv, pass_fds=[writeEnd], env=env, stdin=subprocess.DEVNULL)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+
+        def stopDaemon() -> None:
+            if process.poll() is None:
+                process.kill()
+
+        self.addCleanup(stopDaemon)
         os.close(writeEnd)
         os.set_blocking(readEnd, True)
         # One byte when ready, then EOF: the daemon closed its end.

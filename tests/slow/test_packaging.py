@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu.twistd.options import DEFAULT_PORT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: What must never be copied into the wheel-building scratch tree.
 _SCRATCH = shutil.ignore_patterns(
