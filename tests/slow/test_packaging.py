@@ -43,6 +43,31 @@ def _makers() -> dict[str, IServiceMaker]:
     return {m.tapname: m for m in getPlugins(IServiceMaker, twisted.plugins)}
 
 
+#: Run with only an unpacked wheel on C{PYTHONPATH} (before the venv's own
+#: copy): each daemon plugin's tapname, the module it names, and where that
+#: module was imported from.
+_FIND_PLUGINS = """
+import importlib, os, twisted.plugins
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+for maker in sorted(getPlugins(IServiceMaker, twisted.plugins), key=lambda m: m.tapname):
+    if maker.tapname.startswith("criu-"):
+        module = importlib.import_module(maker.module)
+        where = module.__file__.split(os.sep + "twisted_criu" + os.sep)[0]
+        print(f"{maker.tapname}={maker.module}@{where}")
+"""
+
+
+def _packageModules() -> list[str]:
+    """Every C{.py} file of C{twisted_criu} in the checkout, as wheel paths."""
+    found = []
+    for directory, _, files in os.walk(os.path.join(REPO, "twisted_criu")):
+        for name in files:
+            if name.endswith(".py"):
+                found.append(os.path.relpath(os.path.join(directory, name), REPO))
+    return sorted(found)
+
+
 def _junk() -> set[str]:
     """Build by-products at the top of the checkout."""
     return {
@@ -173,6 +198,33 @@ class WheelTests(SynchronousTestCase):
             self.assertNotIn(forbidden, names)
         self.assertEqual([n for n in names if n.endswith("dropin.cache")], [])
         self.assertEqual([n for n in names if n.endswith((".pyc", ".pyo"))], [])
+
+        # Every module of the package (setup.cfg lists its packages one by
+        # one: a new subpackage left out of that list would be missing).
+        for path in _packageModules():
+            self.assertIn(path, names)
+
+        # Installed from the wheel alone, twistd finds both plugins, and
+        # each names a module that imports.
+        target = os.path.join(scratch, "installed")
+        with zipfile.ZipFile(os.path.join(out, wheels[0])) as wheel:
+            wheel.extractall(target)
+        found = subprocess.run(
+            [sys.executable, "-c", _FIND_PLUGINS],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=scratch,
+            env={**os.environ, "PYTHONPATH": target},
+        )
+        self.assertEqual(found.returncode, 0, found.stderr[-3000:])
+        self.assertEqual(
+            found.stdout.split(),
+            [
+                "criu-cache=twisted_criu.twistd.cache_tap@" + target,
+                "criu-proxy=twisted_criu.twistd.proxy_tap@" + target,
+            ],
+        )
 
         # Building happened in the copy: the checkout gained no build junk.
         self.assertEqual(_junk() - before, set())
