@@ -29,9 +29,7 @@ from twisted_criu.interfaces import (
     ILocalImageService,
     IRemoteImageSink,
     ISessionControl,
-    IStoredImage,
 )
-from twisted_criu.keys import ImageKey
 from twisted_criu.link.receiver import RemoteReceiver, RemoteReceiverFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry

@@ -19,6 +19,7 @@ from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamCaptureFactory
 from twisted_criu.daemons.control import SessionView
+from twisted_criu.daemons.dumpchain import DELIVERED
 from twisted_criu.daemons.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
 from twisted_criu.daemons.proxysession import ProxySession, RetryPolicy
 from twisted_criu.daemons.sessions import SessionHolder
@@ -166,7 +167,7 @@ class ImageProxyService(SessionHolder[ProxySession], MultiService):
         session = self.findSession(sessionId)
         view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
         if session is self.session:
-            if session.state != "delivered" or session.registry.writesInProgress:
+            if session.state != DELIVERED or session.registry.writesInProgress:
                 raise SessionBusy(
                     f"session {sessionId} is {session.state}: drop it once its dump"
                     " has been delivered"

@@ -85,7 +85,7 @@ class ProxySession:
         self.id = sessionId
         self.cutThrough = cutThrough and not checksum
         self.started = reactor.seconds()
-        self.clock = reactor
+        self._clock = reactor
         self.registry = SnapshotRegistry(waitForMissing=False)
         self.checksum = checksum
         self._digests: dict[ImageKey, tuple[IStoredImage, bytes]] = {}
@@ -104,9 +104,7 @@ class ProxySession:
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
-        factory = RemoteSenderFactory(
-            self, clock=reactor, stallTimeout=linkTimeout, activity=activity
-        )
+        factory = RemoteSenderFactory(self, clock=reactor, stallTimeout=linkTimeout, activity=activity)
         self._link = ClientService(cache, factory, **kwargs)
 
     @property
@@ -251,32 +249,32 @@ class ProxySession:
     # -- ending a dump (called by the ending's machine) --------------------------
 
     @property
-    def _dumpComplete(self) -> bool:
-        """Is a finished dump the last of the chain (one that may be ended)?"""
+    def _lastDumpFinished(self) -> bool:
+        """Has the chain's last dump finished (and the chain not ended)?"""
         return self.state in (FORWARDING, DELIVERED)
 
     def maybeEndDump(self) -> None:
         """If the link owes the cache an end of dump, end it once the link is idle."""
         sender = self._sender
-        if not self._dumpComplete or self._hashing:
+        if not self._lastDumpFinished or self._hashing:
             return
         if sender is None or sender.lost:
             return
-        if self.dumpsDelivered < self.dumpsFinished or sender.imagesSinceMarker > 0:
+        if self.state == FORWARDING or sender.imagesSinceMarker > 0:
             self._ending.waitForIdle(sender)
 
     def linkIdle(self, sender: RemoteSender) -> None:
         """C{sender} handed everything over: how may the dump end?"""
         if sender is not self._sender:
             return  # a new connection started over
-        if sender.lost or not self._dumpComplete:
+        if sender.lost or not self._lastDumpFinished:
             self._ending.notYet()
         elif not sender.idle:  # an image was replaced meanwhile
             self._ending.notYet()
             self.maybeEndDump()
         elif sender.extended:
             self._ending.endWithMarker(sender)
-        elif (waited := self.clock.seconds() - sender.connectedAt) < HELLO_GRACE:
+        elif (waited := self._clock.seconds() - sender.connectedAt) < HELLO_GRACE:
             self._ending.awaitHello(HELLO_GRACE - waited)
         else:
             self._ending.endWithEOF(sender)
