@@ -8,6 +8,7 @@ L{DumpChain} is the chain, as an operator sees it::
     dumping --dumpFinished--> forwarding --dumpDelivered--> delivered
        ^                          |                             |
        +--------dumpBegun---------+----------dumpBegun----------+
+    delivered --dumpFinished--> forwarding  (two completions of one dump)
     (any) --chainOver--> complete;  delivered --dropped--> complete
 
 L{DumpEnding} is how a finished dump is ended on the current connection::
@@ -24,7 +25,8 @@ nothing) and refused (L{automat.NoTransition}) where they cannot come.
 The chain's outputs only count: they call nothing outside the chain, so
 its queries (L{DumpChain.state}) may be asked from anywhere.  The ending's
 inputs all return L{None}: an input arriving while one of its outputs runs
-is run right after it (Automat's rule), never refused.  (A transition out
+(say, C{whenIdle} firing at once) is run right after it, as Automat does
+for such inputs.  (A transition out
 of a state with data always passes the data to its output: Automat honours
 C{nodata} only on loops of such a state.)
 """
