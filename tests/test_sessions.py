@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from twisted_criu import wire
-from twisted_criu.daemons.cachesession import CacheSession, RestoreMachine, _NoCore
+from twisted_criu.daemons.cachesession import CacheSession, RestoreMachine, RestoreCore
 from twisted_criu.daemons.dumpchain import (
     COMPLETE,
     DELIVERED,
@@ -295,7 +295,8 @@ class EndingTests(SynchronousTestCase):
             lambda: (self.idle(), self.ending.endWithMarker(self.sender)),
             lambda: (self.idle(), self.ending.awaitHello(1.0)),
         ):
-            ending = self.ending = EndingMachine(EndingCore(self.session, self.clock))  # type: ignore[arg-type]
+            core = EndingCore(self.session, self.clock)  # type: ignore[arg-type]
+            ending = self.ending = EndingMachine(core)
             self.sender.idleWaiters.clear()
             step()
             self.session.calls.clear()
@@ -321,7 +322,7 @@ class RestoreTests(SynchronousTestCase):
     """L{Restore}: idle, receiving, waiting for the restore, complete."""
 
     def setUp(self) -> None:
-        self.restore = RestoreMachine(_NoCore())
+        self.restore = RestoreMachine(RestoreCore())
 
     def walk(self, *inputs: str) -> list[tuple[str, bool]]:
         seen = []

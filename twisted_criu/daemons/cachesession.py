@@ -62,12 +62,12 @@ class Restore(Protocol):
         """criu finished the restore."""
 
 
-class _NoCore:
-    """The machine keeps nothing but its state."""
+class RestoreCore:
+    """The restore machine's core: it keeps nothing but its state."""
 
 
-def _buildRestore() -> TypeMachine[Restore, _NoCore]:
-    builder = TypeMachineBuilder(Restore, _NoCore)
+def _buildRestore() -> TypeMachine[Restore, RestoreCore]:
+    builder = TypeMachineBuilder(Restore, RestoreCore)
     idle = builder.state("idle")
     receiving = builder.state("receiving")
     waiting = builder.state("waiting for the restore")
@@ -131,7 +131,7 @@ class CacheSession:
         self.links: set[RemoteReceiver] = set()
         self.idleLinks: set[RemoteReceiver] = set()
         self.seed = False
-        self._restore = RestoreMachine(_NoCore())
+        self._restore = RestoreMachine(RestoreCore())
 
     @property
     def state(self) -> str:

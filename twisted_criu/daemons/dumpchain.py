@@ -192,7 +192,9 @@ class EndingSession(Protocol):
     def linkIdle(self, sender: RemoteSender) -> None:
         """C{sender} handed everything over: decide how the dump ends."""
 
-    def dumpConfirmed(self, sender: RemoteSender, status: wire.LinkStatus, receipt: Receipt) -> None:
+    def dumpConfirmed(
+        self, sender: RemoteSender, status: wire.LinkStatus, receipt: Receipt
+    ) -> None:
         """The cache answered the end-of-dump marker described by C{receipt}."""
 
     def endWithEOF(self, sender: RemoteSender) -> None:

@@ -104,7 +104,9 @@ class ProxySession:
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
-        factory = RemoteSenderFactory(self, clock=reactor, stallTimeout=linkTimeout, activity=activity)
+        factory = RemoteSenderFactory(
+            self, clock=reactor, stallTimeout=linkTimeout, activity=activity
+        )
         self._link = ClientService(cache, factory, **kwargs)
 
     @property
@@ -279,7 +281,9 @@ class ProxySession:
         else:
             self._ending.endWithEOF(sender)
 
-    def dumpConfirmed(self, sender: RemoteSender, status: wire.LinkStatus, receipt: Receipt) -> None:
+    def dumpConfirmed(
+        self, sender: RemoteSender, status: wire.LinkStatus, receipt: Receipt
+    ) -> None:
         """The cache answered an end-of-dump marker with C{status}."""
         if (status.images, status.size) != (receipt.images, receipt.size):
             self.log.error(

@@ -2,10 +2,11 @@
 """
 What a daemon holds of its sessions: the current one and the kept ones.
 
-The sessions themselves, each driven by an explicit state machine, are
+The sessions themselves, each driven by explicit state machines, are
 L{twisted_criu.daemons.proxysession.ProxySession} (a chain of dumps and
-the link forwarding it) and L{twisted_criu.daemons.cachesession.CacheSession}
-(a restore and the links feeding it); both provide L{ISession}.
+the link forwarding it; its machines are in L{twisted_criu.daemons.dumpchain})
+and L{twisted_criu.daemons.cachesession.CacheSession} (a restore and the
+links feeding it); both provide L{ISession}.
 """
 
 from __future__ import annotations
