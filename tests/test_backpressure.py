@@ -18,7 +18,7 @@ from twisted_criu.interfaces import IStoredImage
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.testing.fakes import FakeLocalService, pump, storedImage
+from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, pump, storedImage
 
 PIPE_CAPACITY = 1 << 16
 IMAGE = os.urandom(4 << 20)
@@ -113,7 +113,7 @@ class LinkTests(SynchronousTestCase):
 
     def test_slowCache(self) -> None:
         image = CountingImage(storedImage(MemoryStore(), IMAGE))
-        sender = RemoteSender(lambda s: None, lambda key: image)  # type: ignore[arg-type,return-value]
+        sender = RemoteSender(FakeLinkSource(image))  # type: ignore[arg-type]
         transport = StringTransport()
         sender.makeConnection(transport)
         sender.enqueue(("s", "pages-1.img"))

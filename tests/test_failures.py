@@ -25,7 +25,7 @@ from twisted_criu.criu.stream import StreamCaptureProtocol
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.testing.fakes import FakeLocalService, FakeSink
+from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, FakeSink
 
 from .helpers import isClosed
 from .test_services import Migration, inThread
@@ -112,7 +112,7 @@ class LinkStallTests(SynchronousTestCase):
         writer = MemoryStore().newWriter()
         writer.write(b"x" * (4 << 20))
         image = writer.commit()
-        sender = RemoteSender(lambda s: None, lambda key: image, clock, 5.0)
+        sender = RemoteSender(FakeLinkSource(image), clock=clock, stallTimeout=5.0)
         transport = StringTransport()
         sender.makeConnection(transport)
         sender.enqueue(("s", "pages-1.img"))

@@ -37,7 +37,7 @@ from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.testing.fakes import FakeLocalService, FakeSink, driveProducer, pump
+from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, FakeSink, driveProducer, pump
 
 from .test_wire import _collect as collectFrames
 
@@ -442,8 +442,9 @@ class RemoteSenderFuzzTests(_Counting):
     ])), max_size=6))
     def test_anythingFromTheCache(self, data: list[bytes]) -> None:
         self.count()
-        statuses: list[wire.LinkStatus] = []
-        sender = RemoteSender(lambda s: None, lambda k: None, statusReceived=lambda s, st: statuses.append(st))
+        source = FakeLinkSource()
+        statuses: list[wire.LinkStatus] = source.statuses
+        sender = RemoteSender(source)
         transport = StringTransport()
         sender.makeConnection(transport)
         for piece in data:

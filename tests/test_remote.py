@@ -18,7 +18,7 @@ from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.testing.fakes import FakeSink, driveProducer
+from twisted_criu.testing.fakes import FakeLinkSource, FakeSink, driveProducer
 
 
 class RecordingTransport(StringTransport):
@@ -184,9 +184,10 @@ class ReceiverTests(_ReceiverCase):
 
 class SenderTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.connected: list[RemoteSender] = []
-        self.images: dict[tuple[str, str], Any] = {}
-        self.sender = RemoteSender(self.connected.append, self.images.get)
+        source = FakeLinkSource()
+        self.connected: list[RemoteSender] = source.connected
+        self.images: dict[tuple[str, str], Any] = source.images
+        self.sender = RemoteSender(source)
         self.transport = RecordingTransport()
         self.sender.makeConnection(self.transport)
 
@@ -487,10 +488,9 @@ class ChunkedReceiverTests(_ReceiverCase):
 class SenderStatusTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
-        self.statuses: list[wire.LinkStatus] = []
-        self.sender = RemoteSender(
-            lambda s: None, lambda key: None, statusReceived=lambda s, st: self.statuses.append(st)
-        )
+        source = FakeLinkSource()
+        self.statuses: list[wire.LinkStatus] = source.statuses
+        self.sender = RemoteSender(source)
         self.transport = StringTransport()
         self.sender.makeConnection(self.transport)
 

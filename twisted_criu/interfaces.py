@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from twisted_criu import wire
     from twisted_criu.daemons.control import SessionView
     from twisted_criu.keys import ImageKey
+    from twisted_criu.link.sender import RemoteSender
 
 
 class IImageReader(Interface):
@@ -220,3 +221,38 @@ class ISessionControl(Interface):
         @raise KeyError: no such session.
         @raise SessionBusy: a dump or a restore is using it.
         """
+
+
+class ISession(Interface):
+    """
+    One migration session of a daemon (the proxy's chain of dumps, or the
+    cache's restore): what an operator sees of it and its images.
+    """
+
+    id = Attribute("The session's id, unique in its daemon (a string).")
+    state = Attribute("What the session is doing, for operators (C{twisted-criu ls}).")
+    started = Attribute("When the session started (seconds since the epoch).")
+    registry = Attribute("The session's L{SnapshotRegistry}: its images.")
+    seed = Attribute("criu asked with the seed (null snapshot) variant of the protocol.")
+
+
+class ILinkSource(Interface):
+    """What the proxy's session offers its end of the link (L{RemoteSender})."""
+
+    def linkUp(sender: RemoteSender) -> None:
+        """A connection to the cache is made: C{sender} forwards on it."""
+
+    def imageFor(key: ImageKey) -> IStoredImage | None:
+        """The complete image to forward under C{key} now, if any."""
+
+    def digestFor(key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
+        """
+        The checksum to send with C{image}: C{(ready, sha256)}.  Not ready:
+        the image is enqueued again once its checksum is known.
+        """
+
+    def nextLive() -> tuple[ImageKey, IGrowingImage] | None:
+        """An image criu is still writing, to cut through now that the link is free."""
+
+    def statusReceived(sender: RemoteSender, status: wire.LinkStatus) -> None:
+        """The cache sent C{status} on C{sender}'s connection."""

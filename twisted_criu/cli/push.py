@@ -63,7 +63,7 @@ def imageFiles(directory: str) -> list[str]:
 
 @defer.inlineCallbacks
 def push(reactor: Any, options: PushOptions, out: Any) -> Any:
-    from twisted_criu.daemons.proxy import ProxySession
+    from twisted_criu.daemons.proxysession import ProxySession
     from twisted_criu.progress import Activity
     from twisted_criu.storage.files import FileImage
     from twisted_criu.twistd.proxy_tap import cacheEndpoint

@@ -19,8 +19,10 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
-from twisted_criu.daemons.control import SessionHolder, SessionView
+from twisted_criu.daemons.cachesession import CacheSession
+from twisted_criu.daemons.control import SessionView
 from twisted_criu.daemons.endpoints import ObservedServerEndpoint
+from twisted_criu.daemons.sessions import SessionHolder
 from twisted_criu.errors import SessionBusy
 from twisted_criu.interfaces import (
     IImageStore,
@@ -28,54 +30,15 @@ from twisted_criu.interfaces import (
     IRemoteImageSink,
     IRemoteLink,
     ISessionControl,
-    IStoredImage,
 )
-from twisted_criu.keys import ImageKey
 from twisted_criu.link.receiver import RemoteReceiverFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
 
 
-class CacheSession:
-    """
-    One restore: the images received for it and the two ends that must both
-    finish before it is over (the proxy's EOF and criu's restore finish).
-    """
-
-    def __init__(self, sessionId: str = "1", started: float = 0.0) -> None:
-        self.id = sessionId
-        self.started = started
-        self.registry = SnapshotRegistry(waitForMissing=True)
-        self.registry.onPublish(self._published)
-        #: Links in the middle of a dump (or connected and not yet sending).
-        self.links: set[IRemoteLink] = set()
-        #: Links whose dump ended with a marker, kept open for the next dump.
-        self.idleLinks: set[IRemoteLink] = set()
-        self.remoteDone = False
-        self.restoreDone = False
-        self.seed = False
-
-    @property
-    def complete(self) -> bool:
-        return self.remoteDone and self.restoreDone
-
-    @property
-    def state(self) -> str:
-        """For operators: what the session is waiting for."""
-        if self.complete:
-            return "complete"
-        if not self.remoteDone:
-            return "receiving" if self.links else "idle"
-        return "waiting for the restore"
-
-    def _published(self, key: ImageKey, image: IStoredImage) -> None:
-        if key[0] == wire.SEED_NULL_SNAPSHOT:
-            self.seed = True
-
-
 @implementer(ILocalImageService, IRemoteImageSink, ISessionControl)
-class ImageCacheService(SessionHolder, MultiService):
+class ImageCacheService(SessionHolder[CacheSession], MultiService):
     """
     The image cache, embeddable in any Twisted application.
 
@@ -195,11 +158,11 @@ class ImageCacheService(SessionHolder, MultiService):
 
     role = "cache"
 
-    def currentSession(self) -> Any:
+    def currentSession(self) -> CacheSession:
         return self.session
 
     def dropSession(self, sessionId: str) -> SessionView:
-        session: CacheSession = self.findSession(sessionId)
+        session = self.findSession(sessionId)
         view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
         if session is self.session:
             registry = session.registry
@@ -221,28 +184,25 @@ class ImageCacheService(SessionHolder, MultiService):
     def linkOpened(self, receiver: IRemoteLink) -> SnapshotRegistry:
         self._cancelGiveUp()
         session = self.session
-        if session.remoteDone:  # another dump for the same restore
-            session.remoteDone = False
-            session.registry.reopen()
-        elif not session.links and not session.idleLinks and not session.registry.keys():
+        fresh = not (session.links or session.idleLinks or session.registry.keys())
+        if fresh and not session.remoteDone:
             self.log.info("session {id} started", id=session.id)
-        session.links.add(receiver)
+        session.linkSending(receiver)
         return session.registry
 
     def linkClosed(self, receiver: IRemoteLink, clean: bool) -> None:
         session = self.session
         session.idleLinks.discard(receiver)
-        if receiver not in session.links:
+        if receiver not in session.links or not session.linkStopped(receiver):
             return
-        session.links.discard(receiver)
         if not clean:
-            if not session.links:
-                self.log.warn(
-                    "link to the proxy lost; waiting {seconds} s for it to come back",
-                    seconds=self.linkTimeout,
-                )
-                self._cancelGiveUp()
-                self._giveUp = self.reactor.callLater(self.linkTimeout, self._proxyGone, session)
+            session.linkLost()
+            self.log.warn(
+                "link to the proxy lost; waiting {seconds} s for it to come back",
+                seconds=self.linkTimeout,
+            )
+            self._cancelGiveUp()
+            self._giveUp = self.reactor.callLater(self.linkTimeout, self._proxyGone, session)
             return
         self._remoteQuiet(session)
 
@@ -250,9 +210,9 @@ class ImageCacheService(SessionHolder, MultiService):
         session = self.session
         if receiver not in session.links:
             return
-        session.links.discard(receiver)
         session.idleLinks.add(receiver)
-        self._remoteQuiet(session)
+        if session.linkStopped(receiver):
+            self._remoteQuiet(session)
 
     def dumpStarted(self, receiver: IRemoteLink) -> SnapshotRegistry:
         session = self.session
@@ -260,15 +220,12 @@ class ImageCacheService(SessionHolder, MultiService):
         return self.linkOpened(receiver)
 
     def _remoteQuiet(self, session: CacheSession) -> None:
-        """A link ended its dump: is every proxy done sending?"""
-        if session.links:
-            return
+        """Every proxy is done sending."""
         self.log.info(
             "proxy finished sending ({images} images)",
             images=len(session.registry.keys()),
         )
-        session.remoteDone = True
-        session.registry.close()
+        session.remoteQuiet()
         self._maybeComplete()
 
     def _cancelGiveUp(self) -> None:
@@ -288,8 +245,7 @@ class ImageCacheService(SessionHolder, MultiService):
             images=len(session.registry.keys()),
             waiting=waiting,
         )
-        session.remoteDone = True
-        session.registry.close()
+        session.proxyGone()
         self._maybeComplete()
 
     # -- ILocalImageService --------------------------------------------------
@@ -301,7 +257,7 @@ class ImageCacheService(SessionHolder, MultiService):
 
     def finishRequested(self, request: wire.LocalRequest) -> None:
         self.log.info("criu finished its restore")
-        self.session.restoreDone = True
+        self.session.restoreFinished()
         self._maybeComplete()
 
     def readsInline(self, request: wire.LocalRequest) -> bool:

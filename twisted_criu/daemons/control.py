@@ -23,8 +23,7 @@ from twisted.web import http, resource, server
 
 from twisted_criu.errors import SessionBusy
 from twisted_criu.flow.send import ImageTransfer
-from twisted_criu.interfaces import ISessionControl, IStoredImage
-from twisted_criu.keys import ImageKey
+from twisted_criu.interfaces import ISessionControl
 from twisted_criu.registry import SnapshotRegistry
 
 
@@ -80,64 +79,6 @@ class SessionView:
                 {"snapshot_id": i.snapshotId, "name": i.name, "size": i.size} for i in self.images
             ]
         return described
-
-
-class SessionHolder:
-    """
-    The listing half of L{ISessionControl} for a daemon that has a current
-    session and kept ones; each session has C{id}, C{state}, C{started} and
-    C{registry}.
-    """
-
-    kept: dict[str, Any]
-    keep: bool
-    log: Logger
-
-    def currentSession(self) -> Any | None:
-        raise NotImplementedError()
-
-    def retire(self, session: Any) -> None:
-        """A session is over: keep it (C{keep}) or drop its images."""
-        if self.keep:
-            self.kept[session.id] = session
-            self.log.info("session {id} is over; its images are kept (--keep)", id=session.id)
-        else:
-            session.registry.release()
-            self.log.info("session {id} is over; its images are dropped", id=session.id)
-
-    def releaseAll(self) -> None:
-        """The daemon stops: drop every session's images."""
-        current = self.currentSession()
-        if current is not None:
-            current.registry.release()
-        for kept in self.kept.values():
-            kept.registry.release()
-        self.kept.clear()
-
-    def listSessions(self) -> list[SessionView]:
-        views = []
-        current = self.currentSession()
-        if current is not None:
-            views.append(
-                SessionView.of(current.id, current.state, True, current.started, current.registry)
-            )
-        for kept in self.kept.values():
-            views.append(SessionView.of(kept.id, "kept", False, kept.started, kept.registry))
-        return views
-
-    def findSession(self, sessionId: str) -> Any:
-        """The current or a kept session; L{KeyError} if there is none."""
-        current = self.currentSession()
-        if current is not None and current.id == sessionId:
-            return current
-        return self.kept[sessionId]
-
-    def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
-        try:
-            image: IStoredImage | None = self.findSession(sessionId).registry.get(key)
-        except KeyError:
-            return None
-        return image
 
 
 def _json(request: server.Request, value: Any, code: int = http.OK) -> bytes:

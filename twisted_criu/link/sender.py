@@ -7,7 +7,7 @@ writes it), and reads the cache's link statuses.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -22,17 +22,11 @@ from twisted_criu.flow.chunks import LiveTransfer
 from twisted_criu.flow.send import ImageTransfer
 from twisted_criu.interfaces import (
     IGrowingImage,
+    ILinkSource,
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.progress import Activity, Direction, Transfer
-
-#: C{(key, image) -> (ready, sha256)}: the checksum to send with an image.
-DigestLookup = Callable[[ImageKey, IStoredImage], "tuple[bool, bytes | None]"]
-
-#: Gives the link, when it is free, an image criu is still writing to cut
-#: through (or None).
-LiveLookup = Callable[[], "tuple[ImageKey, IGrowingImage] | None"]
 
 
 class RemoteSender(Protocol):
@@ -46,18 +40,21 @@ class RemoteSender(Protocol):
 
     def __init__(
         self,
-        connected: Callable[[RemoteSender], None],
-        imageFor: Callable[[ImageKey], IStoredImage | None],
+        source: ILinkSource,
+        *,
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
-        digestFor: DigestLookup | None = None,
-        statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
         activity: Activity | None = None,
-        nextLive: LiveLookup | None = None,
     ) -> None:
-        self._connected = connected
-        self._nextLive = nextLive
-        self._statusReceived = statusReceived
+        """
+        @param source: the images to forward, and who hears of the link.
+        @param clock: times the stall watchdog (none without it).
+        @param stallTimeout: seconds an image may make no progress.
+        @param activity: counts and times the transfers.
+        """
+        self._connected = source.linkUp
+        self._nextLive = source.nextLive
+        self._statusReceived = source.statusReceived
         if activity is None:  # counted nowhere else, but timed all the same
             from twisted.internet import reactor
 
@@ -74,8 +71,8 @@ class RemoteSender(Protocol):
         #: Images and bytes handed over since the last end-of-dump marker.
         self.imagesSinceMarker = 0
         self.bytesSinceMarker = 0
-        self._imageFor = imageFor
-        self._digestFor = digestFor
+        self._imageFor = source.imageFor
+        self._digestFor = source.digestFor
         self._clock = clock
         self.stallTimeout = stallTimeout
         self._watchdog: IDelayedCall | None = None
@@ -330,38 +327,26 @@ class RemoteSender(Protocol):
 
 
 class RemoteSenderFactory(Factory):
+    """Builds a L{RemoteSender} per connection, each forwarding C{source}'s images."""
+
     noisy = False
 
     def __init__(
         self,
-        connected: Callable[[RemoteSender], None],
-        imageFor: Callable[[ImageKey], IStoredImage | None],
+        source: ILinkSource,
+        *,
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
-        digestFor: DigestLookup | None = None,
-        statusReceived: Callable[[RemoteSender, wire.LinkStatus], None] | None = None,
         activity: Activity | None = None,
-        nextLive: LiveLookup | None = None,
     ) -> None:
-        self.connected = connected
-        self.nextLive = nextLive
-        self.imageFor = imageFor
+        self.source = source
         self.clock = clock
         self.stallTimeout = stallTimeout
-        self.digestFor = digestFor
-        self.statusReceived = statusReceived
         self.activity = activity
 
     def buildProtocol(self, addr: Any) -> RemoteSender:
         protocol = RemoteSender(
-            self.connected,
-            self.imageFor,
-            self.clock,
-            self.stallTimeout,
-            self.digestFor,
-            self.statusReceived,
-            self.activity,
-            self.nextLive,
+            self.source, clock=self.clock, stallTimeout=self.stallTimeout, activity=self.activity
         )
         protocol.factory = self
         return protocol

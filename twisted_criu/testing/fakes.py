@@ -28,12 +28,16 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.criu.images import ReadVariant, readsInline
 from twisted_criu.interfaces import (
+    IGrowingImage,
     IImageStore,
+    ILinkSource,
     ILocalImageService,
     IRemoteImageSink,
     IRemoteLink,
     IStoredImage,
 )
+from twisted_criu.keys import ImageKey
+from twisted_criu.link.sender import RemoteSender
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
@@ -164,3 +168,32 @@ def driveProducer(transport: Any) -> None:
             return
         transport.producer.resumeProducing()
     raise AssertionError("producer never finished")
+
+
+@implementer(ILinkSource)
+class FakeLinkSource:
+    """
+    What a L{RemoteSender} forwards: C{images} by key (C{image}, if given,
+    under every key); the connections made and the statuses received.
+    """
+
+    def __init__(self, image: IStoredImage | None = None) -> None:
+        self.image = image
+        self.images: dict[ImageKey, IStoredImage] = {}
+        self.connected: list[Any] = []
+        self.statuses: list[wire.LinkStatus] = []
+
+    def linkUp(self, sender: RemoteSender) -> None:
+        self.connected.append(sender)
+
+    def imageFor(self, key: ImageKey) -> IStoredImage | None:
+        return self.image if self.image is not None else self.images.get(key)
+
+    def digestFor(self, key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
+        return True, None
+
+    def nextLive(self) -> tuple[ImageKey, IGrowingImage] | None:
+        return None
+
+    def statusReceived(self, sender: RemoteSender, status: wire.LinkStatus) -> None:
+        self.statuses.append(status)

@@ -1,0 +1,336 @@
+# -*- test-case-name: tests.test_sessions,tests.test_chains -*-
+"""
+The proxy's session: a chain of dumps and the one link forwarding them.
+What the chain is doing, and how each dump ends on the link, are the
+state machines of L{twisted_criu.daemons.dumpchain}; the session feeds
+them and does what they decide.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_criu import wire
+from twisted_criu.daemons.dumpchain import (
+    COMPLETE,
+    DELIVERED,
+    FORWARDING,
+    ChainMachine,
+    DumpCount,
+    EndingCore,
+    EndingMachine,
+    Receipt,
+)
+from twisted_criu.flow.send import ImageTransfer, sha256Of
+from twisted_criu.interfaces import (
+    IGrowableWriter,
+    IGrowingImage,
+    IImageWriter,
+    ILinkSource,
+    ISession,
+    IStoredImage,
+)
+from twisted_criu.keys import ImageKey
+from twisted_criu.link.sender import RemoteSender, RemoteSenderFactory
+from twisted_criu.progress import Activity
+from twisted_criu.registry import SessionSummary, SnapshotRegistry
+
+RetryPolicy = Callable[[int], float]
+
+#: How long a new link waits for the cache's HELLO before treating the
+#: cache as one of CRIU's C caches (which never send anything).
+HELLO_GRACE = 2.0
+
+
+@implementer(ISession, ILinkSource)
+class ProxySession:
+    """
+    A chain of dumps (pre-dumps, then a dump): a registry of their images,
+    and one link forwarding them.
+
+    Every connection of the link starts by sending everything the chain
+    holds (a restarted cache holds nothing), then follows new publications.
+    When a dump has finished locally and everything is handed over, the
+    dump is ended (L{DumpEnding}): with an end-of-dump marker, confirmed by
+    the cache, if the cache speaks twisted-criu's link extension, else (a C
+    cache) by closing the link.  The chain (L{DumpChain}) lasts until the
+    cache reports that the restore finished (SESSION_DONE); a C cache serves
+    one dump, so there the chain ends with its first dump.
+
+    @ivar onDelivered: called with a summary each time a dump has been
+        delivered.
+    @ivar ended: fires when the chain is over.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        cache: IStreamClientEndpoint,
+        retryPolicy: RetryPolicy | None,
+        linkTimeout: float = 60.0,
+        checksum: bool = False,
+        sessionId: str = "1",
+        activity: Activity | None = None,
+        cutThrough: bool = True,
+    ) -> None:
+        self.id = sessionId
+        self.cutThrough = cutThrough and not checksum
+        self.started = reactor.seconds()
+        self._clock = reactor
+        self.registry = SnapshotRegistry(waitForMissing=False)
+        self.checksum = checksum
+        self._digests: dict[ImageKey, tuple[IStoredImage, bytes]] = {}
+        self._hashing = 0
+        self.registry.onPublish(self._published)
+        self.registry.onWriteStarted(self._writeStarted)
+        #: Writes under way that the link may cut through, oldest first.
+        self._writes: dict[ImageKey, IGrowableWriter] = {}
+        self.seed = False
+        self.onDelivered: Callable[[SessionSummary], None] = lambda summary: None
+        self.ended: Deferred[None] = Deferred()
+        self._count = DumpCount()
+        self._chain = ChainMachine(self._count)
+        self._ending = EndingMachine(EndingCore(self, reactor))
+        self._sender: RemoteSender | None = None
+        kwargs: dict[str, Any] = {"clock": reactor}
+        if retryPolicy is not None:
+            kwargs["retryPolicy"] = retryPolicy
+        factory = RemoteSenderFactory(
+            self, clock=reactor, stallTimeout=linkTimeout, activity=activity
+        )
+        self._link = ClientService(cache, factory, **kwargs)
+
+    @property
+    def state(self) -> str:
+        """For operators: what the chain is doing."""
+        return self._chain.state()
+
+    @property
+    def over(self) -> bool:
+        """The chain is over: a new dump starts a new session."""
+        return self.state == COMPLETE
+
+    @property
+    def dumpsFinished(self) -> int:
+        return self._count.finished
+
+    @property
+    def dumpsDelivered(self) -> int:
+        return self._count.delivered
+
+    def start(self) -> None:
+        self._link.startService()
+        self.registry.whenComplete().addCallback(self._dumpFinished)
+
+    def beginDump(self) -> None:
+        """Another dump joins the chain (criu will append to C{parent})."""
+        self.log.info("a new dump continues session {id}", id=self.id)
+        self._chain.dumpBegun()
+        self.registry.reopen()
+        self.registry.whenComplete().addCallback(self._dumpFinished)
+
+    def stop(self) -> Deferred[None]:
+        self._ending.stop()
+        if self._sender is not None:
+            self._sender.expectClose()
+        return self._link.stopService()
+
+    def drop(self) -> Deferred[None]:
+        """The operator drops the chain, whose dumps are all delivered."""
+        self._chain.dropped()
+        return self.stop()
+
+    # -- ILinkSource -------------------------------------------------------
+
+    def linkUp(self, sender: RemoteSender) -> None:
+        self.log.info("connected to the cache")
+        self._sender = sender
+        self._ending.linkUp()
+        for key in self.registry.publishOrder:
+            sender.enqueue(key)
+        self.maybeEndDump()
+
+    def imageFor(self, key: ImageKey) -> IStoredImage | None:
+        return self.registry.get(key)
+
+    def digestFor(self, key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
+        if not self.checksum:
+            return True, None
+        known = self._digests.get(key)
+        if known is not None and known[0] is image:
+            return True, known[1]
+        return False, None
+
+    def nextLive(self) -> tuple[ImageKey, IGrowingImage] | None:
+        """The oldest image criu is still writing, for a link that is free."""
+        while self._writes:
+            key = next(iter(self._writes))
+            writer = self._writes.pop(key)
+            if writer.writing:
+                return key, writer.follow()
+        return None
+
+    def statusReceived(self, sender: RemoteSender, status: wire.LinkStatus) -> None:
+        if sender is not self._sender:
+            return
+        kind = status.kind
+        if kind is wire.LinkStatusKind.HELLO:
+            self.log.info(
+                "the cache speaks twisted-criu's link extension (version {version})",
+                version=status.version,
+            )
+            self._ending.hello()
+        elif kind is wire.LinkStatusKind.DUMP_RECEIVED:
+            self._ending.dumpReceived(sender, status)
+        elif kind is wire.LinkStatusKind.SESSION_DONE:
+            self._ending.sessionDone(sender)
+
+    # -- images ----------------------------------------------------------------
+
+    def _writeStarted(self, key: ImageKey, writer: IImageWriter) -> None:
+        """criu started writing an image: the link may cut it through."""
+        if not self.cutThrough or not IGrowableWriter.providedBy(writer):
+            return
+        self._writes.pop(key, None)
+        self._writes[key] = writer
+        sender = self._sender
+        if sender is not None:
+            sender.offerLive()
+
+    def _published(self, key: ImageKey, image: IStoredImage) -> None:
+        writer = self._writes.get(key)
+        if writer is not None and not writer.writing:
+            del self._writes[key]
+        sender = self._sender
+        if sender is not None and sender.cutThrough(key, image):
+            return  # already on its way
+        if self.checksum:
+            # Hash in a thread (hashlib releases the GIL); forward when known.
+            self._hashing += 1
+            d = deferToThread(sha256Of, ImageTransfer(image))
+            d.addCallback(self._hashed, key, image)
+            d.addErrback(lambda f: self.log.failure("hashing {image}", f, image=key))
+            d.addBoth(self._doneHashing)
+            return
+        self._forward(key)
+
+    def _hashed(self, digest: bytes, key: ImageKey, image: IStoredImage) -> None:
+        if self.registry.get(key) is not image:
+            return  # replaced meanwhile: the new version is being hashed
+        self._digests[key] = (image, digest)
+        self._forward(key)
+
+    def _doneHashing(self, _: object) -> None:
+        self._hashing -= 1
+        self.maybeEndDump()
+
+    def _forward(self, key: ImageKey) -> None:
+        sender = self._sender
+        if sender is not None and not sender.lost:
+            sender.enqueue(key)
+            self.maybeEndDump()
+
+    def _dumpFinished(self, _: None) -> None:
+        self._chain.dumpFinished()
+        self.log.info(
+            "dump finished: {n} images, {size} bytes",
+            n=len(self.registry.keys()),
+            size=self.registry.totalBytes,
+        )
+        self.maybeEndDump()
+
+    # -- ending a dump (called by the ending's machine) --------------------------
+
+    @property
+    def _lastDumpFinished(self) -> bool:
+        """Has the chain's last dump finished (and the chain not ended)?"""
+        return self.state in (FORWARDING, DELIVERED)
+
+    def maybeEndDump(self) -> None:
+        """If the link owes the cache an end of dump, end it once the link is idle."""
+        sender = self._sender
+        if not self._lastDumpFinished or self._hashing:
+            return
+        if sender is None or sender.lost:
+            return
+        if self.state == FORWARDING or sender.imagesSinceMarker > 0:
+            self._ending.waitForIdle(sender)
+
+    def linkIdle(self, sender: RemoteSender) -> None:
+        """C{sender} handed everything over: how may the dump end?"""
+        if sender is not self._sender:
+            return  # a new connection started over
+        if sender.lost or not self._lastDumpFinished:
+            self._ending.notYet()
+        elif not sender.idle:  # an image was replaced meanwhile
+            self._ending.notYet()
+            self.maybeEndDump()
+        elif sender.extended:
+            self._ending.endWithMarker(sender)
+        elif (waited := self._clock.seconds() - sender.connectedAt) < HELLO_GRACE:
+            self._ending.awaitHello(HELLO_GRACE - waited)
+        else:
+            self._ending.endWithEOF(sender)
+
+    def dumpConfirmed(
+        self, sender: RemoteSender, status: wire.LinkStatus, receipt: Receipt
+    ) -> None:
+        """The cache answered an end-of-dump marker with C{status}."""
+        if (status.images, status.size) != (receipt.images, receipt.size):
+            self.log.error(
+                "the cache confirms {got} images ({gotBytes} bytes) where {images}"
+                " ({bytes} bytes) were sent; dropping the link to send them again",
+                got=status.images,
+                gotBytes=status.size,
+                images=receipt.images,
+                bytes=receipt.size,
+            )
+            sender.transport.abortConnection()
+            return
+        if self._chain.dumpDelivered():
+            self._announce(confirmed=True)
+
+    def endWithEOF(self, sender: RemoteSender) -> None:
+        """One of CRIU's C caches: EOF ends the session, and it serves one."""
+        self.log.info("the cache did not say HELLO: ending the session with EOF (C cache)")
+        sender.expectClose()
+        owed = self._chain.dumpDelivered()
+        self._chain.chainOver()
+
+        def closed(_: None) -> None:
+            if owed:
+                self._announce(confirmed=False)
+            self._end()
+
+        self._link.stopService().addCallback(closed)
+
+    def sessionOver(self, sender: RemoteSender) -> None:
+        """The cache restored: the chain is over."""
+        self.log.info("the cache reports that the restore finished: session {id} is over", id=self.id)
+        self._chain.chainOver()
+        sender.expectClose()
+        self._link.stopService().addCallback(lambda _: self._end())
+
+    def _announce(self, confirmed: bool) -> None:
+        summary = self.registry.summary()
+        self.log.info(
+            "session complete: forwarded {images} images, {bytes} bytes",
+            images=summary.images,
+            bytes=summary.bytes,
+            confirmed=confirmed,
+        )
+        self.onDelivered(summary)
+
+    def _end(self) -> None:
+        if not self.ended.called:
+            self.ended.callback(None)
+
