@@ -13,9 +13,8 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from twisted_criu import wire
-    from twisted_criu.daemons.control import SessionView
+    from twisted_criu.views import SessionView
     from twisted_criu.keys import ImageKey
-    from twisted_criu.link.sender import RemoteSender
 
 
 class IImageReader(Interface):
@@ -167,7 +166,7 @@ class ILocalImageService(Interface):
 # -- the link -----------------------------------------------------------------
 
 
-class IRemoteLink(Interface):
+class IReceivingLink(Interface):
     """The receiving end of one link, as the cache's sessions see it."""
 
     peerExtended = Attribute("The proxy speaks twisted-criu's link extension.")
@@ -187,16 +186,16 @@ class IRemoteImageSink(Interface):
     activity = Attribute("The daemon's L{Activity}: transfers and counters.")
     linkTimeout = Attribute("Seconds a link may stall inside a frame.")
 
-    def linkOpened(receiver: IRemoteLink) -> ISnapshotRegistry:
+    def linkOpened(receiver: IReceivingLink) -> ISnapshotRegistry:
         """A proxy connected; return the registry its images go to."""
 
-    def linkClosed(receiver: IRemoteLink, clean: bool) -> None:
+    def linkClosed(receiver: IReceivingLink, clean: bool) -> None:
         """The link ended: cleanly (session over) or not (it may come back)."""
 
-    def dumpEnded(receiver: IRemoteLink) -> None:
+    def dumpEnded(receiver: IReceivingLink) -> None:
         """The proxy's end-of-dump marker: the link stays, idle, for the next dump."""
 
-    def dumpStarted(receiver: IRemoteLink) -> ISnapshotRegistry:
+    def dumpStarted(receiver: IReceivingLink) -> ISnapshotRegistry:
         """Images arrive on a link after its end-of-dump marker: a new dump."""
 
 
@@ -236,10 +235,42 @@ class ISession(Interface):
     seed = Attribute("criu asked with the seed (null snapshot) variant of the protocol.")
 
 
-class ILinkSource(Interface):
-    """What the proxy's session offers its end of the link (L{RemoteSender})."""
+class ISendingLink(Interface):
+    """The proxy's end of one link connection, as the proxy's session drives it."""
 
-    def linkUp(sender: RemoteSender) -> None:
+    extended = Attribute("The cache said HELLO: it speaks twisted-criu's link extension.")
+    idle = Attribute("Nothing is being forwarded or waiting to be.")
+    lost = Attribute("The connection is gone.")
+    connectedAt = Attribute("When the connection was made (the clock's seconds).")
+    imagesSinceMarker = Attribute("Images handed over since the last end-of-dump marker.")
+    bytesSinceMarker = Attribute("Bytes handed over since the last end-of-dump marker.")
+
+    def enqueue(key: ImageKey) -> None:
+        """Forward the image under C{key} (the version current when its turn comes)."""
+
+    def offerLive() -> None:
+        """criu started writing an image: cut it through if the link is free."""
+
+    def cutThrough(key: ImageKey, image: IStoredImage) -> bool:
+        """Was C{image}, just published, cut through (sent or being sent as chunks)?"""
+
+    def whenIdle() -> Deferred[None]:
+        """Fires once everything enqueued so far has been handed over."""
+
+    def sendEndOfDump() -> None:
+        """Tell an extended cache that the dump is complete."""
+
+    def expectClose() -> None:
+        """The link is about to be ended on purpose: do not report it as lost."""
+
+    def abort() -> None:
+        """Drop the connection at once (the proxy reconnects and sends again)."""
+
+
+class ILinkSource(Interface):
+    """What the proxy's session offers its end of the link (an L{ISendingLink})."""
+
+    def linkUp(sender: ISendingLink) -> None:
         """A connection to the cache is made: C{sender} forwards on it."""
 
     def imageFor(key: ImageKey) -> IStoredImage | None:
@@ -254,5 +285,5 @@ class ILinkSource(Interface):
     def nextLive() -> tuple[ImageKey, IGrowingImage] | None:
         """An image criu is still writing, to cut through now that the link is free."""
 
-    def statusReceived(sender: RemoteSender, status: wire.LinkStatus) -> None:
+    def statusReceived(sender: ISendingLink, status: wire.LinkStatus) -> None:
         """The cache sent C{status} on C{sender}'s connection."""

@@ -20,21 +20,21 @@ from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
 from twisted_criu.daemons.cachesession import CacheSession
-from twisted_criu.daemons.control import SessionView
 from twisted_criu.daemons.endpoints import ObservedServerEndpoint
-from twisted_criu.daemons.sessions import SessionHolder
+from twisted_criu.daemons.sessions import SessionHolder, viewOf
 from twisted_criu.errors import SessionBusy
 from twisted_criu.interfaces import (
     IImageStore,
     ILocalImageService,
+    IReceivingLink,
     IRemoteImageSink,
-    IRemoteLink,
     ISessionControl,
 )
 from twisted_criu.link.receiver import RemoteReceiverFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.views import SessionView
 
 
 @implementer(ILocalImageService, IRemoteImageSink, ISessionControl)
@@ -163,7 +163,7 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
 
     def dropSession(self, sessionId: str) -> SessionView:
         session = self.findSession(sessionId)
-        view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
+        view = viewOf(session, "dropped", current=False)
         if session is self.session:
             registry = session.registry
             if session.links or registry.writesInProgress or registry.waiting:
@@ -181,7 +181,7 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
 
     # -- IRemoteImageSink ----------------------------------------------------
 
-    def linkOpened(self, receiver: IRemoteLink) -> SnapshotRegistry:
+    def linkOpened(self, receiver: IReceivingLink) -> SnapshotRegistry:
         self._cancelGiveUp()
         session = self.session
         fresh = not (session.links or session.idleLinks or session.registry.keys())
@@ -190,7 +190,7 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
         session.linkSending(receiver)
         return session.registry
 
-    def linkClosed(self, receiver: IRemoteLink, clean: bool) -> None:
+    def linkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
         session = self.session
         session.idleLinks.discard(receiver)
         if receiver not in session.links or not session.linkStopped(receiver):
@@ -206,7 +206,7 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
             return
         self._remoteQuiet(session)
 
-    def dumpEnded(self, receiver: IRemoteLink) -> None:
+    def dumpEnded(self, receiver: IReceivingLink) -> None:
         session = self.session
         if receiver not in session.links:
             return
@@ -214,7 +214,7 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
         if session.linkStopped(receiver):
             self._remoteQuiet(session)
 
-    def dumpStarted(self, receiver: IRemoteLink) -> SnapshotRegistry:
+    def dumpStarted(self, receiver: IReceivingLink) -> SnapshotRegistry:
         session = self.session
         session.idleLinks.discard(receiver)
         return self.linkOpened(receiver)

@@ -25,9 +25,8 @@ from automat import TypeMachine, TypeMachineBuilder
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.interfaces import ISession, IStoredImage
+from twisted_criu.interfaces import IReceivingLink, ISession, IStoredImage
 from twisted_criu.keys import ImageKey
-from twisted_criu.interfaces import IRemoteLink
 from twisted_criu.registry import SnapshotRegistry
 
 #: The session's states, as operators see them (C{twisted-criu ls}).
@@ -128,8 +127,8 @@ class CacheSession:
         self.started = started
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.registry.onPublish(self._published)
-        self.links: set[IRemoteLink] = set()
-        self.idleLinks: set[IRemoteLink] = set()
+        self.links: set[IReceivingLink] = set()
+        self.idleLinks: set[IReceivingLink] = set()
         self.seed = False
         self._restore = RestoreMachine(RestoreCore())
 
@@ -147,7 +146,7 @@ class CacheSession:
         """Every proxy finished sending (or gave up)."""
         return self._restore.remoteDone()
 
-    def linkSending(self, receiver: IRemoteLink) -> None:
+    def linkSending(self, receiver: IReceivingLink) -> None:
         """C{receiver} sends a dump: another one, if the proxy was done."""
         reopen = self.remoteDone
         self.links.add(receiver)
@@ -155,7 +154,7 @@ class CacheSession:
         if reopen:
             self.registry.reopen()
 
-    def linkStopped(self, receiver: IRemoteLink) -> bool:
+    def linkStopped(self, receiver: IReceivingLink) -> bool:
         """C{receiver} stopped sending: is it the last that was?"""
         self.links.discard(receiver)
         return not self.links

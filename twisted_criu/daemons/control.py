@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from attrs import frozen
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -24,61 +23,7 @@ from twisted.web import http, resource, server
 from twisted_criu.errors import SessionBusy
 from twisted_criu.flow.send import ImageTransfer
 from twisted_criu.interfaces import ISessionControl
-from twisted_criu.registry import SnapshotRegistry
-
-
-@frozen
-class ImageView:
-    snapshotId: str
-    name: str
-    size: int
-
-
-@frozen
-class SessionView:
-    """A session as an operator sees it."""
-
-    id: str
-    state: str
-    current: bool
-    kept: bool
-    started: float
-    snapshotIds: list[str]
-    images: list[ImageView]
-
-    @property
-    def bytes(self) -> int:
-        return sum(image.size for image in self.images)
-
-    @classmethod
-    def of(
-        cls, sessionId: str, state: str, current: bool, started: float, registry: SnapshotRegistry
-    ) -> SessionView:
-        images = []
-        for snapshotId, name in sorted(registry.keys()):
-            image = registry.get((snapshotId, name))
-            if image is not None:
-                images.append(ImageView(snapshotId, name, image.size))
-        return cls(
-            sessionId, state, current, not current, started, registry.snapshotIds(), images
-        )
-
-    def toJSON(self, withImages: bool) -> dict[str, Any]:
-        described: dict[str, Any] = {
-            "id": self.id,
-            "state": self.state,
-            "current": self.current,
-            "kept": self.kept,
-            "started": self.started,
-            "snapshot_ids": self.snapshotIds,
-            "image_count": len(self.images),
-            "bytes": self.bytes,
-        }
-        if withImages:
-            described["images"] = [
-                {"snapshot_id": i.snapshotId, "name": i.name, "size": i.size} for i in self.images
-            ]
-        return described
+from twisted_criu.views import SessionView
 
 
 def _json(request: server.Request, value: Any, code: int = http.OK) -> bytes:

@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_criu import wire
-from twisted_criu.link.sender import RemoteSender
+from twisted_criu.interfaces import ISendingLink
 
 #: The chain's states, as operators see them (C{twisted-criu ls}).
 DUMPING = "dumping"
@@ -142,13 +142,13 @@ class DumpEnding(Protocol):
     def linkUp(self) -> None:
         """A new connection: whatever the last one was ending starts over."""
 
-    def waitForIdle(self, sender: RemoteSender) -> None:
+    def waitForIdle(self, sender: ISendingLink) -> None:
         """The link owes the cache an end of dump: wait until it is idle."""
 
     def notYet(self) -> None:
         """The link went idle, but the dump cannot end now: try again later."""
 
-    def endWithMarker(self, sender: RemoteSender) -> None:
+    def endWithMarker(self, sender: ISendingLink) -> None:
         """The cache said HELLO: send the end-of-dump marker."""
 
     def awaitHello(self, delay: float) -> None:
@@ -160,13 +160,13 @@ class DumpEnding(Protocol):
     def graceOver(self) -> None:
         """The HELLO grace ran out."""
 
-    def dumpReceived(self, sender: RemoteSender, status: wire.LinkStatus) -> None:
+    def dumpReceived(self, sender: ISendingLink, status: wire.LinkStatus) -> None:
         """The cache confirmed an end-of-dump marker (DUMP_RECEIVED)."""
 
-    def endWithEOF(self, sender: RemoteSender) -> None:
+    def endWithEOF(self, sender: ISendingLink) -> None:
         """A C cache: end the dump, and the chain, by closing the link."""
 
-    def sessionDone(self, sender: RemoteSender) -> None:
+    def sessionDone(self, sender: ISendingLink) -> None:
         """The cache says the restore finished (SESSION_DONE)."""
 
     def stop(self) -> None:
@@ -189,18 +189,18 @@ class EndingSession(Protocol):
     def maybeEndDump(self) -> None:
         """If the link owes the cache an end of dump, start ending it."""
 
-    def linkIdle(self, sender: RemoteSender) -> None:
+    def linkIdle(self, sender: ISendingLink) -> None:
         """C{sender} handed everything over: decide how the dump ends."""
 
     def dumpConfirmed(
-        self, sender: RemoteSender, status: wire.LinkStatus, receipt: Receipt
+        self, sender: ISendingLink, status: wire.LinkStatus, receipt: Receipt
     ) -> None:
         """The cache answered the end-of-dump marker described by C{receipt}."""
 
-    def endWithEOF(self, sender: RemoteSender) -> None:
+    def endWithEOF(self, sender: ISendingLink) -> None:
         """A C cache: close the link, which ends the chain."""
 
-    def sessionOver(self, sender: RemoteSender) -> None:
+    def sessionOver(self, sender: ISendingLink) -> None:
         """The cache restored: the chain is over."""
 
 
@@ -212,7 +212,7 @@ class EndingCore:
     clock: IReactorTime
 
 
-def _sendMarker(ending: DumpEnding, core: EndingCore, sender: RemoteSender) -> Receipt:
+def _sendMarker(ending: DumpEnding, core: EndingCore, sender: ISendingLink) -> Receipt:
     receipt = Receipt(sender.imagesSinceMarker, sender.bytesSinceMarker)
     sender.sendEndOfDump()
     return receipt
@@ -245,7 +245,7 @@ def _buildEnding() -> TypeMachine[DumpEnding, EndingCore]:
     closed.upon(DumpEnding.linkUp).loop().returns(None)
 
     @notEnding.upon(DumpEnding.waitForIdle).to(awaitingIdle)
-    def watchIdle(ending: DumpEnding, core: EndingCore, sender: RemoteSender) -> None:
+    def watchIdle(ending: DumpEnding, core: EndingCore, sender: ISendingLink) -> None:
         sender.whenIdle().addCallback(lambda _: core.session.linkIdle(sender))
 
     # Only the link's going idle decides how a dump ends; elsewhere the
@@ -268,7 +268,7 @@ def _buildEnding() -> TypeMachine[DumpEnding, EndingCore]:
         dataState.upon(DumpEnding.endWithEOF, nodata=True).loop().returns(None)
 
     @awaitingIdle.upon(DumpEnding.endWithEOF).to(closed)
-    def closeLink(ending: DumpEnding, core: EndingCore, sender: RemoteSender) -> None:
+    def closeLink(ending: DumpEnding, core: EndingCore, sender: ISendingLink) -> None:
         core.session.endWithEOF(sender)
 
     @helloGrace.upon(DumpEnding.hello).to(notEnding)
@@ -289,7 +289,7 @@ def _buildEnding() -> TypeMachine[DumpEnding, EndingCore]:
         ending: DumpEnding,
         core: EndingCore,
         receipt: Receipt,
-        sender: RemoteSender,
+        sender: ISendingLink,
         status: wire.LinkStatus,
     ) -> None:
         core.session.dumpConfirmed(sender, status, receipt)
@@ -298,7 +298,7 @@ def _buildEnding() -> TypeMachine[DumpEnding, EndingCore]:
     @awaitingIdle.upon(DumpEnding.dumpReceived).loop()
     @closed.upon(DumpEnding.dumpReceived).loop()
     def unexpected(
-        ending: DumpEnding, core: EndingCore, sender: RemoteSender, status: wire.LinkStatus
+        ending: DumpEnding, core: EndingCore, sender: ISendingLink, status: wire.LinkStatus
     ) -> None:
         core.session.log.warn("the cache confirmed a dump that was not ended; ignored")
 
@@ -306,18 +306,18 @@ def _buildEnding() -> TypeMachine[DumpEnding, EndingCore]:
 
     @notEnding.upon(DumpEnding.sessionDone).to(closed)
     @awaitingIdle.upon(DumpEnding.sessionDone).to(closed)
-    def restored(ending: DumpEnding, core: EndingCore, sender: RemoteSender) -> None:
+    def restored(ending: DumpEnding, core: EndingCore, sender: ISendingLink) -> None:
         core.session.sessionOver(sender)
 
     @awaitingReceipt.upon(DumpEnding.sessionDone).to(closed)
     def restoredUnconfirmed(
-        ending: DumpEnding, core: EndingCore, receipt: Receipt, sender: RemoteSender
+        ending: DumpEnding, core: EndingCore, receipt: Receipt, sender: ISendingLink
     ) -> None:
         core.session.sessionOver(sender)
 
     @helloGrace.upon(DumpEnding.sessionDone).to(closed)
     def restoredInGrace(
-        ending: DumpEnding, core: EndingCore, call: IDelayedCall, sender: RemoteSender
+        ending: DumpEnding, core: EndingCore, call: IDelayedCall, sender: ISendingLink
     ) -> None:
         call.cancel()
         core.session.sessionOver(sender)

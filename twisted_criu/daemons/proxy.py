@@ -18,16 +18,16 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamCaptureFactory
-from twisted_criu.daemons.control import SessionView
 from twisted_criu.daemons.dumpchain import DELIVERED
 from twisted_criu.daemons.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
 from twisted_criu.daemons.proxysession import ProxySession, RetryPolicy
-from twisted_criu.daemons.sessions import SessionHolder
+from twisted_criu.daemons.sessions import SessionHolder, viewOf
 from twisted_criu.errors import SessionBusy
 from twisted_criu.interfaces import IImageStore, ILocalImageService, ISessionControl
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.views import SessionView
 
 
 @implementer(ILocalImageService, ISessionControl)
@@ -165,7 +165,7 @@ class ImageProxyService(SessionHolder[ProxySession], MultiService):
 
     def dropSession(self, sessionId: str) -> SessionView:
         session = self.findSession(sessionId)
-        view = SessionView.of(session.id, "dropped", False, session.started, session.registry)
+        view = viewOf(session, "dropped", current=False)
         if session is self.session:
             if session.state != DELIVERED or session.registry.writesInProgress:
                 raise SessionBusy(

@@ -34,11 +34,12 @@ from twisted_criu.interfaces import (
     IGrowingImage,
     IImageWriter,
     ILinkSource,
+    ISendingLink,
     ISession,
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey
-from twisted_criu.link.sender import RemoteSender, RemoteSenderFactory
+from twisted_criu.link.sender import RemoteSenderFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 
@@ -100,7 +101,7 @@ class ProxySession:
         self._count = DumpCount()
         self._chain = ChainMachine(self._count)
         self._ending = EndingMachine(EndingCore(self, reactor))
-        self._sender: RemoteSender | None = None
+        self._sender: ISendingLink | None = None
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
@@ -151,7 +152,7 @@ class ProxySession:
 
     # -- ILinkSource -------------------------------------------------------
 
-    def linkUp(self, sender: RemoteSender) -> None:
+    def linkUp(self, sender: ISendingLink) -> None:
         self.log.info("connected to the cache")
         self._sender = sender
         self._ending.linkUp()
@@ -179,7 +180,7 @@ class ProxySession:
                 return key, writer.follow()
         return None
 
-    def statusReceived(self, sender: RemoteSender, status: wire.LinkStatus) -> None:
+    def statusReceived(self, sender: ISendingLink, status: wire.LinkStatus) -> None:
         if sender is not self._sender:
             return
         kind = status.kind
@@ -265,7 +266,7 @@ class ProxySession:
         if self.state == FORWARDING or sender.imagesSinceMarker > 0:
             self._ending.waitForIdle(sender)
 
-    def linkIdle(self, sender: RemoteSender) -> None:
+    def linkIdle(self, sender: ISendingLink) -> None:
         """C{sender} handed everything over: how may the dump end?"""
         if sender is not self._sender:
             return  # a new connection started over
@@ -282,7 +283,7 @@ class ProxySession:
             self._ending.endWithEOF(sender)
 
     def dumpConfirmed(
-        self, sender: RemoteSender, status: wire.LinkStatus, receipt: Receipt
+        self, sender: ISendingLink, status: wire.LinkStatus, receipt: Receipt
     ) -> None:
         """The cache answered an end-of-dump marker with C{status}."""
         if (status.images, status.size) != (receipt.images, receipt.size):
@@ -294,12 +295,12 @@ class ProxySession:
                 images=receipt.images,
                 bytes=receipt.size,
             )
-            sender.transport.abortConnection()
+            sender.abort()
             return
         if self._chain.dumpDelivered():
             self._announce(confirmed=True)
 
-    def endWithEOF(self, sender: RemoteSender) -> None:
+    def endWithEOF(self, sender: ISendingLink) -> None:
         """One of CRIU's C caches: EOF ends the session, and it serves one."""
         self.log.info("the cache did not say HELLO: ending the session with EOF (C cache)")
         sender.expectClose()
@@ -313,7 +314,7 @@ class ProxySession:
 
         self._link.stopService().addCallback(closed)
 
-    def sessionOver(self, sender: RemoteSender) -> None:
+    def sessionOver(self, sender: ISendingLink) -> None:
         """The cache restored: the chain is over."""
         self.log.info("the cache reports that the restore finished: session {id} is over", id=self.id)
         self._chain.chainOver()

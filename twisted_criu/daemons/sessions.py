@@ -15,11 +15,24 @@ from typing import Generic, TypeVar
 
 from twisted.logger import Logger
 
-from twisted_criu.daemons.control import SessionView
 from twisted_criu.interfaces import ISession, IStoredImage
 from twisted_criu.keys import ImageKey
+from twisted_criu.views import ImageView, SessionView
 
 SessionT = TypeVar("SessionT", bound=ISession)
+
+
+def viewOf(session: ISession, state: str, current: bool) -> SessionView:
+    """What an operator sees of C{session}, shown as in C{state}."""
+    registry = session.registry
+    images = []
+    for key in sorted(registry.keys()):
+        image = registry.get(key)
+        if image is not None:
+            images.append(ImageView(key[0], key[1], image.size))
+    return SessionView(
+        session.id, state, current, not current, session.started, registry.snapshotIds(), images
+    )
 
 
 class SessionHolder(Generic[SessionT]):
@@ -57,11 +70,9 @@ class SessionHolder(Generic[SessionT]):
         views = []
         current = self.currentSession()
         if current is not None:
-            views.append(
-                SessionView.of(current.id, current.state, True, current.started, current.registry)
-            )
+            views.append(viewOf(current, current.state, current=True))
         for kept in self.kept.values():
-            views.append(SessionView.of(kept.id, "kept", False, kept.started, kept.registry))
+            views.append(viewOf(kept, "kept", current=False))
         return views
 
     def findSession(self, sessionId: str) -> SessionT:

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.errors import ProtocolError
 from twisted_criu.flow.pacing import pauseWhileBehind
-from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IRemoteLink, ISnapshotRegistry
+from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IReceivingLink, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.progress import Direction, Transfer
 
@@ -42,7 +42,7 @@ def _bodyBuffer() -> memoryview:
         _buffer.append(memoryview(bytearray(LINK_READ_SIZE)))
     return _buffer[0]
 
-@implementer(IRemoteLink)
+@implementer(IReceivingLink)
 class RemoteReceiver(Protocol, TimeoutMixin):
     """
     The cache's end of a link: header, then exactly C{size} bytes, repeat.

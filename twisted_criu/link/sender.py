@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.errors import ImageAborted, ImageSizeMismatch, ProtocolError
@@ -23,12 +24,14 @@ from twisted_criu.flow.send import ImageTransfer
 from twisted_criu.interfaces import (
     IGrowingImage,
     ILinkSource,
+    ISendingLink,
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.progress import Activity, Direction, Transfer
 
 
+@implementer(ISendingLink)
 class RemoteSender(Protocol):
     """
     The proxy's end of a link: forwards images one at a time, in the order
@@ -309,6 +312,10 @@ class RemoteSender(Protocol):
         self._transfer = None
         if watchdog is not None and watchdog.active():
             watchdog.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection at once (the proxy reconnects and sends again)."""
+        self.transport.abortConnection()
 
     def expectClose(self) -> None:
         """We are about to end the link on purpose: do not report it as lost."""

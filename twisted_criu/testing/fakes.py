@@ -32,12 +32,12 @@ from twisted_criu.interfaces import (
     IImageStore,
     ILinkSource,
     ILocalImageService,
+    IReceivingLink,
     IRemoteImageSink,
-    IRemoteLink,
+    ISendingLink,
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey
-from twisted_criu.link.sender import RemoteSender
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
@@ -99,16 +99,16 @@ class FakeSink:
         self.dumpsEnded = 0
         self.dumpsStarted = 0
 
-    def linkOpened(self, receiver: IRemoteLink) -> SnapshotRegistry:
+    def linkOpened(self, receiver: IReceivingLink) -> SnapshotRegistry:
         return self.registry
 
-    def linkClosed(self, receiver: IRemoteLink, clean: bool) -> None:
+    def linkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
         self.closed.append(clean)
 
-    def dumpEnded(self, receiver: IRemoteLink) -> None:
+    def dumpEnded(self, receiver: IReceivingLink) -> None:
         self.dumpsEnded += 1
 
-    def dumpStarted(self, receiver: IRemoteLink) -> SnapshotRegistry:
+    def dumpStarted(self, receiver: IReceivingLink) -> SnapshotRegistry:
         self.dumpsStarted += 1
         return self.registry
 
@@ -183,7 +183,7 @@ class FakeLinkSource:
         self.connected: list[Any] = []
         self.statuses: list[wire.LinkStatus] = []
 
-    def linkUp(self, sender: RemoteSender) -> None:
+    def linkUp(self, sender: ISendingLink) -> None:
         self.connected.append(sender)
 
     def imageFor(self, key: ImageKey) -> IStoredImage | None:
@@ -195,5 +195,5 @@ class FakeLinkSource:
     def nextLive(self) -> tuple[ImageKey, IGrowingImage] | None:
         return None
 
-    def statusReceived(self, sender: RemoteSender, status: wire.LinkStatus) -> None:
+    def statusReceived(self, sender: ISendingLink, status: wire.LinkStatus) -> None:
         self.statuses.append(status)
