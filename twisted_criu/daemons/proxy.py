@@ -22,7 +22,7 @@ from twisted_criu.criu.stream import StreamCaptureFactory
 from twisted_criu.daemons.control import SessionHolder, SessionView
 from twisted_criu.daemons.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
 from twisted_criu.errors import SessionBusy
-from twisted_criu.flow.send import ImageTransfer, sha256Of
+from twisted_criu.flow.send import OutgoingImage, sha256Of
 from twisted_criu.interfaces import (
     IGrowableWriter,
     IGrowingImage,
@@ -189,7 +189,7 @@ class ProxySession:
         if self.checksum:
             # Hash in a thread (hashlib releases the GIL); forward when known.
             self._hashing += 1
-            d = deferToThread(sha256Of, ImageTransfer(image))
+            d = deferToThread(sha256Of, OutgoingImage(image))
             d.addCallback(self._hashed, key, image)
             d.addErrback(lambda f: self.log.failure("hashing {image}", f, image=key))
             d.addBoth(self._doneHashing)
