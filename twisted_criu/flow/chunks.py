@@ -163,6 +163,7 @@ class OutgoingGrowingImage:
     def __init__(self, growing: IGrowingImage) -> None:
         self._growing = growing
         self._producer: SocketSendfile | _WrittenChunks | None = None
+        #: What knows whether the transfer waits for criu.
         self._framing: ChunkFraming | _WrittenChunks | None = None
 
     @property
