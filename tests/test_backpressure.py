@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu.flow.pipes import PipeWriter
-from twisted_criu.flow.send import CHUNK_SIZE, ImageTransfer
+from twisted_criu.flow.send import CHUNK_SIZE, OutgoingImage
 from twisted_criu.interfaces import IStoredImage
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
@@ -72,7 +72,7 @@ class RestorePipeTests(SynchronousTestCase):
 
     def test_memoryStore(self) -> None:
         image = CountingImage(storedImage(MemoryStore(), IMAGE))
-        sent = ImageTransfer(image).sendTo(self.pipe)  # type: ignore[arg-type]
+        sent = OutgoingImage(image).sendTo(self.pipe)  # type: ignore[arg-type]
         pump(self.reactor)
         # The pipe is full: at most the pipe, the transport's buffer and one
         # chunk have left the store.
@@ -92,7 +92,7 @@ class RestorePipeTests(SynchronousTestCase):
         store = SpillStore(1 << 20, self.mktemp())  # part memfd, part on disk
         self.addCleanup(store.close)
         image = storedImage(store, IMAGE)
-        transfer = ImageTransfer(image)
+        transfer = OutgoingImage(image)
         sent = transfer.sendTo(self.pipe)
         pump(self.reactor)
         self.assertEqual(self.pipe.bytesWritten, PIPE_CAPACITY)  # no further

@@ -3,7 +3,8 @@ A slow spill disk pauses what feeds a writer or drains a reader, not the
 reactor.  Full staging buffers go to the disk threads, and past a small
 backlog the writer asks its feeder (a pipe, a socket) to pause until the
 disk catches up; a reader whose next bytes are still being read says so
-(L{SourceBusy}), and its consumer waits for them without blocking.
+(a L{Deferred} from C{whenReadable}), and its consumer waits for them
+without blocking.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.errors import SourceBusy
-from twisted_criu.flow.chunks import LiveTransfer
+from twisted_criu.flow.chunks import OutgoingGrowingImage
 from twisted_criu.flow.pacing import pauseWhileBehind, readPipeInto
 from twisted_criu.flow.pipes import PipeWriter
-from twisted_criu.flow.send import ImageTransfer
-from twisted_criu.interfaces import IPacedWriter
+from twisted_criu.flow.send import OutgoingImage
+from twisted_criu.interfaces import IKernelSource, IPacedWriter
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.registry import readAll
 from twisted_criu.storage.spill import diskio, readers
@@ -300,7 +300,7 @@ class PipeIntakeTests(TestCase):
 class SlowReadTests(SynchronousTestCase):
     """A reader of a spill file says when the disk has not delivered yet."""
 
-    def test_sourceBusyUntilRead(self) -> None:
+    def test_notReadableUntilRead(self) -> None:
         wakeups = Wakeups()
         store = SpillStore(0, self.mktemp(), wakeups)
         self.addCleanup(store.close)
@@ -310,23 +310,24 @@ class SlowReadTests(SynchronousTestCase):
         disk = StuckDisk(self, reads=True)
         reader = image.open()
         self.addCleanup(reader.close)
+        self.assertTrue(IKernelSource.providedBy(reader))
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         self.addCleanup(os.close, w)
-        busy = self.assertRaises(SourceBusy, reader.sendfile, w, 60_000)  # type: ignore[attr-defined]
+        readable = reader.whenReadable()  # type: ignore[attr-defined]
+        self.assertIsInstance(readable, Deferred)
         ready: list[object] = []
-        busy.whenReady.addCallback(ready.append)
+        readable.addCallback(ready.append)
         self.assertEqual(ready, [])
         disk.release()
         wakeups.runAfter(1)
         self.assertEqual(ready, [None])
         got = bytearray()
         while True:
-            try:
-                sent = reader.sendfile(w, 60_000)  # type: ignore[attr-defined]
-            except SourceBusy:  # the read-ahead of the next buffer
+            if reader.whenReadable() is not None:  # type: ignore[attr-defined]  # the read-ahead of the next buffer
                 wakeups.runAfter(1)
                 continue
+            sent = reader.sendfile(w, 60_000)  # type: ignore[attr-defined]
             if not sent:
                 break
             got += os.read(r, sent)
@@ -380,7 +381,7 @@ class SlowReadConsumerTests(TestCase):
         self.addCleanup(pipe.abortConnection)
 
         async def scenario() -> None:
-            got = await self.stalledThenSent(pipe, ImageTransfer(self.image).sendTo, closed, lambda n: os.read(r, n))
+            got = await self.stalledThenSent(pipe, OutgoingImage(self.image).sendTo, closed, lambda n: os.read(r, n))
             self.assertEqual(got, self.data)
 
         return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
@@ -411,7 +412,7 @@ class SlowReadConsumerTests(TestCase):
 
     def test_linkSocket(self) -> None:
         async def scenario() -> None:
-            got = await self.overTheLink(ImageTransfer(self.image).sendTo)
+            got = await self.overTheLink(OutgoingImage(self.image).sendTo)
             self.assertEqual(got, self.data)
 
         return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
@@ -427,7 +428,7 @@ class SlowReadConsumerTests(TestCase):
             writer.commit()
 
         def send(transport: Any) -> Deferred[Any]:
-            sent = LiveTransfer(follower).sendTo(transport)
+            sent = OutgoingGrowingImage(follower).sendTo(transport)
             reactor.callLater(0.01, writeTheRest)
             return sent
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
-
     from twisted_criu.keys import ImageKey
-
 
 
 class ProtocolError(Exception):
@@ -29,17 +26,6 @@ class ImageNotFound(Exception):
 
 class ImageAborted(Exception):
     """An image's write or transfer broke off before it was complete: discard it."""
-
-
-class SourceBusy(Exception):
-    """
-    A file source's next bytes are still on their way from a disk: try
-    again once C{whenReady} has fired (in the reactor thread).
-    """
-
-    def __init__(self, whenReady: Deferred[None]) -> None:
-        super().__init__("waiting for the disk")
-        self.whenReady = whenReady
 
 
 class ImageSizeMismatch(Exception):

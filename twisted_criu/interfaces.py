@@ -65,6 +65,49 @@ class IPacedWriter(IImageWriter):
         """
 
 
+class ISpliceSink(IImageWriter):
+    """A writer that takes bytes straight from a pipe, without copying them through Python."""
+
+    def spliceFrom(fd: int, count: int) -> int:
+        """
+        Move up to C{count} bytes from the pipe C{fd} into the image; 0 at
+        EOF.  Raises L{BlockingIOError} if the pipe is empty.
+        """
+
+
+class IKernelSource(IImageReader):
+    """A reader whose bytes the kernel can copy into a descriptor (C{sendfile})."""
+
+    def whenReadable() -> Deferred[None] | None:
+        """
+        L{None} if L{sendfile} can go on now; else a L{Deferred} that fires
+        (in the reactor thread) once the disk has delivered the next bytes.
+        A consumer should wait for it: L{sendfile} would wait for the disk.
+        """
+
+    def sendfile(out: int, count: int) -> int:
+        """
+        Copy up to C{count} bytes into the descriptor C{out}; 0 at the end.
+        Raises L{BlockingIOError} if C{out} is full.
+        """
+
+
+class IKernelSink(Interface):
+    """
+    A consumer that copies an L{IKernelSource} into its descriptor itself,
+    as its reader makes room (a pipe to criu).
+    """
+
+    bytesWritten = Attribute("Bytes written into the descriptor so far.")
+
+    def sendFile(source: IKernelSource, count: int) -> Deferred[None]:
+        """
+        Copy C{count} bytes of C{source}; fires when all are in, fails with
+        L{ConnectionLost} if the reader went away or L{EOFError} if the
+        source ended early.
+        """
+
+
 class IImageStore(Interface):
     """Where images are kept between their arrival and their last read."""
 

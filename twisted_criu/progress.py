@@ -40,7 +40,7 @@ def formatRate(bytesPerSecond: float) -> str:
     return f"{bytesPerSecond / 1e6:.1f} MB/s"
 
 
-class Transfer:
+class ImageInFlight:
     """One image on its way in or out; C{progress()} says how many bytes moved."""
 
     def __init__(
@@ -73,7 +73,7 @@ class Activity:
     def __init__(self, clock: IReactorTime, interval: float = 10.0) -> None:
         self.clock = clock
         self.interval = interval
-        self.active: set[Transfer] = set()
+        self.active: set[ImageInFlight] = set()
         self.images: Counter[Direction] = Counter()
         self.bytes: Counter[Direction] = Counter()
         self.abandoned: Counter[Direction] = Counter()
@@ -83,12 +83,12 @@ class Activity:
 
     def begin(
         self, direction: Direction, image: str, size: int | None, progress: Callable[[], int]
-    ) -> Transfer:
-        transfer = Transfer(direction, image, size, progress, self.clock.seconds())
+    ) -> ImageInFlight:
+        transfer = ImageInFlight(direction, image, size, progress, self.clock.seconds())
         self.active.add(transfer)
         return transfer
 
-    def end(self, transfer: Transfer, size: int) -> dict[str, Any]:
+    def end(self, transfer: ImageInFlight, size: int) -> dict[str, Any]:
         """
         Count a completed transfer; returns C{seconds} and C{rate} (bytes per
         second, or None for an instant), for the caller's log event.
@@ -103,7 +103,7 @@ class Activity:
             timing += f", {formatRate(rate)}"
         return {"seconds": round(seconds, 3), "rate": rate, "timing": timing}
 
-    def abandon(self, transfer: Transfer) -> None:
+    def abandon(self, transfer: ImageInFlight) -> None:
         if transfer in self.active:
             self.active.discard(transfer)
             self.abandoned[transfer.direction] += 1

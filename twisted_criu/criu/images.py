@@ -28,10 +28,10 @@ from twisted_criu import wire
 from twisted_criu.errors import ImageNotFound, ImageSizeMismatch, ProtocolError
 from twisted_criu.flow.pacing import pauseWhileBehind, readPipeInto
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
-from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import IImageStore, IImageWriter, ILocalImageService, ISnapshotRegistry, IStoredImage
 from twisted_criu.keys import ImageKey, describe
-from twisted_criu.progress import Direction, Transfer
+from twisted_criu.progress import Direction, ImageInFlight
 
 
 class _State(Enum):
@@ -62,10 +62,10 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         self._writer: IImageWriter | None = None
         self._pipe: PipeReader | PipeWriter | None = None
         self._waiting: Deferred[IStoredImage] | None = None
-        self._transfer: ImageTransfer | None = None
+        self._transfer: OutgoingImage | None = None
         self._inlineRead = False
         self._append = False
-        self._moving: Transfer | None = None
+        self._moving: ImageInFlight | None = None
 
     # -- events from the socket -------------------------------------------
 
@@ -267,7 +267,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
 
     def _imageReady(self, image: IStoredImage) -> None:
         self._waiting = None
-        self._transfer = ImageTransfer(image)  # these bytes, even if replaced
+        self._transfer = OutgoingImage(image)  # these bytes, even if replaced
         self.transport.write(wire.REPLY_OK)
         if self._inlineRead:
             self._state = _State.READ_SEND

@@ -32,7 +32,7 @@ from twisted_criu import wire
 from twisted_criu.errors import ImageNotFound, ProtocolError
 from twisted_criu.flow.pacing import readPipeInto
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
-from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import IImageWriter, ILocalImageService, ISnapshotRegistry, IStoredImage
 from twisted_criu.keys import ImageKey
 from twisted_criu.progress import Direction
@@ -262,7 +262,7 @@ class StreamServeProtocol(_StreamControl):
     def __init__(self, service: ILocalImageService) -> None:
         super().__init__(service)
         self._waiting: Deferred[IStoredImage] | None = None
-        self._transfer: tuple[str, ImageTransfer] | None = None
+        self._transfer: tuple[str, OutgoingImage] | None = None
         self._closed = False
 
     def requestReceived(self, filename: str) -> None:
@@ -278,7 +278,7 @@ class StreamServeProtocol(_StreamControl):
 
     def _found(self, image: IStoredImage, filename: str) -> None:
         self._waiting = None
-        self._transfer = (filename, ImageTransfer(image))  # these bytes, even if replaced
+        self._transfer = (filename, OutgoingImage(image))  # these bytes, even if replaced
         self.transport.write(wire.StreamReply(True).toBytes())
         self.expectDescriptor()
         self.resume()

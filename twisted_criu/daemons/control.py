@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from twisted_criu.errors import SessionBusy
-from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import ISessionControl
 from twisted_criu.views import SessionView
 
@@ -54,7 +54,7 @@ class _ImageResource(resource.Resource):
         image = self.control.sessionImage(self.sessionId, (snapshot, names[0]))
         if image is None:
             return _error(request, http.NOT_FOUND, f"no image {snapshot}/{names[0]} in session {self.sessionId}")
-        transfer = ImageTransfer(image)  # these bytes, even if dropped meanwhile
+        transfer = OutgoingImage(image)  # these bytes, even if dropped meanwhile
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(transfer.size).encode())
         if request.method == b"HEAD":

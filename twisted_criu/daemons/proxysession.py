@@ -28,7 +28,7 @@ from twisted_criu.daemons.dumpchain import (
     EndingMachine,
     Receipt,
 )
-from twisted_criu.flow.send import ImageTransfer, sha256Of
+from twisted_criu.flow.send import OutgoingImage, sha256Of
 from twisted_criu.interfaces import (
     IGrowableWriter,
     IGrowingImage,
@@ -217,7 +217,7 @@ class ProxySession:
         if self.checksum:
             # Hash in a thread (hashlib releases the GIL); forward when known.
             self._hashing += 1
-            d = deferToThread(sha256Of, ImageTransfer(image))
+            d = deferToThread(sha256Of, OutgoingImage(image))
             d.addCallback(self._hashed, key, image)
             d.addErrback(lambda f: self.log.failure("hashing {image}", f, image=key))
             d.addBoth(self._doneHashing)

@@ -10,22 +10,22 @@ reply), but the link no longer waits for whole images.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
-from twisted.internet import abstract
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.errors import ImageAborted, SourceBusy
-from twisted_criu.interfaces import IGrowingImage
+from twisted_criu.errors import ImageAborted
+from twisted_criu.flow._fastpath import onDescriptor
+from twisted_criu.flow.sockets import SENDFILE_SIZE, Framing, SocketSendfile
+from twisted_criu.interfaces import IGrowingImage, IKernelSource
 
 #: Largest chunk sent with sendfile on a plain socket.
-SOCKET_CHUNK = 1 << 22
+SOCKET_CHUNK = SENDFILE_SIZE
 
 #: Smallest chunk sent while criu is still writing (it writes through a
 #: 64 KiB pipe: a chunk per pipeful would cost more calls than bytes).
@@ -36,9 +36,67 @@ WRITTEN_CHUNK = 1 << 18
 
 assert SOCKET_CHUNK <= wire.MAX_CHUNK
 
+_END = wire.CHUNK_LENGTH.pack(wire.CHUNK_END)
+_ABORT = wire.CHUNK_LENGTH.pack(wire.CHUNK_ABORT)
 
-class _Chunks:
-    """What both producers share: the image, the count, the ending."""
+
+def _ending(growing: IGrowingImage) -> tuple[bytes, Failure | None] | None:
+    """
+    Nothing is left to send now: the marker that ends the image and how
+    the transfer ends, or L{None} while criu may write more.
+    """
+    if growing.complete:
+        return _END, None
+    if growing.aborted:
+        return _ABORT, Failure(ImageAborted())
+    return None
+
+
+class ChunkFraming(Framing):
+    """
+    A growing image as length-prefixed chunks of at least L{MIN_CHUNK}
+    while criu writes (each length sent ahead of its bytes in one
+    segment), then an end or abort marker.
+    """
+
+    stopped = "the link went away during the image"
+
+    def __init__(self, growing: IGrowingImage) -> None:
+        self.growing = growing
+        #: Caught up with criu: the next chunk waits for its next write.
+        self.waiting = False
+
+    def worthSending(self, sent: int) -> bool:
+        growing = self.growing
+        return growing.complete or growing.aborted or growing.available - sent >= MIN_CHUNK
+
+    def nextPiece(self, producer: SocketSendfile) -> tuple[bytes, int] | None:
+        length = min(self.growing.available - producer.sent, SOCKET_CHUNK)
+        if not length:
+            ending = _ending(self.growing)
+            if ending is None:
+                self.waiting = True
+            else:
+                producer.finish(*ending)
+            return None
+        if length < MIN_CHUNK and not self.worthSending(producer.sent):
+            self.waiting = True  # for a bigger chunk, or the end
+            return None
+        return wire.CHUNK_LENGTH.pack(length), length
+
+    def short(self, left: int) -> Failure:
+        return Failure(ConnectionLost("the stored image ended inside an announced chunk"))
+
+    def changed(self, producer: SocketSendfile) -> None:
+        """criu wrote: wake C{producer} if that makes a chunk worth sending."""
+        if self.waiting and not producer.finished and self.worthSending(producer.sent):
+            self.waiting = False
+            producer.wake()
+
+
+@implementer(IPushProducer)
+class _WrittenChunks:
+    """Any other transport (TLS): chunks read from the store and written."""
 
     def __init__(self, growing: IGrowingImage, transport: Any) -> None:
         self.growing = growing
@@ -46,135 +104,11 @@ class _Chunks:
         self.sent = 0
         #: Caught up with criu: the next chunk waits for its next write.
         self.waiting = False
-        self.done: Deferred[int] = Deferred()
+        self.done: Deferred[None] = Deferred()
         self.finished = False
-        growing.onChange = self.changed
-
-    def start(self) -> Deferred[int]:
-        raise NotImplementedError
-
-    def changed(self) -> None:
-        raise NotImplementedError
-
-    def endIfOver(self) -> None:
-        """Nothing left to send now: end the image if criu is done with it, else wait."""
-        growing = self.growing
-        if growing.complete:
-            self.finish(wire.CHUNK_END, None)
-        elif growing.aborted:
-            self.finish(wire.CHUNK_ABORT, Failure(ImageAborted()))
-        else:
-            self.waiting = True
-
-    def finish(self, marker: int | None, failure: Failure | None) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self.growing.onChange = lambda: None
-        self.growing.close()
-        self.transport.unregisterProducer()
-        if marker is not None:
-            self.transport.write(wire.CHUNK_LENGTH.pack(marker))
-        if failure is None:
-            self.done.callback(self.sent)
-        else:
-            self.done.errback(failure)
-
-    def stopProducing(self) -> None:
-        self.finish(None, Failure(ConnectionLost("the link went away during the image")))
-
-
-@implementer(IPullProducer)
-class _SocketChunks(_Chunks):
-    """
-    A plain TCP socket: each chunk's length goes straight to the socket,
-    then the kernel copies its bytes from the store (sendfile).  Asked for
-    more by the transport whenever its buffer is empty.
-    """
-
-    def __init__(self, growing: IGrowingImage, transport: Any) -> None:
-        super().__init__(growing, transport)
-        self._chunkLeft = 0
-        self._primed = False
-
-    def start(self) -> Deferred[int]:
-        self.transport.registerProducer(self, False)
-        return self.done
-
-    def changed(self) -> None:
-        if self.waiting and not self.finished and self._worthSending():
-            self.waiting = False
-            self.transport.startWriting()  # then asks us again
-
-    def _worthSending(self) -> bool:
-        growing = self.growing
-        return growing.complete or growing.aborted or growing.available - self.sent >= MIN_CHUNK
-
-    def resumeProducing(self) -> None:
-        transport = self.transport
-        if self.finished:
-            return
-        if not self._primed:
-            # Called from registerProducer: the header may still be buffered.
-            self._primed = True
-            transport.startWriting()
-            return
-        if not self._chunkLeft:
-            length = min(self.growing.available - self.sent, SOCKET_CHUNK)
-            if not length:
-                self.endIfOver()
-                return
-            if length < MIN_CHUNK and not self._worthSending():
-                self.waiting = True  # for a bigger chunk, or the end
-                return
-            self._chunkLeft = length
-            prefix = wire.CHUNK_LENGTH.pack(length)
-            try:
-                written = transport.socket.send(prefix, socket.MSG_MORE)  # goes with the bytes
-            except BlockingIOError:
-                written = 0
-            except OSError as e:
-                self._broken(e.strerror)
-                return
-            if written < len(prefix):
-                transport.write(prefix[written:])  # flushed before we are asked again
-                return
-        try:
-            sent = self.growing.sendfile(transport.fileno(), self._chunkLeft)  # type: ignore[attr-defined]
-        except BlockingIOError:
-            sent = None
-        except SourceBusy as busy:  # asked again once the disk has the bytes
-            busy.whenReady.addCallback(self._sourceReady)
-            return
-        except OSError as e:
-            self._broken(e.strerror)
-            return
-        if sent == 0:
-            self._broken("the stored image ended inside an announced chunk")
-            return
-        if sent:
-            self.sent += sent
-            self._chunkLeft -= sent
-        transport.startWriting()
-
-    def _sourceReady(self, _: None) -> None:
-        if not self.finished and self.transport.connected:
-            self.transport.startWriting()
-
-    def _broken(self, why: str | None) -> None:
-        self.finish(None, Failure(ConnectionLost(why)))
-        self.transport.abortConnection()
-
-
-@implementer(IPushProducer)
-class _WrittenChunks(_Chunks):
-    """Any other transport (TLS): chunks read from the store and written."""
-
-    def __init__(self, growing: IGrowingImage, transport: Any) -> None:
-        super().__init__(growing, transport)
         self._paused = False
 
-    def start(self) -> Deferred[int]:
+    def start(self) -> Deferred[None]:
         self.transport.registerProducer(self, True)
         self._pump()
         return self.done
@@ -189,18 +123,37 @@ class _WrittenChunks(_Chunks):
         self._paused = False
         self._pump()
 
+    def stopProducing(self) -> None:
+        self._finish(b"", Failure(ConnectionLost(ChunkFraming.stopped)))
+
     def _pump(self) -> None:
         while not self._paused and not self.finished:
             data = self.growing.read(WRITTEN_CHUNK)
             if not data:
-                self.endIfOver()
+                ending = _ending(self.growing)
+                if ending is None:
+                    self.waiting = True
+                else:
+                    self._finish(*ending)
                 return
             self.waiting = False
             self.sent += len(data)
             self.transport.write(wire.CHUNK_LENGTH.pack(len(data)) + data)
 
+    def _finish(self, marker: bytes, failure: Failure | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.transport.unregisterProducer()
+        if marker:
+            self.transport.write(marker)
+        if failure is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(failure)
 
-class LiveTransfer:
+
+class OutgoingGrowingImage:
     """
     An image being written, sent as chunks while it grows.  L{sendTo}
     fires with the image's size once its end is written, or fails with
@@ -209,24 +162,39 @@ class LiveTransfer:
 
     def __init__(self, growing: IGrowingImage) -> None:
         self._growing = growing
-        self._chunks: _Chunks | None = None
+        self._producer: SocketSendfile | _WrittenChunks | None = None
+        #: What knows whether the transfer waits for criu.
+        self._framing: ChunkFraming | _WrittenChunks | None = None
 
     @property
     def sent(self) -> int:
-        return 0 if self._chunks is None else self._chunks.sent
+        return 0 if self._producer is None else self._producer.sent
 
     @property
     def waiting(self) -> bool:
         """Waiting for criu, not for the link (no stall)."""
-        return self._chunks is not None and self._chunks.waiting
+        return self._framing is not None and self._framing.waiting
 
     def sendTo(self, transport: Any) -> Deferred[int]:
         """Send the chunks after whatever C{transport} was given before."""
-        assert self._chunks is None, "a LiveTransfer is sent once"
-        if isinstance(transport, abstract.FileDescriptor) and hasattr(self._growing, "sendfile"):
-            chunks: _Chunks = _SocketChunks(self._growing, transport)
-            self._chunks = chunks
-            return chunks.start()
-        written = _WrittenChunks(self._growing, transport)
-        self._chunks = written
-        return written.start()
+        assert self._producer is None, "an OutgoingGrowingImage is sent once"
+        growing = self._growing
+        if onDescriptor(transport) and IKernelSource.providedBy(growing):
+            framing = ChunkFraming(growing)
+            producer = SocketSendfile(growing, transport, framing)
+            self._producer, self._framing = producer, framing
+            growing.onChange = lambda: framing.changed(producer)
+        else:
+            written = _WrittenChunks(growing, transport)
+            self._producer = self._framing = written
+            growing.onChange = written.changed
+        done = self._producer.done
+
+        def ended(result: Any) -> Any:
+            growing.onChange = lambda: None
+            growing.close()
+            return result
+
+        done.addBoth(ended)
+        started = self._producer.start()
+        return started.addCallback(lambda _: self.sent)

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorFDSet
 from twisted.python.failure import Failure
 
 from twisted_criu.flow.pipes import PipeReader
-from twisted_criu.interfaces import IImageWriter, IPacedWriter
+from twisted_criu.interfaces import IImageWriter, IPacedWriter, ISpliceSink
 
 
 def pauseWhileBehind(writer: IImageWriter, producer: IPushProducer) -> None:
@@ -38,13 +38,16 @@ def readPipeInto(
         writer.write(data)
         pauseWhileBehind(writer, pipe)
 
-    splice: Callable[[int, int], int] | None = getattr(writer, "spliceFrom", None)
+    spliceInto: Callable[[int, int], int] | None = None
+    if ISpliceSink.providedBy(writer):
+        splice = writer.spliceFrom
 
-    def spliceInto(source: int, count: int) -> int:
-        assert splice is not None
-        moved = splice(source, count)
-        pauseWhileBehind(writer, pipe)
-        return moved
+        def spliced(source: int, count: int) -> int:
+            moved = splice(source, count)
+            pauseWhileBehind(writer, pipe)
+            return moved
 
-    pipe = PipeReader(reactor, fd, write, ended, spliceInto=None if splice is None else spliceInto)
+        spliceInto = spliced
+
+    pipe = PipeReader(reactor, fd, write, ended, spliceInto=spliceInto)
     return pipe

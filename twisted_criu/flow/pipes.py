@@ -12,31 +12,23 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from twisted.internet import abstract, error, main
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from twisted_criu.errors import ProtocolError, SourceBusy
+from twisted_criu.errors import ProtocolError
+from twisted_criu.flow._fastpath import bufferEmpty
+from twisted_criu.interfaces import IKernelSink, IKernelSource
 
 #: How much one read from a pipe may return.
 PIPE_READ_SIZE = 1 << 18
 
 #: How much one splice or sendfile may move.
 SPLICE_SIZE = 1 << 20
-
-
-class IFileSource(Protocol):
-    """Something whose bytes the kernel can copy into a descriptor."""
-
-    def sendfile(self, out: int, count: int) -> int:
-        """
-        Copy up to C{count} bytes into C{out}; 0 at the end.  May raise
-        L{BlockingIOError} (C{out} is full) or L{SourceBusy} (the bytes
-        are still being read from a disk).
-        """
 
 
 def checkPipe(fd: int) -> None:
@@ -134,6 +126,7 @@ class PipeReader(abstract.FileDescriptor):
             self.connectionLost(Failure(main.CONNECTION_LOST))
 
 
+@implementer(IKernelSink)
 class PipeWriter(abstract.FileDescriptor):
     """
     A consumer writing into a pipe; L{loseConnection} closes it once the
@@ -152,21 +145,22 @@ class PipeWriter(abstract.FileDescriptor):
         self._ended: Callable[[Failure], None] | None = ended
         self.connected = 1
         self.bytesWritten = 0
-        self._source: IFileSource | None = None
+        self._source: IKernelSource | None = None
         self._sourceLeft = 0
         self._sourceDone: Deferred[None] | None = None
 
     def fileno(self) -> int:
         return self._fd
 
-    def sendFile(self, source: IFileSource, count: int) -> Deferred[None]:
+    def sendFile(self, source: IKernelSource, count: int) -> Deferred[None]:
         """
         Copy C{count} bytes from C{source} into the pipe in the kernel, as
-        the reader makes room.  Fires when all are in; fails with
-        L{ConnectionLost} if the reader went away, or L{EOFError} if the
-        source ended early.  Nothing may be written meanwhile.
+        the reader makes room (and the source's disk delivers).  Fires when
+        all are in; fails with L{ConnectionLost} if the reader went away,
+        or L{EOFError} if the source ended early.  Nothing may be written
+        meanwhile.
         """
-        assert self._source is None and not self.dataBuffer and not self._tempDataLen
+        assert self._source is None and bufferEmpty(self)
         done: Deferred[None] = Deferred()
         if not count:
             done.callback(None)
@@ -179,18 +173,19 @@ class PipeWriter(abstract.FileDescriptor):
         if self._source is None:
             return super().doWrite()
         source = self._source
-        try:
-            sent = source.sendfile(self._fd, min(self._sourceLeft, SPLICE_SIZE))
-        except BlockingIOError:
-            return None
-        except SourceBusy as busy:
+        readable = source.whenReadable()
+        if readable is not None:
             self.stopWriting()  # not the pipe: the disk
 
             def ready(_: None) -> None:
                 if self._source is source and self.connected:
                     self.startWriting()
 
-            busy.whenReady.addCallback(ready)
+            readable.addCallback(ready)
+            return None
+        try:
+            sent = source.sendfile(self._fd, min(self._sourceLeft, SPLICE_SIZE))
+        except BlockingIOError:
             return None
         except OSError as e:
             return error.ConnectionLost(e.strerror)

@@ -6,23 +6,19 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
-from twisted.internet import abstract
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IConsumer, IPullProducer
+from twisted.internet.interfaces import IConsumer
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from twisted_criu.errors import ImageSizeMismatch, SourceBusy
-from twisted_criu.flow.pipes import PipeWriter
-from twisted_criu.interfaces import IImageReader, IStoredImage
+from twisted_criu.errors import ImageSizeMismatch
+from twisted_criu.flow._fastpath import onDescriptor
+from twisted_criu.flow.sockets import RawBytes, SocketSendfile
+from twisted_criu.interfaces import IImageReader, IKernelSink, IKernelSource, IStoredImage
 
 #: Bytes handed to the consumer per resumeProducing().
 CHUNK_SIZE = 1 << 18
-
-#: Bytes one sendfile() may move into a socket.
-SENDFILE_SIZE = 1 << 22
 
 
 class _CountingReader:
@@ -36,93 +32,20 @@ class _CountingReader:
         return chunk
 
 
-@implementer(IPullProducer)
-class _SocketFileProducer:
-    """
-    Feeds a socket transport from a store file with C{sendfile}, under the
-    transport's own flow control: Twisted asks a pull producer for more
-    only once its write buffer is empty, so whatever was written before (a
-    header) goes first, and the kernel copies the image bytes directly.
-    """
-
-    def __init__(self, source: Any, count: int, transport: Any) -> None:
-        self._source = source
-        self.left = count
-        self._transport = transport
-        self._done: Deferred[None] | None = Deferred()
-        self._primed = False
-
-    def start(self) -> Deferred[None]:
-        done = self._done
-        assert done is not None
-        if not self.left:
-            self._finish(None)
-        else:
-            self._transport.registerProducer(self, False)
-        return done
-
-    def resumeProducing(self) -> None:
-        transport = self._transport
-        if not self._primed:
-            # Called from registerProducer: earlier writes may still be
-            # buffered.  Wait until the transport has flushed them and asks.
-            self._primed = True
-            transport.startWriting()
-            return
-        try:
-            sent = self._source.sendfile(transport.fileno(), min(self.left, SENDFILE_SIZE))
-        except BlockingIOError:
-            sent = None
-        except SourceBusy as busy:  # asked again once the disk has the bytes
-            busy.whenReady.addCallback(self._sourceReady)
-            return
-        except OSError as e:
-            self._finish(Failure(ConnectionLost(e.strerror)))
-            transport.abortConnection()
-            return
-        if sent == 0:
-            self._finish(Failure(EOFError(f"source ended {self.left} bytes early")))
-            transport.abortConnection()
-            return
-        if sent:
-            self.left -= sent
-        if not self.left:
-            transport.unregisterProducer()
-            self._finish(None)
-        else:
-            transport.startWriting()  # ask again once the socket has room
-
-    def _sourceReady(self, _: None) -> None:
-        if self._done is not None and self._transport.connected:
-            self._transport.startWriting()
-
-    def stopProducing(self) -> None:
-        self._finish(Failure(ConnectionLost("the consumer stopped the transfer")))
-
-    def _finish(self, failure: Failure | None) -> None:
-        done, self._done = self._done, None
-        if done is None:
-            return
-        if failure is None:
-            done.callback(None)
-        else:
-            done.errback(failure)
-
-
 class ImageSender(FileSender):
     """A L{FileSender} with image-sized chunks."""
 
     CHUNK_SIZE = CHUNK_SIZE
 
 
-class ImageTransfer:
+class OutgoingImage:
     """
     An image opened for sending.  Opening happens at once, so the bytes are
     the ones of this version even if the image is replaced or released
     before the consumer is ready.
     """
 
-    #: Never waiting for its source (see L{LiveTransfer.waiting}).
+    #: Never waiting for its source (see L{OutgoingGrowingImage.waiting}).
     waiting = False
 
     def __init__(self, image: IStoredImage) -> None:
@@ -143,17 +66,18 @@ class ImageTransfer:
         with L{ConnectionLost} if the consumer stopped the transfer, or
         L{ImageSizeMismatch} if the store did not give back C{size} bytes.
         """
-        assert self._reader is not None, "an ImageTransfer is sent once"
-        if hasattr(self._reader, "sendfile"):
-            if isinstance(consumer, PipeWriter):
+        reader = self._reader
+        assert reader is not None, "an OutgoingImage is sent once"
+        if IKernelSource.providedBy(reader):
+            if IKernelSink.providedBy(consumer):  # a pipe
                 start = consumer.bytesWritten
                 self._progress = lambda: consumer.bytesWritten - start
-                return self._sendFile(consumer.sendFile(self._reader, self.size))
-            if isinstance(consumer, abstract.FileDescriptor):  # a plain socket, not TLS
-                producer = _SocketFileProducer(self._reader, self.size, consumer)
-                self._progress = lambda: self.size - producer.left
+                return self._sendFile(consumer.sendFile(reader, self.size))
+            if onDescriptor(consumer):  # a plain socket, not TLS
+                producer = SocketSendfile(reader, consumer, RawBytes(self.size))
+                self._progress = lambda: producer.sent
                 return self._sendFile(producer.start())
-        counting = _CountingReader(self._reader)
+        counting = _CountingReader(reader)
         self._progress = lambda: counting.count
 
         def done(result: Any) -> None:
@@ -189,10 +113,10 @@ class ImageTransfer:
 
 def sendImage(image: IStoredImage, consumer: IConsumer) -> Deferred[None]:
     """Open C{image} and send it to C{consumer} right away."""
-    return ImageTransfer(image).sendTo(consumer)
+    return OutgoingImage(image).sendTo(consumer)
 
 
-def sha256Of(transfer: ImageTransfer) -> bytes:
+def sha256Of(transfer: OutgoingImage) -> bytes:
     """The SHA-256 of an opened image (blocking: run it in a thread)."""
     digest = hashlib.sha256()
     reader = transfer._reader

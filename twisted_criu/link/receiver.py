@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
-from twisted.internet import main, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -19,28 +18,17 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.errors import ProtocolError
+from twisted_criu.flow._fastpath import BufferedReads
 from twisted_criu.flow.pacing import pauseWhileBehind
 from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IReceivingLink, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
-from twisted_criu.progress import Direction, Transfer
+from twisted_criu.progress import Direction, ImageInFlight
 
 #: How much of an image body one read on the link may take.  Bodies are
-#: read into one reused buffer of this size (see L{RemoteReceiver}); headers
+#: read into one reused buffer of this size (see L{BufferedReads}); headers
 #: use Twisted's own reads (64 KiB).
 LINK_READ_SIZE = 1 << 20
 
-_buffer: list[memoryview] = []
-
-
-def _bodyBuffer() -> memoryview:
-    """
-    The one buffer image bodies are read into.  One is enough: the reactor
-    runs one read at a time, and the store copies the bytes before the read
-    returns.
-    """
-    if not _buffer:
-        _buffer.append(memoryview(bytearray(LINK_READ_SIZE)))
-    return _buffer[0]
 
 @implementer(IReceivingLink)
 class RemoteReceiver(Protocol, TimeoutMixin):
@@ -67,8 +55,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._chunkLength = bytearray()
         #: Bytes of the current image received so far.
         self._received = 0
-        self._plainRead: Callable[[], Any] | None = None
-        self._moving: Transfer | None = None
+        self._reads: BufferedReads | None = None
+        self._moving: ImageInFlight | None = None
         self.imagesReceived = 0
         self.bytesReceived = 0
         #: The proxy ended its dump with a marker; the link is idle.
@@ -79,13 +67,11 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._bytesSinceMarker = 0
 
     def connectionMade(self) -> None:
-        transport: Any = self.transport
-        if isinstance(transport, tcp.Connection):
-            # Image bodies are read straight into a reused buffer: a fresh
-            # bytes object per read costs more than the copy itself (page
-            # faults, and mmap churn for reads of 128 KiB and more).
-            self._plainRead = transport.doRead
-            setattr(transport, "doRead", self._readBody)
+        # Image bodies are read straight into a reused buffer (the store
+        # copies them); headers, and anything but TCP, by Twisted's reads.
+        self._reads = BufferedReads.install(
+            self.transport, self._bodyReadSize, self.dataReceived, LINK_READ_SIZE
+        )
         self._registry = self.sink.linkOpened(self)
         peer = self.transport.getPeer()
         self.log.info("proxy connected from {peer}", peer=str(peer))
@@ -118,25 +104,13 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         inImage = self._writer is not None and (self._remaining > 0 or len(self._chunkLength) > 0)
         self.setTimeout(self.sink.linkTimeout if inImage or self._frames.pending > 0 else None)
 
-    def _readBody(self) -> Any:
-        """The TCP transport's C{doRead} while this protocol is connected."""
-        remaining = self._remaining
+    def _bodyReadSize(self) -> int:
+        """How much the next read of the link may take into the reused buffer; 0: a plain read."""
         if self._writer is None:
-            assert self._plainRead is not None
-            return self._plainRead()
+            return 0
         # Inside an image (a chunked one may be between chunks: the length
         # and the next bytes come together).
-        view = _bodyBuffer()[: min(remaining, LINK_READ_SIZE) if remaining else LINK_READ_SIZE]
-        try:
-            count = self.transport.socket.recv_into(view)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not count:
-            return main.CONNECTION_DONE
-        self.dataReceived(view[:count])  # never kept: the store copies it
-        return None
+        return self._remaining or LINK_READ_SIZE
 
     def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
         return self.sink.reactor.callLater(period, func)
@@ -346,9 +320,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.setTimeout(None)
-        if self._plainRead is not None:  # no cycle between transport and protocol
-            vars(self.transport).pop("doRead", None)
-            self._plainRead = None
+        reads, self._reads = self._reads, None
+        if reads is not None:  # no cycle between transport and protocol
+            reads.restore()
         header, writer = self._header, self._writer
         clean = reason.check(ConnectionDone) is not None and writer is None
         if header is not None and writer is not None and self._registry is not None:

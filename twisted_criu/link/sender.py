@@ -19,8 +19,8 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.errors import ImageAborted, ImageSizeMismatch, ProtocolError
-from twisted_criu.flow.chunks import LiveTransfer
-from twisted_criu.flow.send import ImageTransfer
+from twisted_criu.flow.chunks import OutgoingGrowingImage
+from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import (
     IGrowingImage,
     ILinkSource,
@@ -28,7 +28,7 @@ from twisted_criu.interfaces import (
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey, describe
-from twisted_criu.progress import Activity, Direction, Transfer
+from twisted_criu.progress import Activity, Direction, ImageInFlight
 
 
 @implementer(ISendingLink)
@@ -79,7 +79,7 @@ class RemoteSender(Protocol):
         self._clock = clock
         self.stallTimeout = stallTimeout
         self._watchdog: IDelayedCall | None = None
-        self._transfer: ImageTransfer | LiveTransfer | None = None
+        self._transfer: OutgoingImage | OutgoingGrowingImage | None = None
         self._queue: dict[ImageKey, None] = {}
         self._sending = False
         self._idleWaiters: list[Deferred[None]] = []
@@ -157,7 +157,7 @@ class RemoteSender(Protocol):
         """Send the image criu is writing under C{key} as it grows."""
         assert self.idle and self.peerVersion >= 2
         snapshotId, name = key
-        transfer = LiveTransfer(growing)
+        transfer = OutgoingGrowingImage(growing)
         header = wire.RemoteHeader(
             name, snapshotId, wire.O_WRONLY, 0, None, wire.LINK_EXTENSION_VERSION, True
         )
@@ -216,7 +216,7 @@ class RemoteSender(Protocol):
 
     def _send(self, key: ImageKey, image: IStoredImage, digest: bytes | None) -> None:
         snapshotId, name = key
-        transfer = ImageTransfer(image)
+        transfer = OutgoingImage(image)
         header = wire.RemoteHeader(
             name, snapshotId, wire.O_WRONLY, transfer.size, digest, wire.LINK_EXTENSION_VERSION
         )
@@ -244,8 +244,12 @@ class RemoteSender(Protocol):
         transfer.sendTo(self.transport).addCallbacks(sent, failed)
 
     def _begin(
-        self, key: ImageKey, header: wire.RemoteHeader, transfer: ImageTransfer | LiveTransfer, size: int | None
-    ) -> Transfer:
+        self,
+        key: ImageKey,
+        header: wire.RemoteHeader,
+        transfer: OutgoingImage | OutgoingGrowingImage,
+        size: int | None,
+    ) -> ImageInFlight:
         """Start forwarding C{key}: its header now, its bytes by C{transfer}."""
         self._sending = True
         self._transfer = transfer
@@ -253,14 +257,14 @@ class RemoteSender(Protocol):
         self.transport.write(header.toBytes())
         return self._activity.begin(Direction.TO_CACHE, describe(key), size, lambda: transfer.sent)
 
-    def _ended(self, moving: Transfer | None) -> None:
+    def _ended(self, moving: ImageInFlight | None) -> None:
         """The image being forwarded is done with (C{moving} if it failed)."""
         self._sending = False
         self._disarmWatchdog()
         if moving is not None:
             self._activity.abandon(moving)
 
-    def _forwarded(self, key: ImageKey, size: int, moving: Transfer, how: str) -> None:
+    def _forwarded(self, key: ImageKey, size: int, moving: ImageInFlight, how: str) -> None:
         """All of C{key} is handed over: count it, say so, send the next."""
         self._ended(None)
         self.imagesSent += 1

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from twisted_criu.interfaces import IImageReader, IStoredImage
+from twisted_criu.interfaces import IImageReader, IKernelSource, IStoredImage
 
 
-@implementer(IImageReader)
+@implementer(IKernelSource)
 class _FileReader:
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -20,6 +21,9 @@ class _FileReader:
         chunk = os.pread(self._fd, size, self._offset)
         self._offset += len(chunk)
         return chunk
+
+    def whenReadable(self) -> Deferred[None] | None:
+        return None  # the kernel reads the file in sendfile
 
     def sendfile(self, out: int, count: int) -> int:
         """Copy up to C{count} bytes into C{out} in the kernel; 0 at the end."""

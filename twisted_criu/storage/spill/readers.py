@@ -13,12 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from twisted_criu.errors import SourceBusy
-from twisted_criu.interfaces import (
-    IGrowingImage,
-    IImageReader,
-    IStoredImage,
-)
+from twisted_criu.interfaces import IGrowingImage, IKernelSource, IStoredImage
 from twisted_criu.storage.spill.diskio import STAGE_SIZE, _closeBuffers, _DiskIO, _Segment
 
 if TYPE_CHECKING:
@@ -60,13 +55,14 @@ def _preadInto(fd: int, buffer: mmap.mmap, offset: int) -> int:
     return os.preadv(fd, [buffer], offset)
 
 
-@implementer(IImageReader)
+@implementer(IKernelSource)
 class _SpillReader:
     """
     Reads an image's runs in order: memfd runs with C{pread}, C{sendfile},
     or C{write} from a mapped window (see L{writesFromMapping}), spill
     files in aligned blocks (direct I/O) into buffers of its own, the next
-    block read ahead by the store's I/O thread.
+    block read ahead by the store's I/O thread (L{whenReadable} says when
+    it is in).
     """
 
     def __init__(self, segments: list[_Segment], io: _DiskIO) -> None:
@@ -98,34 +94,46 @@ class _SpillReader:
         """Read a whole buffer (the file ends at the run's end) on the I/O thread."""
         return self._io.submit(_preadInto, fd, self._buffers[which], offset)
 
-    def _busy(self, reading: Future[int]) -> SourceBusy:
-        """Raised by L{sendfile} while C{reading} runs (with a reactor to say when it ends)."""
-        callFromThread = self._io.callFromThread
-        assert callFromThread is not None
-        whenReady: Deferred[None] = Deferred()
-        reading.add_done_callback(lambda _: callFromThread(lambda: whenReady.callback(None)))
-        return SourceBusy(whenReady)
-
-    def _staged(self, fd: int, left: int, wait: bool = True) -> memoryview:
+    def _readAt(self, fd: int) -> Future[int]:
         """
-        Bytes of the current spill file at the read position.  Unless
-        C{wait}, raises L{SourceBusy} instead of waiting for the disk
-        (given a reactor to tell when to try again).
+        The read of the spill file C{fd} at the read position: the
+        read-ahead if it is that one, else a new one.  Kept as the
+        read-ahead until L{_staged} takes it.
         """
-        if self._pending:
-            return self._pending
         if not self._buffers:
             self._buffers = [mmap.mmap(-1, STAGE_SIZE) for _ in range(2)]
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
         if ahead is not None and ahead[1:] == (fd, self._offset):
-            reading = ahead[0]
-        else:
-            if ahead is not None:
-                ahead[0].exception()  # a stale read-ahead: let it finish
-            reading = self._readInto(1, fd, self._offset)
-        if not wait and not reading.done() and self._io.callFromThread is not None:
-            self._ahead = (reading, fd, self._offset)
-            raise self._busy(reading)
+            return ahead[0]
+        if ahead is not None:
+            ahead[0].exception()  # a stale read-ahead: let it finish
+        reading = self._readInto(1, fd, self._offset)
+        self._ahead = (reading, fd, self._offset)
+        return reading
+
+    def whenReadable(self) -> Deferred[None] | None:
+        """
+        L{None} if the next bytes are at hand (in memory, or read from the
+        disk already); else a L{Deferred} fired once the disk delivered
+        them.  Without a reactor to tell, always L{None} (L{sendfile} waits).
+        """
+        current = self._current()
+        callFromThread = self._io.callFromThread
+        if current is None or self._pending or not current[2] or callFromThread is None:
+            return None
+        reading = self._readAt(current[0])
+        if reading.done():
+            return None
+        readable: Deferred[None] = Deferred()
+        reading.add_done_callback(lambda _: callFromThread(lambda: readable.callback(None)))
+        return readable
+
+    def _staged(self, fd: int, left: int) -> memoryview:
+        """Bytes of the current spill file at the read position (waiting for the disk)."""
+        if self._pending:
+            return self._pending
+        reading = self._readAt(fd)
+        self._ahead = None
         n = reading.result()
         if n <= 0:
             raise OSError(f"spill file ended {left} bytes early")
@@ -156,15 +164,15 @@ class _SpillReader:
     def sendfile(self, out: int, count: int) -> int:
         """
         Copy up to C{count} bytes into the descriptor C{out}; 0 at the end
-        of the image.  May raise L{BlockingIOError} (C{out} is full), or
-        L{SourceBusy} (the bytes are still being read from the disk).
+        of the image.  May raise L{BlockingIOError} (C{out} is full); waits
+        for the disk unless L{whenReadable} was heeded.
         """
         current = self._current()
         if current is None:
             return 0
         fd, left, onDisk = current
         if onDisk:
-            sent = os.write(out, self._staged(fd, left, wait=False)[:count])
+            sent = os.write(out, self._staged(fd, left)[:count])
         elif self._fromMapping(out):
             sent = self._writeMapped(out, fd, left, count)
         else:
@@ -262,6 +270,10 @@ class _GrowingReader(_SpillReader):
     def read(self, size: int) -> bytes:
         self._refresh()
         return super().read(size)
+
+    def whenReadable(self) -> Deferred[None] | None:
+        self._refresh()
+        return super().whenReadable()
 
     def sendfile(self, out: int, count: int) -> int:
         self._refresh()

@@ -20,6 +20,7 @@ from twisted_criu.interfaces import (
     IImageStore,
     IImageWriter,
     IPacedWriter,
+    ISpliceSink,
     IStoredImage,
 )
 from twisted_criu.storage.spill.directories import (
@@ -55,7 +56,7 @@ class SpillImage:
             self._store._drop(segment)
 
 
-@implementer(IGrowableWriter, IPacedWriter)
+@implementer(IGrowableWriter, IPacedWriter, ISpliceSink)
 class _SpillWriter:
     """
     Fills a memfd while the store's budget allows, then a spill file.  The
