@@ -30,7 +30,7 @@ from twisted_criu.storage.spill.directories import (
     removeStaleSpillDirs,
 )
 from twisted_criu.storage.spill.diskio import _DiskIO, _Segment, _StagedFile, _writeAll
-from twisted_criu.storage.spill.readers import _GrowingReader, _SpillReader
+from twisted_criu.storage.spill.readers import _SpillReader
 
 
 @implementer(IStoredImage)
@@ -55,6 +55,73 @@ class SpillImage:
         for segment in segments:
             self._store._drop(segment)
 
+
+
+@implementer(IGrowingImage)
+class _GrowingReader(_SpillReader):
+    """
+    Follows a L{_SpillWriter}: reads what is already in memory or durably
+    in the spill file (whole aligned buffers), and more after each change.
+    """
+
+    def __init__(self, writer: _SpillWriter) -> None:
+        super().__init__([], writer._store._io)
+        self._writer: _SpillWriter | None = writer
+        self._segments = writer._segments  # the list itself: commit hands it on
+        self._lastMayGrow = True
+        self.complete = False
+        self.aborted = False
+        #: The image the write became, once committed.
+        self.image: IStoredImage | None = None
+        self.onChange: Callable[[], None] = lambda: None
+
+    @property
+    def available(self) -> int:
+        self._refresh()
+        return sum(size for _, size, _ in self._runs)
+
+    def _refresh(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        for i, segment in enumerate(self._segments):
+            size = writer._durable(segment)
+            if i < len(self._runs):
+                fd, _, onDisk = self._runs[i]
+                self._runs[i] = (fd, size, onDisk)
+            else:
+                self._runs.append((os.dup(segment.fd), size, segment.onDisk))
+
+    def _changed(self, complete: bool = False, aborted: bool = False) -> None:
+        """Called by the writer after each change (before it drops anything)."""
+        if not aborted:
+            self._refresh()
+        if complete or aborted:
+            self._writer = None
+            self._lastMayGrow = False
+        self.complete, self.aborted = complete, aborted
+        self.onChange()
+
+    # After an abort, what was available stays readable (our own fds): a
+    # chunk already announced can still be completed.
+
+    def read(self, size: int) -> bytes:
+        self._refresh()
+        return super().read(size)
+
+    def whenReadable(self) -> Deferred[None] | None:
+        self._refresh()
+        return super().whenReadable()
+
+    def sendfile(self, out: int, count: int) -> int:
+        self._refresh()
+        return super().sendfile(out, count)
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer._unfollow(self)
+        super().close()
 
 @implementer(IGrowableWriter, IPacedWriter, ISpliceSink)
 class _SpillWriter:
