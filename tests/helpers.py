@@ -1,6 +1,8 @@
 """
-Test-private helpers.  The fakes (FakeLocalService, FakeSink, storedImage,
-pump, driveProducer) are public: L{twisted_criu.testing.fakes}.
+Test-private helpers: short socket directories, the link's frames, and an
+in-process migration (L{Migration}: both daemons on loopback, criu played
+in threads).  The fakes (FakeLocalService, FakeSink, FakeLinkSource,
+storedImage, pump, driveProducer) are public: L{twisted_criu.testing.fakes}.
 """
 
 from __future__ import annotations
@@ -8,8 +10,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Any, Callable, TypeVar
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from twisted_criu import wire
+from twisted_criu.daemons.cache import ImageCacheService
+from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.testing.criu import LocalImageClient
+from twisted_criu.twistd.options import unixEndpoint
 
 
 def isClosed(fd: int) -> bool:
@@ -29,3 +43,88 @@ def socketDirectory(test: SynchronousTestCase) -> str:
     directory = tempfile.mkdtemp(prefix="tc-")
     test.addCleanup(shutil.rmtree, directory, True)
     return directory
+
+
+def linkFrames(
+    *images: tuple[str, bytes], snapshotId: str = "snap1", linkVersion: int | None = None
+) -> bytes:
+    """The link's frames for C{images}: a header, then the bytes, each."""
+    out = b""
+    for name, data in images:
+        header = wire.RemoteHeader(name, snapshotId, 1, len(data), None, linkVersion)
+        out += header.toBytes() + data
+    return out
+
+
+def proxyFrames(*images: tuple[str, bytes], snapshotId: str = "snap1") -> bytes:
+    """What a twisted-criu proxy sends: headers carry the link version."""
+    return linkFrames(*images, snapshotId=snapshotId, linkVersion=wire.LINK_EXTENSION_VERSION)
+
+
+# -- an in-process migration: both daemons on loopback, criu in threads ------
+
+T = TypeVar("T")
+
+
+class Migration:
+    """A cache and a proxy wired together, plus clients playing criu."""
+
+    def __init__(self, test: TestCase) -> None:
+        base = tempfile.mkdtemp(prefix="tc-")  # AF_UNIX paths must stay short
+        test.addCleanup(shutil.rmtree, base, True)
+        self.src = os.path.join(base, "src")
+        self.dst = os.path.join(base, "dst")
+        os.makedirs(self.src)
+        os.makedirs(self.dst)
+        self.test = test
+        self.cache: ImageCacheService | None = None
+        self.proxy: ImageProxyService | None = None
+        self.dump = LocalImageClient(os.path.join(self.src, "img-proxy.sock"), timeout=20)
+        self.restore = LocalImageClient(os.path.join(self.dst, "img-cache.sock"), timeout=20)
+        self.captureSocket = os.path.join(self.src, "streamer-capture.sock")
+        self.serveSocket = os.path.join(self.dst, "streamer-serve.sock")
+
+    def startCache(self, port: int = 0, **kwargs: Any) -> Deferred[Any]:
+        self.cache = ImageCacheService(
+            reactor,
+            serverFromString(reactor, unixEndpoint(os.path.join(self.dst, "img-cache.sock"))),
+            serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"),
+            streamLocal=serverFromString(reactor, unixEndpoint(self.serveSocket)),
+            **kwargs,
+        )
+        self.cache.startService()
+        self.test.addCleanup(self.cache.stopService)
+        return self.cache.remoteEndpoint.whenListening()
+
+    def startCacheWith(self, **kwargs: Any) -> Deferred[Any]:
+        return self.startCache(0, **kwargs)
+
+    def startProxy(self, port: int, **kwargs: Any) -> None:
+        self.proxy = ImageProxyService(
+            reactor,
+            serverFromString(reactor, unixEndpoint(os.path.join(self.src, "img-proxy.sock"))),
+            clientFromString(reactor, f"tcp:host=127.0.0.1:port={port}"),
+            retryPolicy=lambda attempt: 0.05,
+            streamLocal=serverFromString(reactor, unixEndpoint(self.captureSocket)),
+            **kwargs,
+        )
+        self.proxy.startService()
+        self.test.addCleanup(self.proxy.stopService)
+
+    @inlineCallbacks
+    def start(self, **proxyArgs: Any) -> Any:
+        port = yield self.startCache()
+        self.startProxy(port.getHost().port, **proxyArgs)
+
+
+def inThread(f: Callable[..., T], *args: Any) -> Deferred[T]:
+    return deferToThread(f, *args)
+
+
+@inlineCallbacks
+def waitFor(condition: Callable[[], bool], timeout: float = 10) -> Any:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition never became true")

@@ -21,7 +21,7 @@ from twisted_criu.daemons.control import controlSite
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.twistd.options import unixEndpoint
 
-from .test_services import Migration, inThread, waitFor
+from .helpers import Migration, inThread, waitFor
 
 
 def chainImages(snapshotId: str) -> dict[str, bytes]:

@@ -28,7 +28,7 @@ from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, FakeSink
 
 from .helpers import isClosed
-from .test_services import Migration, inThread
+from .helpers import Migration, inThread
 
 
 def _errors(events: Any) -> list[str]:

@@ -25,7 +25,7 @@ from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.testing.criu import LocalImageClient
 from twisted_criu.twistd.options import unixEndpoint
 
-from .test_services import Migration
+from .helpers import Migration
 
 
 class ShortRead(Exception):

@@ -16,7 +16,7 @@ from twisted.web.client import Agent, readBody
 from twisted_criu.daemons.endpoints import ObservedServerEndpoint
 from twisted_criu.daemons.metrics import MetricsService
 
-from .test_services import Migration, inThread, waitFor
+from .helpers import Migration, inThread, waitFor
 
 
 class MetricsTests(TestCase):

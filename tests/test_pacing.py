@@ -37,11 +37,10 @@ from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import IKernelSource, IPacedWriter
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.registry import readAll
-from twisted_criu.storage.spill import diskio, readers
-from twisted_criu.storage.spill import STAGE_SIZE, SpillStore
+from twisted_criu.storage.spill import STAGE_SIZE, SpillStore, diskio, readers
 from twisted_criu.testing.fakes import FakeSink, storedImage
 
-from .test_remote import _stream
+from .helpers import linkFrames
 
 #: How long a test waits for a background thread before failing.
 PATIENCE = 10.0
@@ -239,7 +238,7 @@ class LinkIntakeTests(SynchronousTestCase):
         transport = StringTransport()
         receiver.makeConnection(transport)
         data = os.urandom((BEHIND + 1) * STAGE_SIZE + 5)
-        stream = _stream(("pages-1.img", data))
+        stream = linkFrames(("pages-1.img", data))
         head = len(stream) - len(data) + BEHIND * STAGE_SIZE
         receiver.dataReceived(stream[:head])
         self.assertEqual(transport.producerState, "paused")

@@ -22,7 +22,7 @@ from twisted_criu.registry import readAll
 from twisted_criu.testing.criu import ImageWriter, StreamClient
 from twisted_criu.testing.fakes import FakeLocalService, pump
 
-from .test_services import Migration, inThread, waitFor
+from .helpers import Migration, inThread, waitFor
 
 TRACES = Path(__file__).resolve().parent / "criu-traces"
 

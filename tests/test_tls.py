@@ -31,7 +31,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.test_services import inThread, waitFor
+from tests.helpers import inThread, waitFor
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.link import tls

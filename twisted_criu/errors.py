@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_failures,tests.test_registry -*-
 """Exceptions shared by the wire, the flow of bytes, the registry and the daemons."""
 
 from __future__ import annotations

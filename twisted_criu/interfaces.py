@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fakes,tests.test_fastpath,tests.test_sessions,tests.test_storage -*-
 """
 The seams of twisted-criu: every zope interface, from storage up to the
 daemons' sessions and their operators.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_activity -*-
+# -*- test-case-name: tests.test_progress -*-
 """
 What a daemon is moving, for operators: per-image log events with their
 time and rate, a periodic progress line for long transfers, and the

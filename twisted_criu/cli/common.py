@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_chains -*-
 """What every C{twisted-criu} command shares: its error, options in any order."""
 
 from __future__ import annotations

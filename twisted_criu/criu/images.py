@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_local -*-
+# -*- test-case-name: tests.test_images -*-
 """
 The local leg: criu <-> daemon over a UNIX socket, one connection per image.
 

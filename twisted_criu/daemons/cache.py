@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_services -*-
+# -*- test-case-name: tests.test_daemons -*-
 """
 The image cache (restore host): receives images from an image proxy and
 serves them to C{criu restore --remote} on a local socket.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sessions,tests.test_services -*-
+# -*- test-case-name: tests.test_sessions,tests.test_daemons -*-
 """
 The cache's session: one restore, the images received for it, and the two
 ends that must both finish before it is over (the proxy's sending and

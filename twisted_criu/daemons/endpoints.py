@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_services -*-
+# -*- test-case-name: tests.test_daemons -*-
 """Endpoint wrappers: report where a server listens; log failed connects."""
 
 from __future__ import annotations

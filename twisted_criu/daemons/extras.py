@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_taps -*-
+# -*- test-case-name: tests.test_twistd -*-
 """
 What both twistd plugins add around a proxy or a cache: the control and
 metrics endpoints, readiness (C{--status-fd}, C{--pidfile}, as CRIU's

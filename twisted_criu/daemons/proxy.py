@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_services -*-
+# -*- test-case-name: tests.test_daemons -*-
 """
 The image proxy (dump host): takes images from C{criu dump --remote} on a
 local socket and forwards each, once complete, to an image cache.

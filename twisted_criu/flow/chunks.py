@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cutthrough -*-
+# -*- test-case-name: tests.test_chunks -*-
 """
 Cut-through forwarding: send an image to the cache while criu still writes
 it, as chunks (link extension version 2), instead of after it is complete.

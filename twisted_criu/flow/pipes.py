@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_local -*-
+# -*- test-case-name: tests.test_images -*-
 """
 Pipes handed over by criu with SCM_RIGHTS, as non-blocking reactor citizens.
 

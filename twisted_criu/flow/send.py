@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_backpressure -*-
+# -*- test-case-name: tests.test_send -*-
 """Stream a stored image into any consumer (socket, pipe, TCP link)."""
 
 from __future__ import annotations

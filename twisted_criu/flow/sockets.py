@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_fastpath,tests.test_cutthrough,tests.test_pacing -*-
+# -*- test-case-name: tests.test_fastpath,tests.test_chunks,tests.test_pacing -*-
 """
 The one producer that feeds a plain socket with C{sendfile}: a whole
 stored image (L{RawBytes}), or the chunks of an image criu is still

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_remote -*-
+# -*- test-case-name: tests.test_receiver -*-
 """
 The cache's end of the link: header, then exactly C{size} bytes (or
 chunks), repeat; published only when whole.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_remote -*-
+# -*- test-case-name: tests.test_sender -*-
 """
 The proxy's end of the link: forwards images one at a time, each as a
 header frame and its raw bytes (or, cut through, as chunks while criu

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_services -*-
+# -*- test-case-name: tests.test_daemons -*-
 """
 A blocking client of the local protocol: what C{criu --remote} does.
 

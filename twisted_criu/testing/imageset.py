@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_packaging -*-
+# -*- test-case-name: tests.slow.test_packaging -*-
 """
 The images a loopback demo migrates: a synthetic set with criu's names and
 typical sizes (random bytes), their SHA-256s, and the order criu writes and

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_packaging -*-
+# -*- test-case-name: tests.slow.test_packaging -*-
 """
 Real C{twistd} daemons as child processes, for the demo and for tests.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_taps -*-
+# -*- test-case-name: tests.test_twistd -*-
 """Command-line options shared by C{twistd criu-proxy} and C{twistd criu-cache}."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_taps -*-
+# -*- test-case-name: tests.test_twistd -*-
 """C{twistd criu-proxy}: the dump-side daemon."""
 
 from __future__ import annotations

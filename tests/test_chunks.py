@@ -17,7 +17,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.test_services import Migration, inThread, waitFor
+from tests.helpers import Migration, inThread, waitFor
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.testing.criu import ImageWriter

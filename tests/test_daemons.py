@@ -7,96 +7,18 @@ threads.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from twisted_criu import wire
-from twisted_criu.daemons.cache import ImageCacheService
-from twisted_criu.daemons.proxy import ImageProxyService
-from twisted_criu.testing.criu import LocalImageClient
-from twisted_criu.twistd.options import unixEndpoint
+from twisted_criu.testing.processes import freePort
 
-T = TypeVar("T")
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Migration:
-    """A cache and a proxy wired together, plus clients playing criu."""
-
-    def __init__(self, test: TestCase) -> None:
-        base = tempfile.mkdtemp(prefix="tc-")  # AF_UNIX paths must stay short
-        test.addCleanup(shutil.rmtree, base, True)
-        self.src = os.path.join(base, "src")
-        self.dst = os.path.join(base, "dst")
-        os.makedirs(self.src)
-        os.makedirs(self.dst)
-        self.test = test
-        self.cache: ImageCacheService | None = None
-        self.proxy: ImageProxyService | None = None
-        self.dump = LocalImageClient(os.path.join(self.src, "img-proxy.sock"), timeout=20)
-        self.restore = LocalImageClient(os.path.join(self.dst, "img-cache.sock"), timeout=20)
-        self.captureSocket = os.path.join(self.src, "streamer-capture.sock")
-        self.serveSocket = os.path.join(self.dst, "streamer-serve.sock")
-
-    def startCache(self, port: int = 0, **kwargs: Any) -> Deferred[Any]:
-        self.cache = ImageCacheService(
-            reactor,
-            serverFromString(reactor, unixEndpoint(os.path.join(self.dst, "img-cache.sock"))),
-            serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"),
-            streamLocal=serverFromString(reactor, unixEndpoint(self.serveSocket)),
-            **kwargs,
-        )
-        self.cache.startService()
-        self.test.addCleanup(self.cache.stopService)
-        return self.cache.remoteEndpoint.whenListening()
-
-    def startCacheWith(self, **kwargs: Any) -> Deferred[Any]:
-        return self.startCache(0, **kwargs)
-
-    def startProxy(self, port: int, **kwargs: Any) -> None:
-        self.proxy = ImageProxyService(
-            reactor,
-            serverFromString(reactor, unixEndpoint(os.path.join(self.src, "img-proxy.sock"))),
-            clientFromString(reactor, f"tcp:host=127.0.0.1:port={port}"),
-            retryPolicy=lambda attempt: 0.05,
-            streamLocal=serverFromString(reactor, unixEndpoint(self.captureSocket)),
-            **kwargs,
-        )
-        self.proxy.startService()
-        self.test.addCleanup(self.proxy.stopService)
-
-    @inlineCallbacks
-    def start(self, **proxyArgs: Any) -> Any:
-        port = yield self.startCache()
-        self.startProxy(port.getHost().port, **proxyArgs)
-
-
-def inThread(f: Callable[..., T], *args: Any) -> Deferred[T]:
-    return deferToThread(f, *args)
-
-
-@inlineCallbacks
-def waitFor(condition: Callable[[], bool], timeout: float = 10) -> Any:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        yield deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition never became true")
+from .helpers import Migration, inThread, waitFor
 
 
 class ServiceTests(TestCase):

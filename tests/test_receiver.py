@@ -1,4 +1,4 @@
-"""Tests for the proxy -> cache link, L{twisted_criu.link.sender} and L{twisted_criu.link.receiver}."""
+"""Tests for the cache's end of the link, L{twisted_criu.link.receiver}."""
 
 from __future__ import annotations
 
@@ -14,44 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_criu import wire
 from twisted_criu.errors import ImageNotFound
 from twisted_criu.link.receiver import RemoteReceiver
-from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
-from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.testing.fakes import FakeLinkSource, FakeSink, driveProducer
+from twisted_criu.testing.fakes import FakeSink
 
-
-class RecordingTransport(StringTransport):
-    """Remembers every write() call separately."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-
-
-def _image(data: bytes) -> Any:
-    writer = MemoryStore().newWriter()
-    writer.write(data)
-    return writer.commit()
-
-
-def _stream(
-    *images: tuple[str, bytes], snapshotId: str = "snap1", linkVersion: int | None = None
-) -> bytes:
-    out = b""
-    for name, data in images:
-        header = wire.RemoteHeader(name, snapshotId, 1, len(data), None, linkVersion)
-        out += header.toBytes() + data
-    return out
-
-
-def _sent(*images: tuple[str, bytes], snapshotId: str = "snap1") -> bytes:
-    """What a twisted-criu proxy sends: headers carry the link version."""
-    return _stream(*images, snapshotId=snapshotId, linkVersion=wire.LINK_EXTENSION_VERSION)
+from .helpers import linkFrames, proxyFrames
 
 
 class _ReceiverCase(SynchronousTestCase):
@@ -81,7 +48,7 @@ class ReceiverTests(_ReceiverCase):
 
     def test_everySplitPoint(self) -> None:
         """Headers and bodies cut at any byte give the same images."""
-        data = _stream(("a.img", b"alpha"), ("empty.img", b""), ("b.img", b"bravo!"))
+        data = linkFrames(("a.img", b"alpha"), ("empty.img", b""), ("b.img", b"bravo!"))
         for cut in range(len(data) + 1):
             self.sink = FakeSink()
             receiver, _ = self.connect()
@@ -96,7 +63,7 @@ class ReceiverTests(_ReceiverCase):
             self.assertEqual(self.sink.closed, [True])
 
     def test_byteByByte(self) -> None:
-        data = _stream(("a.img", b"alpha"), ("b.img", b"bravo"))
+        data = linkFrames(("a.img", b"alpha"), ("b.img", b"bravo"))
         receiver, _ = self.connect()
         for i in range(len(data)):
             receiver.dataReceived(data[i : i + 1])
@@ -105,13 +72,13 @@ class ReceiverTests(_ReceiverCase):
     def test_zeroLengthDoesNotSwallowTheRest(self) -> None:
         """C bug: size 0 was read as 'until EOF'."""
         receiver, _ = self.connect()
-        receiver.dataReceived(_stream(("empty.img", b""), ("next.img", b"next")))
+        receiver.dataReceived(linkFrames(("empty.img", b""), ("next.img", b"next")))
         self.assertEqual(self.stored("empty.img"), b"")
         self.assertEqual(self.stored("next.img"), b"next")
 
     def test_sameImageTwiceReplaces(self) -> None:
         receiver, _ = self.connect()
-        receiver.dataReceived(_stream(("a.img", b"old"), ("a.img", b"new")))
+        receiver.dataReceived(linkFrames(("a.img", b"old"), ("a.img", b"new")))
         self.assertEqual(self.stored("a.img"), b"new")
 
     def test_appendMode(self) -> None:
@@ -130,7 +97,7 @@ class ReceiverTests(_ReceiverCase):
         receiver, _ = self.connect()
         read = self.sink.registry.whenAvailable(("snap1", "big.img"))
         header = wire.RemoteHeader("big.img", "snap1", 1, 1000).toBytes()
-        receiver.dataReceived(_stream(("a.img", b"a")) + header + b"x" * 400)
+        receiver.dataReceived(linkFrames(("a.img", b"a")) + header + b"x" * 400)
         receiver.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.stored("a.img"), b"a")
         self.assertIsNone(self.stored("big.img"))
@@ -180,92 +147,6 @@ class ReceiverTests(_ReceiverCase):
         self.assertNoResult(read)
         receiver.dataReceived(b"def")
         self.assertEqual(readAll(self.successResultOf(read)), b"abcdef")
-
-
-class SenderTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        source = FakeLinkSource()
-        self.connected: list[RemoteSender] = source.connected
-        self.images: dict[tuple[str, str], Any] = source.images
-        self.sender = RemoteSender(source)
-        self.transport = RecordingTransport()
-        self.sender.makeConnection(self.transport)
-
-    def enqueue(self, key: tuple[str, str], data: bytes) -> None:
-        self.images[key] = _image(data)
-        self.sender.enqueue(key)
-
-    def test_connected(self) -> None:
-        self.assertEqual(self.connected, [self.sender])
-
-    def test_forwardsInOrderHeaderInOneWrite(self) -> None:
-        big = bytes(range(256)) * 4096  # 1 MiB: several chunks
-        self.enqueue(("snap1", "pages-1.img"), big)
-        self.enqueue(("snap1", "empty.img"), b"")
-        self.enqueue(("snap1", "inventory.img"), b"inv")
-        idle = self.sender.whenIdle()
-        for _ in range(3):
-            driveProducer(self.transport)
-        self.successResultOf(idle)
-        expected = _sent(("pages-1.img", big), ("empty.img", b""), ("inventory.img", b"inv"))
-        self.assertEqual(self.transport.value(), expected)
-        headers = [
-            wire.RemoteHeader(n, "snap1", 1, s, None, wire.LINK_EXTENSION_VERSION).toBytes()
-            for n, s in (("pages-1.img", len(big)), ("empty.img", 0), ("inventory.img", 3))
-        ]
-        for header in headers:  # every frame in a single write (C readers need it)
-            self.assertIn(header, self.transport.writes)
-        self.assertEqual(self.sender.imagesSent, 3)
-
-    def test_oneImageAtATime(self) -> None:
-        self.enqueue(("s", "a"), b"a" * 10)
-        self.enqueue(("s", "b"), b"b" * 10)
-        self.assertEqual(len(self.transport.writes), 1)  # a's header only
-        self.assertFalse(self.sender.idle)
-
-    def test_linkLostStopsSending(self) -> None:
-        self.enqueue(("s", "a"), b"a" * 10)
-        self.sender.connectionLost(Failure(ConnectionLost()))
-        self.transport.producer.stopProducing()  # type: ignore[attr-defined]
-        self.assertTrue(self.sender.lost)
-
-    def test_replacedWhileQueuedSendsLatestOnce(self) -> None:
-        """An image replaced before its turn is sent once, as its new version."""
-        self.enqueue(("s", "busy"), b"b" * 10)
-        self.enqueue(("s", "twice"), b"first version")
-        old = self.images[("s", "twice")]
-        self.enqueue(("s", "other"), b"o")
-        self.enqueue(("s", "twice"), b"second")
-        old.release()  # what the registry does on replace
-        for _ in range(4):
-            driveProducer(self.transport)
-        self.assertEqual(
-            self.transport.value(),
-            _sent(("busy", b"b" * 10), ("other", b"o"), ("twice", b"second"), snapshotId="s"),
-        )
-
-    def test_replacedWhileSendingKeepsItsBytes(self) -> None:
-        """The version being sent is sent whole even if released meanwhile."""
-        big = b"x" * (1 << 20)
-        self.enqueue(("s", "a"), big)
-        self.images[("s", "a")].release()
-        driveProducer(self.transport)
-        self.assertEqual(len(self.transport.value()), len(big) + len(self.transport.writes[0]))
-        self.assertEqual(self.sender.imagesSent, 1)
-
-    def test_shortImageDropsTheLink(self) -> None:
-        """Never announce N bytes and send fewer (the C proxy desynced so)."""
-
-        class Liar:
-            size = 10
-
-            def open(self) -> Any:
-                return MemoryStore().newWriter().commit().open()
-
-        self.images[("s", "liar")] = Liar()
-        self.sender.enqueue(("s", "liar"))
-        driveProducer(self.transport)
-        self.assertTrue(self.transport.disconnected)
 
 
 class RoomTests(SynchronousTestCase):
@@ -345,21 +226,21 @@ class LinkExtensionTests(SynchronousTestCase):
 
     def test_cProxyIsNeverWrittenTo(self) -> None:
         """A C proxy never reads: bytes left unread would turn its close into a reset."""
-        self.receiver.dataReceived(_stream(("a.img", b"alpha"), ("b.img", b"")))
+        self.receiver.dataReceived(linkFrames(("a.img", b"alpha"), ("b.img", b"")))
         self.receiver.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.transport.value(), b"")
         self.assertEqual(self.sink.closed, [True])
 
     def test_helloAfterTheFirstExtendedHeader(self) -> None:
         self.assertEqual(self.transport.value(), b"")
-        self.receiver.dataReceived(_sent(("a.img", b"alpha")))
+        self.receiver.dataReceived(proxyFrames(("a.img", b"alpha")))
         self.assertEqual(self.statuses(), [wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION)])
-        self.receiver.dataReceived(_sent(("b.img", b"bravo")))
+        self.receiver.dataReceived(proxyFrames(("b.img", b"bravo")))
         self.assertEqual(len(self.statuses()), 1)
 
     def test_endOfDumpConfirmed(self) -> None:
         self.receiver.dataReceived(
-            _sent(("a.img", b"alpha"), ("e.img", b"")) + wire.END_OF_DUMP.toBytes()
+            proxyFrames(("a.img", b"alpha"), ("e.img", b"")) + wire.END_OF_DUMP.toBytes()
         )
         self.assertEqual(
             self.statuses()[1:],
@@ -368,7 +249,7 @@ class LinkExtensionTests(SynchronousTestCase):
         self.assertEqual(self.sink.dumpsEnded, 1)
         self.assertTrue(self.receiver.betweenDumps)
         # The link stays; the next dump's images start a new dump.
-        self.receiver.dataReceived(_sent(("c.img", b"charlie")) + wire.END_OF_DUMP.toBytes())
+        self.receiver.dataReceived(proxyFrames(("c.img", b"charlie")) + wire.END_OF_DUMP.toBytes())
         self.assertEqual(self.sink.dumpsStarted, 1)
         self.assertEqual(
             self.statuses()[-1], wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=1, size=7)
@@ -395,10 +276,10 @@ class ChunkedReceiverTests(_ReceiverCase):
 
     def test_everySplitPoint(self) -> None:
         data = (
-            _sent(("first.img", b"1"))
+            proxyFrames(("first.img", b"1"))
             + _chunked("pages.img", b"abc", b"d", b"efgh")
             + _chunked("empty.img")
-            + _sent(("after.img", b"after"))
+            + proxyFrames(("after.img", b"after"))
             + wire.END_OF_DUMP.toBytes()
         )
         for cut in range(len(data) + 1):
@@ -430,10 +311,10 @@ class ChunkedReceiverTests(_ReceiverCase):
     def test_abortedWriteIsDiscarded(self) -> None:
         """The proxy's criu broke off: nothing published, the link goes on."""
         receiver, transport = self.connect()
-        old = _sent(("pages.img", b"old version"))
+        old = proxyFrames(("pages.img", b"old version"))
         receiver.dataReceived(old + _chunked("pages.img", b"partial", end=wire.CHUNK_ABORT))
         self.assertEqual(self.stored("pages.img"), b"old version")
-        receiver.dataReceived(_sent(("next.img", b"next")) + wire.END_OF_DUMP.toBytes())
+        receiver.dataReceived(proxyFrames(("next.img", b"next")) + wire.END_OF_DUMP.toBytes())
         self.assertEqual(self.stored("next.img"), b"next")
         self.assertFalse(transport.disconnected)
         statuses = [wire.LinkStatus.fromBytes(p) for p in wire.iterFrames(transport.value())]
@@ -483,31 +364,3 @@ class ChunkedReceiverTests(_ReceiverCase):
         receiver.dataReceived(data[-4:-2])  # half a length: now it is a stall
         clock.advance(self.sink.linkTimeout + 1)
         self.assertTrue(transport.disconnected)
-
-
-class SenderStatusTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
-        source = FakeLinkSource()
-        self.statuses: list[wire.LinkStatus] = source.statuses
-        self.sender = RemoteSender(source)
-        self.transport = StringTransport()
-        self.sender.makeConnection(self.transport)
-
-    def test_statusesSplitAnywhere(self) -> None:
-        data = (
-            wire.LinkStatus(wire.LinkStatusKind.HELLO, 1).toBytes()
-            + wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=3, size=9).toBytes()
-        )
-        for byte in range(len(data)):
-            self.sender.dataReceived(data[byte : byte + 1])
-        self.assertTrue(self.sender.extended)
-        self.assertEqual([s.kind for s in self.statuses], [1, 2])
-
-    def test_garbageDropsTheLink(self) -> None:
-        """A TLS alert (a cache with --tls, a proxy without) is not a status."""
-        self.sender.dataReceived(bytes.fromhex("15030300020246"))
-        self.assertTrue(self.transport.disconnected)
-        errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
-        self.assertIn("the cache sent bytes that are not a link status", errors[0])
-        self.assertIn("--tls on one end only", errors[0])
