@@ -16,8 +16,6 @@ child process is killed (by its pid) on error; temp dirs are removed.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import fcntl
 import json
 import mmap
 import os
@@ -44,12 +42,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
     from twisted_criu import __version__ as TWISTED_CRIU_VERSION
     from twisted_criu import wire
-    from twisted_criu.testing.criu import PIPE, LocalImageClient
+    from twisted_criu.testing.criu import PIPE, LocalImageClient, passReadEnd, passWriteEnd
+    from twisted_criu.testing.processes import childEnvironment, dieWithParent, tail
 except ImportError:  # not installed: use the working tree
     sys.path.insert(0, REPO)
     from twisted_criu import __version__ as TWISTED_CRIU_VERSION
     from twisted_criu import wire
-    from twisted_criu.testing.criu import PIPE, LocalImageClient
+    from twisted_criu.testing.criu import PIPE, LocalImageClient, passReadEnd, passWriteEnd
+    from twisted_criu.testing.processes import childEnvironment, dieWithParent, tail
 
 #: twistd's console-script entry point (twisted.scripts.twistd has no
 #: __main__ guard, so "python -m twisted.scripts.twistd" would do nothing).
@@ -63,9 +63,6 @@ GB = 1e9  # throughput and CPU/GB use decimal gigabytes
 BLOCK = MiB
 #: Size of the source-side copies (read/mmap) and of the reused read buffer.
 IO_SIZE = 4 * MiB
-#: criu asks for 1 MiB pipes on large images (F_SETPIPE_SZ).
-PIPE_SIZE = MiB
-F_SETPIPE_SZ = 1031
 
 SNAPSHOT_ID = "bench"
 
@@ -193,32 +190,9 @@ def memAvailable() -> int | None:
 # -- child processes --------------------------------------------------------------
 
 
-def _dieWithParent() -> None:
+def _dieWithBenchmark() -> None:
     """In the child: SIGKILL if the benchmark dies, so nothing outlives it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass
-
-
-def _childEnvironment() -> dict[str, str]:
-    """Let the daemons import this very copy of twisted_criu and its dropin."""
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = REPO + (os.pathsep + path if path else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+    dieWithParent(signal.SIGKILL)
 
 
 def memfdKiB(pid: int) -> int:
@@ -287,9 +261,9 @@ class Child:
     def start(self) -> None:
         with open(self.outPath, "wb") as out:
             self.process = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=_childEnvironment(),
+                self.argv, cwd=self.cwd, env=childEnvironment(),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=_dieWithParent, start_new_session=True,
+                preexec_fn=_dieWithBenchmark, start_new_session=True,
             )
         threading.Thread(target=self._reap, name=f"reap-{self.name}", daemon=True).start()
         threading.Thread(target=self._watchPeak, name=f"hwm-{self.name}", daemon=True).start()
@@ -527,13 +501,6 @@ def findPySpy() -> str | None:
 # -- criu's side of the local protocol (pipe variant) ----------------------------
 
 
-def _enlarge(fd: int) -> None:
-    try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
-
-
 def _request(path: str, name: str, mode: int, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -561,18 +528,9 @@ def openPipeWrite(path: str, name: str, timeout: float) -> int:
     """As criu dump: request a write, pass a pipe's read end; return the write end."""
     sock = _request(path, name, wire.O_WRONLY, timeout)
     try:
-        readEnd, writeEnd = os.pipe()
-        _enlarge(writeEnd)
-        try:
-            socket.send_fds(sock, [b"\0"], [readEnd])
-        except BaseException:
-            os.close(writeEnd)
-            raise
-        finally:
-            os.close(readEnd)
+        return passReadEnd(sock)
     finally:
         sock.close()
-    return writeEnd
 
 
 def openPipeRead(path: str, name: str, timeout: float) -> int | None:
@@ -585,18 +543,9 @@ def openPipeRead(path: str, name: str, timeout: float) -> int | None:
             return None
         if reply.error:
             raise BenchError(f"{name}: the cache answered error {reply.error}")
-        readEnd, writeEnd = os.pipe()
-        _enlarge(writeEnd)
-        try:
-            socket.send_fds(sock, [b"\0"], [writeEnd])
-        except BaseException:
-            os.close(readEnd)
-            raise
-        finally:
-            os.close(writeEnd)
+        return passWriteEnd(sock)
     finally:
         sock.close()
-    return readEnd
 
 
 class Pacer:
@@ -755,7 +704,6 @@ def runTwisted(run: int, images: list[Image], workDir: str, args: argparse.Names
     dst = os.path.join(runDir, "dst")
     for d in (runDir, src, dst):
         os.mkdir(d)
-    total = sum(i.size for i in images)
 
     def profileFile(tap: str) -> str | None:
         if not args.profile:

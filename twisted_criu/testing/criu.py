@@ -73,6 +73,34 @@ def _enlarge(fd: int) -> None:
         pass  # unprivileged limit: keep the default size
 
 
+def _passPipe(sock: socket.socket, giveReadEnd: bool) -> int:
+    """
+    Make a pipe (enlarged, as criu enlarges its own), pass one end over
+    C{sock} with SCM_RIGHTS as criu does, and return the other end.
+    """
+    readEnd, writeEnd = os.pipe()
+    _enlarge(writeEnd)
+    given, kept = (readEnd, writeEnd) if giveReadEnd else (writeEnd, readEnd)
+    try:
+        socket.send_fds(sock, [b"\0"], [given])
+    except BaseException:
+        os.close(kept)
+        raise
+    finally:
+        os.close(given)
+    return kept
+
+
+def passReadEnd(sock: socket.socket) -> int:
+    """As C{criu dump}: pass a pipe's read end; returns its write end."""
+    return _passPipe(sock, giveReadEnd=True)
+
+
+def passWriteEnd(sock: socket.socket) -> int:
+    """As C{criu restore}: pass a pipe's write end; returns its read end."""
+    return _passPipe(sock, giveReadEnd=False)
+
+
 class _Channel:
     """An image's data channel: the pipe criu passed, or the socket itself."""
 
@@ -185,13 +213,7 @@ class LocalImageClient:
         sock = self._connect(name, snapshotId, mode)
         if not self._usesPipe(snapshotId):
             return ImageWriter(sock, None)
-        readEnd, writeEnd = os.pipe()
-        _enlarge(writeEnd)
-        try:
-            socket.send_fds(sock, [b"\0"], [readEnd])
-        finally:
-            os.close(readEnd)
-        return ImageWriter(sock, writeEnd)
+        return ImageWriter(sock, passReadEnd(sock))
 
     def write(
         self,
@@ -242,14 +264,10 @@ class LocalImageClient:
         sock.settimeout(None)
         if not self._usesPipe(snapshotId):
             return ImageReader(sock, None)
-        readEnd, writeEnd = os.pipe()
-        _enlarge(writeEnd)
         try:
-            socket.send_fds(sock, [b"\0"], [writeEnd])
+            return ImageReader(None, passWriteEnd(sock))
         finally:
-            os.close(writeEnd)
             sock.close()
-        return ImageReader(None, readEnd)
 
     def read(self, snapshotId: str, name: str) -> bytes | None:
         """A whole image, or L{None} if it does not exist."""
@@ -310,13 +328,7 @@ class StreamClient:
         """Dump side: announce C{filename} and hand over a pipe for it."""
         sock = self._connection()
         sock.sendall(wire.StreamRequest(filename).toBytes())
-        readEnd, writeEnd = os.pipe()
-        _enlarge(writeEnd)
-        try:
-            socket.send_fds(sock, [b"\0"], [readEnd])
-        finally:
-            os.close(readEnd)
-        return ImageWriter(None, writeEnd)
+        return ImageWriter(None, passReadEnd(sock))
 
     def write(self, filename: str, data: bytes) -> None:
         with self.openWrite(filename) as writer:
@@ -331,13 +343,7 @@ class StreamClient:
             raise LocalProtocolError(f"reply frame of {length} bytes")
         if not wire.StreamReply.fromBytes(_recvExactly(sock, length)).exists:
             return None
-        readEnd, writeEnd = os.pipe()
-        _enlarge(writeEnd)
-        try:
-            socket.send_fds(sock, [b"\0"], [writeEnd])
-        finally:
-            os.close(writeEnd)
-        return ImageReader(None, readEnd)
+        return ImageReader(None, passWriteEnd(sock))
 
     def read(self, filename: str) -> bytes | None:
         reader = self.openRead(filename)

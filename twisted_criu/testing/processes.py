@@ -51,12 +51,12 @@ def tail(path: str, lines: int = 25) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
-def _dieWithParent() -> None:
-    """In the child: get SIGTERM if the parent dies, so no daemon outlives it."""
+def dieWithParent(signum: int = signal.SIGTERM) -> None:
+    """In the child: get C{signum} if the parent dies, so no daemon outlives it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
     except Exception:
         pass
 
@@ -101,7 +101,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_dieWithParent,
+                preexec_fn=dieWithParent,
                 start_new_session=True,  # Ctrl-C reaches the parent, which cleans up
             )
 
