@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -20,25 +16,22 @@ from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
 from twisted_criu.daemons.cachesession import CacheSession
-from twisted_criu.daemons.endpoints import ObservedServerEndpoint
-from twisted_criu.daemons.sessions import SessionHolder, viewOf
+from twisted_criu.daemons.service import ImageDaemon
+from twisted_criu.daemons.sessions import viewOf
 from twisted_criu.errors import SessionBusy
 from twisted_criu.interfaces import (
     IImageStore,
     ILocalImageService,
     IReceivingLink,
     IRemoteImageSink,
-    ISessionControl,
 )
 from twisted_criu.link.receiver import RemoteReceiverFactory
-from twisted_criu.progress import Activity
-from twisted_criu.registry import SessionSummary, SnapshotRegistry
-from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.views import SessionView
 
 
-@implementer(ILocalImageService, IRemoteImageSink, ISessionControl)
-class ImageCacheService(SessionHolder[CacheSession], MultiService):
+@implementer(ILocalImageService, IRemoteImageSink)
+class ImageCacheService(ImageDaemon[CacheSession]):
     """
     The image cache, embeddable in any Twisted application.
 
@@ -63,59 +56,22 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
         keep: bool = False,
         progressInterval: float = 10.0,
     ) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.activity = Activity(reactor, progressInterval)
-        self.keep = keep
-        #: Completed sessions kept for inspection (C{keep}), by id.
-        self.kept: dict[str, CacheSession] = {}
-        self._sessionCounter = 0
-        self.linkTimeout = linkTimeout
-        self.clientTimeout = clientTimeout
+        super().__init__(
+            reactor, store, readVariant, linkTimeout, clientTimeout, keep, progressInterval
+        )
         self._giveUp: Any = None
-        self.store: IImageStore = store if store is not None else MemoryStore()
-        self.readVariant = readVariant
         self.session = self._newSession()
-        self.sessionsCompleted = 0
-        self._observers: list[Deferred[SessionSummary]] = []
-        self.remoteEndpoint = ObservedServerEndpoint(listen)
-        self.localEndpoint = ObservedServerEndpoint(local)
-        listeners: list[tuple[ObservedServerEndpoint, Factory]] = [
-            (self.remoteEndpoint, RemoteReceiverFactory(self)),
-            (self.localEndpoint, LocalImageFactory(self)),
-        ]
-        self.streamEndpoint: ObservedServerEndpoint | None = None
-        if streamLocal is not None:
-            self.streamEndpoint = ObservedServerEndpoint(streamLocal)
-            listeners.append((self.streamEndpoint, StreamServeFactory(self)))
-        for endpoint, factory in listeners:
-            listener = StreamServerEndpointService(endpoint, factory)
-            listener._raiseSynchronously = True
-            listener.setServiceParent(self)
+        self.remoteEndpoint = self.listenOn(listen, RemoteReceiverFactory(self))
+        self.localEndpoint = self.listenOn(local, LocalImageFactory(self))
+        self.streamEndpoint = (
+            None if streamLocal is None else self.listenOn(streamLocal, StreamServeFactory(self))
+        )
 
-    def startService(self) -> None:
-        try:
-            super().startService()
-        except BaseException:
-            self.stopService()  # close the listeners that did start
-            raise
-        self.activity.startReporting()
-
-    def stopService(self) -> Deferred[None]:
-        self.activity.stopReporting()
-        d: Deferred[Any] = super().stopService()
-
-        def closeStore(result: object) -> object:
-            self._cancelGiveUp()
-            self.releaseAll()
-            self.store.close()
-            return result
-
-        return d.addBoth(closeStore)
+    def stopSessions(self) -> None:
+        self._cancelGiveUp()
 
     def _newSession(self) -> CacheSession:
-        self._sessionCounter += 1
-        return CacheSession(str(self._sessionCounter), self.reactor.seconds())
+        return CacheSession(self.nextSessionId(), self.reactor.seconds())
 
     @staticmethod
     def _endLinks(session: CacheSession) -> None:
@@ -123,12 +79,6 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
         for link in session.idleLinks:
             link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_DONE))
             link.close()
-
-    def whenSessionDone(self) -> Deferred[SessionSummary]:
-        """Fires with a summary when the current (or next) session completes."""
-        d: Deferred[SessionSummary] = Deferred()
-        self._observers.append(d)
-        return d
 
     def _maybeComplete(self) -> None:
         session = self.session
@@ -143,11 +93,8 @@ class ImageCacheService(SessionHolder[CacheSession], MultiService):
         )
         self.retire(session)
         self.session = self._newSession()
-        self.sessionsCompleted += 1
         self._endLinks(session)
-        observers, self._observers = self._observers, []
-        for d in observers:
-            d.callback(summary)
+        self.sessionDone(summary)
 
     @property
     def readsWaiting(self) -> int:

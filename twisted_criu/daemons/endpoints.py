@@ -1,13 +1,16 @@
 # -*- test-case-name: tests.test_daemons -*-
-"""Endpoint wrappers: report where a server listens; log failed connects."""
+"""Endpoints of the daemons: listening while a service runs, reporting where; logging failed connects."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IListeningPort,
+    IProtocolFactory,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
@@ -66,3 +69,20 @@ class LoggingClientEndpoint:
 
         d: Deferred[Any] = self._endpoint.connect(factory)
         return d.addErrback(failed)
+
+
+def listenWhileRunning(
+    parent: MultiService, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+) -> ObservedServerEndpoint:
+    """
+    Listen on C{endpoint} with C{factory} while C{parent} runs.  A failure to
+    listen (a port in use, a socket path taken) makes C{parent.startService}
+    raise, so that a daemon that cannot listen does not start: Twisted's
+    L{StreamServerEndpointService} only logs it unless its (private, but
+    long-standing) C{_raiseSynchronously} is set, which is done here alone.
+    """
+    observed = ObservedServerEndpoint(endpoint)
+    listener = StreamServerEndpointService(observed, factory)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(parent)
+    return observed

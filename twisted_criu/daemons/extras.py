@@ -11,7 +11,6 @@ import os
 import sys
 from typing import IO, Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
@@ -19,8 +18,9 @@ from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.python import usage
 
 from twisted_criu.daemons.control import controlSite
-from twisted_criu.daemons.endpoints import ObservedServerEndpoint
+from twisted_criu.daemons.endpoints import ObservedServerEndpoint, listenWhileRunning
 from twisted_criu.daemons.metrics import MetricsService
+from twisted_criu.daemons.service import ImageDaemon
 
 log = Logger()
 
@@ -97,7 +97,7 @@ class _JSONLogService(MultiService):
         return d
 
 
-def finishDaemon(reactor: Any, daemon: Any, options: usage.Options) -> Any:
+def finishDaemon(reactor: Any, daemon: ImageDaemon[Any], options: usage.Options) -> ImageDaemon[Any]:
     """
     Attach the operational extras chosen in C{options} to C{daemon} (an
     L{ImageProxyService} or L{ImageCacheService}) and return it.
@@ -105,21 +105,15 @@ def finishDaemon(reactor: Any, daemon: Any, options: usage.Options) -> Any:
     if options["log-json"] is not None:
         # First, so that it sees the other services start.
         _JSONLogService(options["log-json"]).setServiceParent(daemon)
-    endpoints = [daemon.localEndpoint]
-    for attribute in ("streamEndpoint", "remoteEndpoint"):
-        endpoint = getattr(daemon, attribute, None)
-        if endpoint is not None:
-            endpoints.append(endpoint)
+    endpoints = list(daemon.endpoints)
     if options["control"] is not None:
-        control = ObservedServerEndpoint(serverFromString(reactor, options["control"]))
-        listener = StreamServerEndpointService(control, controlSite(daemon))
-        listener._raiseSynchronously = True
-        listener.setServiceParent(daemon)
-        endpoints.append(control)
+        endpoints.append(
+            listenWhileRunning(daemon, serverFromString(reactor, options["control"]), controlSite(daemon))
+        )
     if options["metrics"] is not None:
-        metrics = ObservedServerEndpoint(serverFromString(reactor, options["metrics"]))
-        MetricsService(daemon, metrics).setServiceParent(daemon)
-        endpoints.append(metrics)
+        metrics = MetricsService(daemon, serverFromString(reactor, options["metrics"]))
+        metrics.setServiceParent(daemon)
+        endpoints.append(metrics.endpoint)
     readiness = _ReadinessService(endpoints, options["status-fd"], options["pidfile"])
     readiness.setServiceParent(daemon)
     if options["once"]:

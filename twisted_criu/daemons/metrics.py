@@ -12,7 +12,6 @@ from typing import Any, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -21,6 +20,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from twisted_criu import __version__
+from twisted_criu.daemons.endpoints import listenWhileRunning
 from twisted_criu.progress import Direction
 
 #: Label values for L{Direction}.
@@ -164,9 +164,7 @@ class MetricsService(MultiService):
         self.errors = ErrorCounter()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DaemonCollector(daemon, self.errors))
-        listener = StreamServerEndpointService(endpoint, self.site())
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
+        self.endpoint = listenWhileRunning(self, endpoint, self.site())
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.errors)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -19,19 +17,18 @@ from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamCaptureFactory
 from twisted_criu.daemons.dumpchain import DELIVERED
-from twisted_criu.daemons.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
+from twisted_criu.daemons.endpoints import LoggingClientEndpoint
 from twisted_criu.daemons.proxysession import ProxySession, RetryPolicy
-from twisted_criu.daemons.sessions import SessionHolder, viewOf
+from twisted_criu.daemons.service import ImageDaemon
+from twisted_criu.daemons.sessions import viewOf
 from twisted_criu.errors import SessionBusy
-from twisted_criu.interfaces import IImageStore, ILocalImageService, ISessionControl
-from twisted_criu.progress import Activity
-from twisted_criu.registry import SessionSummary, SnapshotRegistry
-from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.interfaces import IImageStore, ILocalImageService
+from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.views import SessionView
 
 
-@implementer(ILocalImageService, ISessionControl)
-class ImageProxyService(SessionHolder[ProxySession], MultiService):
+@implementer(ILocalImageService)
+class ImageProxyService(ImageDaemon[ProxySession]):
     """
     The image proxy, embeddable in any Twisted application.
 
@@ -60,91 +57,45 @@ class ImageProxyService(SessionHolder[ProxySession], MultiService):
         progressInterval: float = 10.0,
         cutThrough: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            reactor, store, readVariant, linkTimeout, clientTimeout, keep, progressInterval
+        )
         #: Forward images to a twisted-criu cache while criu writes them.
         self.cutThrough = cutThrough
-        self.reactor = reactor
-        self.activity = Activity(reactor, progressInterval)
         self.checksum = checksum
-        self.keep = keep
-        #: Completed sessions kept for inspection (C{keep}), by id.
-        self.kept: dict[str, ProxySession] = {}
-        self._sessionCounter = 0
-        self.linkTimeout = linkTimeout
-        self.clientTimeout = clientTimeout
-        self.store: IImageStore = store if store is not None else MemoryStore()
-        self.readVariant = readVariant
         self._cache = LoggingClientEndpoint(cache, cacheDescription)
         self._retryPolicy = retryPolicy
-        self._observers: list[Deferred[SessionSummary]] = []
         self.session: ProxySession | None = None
-        self.sessionsCompleted = 0
-        self.localEndpoint = ObservedServerEndpoint(local)
-        listener = StreamServerEndpointService(self.localEndpoint, LocalImageFactory(self))
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
-        self.streamEndpoint: ObservedServerEndpoint | None = None
-        if streamLocal is not None:
-            self.streamEndpoint = ObservedServerEndpoint(streamLocal)
-            streamListener = StreamServerEndpointService(
-                self.streamEndpoint, StreamCaptureFactory(self)
-            )
-            streamListener._raiseSynchronously = True
-            streamListener.setServiceParent(self)
+        self.localEndpoint = self.listenOn(local, LocalImageFactory(self))
+        self.streamEndpoint = (
+            None if streamLocal is None else self.listenOn(streamLocal, StreamCaptureFactory(self))
+        )
 
     def startService(self) -> None:
-        try:
-            super().startService()
-        except BaseException:
-            self.stopService()  # close the listeners that did start
-            raise
-        self.activity.startReporting()
+        super().startService()
         self._newSession()
 
-    def stopService(self) -> Deferred[None]:
-        self.activity.stopReporting()
-        d: Deferred[Any] = super().stopService()
+    def stopSessions(self) -> Deferred[None] | None:
         session = self.session
-        if session is not None:
-            d.addCallback(lambda _: session.stop())
-        d.addBoth(self._closeStore)
-        return d
-
-    def _closeStore(self, result: object) -> object:
-        self.releaseAll()
-        self.store.close()
-        return result
-
-    def whenSessionDone(self) -> Deferred[SessionSummary]:
-        """Fires with a summary when the current (or next) session completes."""
-        d: Deferred[SessionSummary] = Deferred()
-        self._observers.append(d)
-        return d
+        return None if session is None else session.stop()
 
     def _newSession(self) -> ProxySession:
-        self._sessionCounter += 1
         session = ProxySession(
             self.reactor,
             self._cache,
             self._retryPolicy,
             self.linkTimeout,
             self.checksum,
-            sessionId=str(self._sessionCounter),
+            sessionId=self.nextSessionId(),
             activity=self.activity,
             cutThrough=self.cutThrough,
         )
         self.session = session
-        session.onDelivered = self._dumpDelivered
+        session.onDelivered = self.sessionDone
         session.ended.addCallback(lambda _: self._sessionEnded(session))
         session.start()
         self.log.info("session {id} started", id=session.id)
         return session
-
-    def _dumpDelivered(self, summary: SessionSummary) -> None:
-        self.sessionsCompleted += 1
-        observers, self._observers = self._observers, []
-        for d in observers:
-            d.callback(summary)
 
     def _sessionEnded(self, session: ProxySession) -> None:
         if self.session is session:

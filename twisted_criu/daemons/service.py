@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_daemons -*-
+"""
+What both daemons are, apart from their sessions: a L{MultiService} of
+listeners on endpoints, a store, progress reporting, and observers of
+completed sessions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
+from zope.interface import implementer
+
+from twisted_criu.criu.images import ReadVariant
+from twisted_criu.daemons.endpoints import ObservedServerEndpoint, listenWhileRunning
+from twisted_criu.daemons.sessions import SessionHolder
+from twisted_criu.interfaces import IImageStore, ISession, ISessionControl
+from twisted_criu.progress import Activity
+from twisted_criu.registry import SessionSummary
+from twisted_criu.storage.memory import MemoryStore
+from twisted_criu.views import SessionView
+
+SessionT = TypeVar("SessionT", bound=ISession)
+
+
+@implementer(ISessionControl)
+class ImageDaemon(SessionHolder[SessionT], MultiService):
+    """
+    The part of L{ImageProxyService} and L{ImageCacheService} that does not
+    depend on which end of the link they are.
+
+    @ivar endpoints: every endpoint the daemon listens on (readiness waits
+        for all of them).
+    """
+
+    #: C{"proxy"} or C{"cache"}.
+    role: str
+
+    def __init__(
+        self,
+        reactor: Any,
+        store: IImageStore | None,
+        readVariant: ReadVariant,
+        linkTimeout: float,
+        clientTimeout: float,
+        keep: bool,
+        progressInterval: float,
+    ) -> None:
+        MultiService.__init__(self)
+        self.reactor = reactor
+        self.activity = Activity(reactor, progressInterval)
+        self.store: IImageStore = store if store is not None else MemoryStore()
+        self.readVariant = readVariant
+        self.linkTimeout = linkTimeout
+        self.clientTimeout = clientTimeout
+        self.keep = keep
+        #: Completed sessions kept for inspection (C{keep}), by id.
+        self.kept: dict[str, SessionT] = {}
+        self.sessionsCompleted = 0
+        self.endpoints: list[ObservedServerEndpoint] = []
+        self._sessionCounter = 0
+        self._observers: list[Deferred[SessionSummary]] = []
+
+    def listenOn(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> ObservedServerEndpoint:
+        """Listen on C{endpoint} while the daemon runs; a failure to listen fails its start."""
+        observed = listenWhileRunning(self, endpoint, factory)
+        self.endpoints.append(observed)
+        return observed
+
+    def dropSession(self, sessionId: str) -> SessionView:
+        raise NotImplementedError()
+
+    def nextSessionId(self) -> str:
+        self._sessionCounter += 1
+        return str(self._sessionCounter)
+
+    def startService(self) -> None:
+        try:
+            MultiService.startService(self)
+        except BaseException:
+            self.stopService()  # close the listeners that did start
+            raise
+        self.activity.startReporting()
+
+    def stopService(self) -> Deferred[None]:
+        self.activity.stopReporting()
+        d: Deferred[Any] = MultiService.stopService(self)
+        d.addBoth(self._stopSessions)
+        d.addBoth(self._closeStore)
+        return d
+
+    def _stopSessions(self, result: object) -> object:
+        stopping = self.stopSessions()
+        if stopping is None:
+            return result
+        return stopping.addBoth(lambda _: result)
+
+    def stopSessions(self) -> Deferred[None] | None:
+        """The listeners are closed: end whatever the sessions still run."""
+        return None
+
+    def _closeStore(self, result: object) -> object:
+        self.releaseAll()
+        self.store.close()
+        return result
+
+    def whenSessionDone(self) -> Deferred[SessionSummary]:
+        """Fires with a summary when the current (or next) session completes."""
+        d: Deferred[SessionSummary] = Deferred()
+        self._observers.append(d)
+        return d
+
+    def sessionDone(self, summary: SessionSummary) -> None:
+        """A session completed: count it and tell the observers."""
+        self.sessionsCompleted += 1
+        observers, self._observers = self._observers, []
+        for d in observers:
+            d.callback(summary)
