@@ -338,10 +338,8 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         if self._writer is not None:
             self._abort(str(error))
         pipe, self._pipe = self._pipe, None
-        if isinstance(pipe, PipeWriter):
-            pipe.abortConnection()  # criu sees a short image at once
-        elif pipe is not None:
-            pipe.stopProducing()
+        if pipe is not None:
+            pipe.abandon()  # criu sees a short image, or EPIPE, at once
         self._closeFds()
         self._dropTransfer()
         self._state = _State.DONE

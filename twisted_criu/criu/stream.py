@@ -172,10 +172,7 @@ class _StreamControl(Protocol, TimeoutMixin):
         for fd in fds:
             os.close(fd)
         for pipe in list(self._pipes):
-            if isinstance(pipe, PipeWriter):
-                pipe.abortConnection()  # criu sees a short file at once
-            else:
-                pipe.stopProducing()
+            pipe.abandon()  # criu sees a short file, or EPIPE, at once
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -246,7 +243,7 @@ class StreamCaptureProtocol(_StreamControl):
 
     def checkDone(self) -> None:
         if self._closed and not self.pipesOpen and self.registry is not None:
-            registry, self.registry = self.registry, None
+            self.registry = None
             if self._failed:
                 self.log.error("criu dump --stream failed; the session stays open")
                 return

@@ -160,6 +160,9 @@ class OutgoingGrowingImage:
     L{ImageAborted} (the end says "discard") or L{ConnectionLost}.
     """
 
+    #: Not known until criu has written all of it.
+    size: int | None = None
+
     def __init__(self, growing: IGrowingImage) -> None:
         self._growing = growing
         self._producer: SocketSendfile | _WrittenChunks | None = None

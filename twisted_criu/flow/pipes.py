@@ -125,6 +125,9 @@ class PipeReader(abstract.FileDescriptor):
         if self.connected:
             self.connectionLost(Failure(main.CONNECTION_LOST))
 
+    #: Give up on the pipe at once (both ends of criu's pipes can).
+    abandon = stopProducing
+
 
 @implementer(IKernelSink)
 class PipeWriter(abstract.FileDescriptor):
@@ -226,6 +229,9 @@ class PipeWriter(abstract.FileDescriptor):
         """Close now, dropping what is buffered: the reader sees a short file."""
         if self.connected:
             self.connectionLost(Failure(error.ConnectionAborted()))
+
+    #: Give up on the pipe at once (both ends of criu's pipes can).
+    abandon = abortConnection
 
     def doRead(self) -> Any:  # pragma: no cover - never registered for reading
         return None

@@ -55,9 +55,7 @@ class RemoteSender(Protocol):
         @param stallTimeout: seconds an image may make no progress.
         @param activity: counts and times the transfers.
         """
-        self._connected = source.linkUp
-        self._nextLive = source.nextLive
-        self._statusReceived = source.statusReceived
+        self._source = source
         if activity is None:  # counted nowhere else, but timed all the same
             from twisted.internet import reactor
 
@@ -74,8 +72,6 @@ class RemoteSender(Protocol):
         #: Images and bytes handed over since the last end-of-dump marker.
         self.imagesSinceMarker = 0
         self.bytesSinceMarker = 0
-        self._imageFor = source.imageFor
-        self._digestFor = source.digestFor
         self._clock = clock
         self.stallTimeout = stallTimeout
         self._watchdog: IDelayedCall | None = None
@@ -92,7 +88,7 @@ class RemoteSender(Protocol):
     def connectionMade(self) -> None:
         if self._clock is not None:
             self.connectedAt = self._clock.seconds()
-        self._connected(self)
+        self._source.linkUp(self)
 
     def dataReceived(self, data: bytes) -> None:
         """Link statuses from a twisted-criu cache (a C cache sends nothing)."""
@@ -117,8 +113,7 @@ class RemoteSender(Protocol):
                 self.extended = True
                 self.peerVersion = status.version
                 self._sendNext()  # a write under way may now be cut through
-            if self._statusReceived is not None:
-                self._statusReceived(self, status)
+            self._source.statusReceived(self, status)
 
     def sendEndOfDump(self) -> None:
         """Tell an extended cache that the dump is complete (nothing is pending)."""
@@ -195,17 +190,15 @@ class RemoteSender(Protocol):
         while not self._sending and not self.lost and self._queue:
             key = next(iter(self._queue))
             del self._queue[key]
-            image = self._imageFor(key)
+            image = self._source.imageFor(key)
             if image is None:
                 continue
-            digest = None
-            if self._digestFor is not None:
-                ready, digest = self._digestFor(key, image)
-                if not ready:
-                    continue  # enqueued again once its checksum is known
+            ready, digest = self._source.digestFor(key, image)
+            if not ready:
+                continue  # enqueued again once its checksum is known
             self._send(key, image, digest)
         if not self._sending and not self._queue and not self.lost:
-            live = self._nextLive() if self._nextLive is not None and self.peerVersion >= 2 else None
+            live = self._source.nextLive() if self.peerVersion >= 2 else None
             if live is not None:
                 self.sendLive(*live)
                 return
@@ -302,7 +295,7 @@ class RemoteSender(Protocol):
                 image=describe(key),
                 seconds=self.stallTimeout,
                 sent=transfer.sent,
-                size=getattr(transfer, "size", "its"),
+                size="its" if transfer.size is None else transfer.size,
             )
             self._dropping = True
             self.transport.abortConnection()
