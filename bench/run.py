@@ -42,13 +42,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
     from twisted_criu import __version__ as TWISTED_CRIU_VERSION
     from twisted_criu import wire
-    from twisted_criu.testing.criu import PIPE, LocalImageClient, passReadEnd, passWriteEnd
+    from twisted_criu.testing.criu import (
+        PIPE,
+        LocalImageClient,
+        LocalProtocolError,
+        passReadEnd,
+        passWriteEnd,
+        readReply,
+    )
     from twisted_criu.testing.processes import childEnvironment, dieWithParent, tail
 except ImportError:  # not installed: use the working tree
     sys.path.insert(0, REPO)
     from twisted_criu import __version__ as TWISTED_CRIU_VERSION
     from twisted_criu import wire
-    from twisted_criu.testing.criu import PIPE, LocalImageClient, passReadEnd, passWriteEnd
+    from twisted_criu.testing.criu import (
+        PIPE,
+        LocalImageClient,
+        LocalProtocolError,
+        passReadEnd,
+        passWriteEnd,
+        readReply,
+    )
     from twisted_criu.testing.processes import childEnvironment, dieWithParent, tail
 
 #: twistd's console-script entry point (twisted.scripts.twistd has no
@@ -513,17 +527,6 @@ def _request(path: str, name: str, mode: int, timeout: float) -> socket.socket:
     return sock
 
 
-def _recvExactly(sock: socket.socket, n: int) -> bytes:
-    parts = []
-    while n:
-        part = sock.recv(n)
-        if not part:
-            raise BenchError("daemon closed the connection early")
-        parts.append(part)
-        n -= len(part)
-    return b"".join(parts)
-
-
 def openPipeWrite(path: str, name: str, timeout: float) -> int:
     """As criu dump: request a write, pass a pipe's read end; return the write end."""
     sock = _request(path, name, wire.O_WRONLY, timeout)
@@ -537,8 +540,10 @@ def openPipeRead(path: str, name: str, timeout: float) -> int | None:
     """As criu restore: request a read, wait for the reply, pass a pipe's write end."""
     sock = _request(path, name, wire.O_RDONLY, timeout)
     try:
-        (length,) = wire.U32.unpack(_recvExactly(sock, wire.U32.size))
-        reply = wire.Reply.fromBytes(_recvExactly(sock, length))
+        try:
+            reply = readReply(sock)
+        except LocalProtocolError as e:
+            raise BenchError(f"{name}: {e}") from None
         if reply.error == wire.ENOENT:
             return None
         if reply.error:

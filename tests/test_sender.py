@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu import wire
+from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.link.sender import RemoteSender
+from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.testing.fakes import FakeLinkSource, driveProducer, storedImage
+from twisted_criu.testing.fakes import FakeLinkSource, FakeSink, driveProducer, storedImage
 
 from .helpers import proxyFrames
 
@@ -142,3 +146,52 @@ class SenderStatusTests(SynchronousTestCase):
         errors = [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
         self.assertIn("the cache sent bytes that are not a link status", errors[0])
         self.assertIn("--tls on one end only", errors[0])
+
+
+class SenderToReceiverTests(SynchronousTestCase):
+    """
+    Both ends of a link joined in memory (L{twisted.test.iosim}): what the
+    proxy's end forwards, the cache's end stores; its statuses come back.
+    """
+
+    def setUp(self) -> None:
+        self.source = FakeLinkSource()
+        self.sink = FakeSink()
+        self.sender = RemoteSender(self.source)
+        self.receiver = RemoteReceiver(self.sink)
+        self.pump = connect(
+            self.receiver,
+            FakeTransport(self.receiver, isServer=True),
+            self.sender,
+            FakeTransport(self.sender, isServer=False),
+        )
+
+    def flush(self) -> None:
+        """Move bytes both ways, and ask the sender's pull producer for more, until all is quiet."""
+        for _ in range(1000):
+            self.pump.flush()
+            producer = self.sender.transport.producer
+            if producer is None:
+                return
+            producer.resumeProducing()
+        raise AssertionError("the link never went quiet")
+
+    def test_imagesArriveWholeAndTheDumpIsConfirmed(self) -> None:
+        images = {("s", "pages-1.img"): os.urandom(600_000), ("s", "empty.img"): b""}
+        for key, data in images.items():
+            self.source.images[key] = storedImage(MemoryStore(), data)
+            self.sender.enqueue(key)
+        self.flush()
+        self.assertTrue(self.sender.extended)  # the receiver said HELLO
+        self.assertTrue(self.sender.idle)
+        for key, data in images.items():
+            image = self.sink.registry.get(key)
+            assert image is not None
+            self.assertEqual(readAll(image), data)
+        self.sender.sendEndOfDump()
+        self.flush()
+        self.assertEqual(self.sink.dumpsEnded, 1)
+        kinds = [status.kind for status in self.source.statuses]
+        self.assertEqual(kinds, [wire.LinkStatusKind.HELLO, wire.LinkStatusKind.DUMP_RECEIVED])
+        received = self.source.statuses[-1]
+        self.assertEqual((received.images, received.size), (2, 600_000))

@@ -58,6 +58,14 @@ def _readAll(fd: int) -> bytes:
     return b"".join(parts)
 
 
+def readReply(sock: socket.socket) -> wire.Reply:
+    """The daemon's answer to a read request (C{local_image_reply_entry})."""
+    (length,) = wire.U32.unpack(_recvExactly(sock, wire.U32.size))
+    if length > wire.MAX_HEADER_LENGTH:
+        raise LocalProtocolError(f"reply frame of {length} bytes")
+    return wire.Reply.fromBytes(_recvExactly(sock, length))
+
+
 def _writeAll(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -248,10 +256,7 @@ class LocalImageClient:
         """Ask for an image; L{None} if the daemon says ENOENT."""
         sock = self._connect(name, snapshotId, wire.O_RDONLY)
         try:
-            (length,) = wire.U32.unpack(_recvExactly(sock, wire.U32.size))
-            if length > wire.MAX_HEADER_LENGTH:
-                raise LocalProtocolError(f"reply frame of {length} bytes")
-            reply = wire.Reply.fromBytes(_recvExactly(sock, length))
+            reply = readReply(sock)
         except BaseException:
             sock.close()
             raise
