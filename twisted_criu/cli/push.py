@@ -40,7 +40,7 @@ class PushOptions(AnyOrderOptions, LinkTLSOptions):
         self["directory"] = directory
 
     def postOptions(self) -> None:
-        from twisted_criu.twistd.proxy_tap import checkCacheEndpoint
+        from twisted_criu.twistd.options import checkCacheEndpoint
 
         if (self["to"] is None) == (self["address"] is None):
             raise usage.UsageError("give --address HOST (and --port) or --to ENDPOINT")
@@ -66,7 +66,7 @@ def push(reactor: Any, options: PushOptions, out: Any) -> Any:
     from twisted_criu.daemons.proxysession import ProxySession
     from twisted_criu.progress import Activity
     from twisted_criu.storage.files import FileImage
-    from twisted_criu.twistd.proxy_tap import cacheEndpoint
+    from twisted_criu.twistd.options import cacheEndpoint
 
     directory = options["directory"]
     names = imageFiles(directory)

@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.application.internet import backoffPolicy
+from twisted.internet.endpoints import clientFromString, quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python import usage
 
 from twisted_criu.criu.images import ReadVariant
 from twisted_criu.link import tls
+from twisted_criu.link.tls import TLSClientEndpoint, clientConnectionCreator
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.twistd.endpointstrings import endpointType
+from twisted_criu.twistd.endpointstrings import endpointHost, endpointType
+
+log = Logger()
 
 #: The port CRIU's remote-images daemons used.
 DEFAULT_PORT = 9996
@@ -170,6 +175,47 @@ class LinkTLSOptions(usage.Options):
                 f"--tls puts TLS around --{option} itself: give it a plain stream endpoint"
                 f" (such as {example}), not {self[option].split(':', 1)[0]}:"
             )
+
+
+def checkCacheEndpoint(options: LinkTLSOptions) -> None:
+    """
+    After C{--connect} is known: refuse TLS inside TLS, and note the name
+    the cache's certificate must carry (the host dialled).
+    """
+    options.refuseDoubleTLS("connect", ("ssl", "tls"), "tcp:host=dst:port=9996")
+    options["tls-hostname"] = None
+    if options["tls"] and not options["tls-no-cn-verify"]:
+        options["tls-hostname"] = endpointHost(options["connect"]) or options["address"]
+
+
+def cacheEndpoint(
+    reactor: Any, options: LinkTLSOptions, maxRetryDelay: float
+) -> tuple[IStreamClientEndpoint, Callable[[int], float], str]:
+    """
+    The endpoint of the cache (with TLS around it if asked), the retry
+    policy for it, and its description for the log.
+    """
+    cache: IStreamClientEndpoint = clientFromString(reactor, options["connect"])
+    retryPolicy = backoffPolicy(maxDelay=maxRetryDelay)
+    description = options["connect"]
+    if options["tls"]:
+        hostname = options["tls-hostname"]
+        credentials = options["tls-credentials"]
+        secured = TLSClientEndpoint(
+            reactor,
+            cache,
+            clientConnectionCreator(credentials, hostname),
+            handshakeTimeout=options["timeout"],
+            description=description,
+        )
+        cache, retryPolicy = secured, secured.backoff(retryPolicy)
+        description += " (TLS)"
+        log.info(
+            "TLS to the cache: {credentials}; the cache's certificate must name {name}",
+            credentials=credentials.describe(),
+            name=hostname or "anything (--tls-no-cn-verify)",
+        )
+    return cache, retryPolicy, description
 
 
 class DaemonOptions(LinkTLSOptions):

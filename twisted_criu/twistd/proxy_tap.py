@@ -3,19 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from twisted.application.internet import backoffPolicy
 from twisted.application.service import IService
-from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import Logger
+from twisted.internet.endpoints import serverFromString
 
 from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.daemons.proxy import ImageProxyService
-from twisted_criu.link.tls import TLSClientEndpoint, clientConnectionCreator
-from twisted_criu.twistd.endpointstrings import endpointHost
-from twisted_criu.twistd.options import DaemonOptions, LinkTLSOptions, daemonArguments
+from twisted_criu.twistd.options import DaemonOptions, cacheEndpoint, checkCacheEndpoint, daemonArguments
 
 
 class Options(DaemonOptions):
@@ -43,50 +36,6 @@ class Options(DaemonOptions):
         if self["connect"] is None:
             self["connect"] = f"tcp:host={self['address']}:port={self['port']}"
         checkCacheEndpoint(self)
-
-
-log = Logger()
-
-
-def checkCacheEndpoint(options: LinkTLSOptions) -> None:
-    """
-    After C{--connect} is known: refuse TLS inside TLS, and note the name
-    the cache's certificate must carry (the host dialled).
-    """
-    options.refuseDoubleTLS("connect", ("ssl", "tls"), "tcp:host=dst:port=9996")
-    options["tls-hostname"] = None
-    if options["tls"] and not options["tls-no-cn-verify"]:
-        options["tls-hostname"] = endpointHost(options["connect"]) or options["address"]
-
-
-def cacheEndpoint(
-    reactor: Any, options: LinkTLSOptions, maxRetryDelay: float
-) -> tuple[IStreamClientEndpoint, Callable[[int], float], str]:
-    """
-    The endpoint of the cache (with TLS around it if asked), the retry
-    policy for it, and its description for the log.
-    """
-    cache: IStreamClientEndpoint = clientFromString(reactor, options["connect"])
-    retryPolicy = backoffPolicy(maxDelay=maxRetryDelay)
-    description = options["connect"]
-    if options["tls"]:
-        hostname = options["tls-hostname"]
-        credentials = options["tls-credentials"]
-        secured = TLSClientEndpoint(
-            reactor,
-            cache,
-            clientConnectionCreator(credentials, hostname),
-            handshakeTimeout=options["timeout"],
-            description=description,
-        )
-        cache, retryPolicy = secured, secured.backoff(retryPolicy)
-        description += " (TLS)"
-        log.info(
-            "TLS to the cache: {credentials}; the cache's certificate must name {name}",
-            credentials=credentials.describe(),
-            name=hostname or "anything (--tls-no-cn-verify)",
-        )
-    return cache, retryPolicy, description
 
 
 def makeService(options: Options) -> IService:
