@@ -16,6 +16,7 @@ child process is killed (by its pid) on error; temp dirs are removed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import mmap
 import os
@@ -39,31 +40,20 @@ from typing import Any, Callable, NoReturn, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-try:
-    from twisted_criu import __version__ as TWISTED_CRIU_VERSION
-    from twisted_criu import wire
-    from twisted_criu.testing.criu import (
-        PIPE,
-        LocalImageClient,
-        LocalProtocolError,
-        passReadEnd,
-        passWriteEnd,
-        readReply,
-    )
-    from twisted_criu.testing.processes import childEnvironment, dieWithParent, tail
-except ImportError:  # not installed: use the working tree
+if importlib.util.find_spec("twisted_criu") is None:  # not installed: use the working tree
     sys.path.insert(0, REPO)
-    from twisted_criu import __version__ as TWISTED_CRIU_VERSION
-    from twisted_criu import wire
-    from twisted_criu.testing.criu import (
-        PIPE,
-        LocalImageClient,
-        LocalProtocolError,
-        passReadEnd,
-        passWriteEnd,
-        readReply,
-    )
-    from twisted_criu.testing.processes import childEnvironment, dieWithParent, tail
+
+from twisted_criu import __version__ as TWISTED_CRIU_VERSION
+from twisted_criu import wire
+from twisted_criu.testing.criu import (
+    PIPE,
+    LocalImageClient,
+    LocalProtocolError,
+    passReadEnd,
+    passWriteEnd,
+    readReply,
+)
+from twisted_criu.testing.processes import childEnvironment, dieWithParent, tail
 
 #: twistd's console-script entry point (twisted.scripts.twistd has no
 #: __main__ guard, so "python -m twisted.scripts.twistd" would do nothing).

@@ -128,3 +128,18 @@ def waitFor(condition: Callable[[], bool], timeout: float = 10) -> Any:
             return
         yield deferLater(reactor, 0.01, lambda: None)
     raise AssertionError("condition never became true")
+
+
+class MigrationCase(TestCase):
+    """A test with a proxy and a cache linked on loopback (C{self.m}), started before each test."""
+
+    timeout = 60
+
+    def proxyArgs(self) -> dict[str, Any]:
+        """Keyword arguments for the proxy's service."""
+        return {}
+
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        self.m = Migration(self)
+        yield self.m.start(**self.proxyArgs())

@@ -16,12 +16,12 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
-from twisted_criu import cli, wire
+from twisted_criu import cli
 from twisted_criu.daemons.control import controlSite
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.twistd.options import unixEndpoint
 
-from .helpers import Migration, inThread, waitFor
+from .helpers import Migration, MigrationCase, inThread, waitFor
 
 
 def chainImages(snapshotId: str) -> dict[str, bytes]:
@@ -33,13 +33,7 @@ def chainImages(snapshotId: str) -> dict[str, bytes]:
     }
 
 
-class ChainTests(TestCase):
-    timeout = 60
-
-    @inlineCallbacks
-    def setUp(self) -> Any:  # type: ignore[override]
-        self.m = Migration(self)
-        yield self.m.start()
+class ChainTests(MigrationCase):
 
     def dump(self, snapshotId: str, images: dict[str, bytes], readParent: str | None = None) -> Any:
         """As criu (pre-)dump does: append to parent, read it, maybe read the parent's pagemap."""

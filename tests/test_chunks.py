@@ -15,26 +15,22 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
 
-from tests.helpers import Migration, inThread, waitFor
+from tests.helpers import MigrationCase, inThread, waitFor
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.testing.criu import ImageWriter
 
 
-class _Pair(TestCase):
+class _Pair(MigrationCase):
     """A proxy (spill store) and a cache, the link up and extended."""
-
-    timeout = 60
 
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.m = Migration(self)
         self.store = SpillStore(2 << 20, self.mktemp())  # spills past about 1 MiB: both kinds of bytes
         self.addCleanup(self.store.close)
-        yield self.m.start(**self.proxyArgs())
+        yield super().setUp()
         # parent goes first and brings the cache's HELLO (version 2).
         yield inThread(self.m.dump.pushSnapshotId, "snap1")
         assert self.m.proxy is not None

@@ -18,16 +18,10 @@ from twisted.trial.unittest import TestCase
 from twisted_criu import wire
 from twisted_criu.testing.processes import freePort
 
-from .helpers import Migration, inThread, waitFor
+from .helpers import Migration, MigrationCase, inThread, waitFor
 
 
-class ServiceTests(TestCase):
-    timeout = 60
-
-    @inlineCallbacks
-    def setUp(self) -> Any:  # type: ignore[override]
-        self.m = Migration(self)
-        yield self.m.start()
+class ServiceTests(MigrationCase):
 
     @inlineCallbacks
     def test_fullSession(self) -> Any:

@@ -27,8 +27,7 @@ from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, FakeSink
 
-from .helpers import isClosed
-from .helpers import Migration, inThread
+from .helpers import Migration, inThread, isClosed
 
 
 def _errors(events: Any) -> list[str]:

@@ -13,10 +13,10 @@ import time
 from typing import Any, Callable
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPullProducer
-from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
@@ -36,7 +36,6 @@ from twisted_criu.storage.files import FileImage
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.testing.fakes import storedImage
-
 
 #: How long a test waits for bytes to arrive before failing.
 PATIENCE = 10.0

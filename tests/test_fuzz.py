@@ -37,7 +37,13 @@ from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, FakeSink, driveProducer, pump
+from twisted_criu.testing.fakes import (
+    FakeLinkSource,
+    FakeLocalService,
+    FakeSink,
+    driveProducer,
+    pump,
+)
 
 from .test_wire import _collect as collectFrames
 

@@ -10,22 +10,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
-from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
 from twisted_criu.daemons.endpoints import ObservedServerEndpoint
 from twisted_criu.daemons.metrics import MetricsService
 
-from .helpers import Migration, inThread, waitFor
+from .helpers import MigrationCase, inThread, waitFor
 
 
-class MetricsTests(TestCase):
-    timeout = 60
-
+class MetricsTests(MigrationCase):
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
-        self.m = Migration(self)
-        yield self.m.start()
+        yield super().setUp()
         assert self.m.cache and self.m.proxy
         self.endpoints = {}
         for name, daemon in (("cache", self.m.cache), ("proxy", self.m.proxy)):

@@ -21,9 +21,15 @@ from twisted_criu.interfaces import (
     IStoredImage,
 )
 from twisted_criu.registry import readAll
-from twisted_criu.storage.spill import readers
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.storage.spill import BLOCK, STAGE_SIZE, SpillImage, SpillStore, openSpillFile
+from twisted_criu.storage.spill import (
+    BLOCK,
+    STAGE_SIZE,
+    SpillImage,
+    SpillStore,
+    openSpillFile,
+    readers,
+)
 
 if TYPE_CHECKING:
     _Base = SynchronousTestCase

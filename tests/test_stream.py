@@ -22,18 +22,15 @@ from twisted_criu.registry import readAll
 from twisted_criu.testing.criu import ImageWriter, StreamClient
 from twisted_criu.testing.fakes import FakeLocalService, pump
 
-from .helpers import Migration, inThread, waitFor
+from .helpers import Migration, MigrationCase, inThread, waitFor
 
 TRACES = Path(__file__).resolve().parent / "criu-traces"
 
 
-class StreamTests(TestCase):
-    timeout = 60
-
+class StreamTests(MigrationCase):
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
-        self.m = Migration(self)
-        yield self.m.start()
+        yield super().setUp()
         self.capture = StreamClient(self.m.captureSocket, timeout=20)
         self.serve = StreamClient(self.m.serveSocket, timeout=20)
         self.addCleanup(self.capture.close)
