@@ -136,6 +136,23 @@ class MessageTests(SynchronousTestCase):
             with self.assertRaises(ProtocolError):
                 wire.RemoteHeader.fromBytes(raw)
 
+    def test_controlCharactersRefused(self) -> None:
+        """ESC, newlines, DEL and C1 controls never reach a log, a listing or a file name."""
+        for bad in ["a\x1b[2Jb.img", "pages\n1.img", "x\r.img", "del\x7f.img", "c1\x9b31m.img", "\t.img"]:
+            for parse in (
+                lambda: wire.LocalRequest.fromBytes(wire.LocalRequest(bad, "snap", 1).toBytes()[4:]),
+                lambda: wire.RemoteHeader.fromBytes(wire.RemoteHeader(bad, "snap", 1, 0).toBytes()[4:]),
+                lambda: wire.StreamRequest.fromBytes(wire.StreamRequest(bad).toBytes()[4:]),
+                lambda: wire.LocalRequest.fromBytes(wire.LocalRequest("a.img", bad, 1).toBytes()[4:]),
+            ):
+                with self.assertRaises(ProtocolError, msg=repr(bad)) as e:
+                    parse()
+                self.assertIn("control character", str(e.exception))
+                self.assertNotRegex(str(e.exception), "[\x00-\x1f\x7f-\x9f]")
+        # Printable non-ASCII stays allowed (CRIU takes any byte but NUL and '/').
+        request = wire.LocalRequest("pagés-1.img", "/var/lib/criu/dümp", 1)
+        self.assertEqual(wire.LocalRequest.fromBytes(request.toBytes()[4:]), request)
+
     def test_longestNames(self) -> None:
         """A file name (255 bytes) and a path (4095 bytes) are the limits."""
         request = wire.LocalRequest("x" * 255, "/" + "d" * 4094, 1)

@@ -9,6 +9,7 @@ protobuf classes; everything else sees the frozen values defined here.
 
 from __future__ import annotations
 
+import re
 import struct
 from enum import Enum, IntEnum
 from typing import Iterable, TypeVar
@@ -100,12 +101,18 @@ def _serialize(message: Message) -> bytes:
         raise ProtocolError(str(e)) from None
 
 
+#: C0 and C1 control characters (and DEL): never in a CRIU file name or
+#: path, and a terminal or a log reader would act on them.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def checkName(name: str) -> str:
     """
     Refuse image names that could never be a CRIU image file name.
 
     Names are only ever used as keys, never as paths, but an image set must
-    be extractable into one directory, so names are flat.
+    be extractable into one directory, so names are flat; and they are
+    shown in logs and listings, so they hold no control characters.
     """
     if not name:
         raise ProtocolError("empty image name")
@@ -113,15 +120,19 @@ def checkName(name: str) -> str:
         raise ProtocolError(f"image name longer than {MAX_NAME_LENGTH} bytes")
     if "\0" in name or "/" in name or name in (".", ".."):
         raise ProtocolError(f"hostile image name {name[:64]!r}")
+    if _CONTROL.search(name):
+        raise ProtocolError(f"image name with a control character {name[:64]!r}")
     return name
 
 
 def checkSnapshotId(snapshotId: str) -> str:
-    """Refuse snapshot ids with NUL bytes or of absurd length."""
+    """Refuse snapshot ids with NUL bytes or other control characters, or of absurd length."""
     if len(snapshotId.encode("utf-8", "surrogatepass")) > MAX_SNAPSHOT_ID_LENGTH:
         raise ProtocolError(f"snapshot id longer than {MAX_SNAPSHOT_ID_LENGTH} bytes")
     if "\0" in snapshotId:
         raise ProtocolError("snapshot id contains a NUL byte")
+    if _CONTROL.search(snapshotId):
+        raise ProtocolError(f"snapshot id with a control character {snapshotId[:64]!r}")
     return snapshotId
 
 
