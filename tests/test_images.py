@@ -192,6 +192,17 @@ class LocalProtocolTests(SynchronousTestCase):
         self.assertEqual(self.service.reactor.readers, set())
         self.assertIsNone(self.service.registry.get(KEY))
 
+    def test_descriptorsPileUpBeforeTheHeader(self) -> None:
+        """criu passes one pipe per connection: a second one before the header is refused, none is kept."""
+        protocol, transport = self.connect()
+        pipes = [os.pipe() for _ in range(2)]
+        for readEnd, writeEnd in pipes:
+            protocol.fileDescriptorReceived(readEnd)
+            os.close(writeEnd)
+        self.assertTrue(transport.disconnected)
+        self.assertTrue(all(isClosed(readEnd) for readEnd, _ in pipes))
+        self.assertIn("more than one file descriptor passed", self.errors()[0])
+
     def test_descriptorsClosedWhenConnectionDropsEarly(self) -> None:
         protocol, _ = self.connect()
         readEnd, writeEnd = os.pipe()

@@ -17,12 +17,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_criu import wire
-from twisted_criu.criu.stream import StreamCaptureProtocol
-from twisted_criu.registry import readAll
+from twisted_criu.criu.stream import MAX_BYTES_AHEAD, StreamCaptureProtocol, StreamServeProtocol
+from twisted_criu.registry import SnapshotRegistry, readAll
 from twisted_criu.testing.criu import ImageWriter, StreamClient
 from twisted_criu.testing.fakes import FakeLocalService, pump
 
-from .helpers import Migration, MigrationCase, inThread, waitFor
+from .helpers import Migration, MigrationCase, inThread, isClosed, waitFor
 
 TRACES = Path(__file__).resolve().parent / "criu-traces"
 
@@ -232,3 +232,40 @@ class CaptureFramingTests(SynchronousTestCase):
             protocol.dataReceived(data[cut:])
             pump(service.reactor)
             self.assertEqual(service.registry.get(("", "a.img")).size, 0, cut)  # type: ignore[union-attr]
+
+
+class HostileClientTests(SynchronousTestCase):
+    """What a peer that is not criu sends on a C{--stream} socket is bounded."""
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        self.service = FakeLocalService()
+        self.transport = StringTransport()
+
+    def errors(self) -> list[str]:
+        return [e["log_format"].format(**e) for e in self.events if e["log_level"] >= LogLevel.error]
+
+    def test_descriptorsAhead(self) -> None:
+        """A second descriptor before the first one's request fails the connection; none is kept."""
+        protocol = StreamCaptureProtocol(self.service)
+        protocol.makeConnection(self.transport)
+        ends = [os.pipe() for _ in range(3)]
+        for readEnd, writeEnd in ends:
+            os.close(writeEnd)
+            protocol.fileDescriptorReceived(readEnd)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+        self.assertTrue(all(isClosed(readEnd) for readEnd, _ in ends))
+        self.assertIn("more than 1 descriptor passed ahead of its request", self.errors()[0])
+
+    def test_bytesAheadOfTheAnswers(self) -> None:
+        """While an answer is pending, the socket is not read, and junk sent ahead is bounded."""
+        self.service.registry = SnapshotRegistry(waitForMissing=True)  # the image never comes
+        protocol = StreamServeProtocol(self.service)
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(wire.StreamRequest("missing.img").toBytes())
+        self.assertEqual(self.transport.producerState, "paused")  # waiting for the image
+        protocol.dataReceived(b"j" * 1000)
+        self.assertFalse(self.transport.disconnecting)
+        protocol.dataReceived(b"j" * (MAX_BYTES_AHEAD))
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+        self.assertIn("bytes sent ahead of the answers", self.errors()[0])

@@ -81,7 +81,10 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         )
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
-        if self._state in (_State.HEADER, _State.WRITE_START, _State.READ_WAIT):
+        if self._fds:  # criu passes one pipe per connection
+            os.close(descriptor)
+            self._protocolError(ProtocolError("more than one file descriptor passed"))
+        elif self._state in (_State.HEADER, _State.WRITE_START, _State.READ_WAIT):
             self._fds.append(descriptor)
             if self._state is _State.WRITE_START:
                 self._startPipeWrite()

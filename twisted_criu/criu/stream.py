@@ -42,6 +42,13 @@ STREAM_SNAPSHOT_ID = ""
 
 _DUMMY = b"\0"
 
+#: criu sends one request, then (dump) its pipe: never more descriptors
+#: than that ahead of what was answered.
+MAX_PASSED_AHEAD = 1
+
+#: Nor more bytes than a request frame and a descriptor's byte ahead.
+MAX_BYTES_AHEAD = 4 + wire.MAX_HEADER_LENGTH + 1
+
 
 def _key(filename: str) -> ImageKey:
     return (STREAM_SNAPSHOT_ID, filename)
@@ -86,12 +93,19 @@ class _StreamControl(Protocol, TimeoutMixin):
         if self._failed:
             os.close(descriptor)
             return
+        if len(self._fds) >= MAX_PASSED_AHEAD:
+            os.close(descriptor)
+            self.fail(f"more than {MAX_PASSED_AHEAD} descriptor passed ahead of its request")
+            return
         self._fds.append(descriptor)
 
     def dataReceived(self, data: bytes) -> None:
         if self._failed:
             return
         self._pending += data
+        if len(self._pending) > MAX_BYTES_AHEAD:
+            self.fail(f"{len(self._pending)} bytes sent ahead of the answers (at most {MAX_BYTES_AHEAD})")
+            return
         try:
             self._process()
         except ProtocolError as e:
@@ -136,10 +150,14 @@ class _StreamControl(Protocol, TimeoutMixin):
         self._expectingFd = True
 
     def pause(self) -> None:
+        """Stop taking requests (an answer is pending): criu's next bytes wait in the socket."""
         self._paused = True
+        self.transport.pauseProducing()
 
     def resume(self) -> None:
         self._paused = False
+        if not self._failed:
+            self.transport.resumeProducing()
         self.dataReceived(b"")
 
     def requestReceived(self, filename: str) -> None:
