@@ -14,10 +14,10 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import resource
 import socket
 import time
 from collections import Counter
-from typing import Any
 
 from twisted.python import log
 
@@ -235,3 +235,29 @@ class LoadTests(pf._DaemonTest):
         self.assertGreaterEqual(peak["proxy"]["unix-conn"], IDLE_CONNECTIONS // 2)
         self.assertGreaterEqual(peak["cache"]["unix-conn"], IDLE_CONNECTIONS // 2)
         self.assertGreaterEqual(peak["proxy"]["memfd"], len(images))
+
+
+class FileLimitTests(pf._DaemonTest):
+    """Descriptors are a budget too: thousands of images under the usual C{ulimit -n 1024}."""
+
+    IMAGES = 2000
+    LIMIT = 1024
+
+    def test_twoThousandImagesUnderALowFileLimit(self) -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        self.assertGreater(hard, 2 * self.IMAGES + 100, "the hard limit leaves no room to raise to")
+        proxy, cache, port = self.startPair(fileLimit=self.LIMIT)
+        for daemon in (proxy, cache):
+            daemon.waitForLog(rf"raised the open-file limit from {self.LIMIT} to {hard}")
+        pf.pushSnapshotId(proxy.socketPath)
+        images = {f"core-{i:04d}.img": pf.randomBytes(100 + i, ("fd", i)) for i in range(self.IMAGES)}
+        for name, data in images.items():
+            pf.writeImage(proxy.socketPath, name, data)
+        last = f"core-{self.IMAGES - 1:04d}.img"
+        cache.waitForLog(rf"received {SNAP}/{last} \({len(images[last])} bytes\)", timeout=120)
+        for name, data in images.items():
+            self.assertEqual(pf.readImage(cache.socketPath, name), data, name)
+        self.assertGreater(len(proxy.fds()), self.LIMIT)  # it really held more than the old limit
+        self.assertGreater(len(cache.fds()), self.LIMIT)
+        for daemon in (proxy, cache):
+            self.assertNotIn("Traceback", daemon.allLogs())

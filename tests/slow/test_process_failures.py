@@ -19,6 +19,7 @@ import hashlib
 import os
 import random
 import re
+import resource
 import select
 import shutil
 import signal
@@ -70,9 +71,13 @@ class Daemon:
     logs to its own file (C{KIND-N.log}); L{log} is the current one.
     """
 
-    def __init__(self, test: SynchronousTestCase, kind: str, base: str, *args: str) -> None:
+    def __init__(
+        self, test: SynchronousTestCase, kind: str, base: str, *args: str, fileLimit: int | None = None
+    ) -> None:
+        """@param fileLimit: start it with this soft limit on open files (C{ulimit -n})."""
         assert kind in ("criu-proxy", "criu-cache")
         self.test = test
+        self.fileLimit = fileLimit
         self.kind = kind
         self.base = base
         self.directory = os.path.join(base, "src" if kind == "criu-proxy" else "dst")
@@ -109,12 +114,18 @@ class Daemon:
         with open(self.logPath + ".out", "wb") as out:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.base, env=env,
+                cwd=self.base, env=env, preexec_fn=self._limitFiles,
             )
         self.waitForLog(r"LocalImageFactory starting on")
         if self.kind == "criu-cache":
             self.waitForLog(r"RemoteReceiverFactory starting on")
         return self
+
+    def _limitFiles(self) -> None:
+        """In the child: the soft limit on open files, if one was given."""
+        if self.fileLimit is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.fileLimit, hard))
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -493,21 +504,24 @@ class _DaemonTest(SynchronousTestCase):
     #: Extra proxy options: how it forwards (default: cut through).
     FORWARDING: tuple[str, ...] = ()
 
-    def startCache(self, base: str, port: int, *args: str) -> Daemon:
-        return Daemon(self, "criu-cache", base, "--address", "127.0.0.1", "--port", str(port), *args).start()
-
-    def startProxy(self, base: str, port: int, *args: str) -> Daemon:
+    def startCache(self, base: str, port: int, *args: str, fileLimit: int | None = None) -> Daemon:
         return Daemon(
-            self, "criu-proxy", base, "--address", "127.0.0.1", "--port", str(port), *self.FORWARDING, *args
+            self, "criu-cache", base, "--address", "127.0.0.1", "--port", str(port), *args, fileLimit=fileLimit
+        ).start()
+
+    def startProxy(self, base: str, port: int, *args: str, fileLimit: int | None = None) -> Daemon:
+        return Daemon(
+            self, "criu-proxy", base, "--address", "127.0.0.1", "--port", str(port), *self.FORWARDING, *args,
+            fileLimit=fileLimit,
         ).start()
 
     def startPair(
-        self, cacheArgs: tuple[str, ...] = (), proxyArgs: tuple[str, ...] = ()
+        self, cacheArgs: tuple[str, ...] = (), proxyArgs: tuple[str, ...] = (), fileLimit: int | None = None
     ) -> tuple[Daemon, Daemon, int]:
         base = shortTempDir(self)
         port = freePort()
-        cache = self.startCache(base, port, *cacheArgs)
-        proxy = self.startProxy(base, port, *proxyArgs)
+        cache = self.startCache(base, port, *cacheArgs, fileLimit=fileLimit)
+        proxy = self.startProxy(base, port, *proxyArgs, fileLimit=fileLimit)
         proxy.waitForLog(r"ProxySession#info\] connected to the cache")
         cache.waitForLog(r"proxy connected from")
         return proxy, cache, port

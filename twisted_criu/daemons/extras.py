@@ -8,6 +8,7 @@ daemons do), JSON logs, and C{--once}.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import IO, Any
 
@@ -97,11 +98,28 @@ class _JSONLogService(MultiService):
         return d
 
 
+def raiseFileLimit() -> tuple[int, int]:
+    """
+    Raise this process's soft limit on open files to its hard limit: a
+    daemon holds a descriptor for each image and each of criu's pipes and
+    connections, and a process tree's dump writes thousands of images.
+    Returns the soft limit before and after.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return soft, hard
+    return soft, soft
+
+
 def finishDaemon(reactor: Any, daemon: ImageDaemon[Any], options: usage.Options) -> ImageDaemon[Any]:
     """
     Attach the operational extras chosen in C{options} to C{daemon} (an
     L{ImageProxyService} or L{ImageCacheService}) and return it.
     """
+    before, after = raiseFileLimit()
+    if after != before:
+        log.info("raised the open-file limit from {before} to {after} (the hard limit)", before=before, after=after)
     if options["log-json"] is not None:
         # First, so that it sees the other services start.
         _JSONLogService(options["log-json"]).setServiceParent(daemon)
