@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_chains -*-
+# -*- test-case-name: tests.test_control,tests.test_chains -*-
 """
 The operator's view of a daemon: which sessions it holds, their images,
 and dropping one.  Served as JSON over HTTP (L{twisted.web}) on the
@@ -14,8 +14,10 @@ default; C{twisted-criu ls|pull|drop} are its client.
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -131,11 +133,49 @@ class _SessionsResource(resource.Resource):
         )
 
 
-def controlSite(control: ISessionControl) -> server.Site:
-    """The HTTP site of a daemon's control endpoint."""
+#: The control API takes no request body: a request announcing or sending
+#: more than this is dropped before anything is stored.
+MAX_REQUEST_BODY = 4096
+
+
+class _ControlRequest(server.Request):
+    """A request whose body is kept in memory and bounded (never spooled to a file)."""
+
+    log = Logger()
+
+    def gotLength(self, length: int | None) -> None:
+        self._body = BytesIO()
+        self.content = self._body  # type: ignore[assignment]  # Twisted's stub says None
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        size = self._body.tell() + len(data)
+        if size > MAX_REQUEST_BODY:
+            self._refuse(size)
+            return
+        self._body.write(data)
+
+    def _refuse(self, size: int) -> None:
+        self.log.warn(
+            "control request with a body of {size} bytes (at most {limit}) dropped",
+            size=size,
+            limit=MAX_REQUEST_BODY,
+        )
+        transport: Any = self.channel.transport
+        transport.abortConnection()
+
+
+def controlSite(
+    control: ISessionControl, timeout: float = 60.0, reactor: IReactorTime | None = None
+) -> server.Site:
+    """
+    The HTTP site of a daemon's control endpoint.  A connection silent for
+    C{timeout} seconds is closed.
+    """
     root = resource.Resource()
     root.putChild(b"sessions", _SessionsResource(control))
-    site = server.Site(root)
+    site = server.Site(root, requestFactory=_ControlRequest, timeout=timeout, reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # no access log

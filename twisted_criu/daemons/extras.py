@@ -126,7 +126,11 @@ def finishDaemon(reactor: Any, daemon: ImageDaemon[Any], options: usage.Options)
     endpoints = list(daemon.endpoints)
     if options["control"] is not None:
         endpoints.append(
-            listenWhileRunning(daemon, serverFromString(reactor, options["control"]), controlSite(daemon))
+            listenWhileRunning(
+                daemon,
+                serverFromString(reactor, options["control"]),
+                controlSite(daemon, daemon.clientTimeout, reactor),
+            )
         )
     if options["metrics"] is not None:
         metrics = MetricsService(daemon, serverFromString(reactor, options["metrics"]))
