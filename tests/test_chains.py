@@ -34,7 +34,6 @@ def chainImages(snapshotId: str) -> dict[str, bytes]:
 
 
 class ChainTests(MigrationCase):
-
     def dump(self, snapshotId: str, images: dict[str, bytes], readParent: str | None = None) -> Any:
         """As criu (pre-)dump does: append to parent, read it, maybe read the parent's pagemap."""
         client = self.m.dump

@@ -22,7 +22,6 @@ from .helpers import Migration, MigrationCase, inThread, waitFor
 
 
 class ServiceTests(MigrationCase):
-
     @inlineCallbacks
     def test_fullSession(self) -> Any:
         """Images round-trip byte-exact and both sessions complete."""
