@@ -58,12 +58,17 @@ def _readAll(fd: int) -> bytes:
     return b"".join(parts)
 
 
-def readReply(sock: socket.socket) -> wire.Reply:
-    """The daemon's answer to a read request (C{local_image_reply_entry})."""
+def _readFrame(sock: socket.socket) -> bytes:
+    """One length-prefixed frame from the daemon (bounded as the daemons bound theirs)."""
     (length,) = wire.U32.unpack(_recvExactly(sock, wire.U32.size))
     if length > wire.MAX_HEADER_LENGTH:
         raise LocalProtocolError(f"reply frame of {length} bytes")
-    return wire.Reply.fromBytes(_recvExactly(sock, length))
+    return _recvExactly(sock, length)
+
+
+def readReply(sock: socket.socket) -> wire.Reply:
+    """The daemon's answer to a read request (C{local_image_reply_entry})."""
+    return wire.Reply.fromBytes(_readFrame(sock))
 
 
 def _writeAll(fd: int, data: bytes | memoryview) -> None:
@@ -343,10 +348,7 @@ class StreamClient:
         """Restore side: ask for C{filename}; L{None} if it does not exist."""
         sock = self._connection()
         sock.sendall(wire.StreamRequest(filename).toBytes())
-        (length,) = wire.U32.unpack(_recvExactly(sock, wire.U32.size))
-        if length > wire.MAX_HEADER_LENGTH:
-            raise LocalProtocolError(f"reply frame of {length} bytes")
-        if not wire.StreamReply.fromBytes(_recvExactly(sock, length)).exists:
+        if not wire.StreamReply.fromBytes(_readFrame(sock)).exists:
             return None
         return ImageReader(None, passWriteEnd(sock))
 
