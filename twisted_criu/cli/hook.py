@@ -25,7 +25,9 @@ import http.client
 import json
 import os
 import socket
+import stat
 import sys
+import tempfile
 import time
 from typing import Any, TextIO
 
@@ -73,14 +75,66 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def controlPath(action: str, environ: dict[str, str]) -> str | None:
-    """The control socket C{action} talks to, or L{None} if criu's directory is unknown."""
+def controlPath(action: str, environ: dict[str, str], criuPid: int) -> str | None:
+    """
+    The control socket C{action} talks to, or L{None} if criu's directory
+    is unknown.  criu names its directory C{/proc/PID/fd/N}, which it has
+    closed by C{post-resume}: C{pre-restore} remembers the real path for it
+    (L{rememberedPath}).
+    """
     name = CONTROL_SOCKETS[action]
     override = environ.get(OVERRIDES[name])
     if override:
         return override
+    if action == "post-resume":
+        remembered = rememberedPath(criuPid, forget=True)
+        if remembered is not None:
+            return remembered
     directory = environ.get("CRTOOLS_IMAGE_DIR")
-    return None if not directory else os.path.join(directory, name)
+    if not directory:
+        return None
+    path = os.path.join(os.path.realpath(directory), name)
+    if action == "pre-restore":
+        remember(criuPid, path)
+    return path
+
+
+def _stateDirectory() -> str:
+    """A directory only this user can write, for what one run of criu's hooks tells the next."""
+    base = "/run" if os.geteuid() == 0 and os.path.isdir("/run") else tempfile.gettempdir()
+    directory = os.path.join(base, f"twisted-criu-hook-{os.geteuid()}")
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise OSError(f"{directory} is not a private directory of this user")
+    return directory
+
+
+def remember(criuPid: int, path: str) -> None:
+    """Keep C{path} for the C{post-resume} run of the same criu."""
+    try:
+        target = os.path.join(_stateDirectory(), f"criu-{criuPid}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(path)
+    except OSError:
+        pass  # post-resume then tries criu's directory itself
+
+
+def rememberedPath(criuPid: int, forget: bool) -> str | None:
+    try:
+        target = os.path.join(_stateDirectory(), f"criu-{criuPid}")
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            path = f.read()
+        if forget:
+            os.unlink(target)
+        return path or None
+    except OSError:
+        return None
 
 
 def runHook(action: str, path: str, out: TextIO) -> int:
@@ -142,7 +196,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             print("twisted-criu-hook: CRTOOLS_SCRIPT_ACTION is not set: it runs as criu's --action-script", file=sys.stderr)
             sys.exit(2)
         sys.exit(0)
-    path = controlPath(action, env)
+    path = controlPath(action, env, os.getppid())
     if path is None:
         print(f"twisted-criu-hook: {action}: CRTOOLS_IMAGE_DIR is not set: it runs as criu's --action-script", file=sys.stderr)
         sys.exit(1)

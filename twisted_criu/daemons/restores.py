@@ -55,6 +55,8 @@ class RestoreChooser:
         self._hookAnnounced = False
         #: criu speaks the 2015 seed's variant.
         self.seed = False
+        #: The restore that picked L{current} is still reading it.
+        self._reading = False
         self._graceEnds: float | None = None
         self._graceCall: Any = None
 
@@ -134,6 +136,7 @@ class RestoreChooser:
 
     def _begin(self, session: CacheSession) -> None:
         self.current = session
+        self._reading = True
         again = session.state != DELIVERED
         session.hooked = self._hookAnnounced
         self._hookAnnounced = False
@@ -165,6 +168,7 @@ class RestoreChooser:
     def sessionOver(self, session: CacheSession) -> None:
         if self.current is session:
             self.current = None
+            self._reading = False
         if self._waiters:
             self._answerWaiters()
 
@@ -179,6 +183,7 @@ class RestoreChooser:
 
     def streamRestoreEnded(self, complete: bool) -> None:
         session = self.current
+        self._reading = False
         if session is None:
             return
         if not complete:
@@ -199,8 +204,12 @@ class RestoreChooser:
             )
 
     def hookedRestoreBegins(self) -> dict[str, Any]:
-        """pre-restore: the next restore ends only when the hook confirms it."""
+        """pre-restore: this restore ends only when the hook confirms it."""
         session = self.current
+        if session is not None and self._reading:
+            # criu --stream connects and reads before it runs pre-restore.
+            session.hooked = True
+            return {"ok": True, "session": session.id}
         if session is not None:
             self.current = None
             session.restoreFailed()
