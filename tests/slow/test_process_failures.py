@@ -706,6 +706,17 @@ class CacheKilledTests(_DaemonTest):
         proxy.waitForLog(r"session 1 is over; its images are dropped")
         self.assertEqual(errorLines(cache.log()), [])
 
+    def test_cacheKilledAfterDelivery(self) -> None:
+        """The cache dies after the dump was delivered, before any restore."""
+        proxy, cache, port = self.startPair(proxyArgs=self.PROXY_ARGS)
+        small = self.dumpSmall(proxy, cache)
+        self.finishDump(proxy, cache, images=len(small) + 1)
+        proxy.waitForLog(r"session complete: forwarded")
+        cache.kill()
+        images = {f"{SNAP}/{k}": v for k, v in small.items()}
+        images["parent"] = wire.encodeSnapshotId(SNAP)
+        self.restartAndCheck(proxy, cache, images, delivered=True)
+
     def test_cacheKilledMidForward(self) -> None:
         proxy, cache, port = self.startPair(proxyArgs=self.PROXY_ARGS)
         small = self.dumpSmall(proxy, cache)
