@@ -265,6 +265,7 @@ class RestoreTests(_Hooked):
         """The cache restarts after delivery: the proxy resends and ends the dump; the restore works."""
         assert self.m.cache
         yield self.dumped()
+        yield waitFor(lambda: self.m.proxy.session.state == "delivered")  # type: ignore[union-attr]
         links = list(self.m.cache._links)
         yield self.m.cache.stopService()
         for link in links:  # as a killed cache's would
