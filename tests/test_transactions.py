@@ -244,6 +244,18 @@ class RestoreTests(_Hooked):
         self.assertFalse(self.logged("was never confirmed"))
 
     @inlineCallbacks
+    def test_killedBeforePreRestoreKeepsImages(self) -> Any:
+        """
+        criu restore killed after reading a few files, before its hook ran:
+        the connection closes as a finished one would, but a dump the hook
+        confirmed ends only with the hook's confirmation.
+        """
+        yield self.dumped()
+        self.assertEqual((yield self.restoreFiles(["inventory.img"])), {"inventory.img": b"inventory"})
+        self.assertEqual(self.cacheStates(), ["restoring"])
+        self.assertEqual((yield self.restoreFiles()), FILES)  # the retry
+
+    @inlineCallbacks
     def test_brokenRestoreKeepsImages(self) -> Any:
         """Without the hook, a --stream restore whose pipe broke is served again."""
         yield self.dumped()

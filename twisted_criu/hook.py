@@ -115,9 +115,14 @@ def _stateDirectory() -> str:
 
 
 def remember(criuPid: int, path: str) -> None:
-    """Keep C{path} for the C{post-resume} run of the same criu."""
+    """Keep C{path} for the C{post-resume} run of the same criu (and forget dead criu's)."""
     try:
-        target = os.path.join(_stateDirectory(), f"criu-{criuPid}")
+        directory = _stateDirectory()
+        for name in os.listdir(directory):
+            pid = name[len("criu-") :]
+            if name.startswith("criu-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                os.unlink(os.path.join(directory, name))
+        target = os.path.join(directory, f"criu-{criuPid}")
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(path)

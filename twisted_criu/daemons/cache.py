@@ -320,6 +320,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
             self.log.error("a proxy asks to confirm a session that is {state}", state=session)
             return wire.LinkStatus(wire.LinkStatusKind.SESSION_ABORTED)
         session.links.add(receiver)
+        session.dumpHooked = True
         if session.state == DUMPING:
             self.delivered(session, "confirmed to the dump's post-dump hook")
         elif not session.restorable:

@@ -153,6 +153,9 @@ class CacheSession:
         self.links: set[IReceivingLink] = set()
         self.seed = False
         self.hooked = False
+        #: Its dump was confirmed to criu's post-dump hook: its restore is
+        #: over only when the hook confirms it too (post-resume).
+        self.dumpHooked = False
         #: The link went away before delivery: when to give the proxy up.
         self.giveUp: IDelayedCall | None = None
         #: When an unrestored delivered session is dropped (C{--retain}).

@@ -14,8 +14,9 @@ The rule, in order:
  4. else the restore fails at once: criu gets ENOENT, the log says why.
 
 A restore ends confirmed by criu's C{--remote} finish, by
-C{twisted-criu-hook} at C{post-resume}, or (without the hook) when criu
-closes its C{--stream} connection with every file served.  A C{--stream}
+C{twisted-criu-hook} at C{post-resume}, or (when neither the dump nor the
+restore ran the hook) when criu closes its C{--stream} connection with
+every file served.  A C{--stream}
 restore whose pipes broke, or a hooked one that never confirms, leaves the
 session to be served again.
 """
@@ -197,7 +198,9 @@ class RestoreChooser:
                 "the restore of session {id} broke off: its images are kept; run criu restore again",
                 id=session.id,
             )
-        elif session.hooked:
+        elif session.hooked or session.dumpHooked:
+            # A killed criu closes its connection as a finished one does:
+            # only the hook can say the restore worked.
             self.log.info(
                 "criu read session {id}; waiting for twisted-criu-hook to confirm the restore",
                 id=session.id,
