@@ -23,6 +23,7 @@ from twisted_criu import wire
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.testing.criu import LocalImageClient
+from twisted_criu.testing.fakes import FakeLinkSource
 from twisted_criu.twistd.options import unixEndpoint
 
 
@@ -46,19 +47,33 @@ def socketDirectory(test: SynchronousTestCase) -> str:
 
 
 def linkFrames(
-    *images: tuple[str, bytes], snapshotId: str = "snap1", linkVersion: int | None = None
+    *images: tuple[str, bytes],
+    snapshotId: str = "snap1",
+    linkVersion: int | None = None,
+    session: str | None = None,
 ) -> bytes:
     """The link's frames for C{images}: a header, then the bytes, each."""
     out = b""
     for name, data in images:
-        header = wire.RemoteHeader(name, snapshotId, 1, len(data), None, linkVersion)
+        header = wire.RemoteHeader(name, snapshotId, 1, len(data), None, linkVersion, session=session)
         out += header.toBytes() + data
     return out
 
 
-def proxyFrames(*images: tuple[str, bytes], snapshotId: str = "snap1") -> bytes:
-    """What a twisted-criu proxy sends: headers carry the link version."""
-    return linkFrames(*images, snapshotId=snapshotId, linkVersion=wire.LINK_EXTENSION_VERSION)
+def proxyFrames(
+    *images: tuple[str, bytes], snapshotId: str = "snap1", session: str = FakeLinkSource.sessionToken
+) -> bytes:
+    """What a twisted-criu proxy sends: headers carry the link version and its session's token."""
+    return linkFrames(
+        *images, snapshotId=snapshotId, linkVersion=wire.LINK_EXTENSION_VERSION, session=session
+    )
+
+
+def marker(kind: wire.Marker | None = None, session: str = FakeLinkSource.sessionToken, sequence: int = 0) -> bytes:
+    """A proxy's marker frame: the end of a dump (C{kind} L{None}), SYNC or ABORT."""
+    return wire.RemoteHeader(
+        "", "", 0, 0, None, wire.LINK_EXTENSION_VERSION, session=session, marker=kind, sequence=sequence
+    ).toBytes()
 
 
 # -- an in-process migration: both daemons on loopback, criu in threads ------

@@ -17,6 +17,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 
 from tests.helpers import MigrationCase, inThread, waitFor
+from twisted_criu import wire
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.testing.criu import ImageWriter
@@ -34,7 +35,7 @@ class _Pair(MigrationCase):
         # parent goes first and brings the cache's HELLO (version 2).
         yield inThread(self.m.dump.pushSnapshotId, "snap1")
         assert self.m.proxy is not None
-        yield waitFor(lambda: self.m.proxy.session._sender.peerVersion == 2)  # type: ignore[union-attr]
+        yield waitFor(lambda: self.m.proxy.session._sender.peerVersion == wire.LINK_EXTENSION_VERSION)  # type: ignore[union-attr]
 
     def proxyArgs(self) -> dict[str, Any]:
         return {"store": self.store}
@@ -81,6 +82,7 @@ class CutThroughTests(_Pair):
         self.assertIsNone(m.cache.session.registry.get(("snap1", "pages-1.img")))  # type: ignore[union-attr]
         yield inThread(writer.write, data[5 << 20 :])
         yield inThread(writer.close)
+        yield inThread(m.dump.finishDump)
         got = yield inThread(m.restore.read, "snap1", "pages-1.img")
         self.assertEqual(got, data)
         self.assertTrue(self.logged("forwarded snap1/pages-1.img (6291456 bytes, cut through)"))
@@ -138,6 +140,7 @@ class StoreAndForwardTests(_Pair):
         self.assertEqual(self.cacheReceived(), 0)
         yield inThread(writer.write, data[5 << 20 :])
         yield inThread(writer.close)
+        yield inThread(m.dump.finishDump)
         got = yield inThread(m.restore.read, "snap1", "pages-1.img")
         self.assertEqual(got, data)
 

@@ -6,8 +6,9 @@ the API says about sessions is tested end to end in L{tests.test_chains}.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,6 +16,7 @@ from twisted.web import http
 from zope.interface import implementer
 
 from twisted_criu.daemons.control import MAX_REQUEST_BODY, controlSite
+from twisted_criu.errors import HookRefused
 from twisted_criu.interfaces import ISessionControl, IStoredImage
 from twisted_criu.keys import ImageKey
 from twisted_criu.views import SessionView
@@ -32,6 +34,9 @@ class _NoSessions:
 
     def dropSession(self, sessionId: str) -> SessionView:
         raise KeyError(sessionId)
+
+    def hookAction(self, action: str, report: Callable[[str], None]) -> Deferred[dict[str, Any]]:
+        return fail(HookRefused(f"nothing to do at {action}"))
 
 
 class ControlConnectionTests(SynchronousTestCase):

@@ -66,25 +66,30 @@ class ServiceTests(MigrationCase):
 
     @inlineCallbacks
     def test_readBeforeImageArrives(self) -> Any:
+        """A restore that starts before the dump is delivered waits for it."""
         m = self.m
         assert m.cache
         read = inThread(m.restore.read, "snap1", "late.img")
-        yield waitFor(lambda: m.cache.session.registry.waiting == 1)  # type: ignore[union-attr]
+        yield waitFor(lambda: m.cache.readsWaiting == 1)  # type: ignore[union-attr]
         yield inThread(m.dump.write, "snap1", "late.img", b"finally")
+        self.assertNoResult(read)  # the dump is not finished: nothing is served yet
+        yield inThread(m.dump.finishDump)
         self.assertEqual((yield read), b"finally")
 
     @inlineCallbacks
     def test_imageThatNeverComes(self) -> Any:
-        """ENOENT when the proxy finishes, then at once for later reads."""
+        """ENOENT once the dump is delivered without it, then at once for later reads."""
         m = self.m
         assert m.cache
         read = inThread(m.restore.read, "snap1", "never.img")
-        yield waitFor(lambda: m.cache.session.registry.waiting == 1)  # type: ignore[union-attr]
+        yield waitFor(lambda: m.cache.readsWaiting == 1)  # type: ignore[union-attr]
+        yield inThread(m.dump.write, "snap1", "a.img", b"a")
         self.assertNoResult(read)
         yield inThread(m.dump.finishDump)
         self.assertIsNone((yield read))
-        self.assertTrue(m.cache.session.remoteDone)
+        self.assertEqual(m.cache.session.state, "restoring")  # type: ignore[union-attr]
         self.assertIsNone((yield inThread(m.restore.read, "snap1", "other.img")))
+        self.assertEqual((yield inThread(m.restore.read, "snap1", "a.img")), b"a")
 
     @inlineCallbacks
     def test_finishWhileDataInPipe(self) -> Any:
@@ -150,6 +155,7 @@ class ServiceTests(MigrationCase):
         m = self.m
         data = os.urandom(1 << 20)
         yield inThread(m.dump.write, "snap1", "pages-1.img", data)
+        yield inThread(m.dump.finishDump)
         reads = [inThread(m.restore.read, "snap1", "pages-1.img") for _ in range(4)]
         for read in reads:
             self.assertEqual((yield read), data)
@@ -208,7 +214,7 @@ class ServiceTests(MigrationCase):
             yield done
         self.assertEqual(m.cache.sessionsCompleted, 3)
         self.assertEqual(m.proxy.sessionsCompleted, 3)
-        self.assertEqual(m.cache.session.registry.keys(), [])
+        self.assertEqual(m.cache.sessions, {})
 
 
 class ChecksumSessionTests(TestCase):

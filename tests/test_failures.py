@@ -27,11 +27,11 @@ from twisted_criu.link.sender import RemoteSender
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, FakeSink
 
-from .helpers import Migration, inThread, isClosed
+from .helpers import Migration, inThread, isClosed, waitFor
 
 
-def _errors(events: Any) -> list[str]:
-    return [e["log_format"].format(**e) for e in events if e["log_level"] >= LogLevel.error]
+def _errors(events: Any, level: LogLevel = LogLevel.error) -> list[str]:
+    return [e["log_format"].format(**e) for e in events if e["log_level"] >= level]
 
 
 class SilentClientTests(SynchronousTestCase):
@@ -131,7 +131,7 @@ class ProxyVanishesTests(TestCase):
 
     @inlineCallbacks
     def test_waitingReaderGetsENOENT(self) -> Any:
-        """The proxy dies mid-image and never returns: no truncated image."""
+        """The proxy dies mid-image and never returns: no truncated image, the session is aborted."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         m = Migration(self)
         port = yield m.startCache()
@@ -140,14 +140,37 @@ class ProxyVanishesTests(TestCase):
         read = inThread(m.restore.read, "snap1", "pages-1.img")
 
         def dieMidImage() -> None:
+            header = wire.RemoteHeader(
+                "pages-1.img", "snap1", 1, 1000, linkVersion=wire.LINK_EXTENSION_VERSION, session="t1"
+            )
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as c:
+                c.sendall(header.toBytes() + b"x" * 400)
+
+        yield inThread(dieMidImage)
+        self.assertIsNone((yield read))
+        logged = _errors(events, LogLevel.warn)
+        self.assertTrue(any("snap1/pages-1.img: 400 of 1000 bytes arrived" in e for e in logged), logged)
+        self.assertTrue(any("did not come back within 0.5 s" in e for e in logged), logged)
+        self.assertEqual(m.cache.sessions, {})
+
+    @inlineCallbacks
+    def test_cProxyLinkBrokenAbortsAtOnce(self) -> Any:
+        """CRIU's C proxy never comes back: a broken link aborts its session at once."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        m = Migration(self)
+        port = yield m.startCache()
+        assert m.cache is not None
+
+        def dieMidImage() -> None:
             with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as c:
                 c.sendall(wire.RemoteHeader("pages-1.img", "snap1", 1, 1000).toBytes() + b"x" * 400)
 
         yield inThread(dieMidImage)
-        self.assertIsNone((yield read))
-        errors = _errors(events)
-        self.assertTrue(any("snap1/pages-1.img: 400 of 1000 bytes arrived" in e for e in errors), errors)
-        self.assertTrue(any("did not come back within 0.5 s" in e for e in errors), errors)
+        yield waitFor(
+            lambda: any("the link to CRIU's C proxy broke" in e for e in _errors(events, LogLevel.warn))
+        )
+        self.assertEqual(m.cache.sessions, {})
+        self.assertIsNone((yield inThread(m.restore.read, "snap1", "pages-1.img")))
 
 
     @inlineCallbacks

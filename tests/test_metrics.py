@@ -103,6 +103,7 @@ class MetricsTests(MigrationCase):
                 return s.recv(10)
 
         self.assertEqual((yield inThread(hostile)), b"")
+        yield inThread(m.dump.write, "snap1", "late.img", b"late")
         read = inThread(m.restore.read, "snap1", "late.img")
 
         yield waitFor(lambda: m.cache.readsWaiting == 1)  # type: ignore[union-attr]
@@ -110,5 +111,5 @@ class MetricsTests(MigrationCase):
         self.assertEqual(cache["twisted_criu_reads_waiting"], 1)
         self.assertEqual(cache["twisted_criu_read_waits_total"], 1)
         self.assertEqual(cache["twisted_criu_errors_total"], 1)
-        yield inThread(m.dump.write, "snap1", "late.img", b"late")
+        yield inThread(m.dump.finishDump)
         self.assertEqual((yield read), b"late")

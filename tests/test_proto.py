@@ -47,6 +47,9 @@ EXTENSIONS = {
         (5, "sha256", _F.TYPE_BYTES),
         (6, "link_version", _F.TYPE_UINT32),
         (7, "chunked", _F.TYPE_BOOL),
+        (8, "session", _F.TYPE_STRING),
+        (9, "marker", _F.TYPE_UINT32),
+        (10, "sequence", _F.TYPE_UINT64),
     ]
 }
 
@@ -58,6 +61,7 @@ OWN_MESSAGES = {
         (2, "version", _F.TYPE_UINT32, _F.LABEL_OPTIONAL),
         (3, "images", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
         (4, "bytes", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
+        (5, "sequence", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
     ]
 }
 

@@ -16,9 +16,9 @@ from twisted_criu.errors import ImageNotFound
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.registry import readAll
 from twisted_criu.storage.spill import SpillStore
-from twisted_criu.testing.fakes import FakeSink
+from twisted_criu.testing.fakes import FakeLinkSource, FakeSink
 
-from .helpers import linkFrames, proxyFrames
+from .helpers import linkFrames, marker, proxyFrames
 
 
 class _ReceiverCase(SynchronousTestCase):
@@ -240,17 +240,16 @@ class LinkExtensionTests(SynchronousTestCase):
 
     def test_endOfDumpConfirmed(self) -> None:
         self.receiver.dataReceived(
-            proxyFrames(("a.img", b"alpha"), ("e.img", b"")) + wire.END_OF_DUMP.toBytes()
+            proxyFrames(("a.img", b"alpha"), ("e.img", b"")) + marker()
         )
         self.assertEqual(
             self.statuses()[1:],
             [wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=2, size=5)],
         )
         self.assertEqual(self.sink.dumpsEnded, 1)
-        self.assertTrue(self.receiver.betweenDumps)
-        # The link stays; the next dump's images start a new dump.
-        self.receiver.dataReceived(proxyFrames(("c.img", b"charlie")) + wire.END_OF_DUMP.toBytes())
-        self.assertEqual(self.sink.dumpsStarted, 1)
+        # The link stays; the next dump's images follow, for the same session.
+        self.receiver.dataReceived(proxyFrames(("c.img", b"charlie")) + marker())
+        self.assertEqual(self.sink.tokens, [FakeLinkSource.sessionToken])
         self.assertEqual(
             self.statuses()[-1], wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=1, size=7)
         )

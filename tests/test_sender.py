@@ -62,7 +62,9 @@ class SenderTests(SynchronousTestCase):
         expected = proxyFrames(("pages-1.img", big), ("empty.img", b""), ("inventory.img", b"inv"))
         self.assertEqual(self.transport.value(), expected)
         headers = [
-            wire.RemoteHeader(n, "snap1", 1, s, None, wire.LINK_EXTENSION_VERSION).toBytes()
+            wire.RemoteHeader(
+                n, "snap1", 1, s, None, wire.LINK_EXTENSION_VERSION, session=FakeLinkSource.sessionToken
+            ).toBytes()
             for n, s in (("pages-1.img", len(big)), ("empty.img", 0), ("inventory.img", 3))
         ]
         for header in headers:  # every frame in a single write (C readers need it)

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from twisted_criu import wire
-from twisted_criu.daemons.cachesession import CacheSession, RestoreCore, RestoreMachine
+from twisted_criu.daemons.cachesession import CacheSession, MigrationCore, MigrationMachine
 from twisted_criu.daemons.dumpchain import (
     COMPLETE,
     DELIVERED,
@@ -326,85 +326,75 @@ class EndingTests(SynchronousTestCase):
         self.assertEqual((self.sender.idleWaiters, self.session.calls), ([], []))
 
 
-class RestoreTests(SynchronousTestCase):
-    """L{Restore}: idle, receiving, waiting for the restore, complete."""
+class MigrationTests(SynchronousTestCase):
+    """The cache's L{Migration} machine: one migration, from its dump to its restore."""
 
     def setUp(self) -> None:
-        self.restore = RestoreMachine(RestoreCore())
+        self.migration = MigrationMachine(MigrationCore())
 
-    def walk(self, *inputs: str) -> list[tuple[str, bool]]:
+    def walk(self, *inputs: str) -> list[tuple[str, object]]:
+        """Feed C{inputs}; the state and the answer after each."""
         seen = []
         for name in inputs:
-            getattr(self.restore, name)()
-            seen.append((self.restore.state(), self.restore.remoteDone()))
+            answer = getattr(self.migration, name)()
+            seen.append((self.migration.state(), answer))
         return seen
 
-    def test_proxyFirst(self) -> None:
-        self.assertEqual(self.restore.state(), "idle")
+    def test_dumpThenRestore(self) -> None:
+        self.assertEqual(self.migration.state(), "dumping")
         self.assertEqual(
-            self.walk("sending", "sending", "allQuiet", "restoreFinished"),
+            self.walk("imagesArriving", "delivered", "restoreBegun", "restoreConfirmed"),
+            [("dumping", True), ("delivered", True), ("restoring", None), ("restored", True)],
+        )
+
+    def test_failedRestoreIsServedAgain(self) -> None:
+        self.assertEqual(
+            self.walk("delivered", "restoreBegun", "restoreFailed", "restoreBegun", "restoreConfirmed"),
             [
-                ("receiving", False),
-                ("receiving", False),
-                ("waiting for the restore", True),
-                ("complete", True),
+                ("delivered", True),
+                ("restoring", None),
+                ("failed-restore", None),
+                ("restoring", None),
+                ("restored", True),
             ],
         )
 
-    def test_restoreFirst(self) -> None:
-        """criu finished the restore before the proxy finished sending."""
+    def test_chainGoesOn(self) -> None:
+        """The next dump of a pre-dump chain reopens a delivered session."""
         self.assertEqual(
-            self.walk("restoreFinished", "sending", "restoreFinished", "allQuiet"),
-            [("idle", False), ("receiving", False), ("receiving", False), ("complete", True)],
+            self.walk("delivered", "imagesArriving", "delivered"),
+            [("delivered", True), ("dumping", True), ("delivered", True)],
         )
 
-    def test_anotherDump(self) -> None:
-        self.assertEqual(
-            self.walk("sending", "allQuiet", "sending", "allQuiet"),
-            [
-                ("receiving", False),
-                ("waiting for the restore", True),
-                ("receiving", False),
-                ("waiting for the restore", True),
-            ],
-        )
+    def test_nothingWrittenOnceRestoring(self) -> None:
+        self.walk("delivered", "restoreBegun")
+        self.assertEqual(self.walk("imagesArriving", "delivered"), [("restoring", False), ("restoring", False)])
 
-    def test_lostThenBack(self) -> None:
-        self.assertEqual(
-            self.walk("sending", "linkLost", "sending"),
-            [("receiving", False), ("idle", False), ("receiving", False)],
-        )
+    def test_abortedBeforeOrAfterDelivery(self) -> None:
+        self.assertEqual(self.walk("aborted", "aborted"), [("aborted", True), ("aborted", False)])
+        other = MigrationMachine(MigrationCore())
+        other.delivered()
+        self.assertTrue(other.aborted())
 
-    def test_lostForGood(self) -> None:
-        self.assertEqual(
-            self.walk("sending", "linkLost", "proxyGone", "restoreFinished"),
-            [
-                ("receiving", False),
-                ("idle", False),
-                ("waiting for the restore", True),
-                ("complete", True),
-            ],
-        )
+    def test_restoringIsNotAborted(self) -> None:
+        """An ABORT that comes once the restore began changes nothing (the restore goes on)."""
+        self.walk("delivered", "restoreBegun")
+        self.assertEqual(self.walk("aborted"), [("restoring", False)])
 
-    def test_lostForGoodAfterTheRestore(self) -> None:
-        self.assertEqual(
-            self.walk("sending", "restoreFinished", "linkLost", "proxyGone"),
-            [("receiving", False), ("receiving", False), ("idle", False), ("complete", True)],
-        )
+    def test_finalStatesStay(self) -> None:
+        for path in (("aborted",), ("delivered", "restoreBegun", "restoreConfirmed"), ("delivered", "retentionOver")):
+            machine = MigrationMachine(MigrationCore())
+            for name in path:
+                getattr(machine, name)()
+            final = machine.state()
+            self.assertIn(final, ("aborted", "restored", "dropped"))
+            for name in ("imagesArriving", "delivered", "aborted", "restoreConfirmed", "retentionOver"):
+                self.assertIn(getattr(machine, name)(), (False, None))
+                self.assertEqual(machine.state(), final)
 
-    def test_refused(self) -> None:
-        """Inputs that cannot come in a state are refused."""
-        self.assertRaises(NoTransition, self.restore.allQuiet)
-        self.assertRaises(NoTransition, self.restore.linkLost)
-        self.restore.sending()
-        self.assertRaises(NoTransition, self.restore.proxyGone)
-        self.restore.allQuiet()
-        self.assertRaises(NoTransition, self.restore.allQuiet)
-        self.assertRaises(NoTransition, self.restore.proxyGone)
-        self.restore.restoreFinished()
-        for name in ("sending", "allQuiet", "linkLost", "proxyGone", "restoreFinished"):
-            self.assertRaises(NoTransition, getattr(self.restore, name))
-        self.assertEqual(self.restore.state(), "complete")
+    def test_retentionOnlyForUnrestored(self) -> None:
+        self.assertEqual(self.walk("retentionOver"), [("dumping", False)])
+        self.assertEqual(self.walk("delivered", "retentionOver"), [("delivered", True), ("dropped", True)])
 
 
 class CacheSessionTests(SynchronousTestCase):
@@ -416,30 +406,29 @@ class CacheSessionTests(SynchronousTestCase):
     def test_anotherDumpReopens(self) -> None:
         session = CacheSession()
         link: Any = object()
-        session.linkSending(link)
-        self.assertEqual((session.state, session.links), ("receiving", {link}))
-        self.assertTrue(session.linkStopped(link))
-        session.remoteQuiet()
+        self.assertTrue(session.imagesArriving(link))
+        self.assertEqual((session.state, session.links), ("dumping", {link}))
+        self.assertTrue(session.deliver())
         self.assertTrue(session.registry.closed)
-        self.assertTrue(session.remoteDone)
-        session.linkSending(link)
+        self.assertTrue(session.restorable)
+        self.assertTrue(session.imagesArriving(link))
         self.assertFalse(session.registry.closed)
-        self.assertEqual(session.state, "receiving")
+        self.assertEqual(session.state, "dumping")
 
-    def test_lastLinkStopping(self) -> None:
+    def test_abortReleasesImages(self) -> None:
         session = CacheSession()
-        one: Any = object()
-        two: Any = object()
-        session.linkSending(one)
-        session.linkSending(two)
-        self.assertFalse(session.linkStopped(one))
-        self.assertTrue(session.linkStopped(two))
-        session.linkLost()
-        self.assertEqual(session.state, "idle")
-        session.proxyGone()
+        self.assertTrue(session.abort())
+        self.assertTrue(session.final)
         self.assertTrue(session.registry.closed)
-        session.restoreFinished()
-        self.assertTrue(session.complete)
+        self.assertFalse(session.abort())
+
+    def test_noImagesOnceRestoring(self) -> None:
+        session = CacheSession()
+        link: Any = object()
+        session.deliver()
+        session.beginRestore()
+        self.assertFalse(session.imagesArriving(link))
+        self.assertEqual(session.links, set())
 
 
 class FakeEndpoint:
@@ -482,7 +471,10 @@ class ProxySessionTests(SynchronousTestCase):
         self.status(wire.LinkStatusKind.HELLO, version=2)
         self.assertEqual(self.session.state, "dumping")
         self.dump("a.img", b"abc")
-        self.assertTrue(self.transport.value().endswith(wire.END_OF_DUMP.toBytes()))
+        endOfDump = wire.RemoteHeader(
+            "", "", 0, 0, None, wire.LINK_EXTENSION_VERSION, session=self.session.sessionToken
+        )
+        self.assertTrue(self.transport.value().endswith(endOfDump.toBytes()))
         self.assertEqual(self.session.state, "forwarding")
         self.status(wire.LinkStatusKind.DUMP_RECEIVED, images=1, size=3)
         self.assertEqual(self.session.state, "delivered")

@@ -73,9 +73,11 @@ class StreamTests(MigrationCase):
         m = self.m
         assert m.cache
         read = inThread(self.serve.read, "inventory.img")
-        yield waitFor(lambda: m.cache.session.registry.waiting == 1)  # type: ignore[union-attr]
+        yield waitFor(lambda: m.cache.readsWaiting == 1)  # type: ignore[union-attr]
         self.assertNoResult(read)
         yield inThread(self.capture.write, "inventory.img", b"inv")
+        self.assertNoResult(read)  # served only once the dump is delivered
+        yield inThread(self.capture.close)
         self.assertEqual((yield read), b"inv")
 
     @inlineCallbacks
@@ -83,7 +85,7 @@ class StreamTests(MigrationCase):
         m = self.m
         assert m.cache
         read = inThread(self.serve.read, "cgroup.img")
-        yield waitFor(lambda: m.cache.session.registry.waiting == 1)  # type: ignore[union-attr]
+        yield waitFor(lambda: m.cache.readsWaiting == 1)  # type: ignore[union-attr]
 
         def dump() -> None:
             self.capture.write("inventory.img", b"inv")
@@ -127,8 +129,10 @@ class StreamTests(MigrationCase):
         errors = [e for e in events if e["log_level"] >= LogLevel.error]
         self.assertTrue(any("exceeds" in str(e.get("why")) for e in errors), errors)
         self.assertTrue(any("discarded" in e["log_format"] for e in errors))
-        assert self.m.proxy and self.m.proxy.session
-        self.assertIsNone(self.m.proxy.session.registry.get(("", "pages-1.img")))
+        assert self.m.proxy
+        yield waitFor(lambda: self.m.proxy.session is None)  # type: ignore[union-attr]
+        self.assertTrue(any("aborted: criu's dump failed" in e["log_format"].format(**e) for e in errors))
+        self.assertEqual(self.m.proxy.listSessions(), [])
 
     @inlineCallbacks
     def test_descriptorWithoutRequest(self) -> Any:

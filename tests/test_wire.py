@@ -164,7 +164,7 @@ class MessageTests(SynchronousTestCase):
     def test_endOfDumpMarker(self) -> None:
         """The link extension's marker: no name, id or bytes, a link version."""
         raw = wire.END_OF_DUMP.toBytes()
-        self.assertEqual(raw.hex(), "0a0000000a001200180020003002")
+        self.assertEqual(raw.hex(), "0a0000000a001200180020003003")
         marker = wire.RemoteHeader.fromBytes(raw[4:])
         self.assertEqual(marker, wire.END_OF_DUMP)
         self.assertTrue(marker.isEndOfDump)

@@ -35,3 +35,7 @@ class ImageSizeMismatch(Exception):
 
 class SessionBusy(Exception):
     """The session is in use (a dump or restore is under way)."""
+
+
+class HookRefused(Exception):
+    """C{twisted-criu-hook} asked a daemon for something it cannot do now; the message says why."""

@@ -6,7 +6,7 @@ daemons' sessions and their operators.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from zope.interface import Attribute, Interface
 
@@ -207,6 +207,20 @@ class ILocalImageService(Interface):
         """Does the reader expect the bytes on the socket (not in a pipe)?"""
 
 
+class ICaptureService(ILocalImageService):
+    """What the proxy offers C{criu dump --stream}."""
+
+    def captureFailed(why: str) -> None:
+        """criu's dump failed (criu resumes the process): its session must never be restored."""
+
+
+class IRestoreService(ILocalImageService):
+    """What the cache offers C{criu restore --stream}."""
+
+    def streamRestoreEnded(complete: bool) -> None:
+        """criu closed its connection and every pipe is done: with every file served whole?"""
+
+
 # -- the link -----------------------------------------------------------------
 
 
@@ -230,17 +244,27 @@ class IRemoteImageSink(Interface):
     activity = Attribute("The daemon's L{Activity}: transfers and counters.")
     linkTimeout = Attribute("Seconds a link may stall inside a frame.")
 
-    def linkOpened(receiver: IReceivingLink) -> ISnapshotRegistry:
-        """A proxy connected; return the registry its images go to."""
+    def linkOpened(receiver: IReceivingLink) -> None:
+        """A peer connected; it belongs to no session until it sends a header."""
 
     def linkClosed(receiver: IReceivingLink, clean: bool) -> None:
-        """The link ended: cleanly (session over) or not (it may come back)."""
+        """The link ended: cleanly or not (a proxy may come back)."""
 
-    def dumpEnded(receiver: IReceivingLink) -> None:
-        """The proxy's end-of-dump marker: the link stays, idle, for the next dump."""
+    def imageArriving(receiver: IReceivingLink, token: str | None) -> ISnapshotRegistry | None:
+        """
+        An image of the session C{token} names (L{None}: a proxy that names
+        none) arrives: the registry it goes to, or L{None} to discard it (the
+        session takes no more images).
+        """
 
-    def dumpStarted(receiver: IReceivingLink) -> ISnapshotRegistry:
-        """Images arrive on a link after its end-of-dump marker: a new dump."""
+    def dumpEnded(receiver: IReceivingLink, token: str | None) -> None:
+        """The proxy's end-of-dump marker for C{token}'s session: it is delivered."""
+
+    def syncRequested(receiver: IReceivingLink, token: str | None, sequence: int) -> wire.LinkStatus:
+        """A SYNC marker: what to answer (SYNCED with the session's counts, or SESSION_ABORTED)."""
+
+    def abortRequested(receiver: IReceivingLink, token: str | None) -> None:
+        """An ABORT marker: C{token}'s session must never be restored."""
 
 
 # -- operators ----------------------------------------------------------------
@@ -263,6 +287,14 @@ class ISessionControl(Interface):
 
         @raise KeyError: no such session.
         @raise SessionBusy: a dump or a restore is using it.
+        """
+
+    def hookAction(action: str, report: Callable[[str], None]) -> Deferred[dict[str, Any]]:
+        """
+        C{twisted-criu-hook} runs at criu's C{action}: do what it needs, call
+        C{report} with progress lines meanwhile, fire with a JSON-able result.
+
+        @raise HookRefused: (in the Deferred) it cannot be done; the message says why.
         """
 
 
@@ -298,6 +330,16 @@ class ISendingLink(Interface):
     def cutThrough(key: ImageKey, image: IStoredImage) -> bool:
         """Was C{image}, just published, cut through (sent or being sent as chunks)?"""
 
+    progress = Attribute("Bytes handed over on this connection, counting the image being forwarded.")
+    peerVersion = Attribute("The link extension version the cache said HELLO with (0: none yet).")
+    imagesSent = Attribute("Images handed over on this connection.")
+
+    def whenLost() -> Deferred[None]:
+        """Fires when the connection is gone."""
+
+    def sendMarker(marker: wire.Marker, sequence: int = 0) -> None:
+        """Send a SYNC or ABORT marker (the link must be idle)."""
+
     def whenIdle() -> Deferred[None]:
         """Fires once everything enqueued so far has been handed over."""
 
@@ -313,6 +355,8 @@ class ISendingLink(Interface):
 
 class ILinkSource(Interface):
     """What the proxy's session offers its end of the link (an L{ISendingLink})."""
+
+    sessionToken = Attribute("Names the session on the link (unique to this proxy process and session).")
 
     def linkUp(sender: ISendingLink) -> None:
         """A connection to the cache is made: C{sender} forwards on it."""

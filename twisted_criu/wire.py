@@ -197,6 +197,12 @@ class RemoteHeader:
     linkVersion: int | None = None
     #: Cut through: C{size} is 0 and chunks follow (see L{Chunk}).
     chunked: bool = False
+    #: The proxy's session token (link version 3).
+    session: str | None = None
+    #: A marker that carries no image (L{Marker}; link version 3).
+    marker: Marker | None = None
+    #: A SYNC marker's number, echoed by the cache's SYNCED.
+    sequence: int = 0
 
     def toBytes(self) -> bytes:
         message = _pb.remote_image_entry(
@@ -211,21 +217,42 @@ class RemoteHeader:
             message.link_version = self.linkVersion
         if self.chunked:
             message.chunked = True
+        if self.session is not None:
+            message.session = self.session
+        if self.marker is not None:
+            message.marker = self.marker.value
+            message.sequence = self.sequence
         return _serialize(message)
 
     @property
-    def isEndOfDump(self) -> bool:
-        """Is this the link extension's end-of-dump marker (no image)?"""
+    def isMarker(self) -> bool:
+        """Does this header carry no image (end of dump, SYNC, ABORT)?"""
         return self.name == "" and self.snapshotId == ""
+
+    @property
+    def isEndOfDump(self) -> bool:
+        """Is this the link extension's end-of-dump marker?"""
+        return self.isMarker and self.marker is None
 
     @classmethod
     def fromBytes(cls, raw: bytes) -> RemoteHeader:
         m = _parse(_pb.remote_image_entry, raw)
         version = m.link_version if m.HasField("link_version") else None
+        session = m.session if m.HasField("session") else None
+        if session is not None:
+            checkSnapshotId(session)
         if m.name == "" and m.snapshot_id == "" and version is not None:
             if m.size != 0 or m.HasField("sha256"):
                 raise ProtocolError("an end-of-dump marker with a body")
-            return cls("", "", m.open_mode, 0, None, version)
+            marker = None
+            if m.HasField("marker"):
+                try:
+                    marker = Marker(m.marker)
+                except ValueError:
+                    raise ProtocolError(f"unknown link marker {m.marker}") from None
+            return cls("", "", m.open_mode, 0, None, version, session=session, marker=marker, sequence=m.sequence)
+        if m.HasField("marker"):
+            raise ProtocolError("a marker with an image name")
         checkName(m.name)
         checkSnapshotId(m.snapshot_id)
         openKind(m.open_mode)
@@ -237,12 +264,22 @@ class RemoteHeader:
             raise ProtocolError("a chunked image needs link version 2, size 0 and no SHA-256")
         if chunked and openKind(m.open_mode) is not OpenKind.WRITE:
             raise ProtocolError("only a plain write can be chunked")
-        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest, version, chunked)
+        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest, version, chunked, session)
+
+
+class Marker(IntEnum):
+    """A header that carries no image, besides the end of a dump (version 3)."""
+
+    #: Confirm that every image sent before is stored (answered by SYNCED).
+    SYNC = 1
+    #: The session's dump failed and criu resumed the process: never serve it.
+    ABORT = 2
 
 
 #: The version of the link extension this code speaks: 1 link statuses,
-#: 2 also chunked (cut-through) images.
-LINK_EXTENSION_VERSION = 2
+#: 2 also chunked (cut-through) images, 3 also session tokens, SYNC and
+#: ABORT markers.
+LINK_EXTENSION_VERSION = 3
 
 #: Chunked images: each chunk is this length prefix, then that many bytes.
 CHUNK_LENGTH = struct.Struct("<I")
@@ -263,6 +300,8 @@ class LinkStatusKind(IntEnum):
     HELLO = 1
     DUMP_RECEIVED = 2
     SESSION_DONE = 3
+    SYNCED = 4
+    SESSION_ABORTED = 5
 
 
 @frozen
@@ -273,14 +312,17 @@ class LinkStatus:
     version: int = 0
     images: int = 0
     size: int = 0
+    sequence: int = 0
 
     def toBytes(self) -> bytes:
         message = _pb.link_status_entry(kind=self.kind.value)
         if self.kind is LinkStatusKind.HELLO:
             message.version = self.version
-        elif self.kind is LinkStatusKind.DUMP_RECEIVED:
+        elif self.kind in (LinkStatusKind.DUMP_RECEIVED, LinkStatusKind.SYNCED):
             message.images = self.images
             message.bytes = self.size
+        if self.kind is LinkStatusKind.SYNCED:
+            message.sequence = self.sequence
         return _serialize(message)
 
     @classmethod
@@ -290,7 +332,7 @@ class LinkStatus:
             kind = LinkStatusKind(m.kind)
         except ValueError:
             raise ProtocolError(f"unknown link status {m.kind}") from None
-        return cls(kind, m.version, m.images, m.bytes)
+        return cls(kind, m.version, m.images, m.bytes, m.sequence)
 
 
 @frozen

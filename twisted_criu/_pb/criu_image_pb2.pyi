@@ -15,7 +15,7 @@ class local_image_entry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ...) -> None: ...
 
 class remote_image_entry(_message.Message):
-    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256", "link_version", "chunked")
+    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256", "link_version", "chunked", "session", "marker", "sequence")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,9 @@ class remote_image_entry(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LINK_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNKED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    MARKER_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     snapshot_id: str
     open_mode: int
@@ -30,7 +33,10 @@ class remote_image_entry(_message.Message):
     sha256: bytes
     link_version: int
     chunked: bool
-    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., link_version: _Optional[int] = ..., chunked: _Optional[bool] = ...) -> None: ...
+    session: str
+    marker: int
+    sequence: int
+    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., link_version: _Optional[int] = ..., chunked: _Optional[bool] = ..., session: _Optional[str] = ..., marker: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class local_image_reply_entry(_message.Message):
     __slots__ = ("error",)
@@ -57,13 +63,15 @@ class img_streamer_reply_entry(_message.Message):
     def __init__(self, exists: _Optional[bool] = ...) -> None: ...
 
 class link_status_entry(_message.Message):
-    __slots__ = ("kind", "version", "images", "bytes")
+    __slots__ = ("kind", "version", "images", "bytes", "sequence")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     kind: int
     version: int
     images: int
     bytes: int
-    def __init__(self, kind: _Optional[int] = ..., version: _Optional[int] = ..., images: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    sequence: int
+    def __init__(self, kind: _Optional[int] = ..., version: _Optional[int] = ..., images: _Optional[int] = ..., bytes: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...

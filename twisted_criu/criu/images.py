@@ -27,6 +27,7 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.errors import ImageNotFound, ImageSizeMismatch, ProtocolError
 from twisted_criu.flow.pacing import pauseWhileBehind, readPipeInto
+from twisted_criu.criu.settle import LiveConnections, forget, unreadBytes
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import IImageStore, IImageWriter, ILocalImageService, ISnapshotRegistry, IStoredImage
@@ -130,7 +131,18 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         else:
             self._protocolError(ProtocolError("data after the request was served"))
 
+    @property
+    def settled(self) -> bool:
+        """Nothing criu sent here waits to be processed (a write under way is the registry's)."""
+        return (
+            self._state in (_State.HEADER, _State.READ_WAIT, _State.READ_FD, _State.READ_SEND, _State.DONE)
+            and not self._frames.pending
+            and not self._fds
+            and unreadBytes(self.transport) == 0
+        )
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        forget(self)
         self.setTimeout(None)
         self._closeFds()
         self._dropTransfer()
@@ -364,17 +376,18 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         return reactor
 
 
-class LocalImageFactory(Factory):
-    """Builds a L{LocalImageProtocol} per criu connection."""
+class LocalImageFactory(LiveConnections):
+    """Builds a L{LocalImageProtocol} per criu connection, and knows the live ones."""
 
     noisy = False
 
     def __init__(self, service: ILocalImageService) -> None:
+        super().__init__()
         self.service = service
 
     def buildProtocol(self, addr: Any) -> LocalImageProtocol:
         protocol = LocalImageProtocol(self.service)
-        protocol.factory = self
+        self.track(protocol)
         return protocol
 
 

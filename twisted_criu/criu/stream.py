@@ -31,9 +31,10 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.errors import ImageNotFound, ProtocolError
 from twisted_criu.flow.pacing import readPipeInto
+from twisted_criu.criu.settle import LiveConnections, forget, unreadBytes
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.flow.send import OutgoingImage
-from twisted_criu.interfaces import IImageWriter, ILocalImageService, ISnapshotRegistry, IStoredImage
+from twisted_criu.interfaces import ICaptureService, IImageWriter, ILocalImageService, IRestoreService, ISnapshotRegistry, IStoredImage
 from twisted_criu.keys import ImageKey
 from twisted_criu.progress import Direction
 
@@ -193,7 +194,19 @@ class _StreamControl(Protocol, TimeoutMixin):
             pipe.abandon()  # criu sees a short file, or EPIPE, at once
         self.transport.abortConnection()
 
+    @property
+    def settled(self) -> bool:
+        """Nothing criu sent here waits to be processed (open pipes are writes under way)."""
+        return (
+            not self._pending
+            and not self._frames.pending
+            and not self._expectingFd
+            and not self._fds
+            and unreadBytes(self.transport) == 0
+        )
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        forget(self)
         self.setTimeout(None)
         fds, self._fds = self._fds, []
         for fd in fds:
@@ -209,8 +222,9 @@ class StreamCaptureProtocol(_StreamControl):
 
     mode = wire.O_WRONLY
 
-    def __init__(self, service: ILocalImageService) -> None:
+    def __init__(self, service: ICaptureService) -> None:
         super().__init__(service)
+        self._capture = service
         self._filename: str | None = None
         self._closed = False
         self.files = 0
@@ -263,7 +277,7 @@ class StreamCaptureProtocol(_StreamControl):
         if self._closed and not self.pipesOpen and self.registry is not None:
             self.registry = None
             if self._failed:
-                self.log.error("criu dump --stream failed; the session stays open")
+                self._capture.captureFailed("its --stream connection broke")
                 return
             self.log.info("criu dump --stream finished: {n} files", n=self.files)
             self.service.finishRequested(wire.LocalRequest("", "", wire.O_WRONLY))
@@ -274,11 +288,14 @@ class StreamServeProtocol(_StreamControl):
 
     mode = wire.O_RDONLY
 
-    def __init__(self, service: ILocalImageService) -> None:
+    def __init__(self, service: IRestoreService) -> None:
         super().__init__(service)
+        self._restores = service
         self._waiting: Deferred[IStoredImage] | None = None
         self._transfer: tuple[str, OutgoingImage] | None = None
         self._closed = False
+        #: A pipe broke before criu had all of its file.
+        self._broken = False
 
     def requestReceived(self, filename: str) -> None:
         assert self.registry is not None
@@ -327,6 +344,7 @@ class StreamServeProtocol(_StreamControl):
 
         def failed(reason: Failure) -> None:
             activity.abandon(moving)
+            self._broken = True
             self.log.warn(
                 "criu stopped reading {image}: {why}",
                 image=filename,
@@ -348,26 +366,31 @@ class StreamServeProtocol(_StreamControl):
     def checkDone(self) -> None:
         if self._closed and not self.pipesOpen and self.registry is not None:
             self.registry = None
-            if self._failed:
-                return
-            self.log.info("criu restore --stream closed its connection")
-            self.service.finishRequested(wire.LocalRequest("", "", wire.O_RDONLY))
+            complete = not (self._failed or self._broken)
+            self.log.info(
+                "criu restore --stream closed its connection{how}",
+                how="" if complete else " before it had every file",
+            )
+            self._restores.streamRestoreEnded(complete)
 
 
-class StreamCaptureFactory(Factory):
+class StreamCaptureFactory(LiveConnections):
     noisy = False
 
-    def __init__(self, service: ILocalImageService) -> None:
+    def __init__(self, service: ICaptureService) -> None:
+        super().__init__()
         self.service = service
 
     def buildProtocol(self, addr: Any) -> StreamCaptureProtocol:
-        return StreamCaptureProtocol(self.service)
+        protocol = StreamCaptureProtocol(self.service)
+        self.track(protocol)
+        return protocol
 
 
 class StreamServeFactory(Factory):
     noisy = False
 
-    def __init__(self, service: ILocalImageService) -> None:
+    def __init__(self, service: IRestoreService) -> None:
         self.service = service
 
     def buildProtocol(self, addr: Any) -> StreamServeProtocol:

@@ -1,13 +1,18 @@
-# -*- test-case-name: tests.test_daemons -*-
+# -*- test-case-name: tests.test_daemons,tests.test_transactions -*-
 """
-The image cache (restore host): receives images from an image proxy and
-serves them to C{criu restore --remote} on a local socket.
+The image cache (restore host): receives images from image proxies and
+serves them to C{criu restore --remote|--stream} on local sockets.
+
+Each migration is its own L{CacheSession}, named by the proxy's session
+token; which one a restore gets is L{RestoreChooser}'s rule.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -15,22 +20,28 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
-from twisted_criu.daemons.cachesession import CacheSession
+from twisted_criu.daemons.cachesession import ABORTED, DUMPING, RESTORED, CacheSession
+from twisted_criu.daemons.restores import LINKED_GRACE, RestoreChooser, RestoreReads
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
-from twisted_criu.errors import SessionBusy
+from twisted_criu.errors import HookRefused, SessionBusy
 from twisted_criu.interfaces import (
     IImageStore,
-    ILocalImageService,
+    IRestoreService,
     IReceivingLink,
     IRemoteImageSink,
+    ISnapshotRegistry,
 )
 from twisted_criu.link.receiver import RemoteReceiverFactory
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.views import SessionView
 
+#: How many ended sessions' tokens the cache remembers, so that a proxy
+#: that comes back to one is told it is over instead of starting it anew.
+REMEMBERED_TOKENS = 4096
 
-@implementer(ILocalImageService, IRemoteImageSink)
+
+@implementer(IRestoreService, IRemoteImageSink)
 class ImageCacheService(ImageDaemon[CacheSession]):
     """
     The image cache, embeddable in any Twisted application.
@@ -38,7 +49,11 @@ class ImageCacheService(ImageDaemon[CacheSession]):
     @param local: where criu restore --remote connects (C{unix:DIR/img-cache.sock}).
     @param streamLocal: where criu restore --stream connects, if at all
         (C{unix:DIR/streamer-serve.sock}).
-    @param listen: where the image proxy connects.
+    @param listen: where image proxies connect.
+    @param retain: seconds a delivered session waits for its restore (or a
+        restore for its confirmation) before it is dropped.
+    @param restoreGrace: seconds a restore with nothing to read waits for a
+        linked proxy that has sent nothing yet, or after the cache started.
     """
 
     log = Logger()
@@ -55,157 +70,334 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         clientTimeout: float = 60.0,
         keep: bool = False,
         progressInterval: float = 10.0,
+        retain: float = 3600.0,
+        restoreGrace: float = LINKED_GRACE,
     ) -> None:
         super().__init__(
             reactor, store, readVariant, linkTimeout, clientTimeout, keep, progressInterval
         )
-        self._giveUp: Any = None
-        self.session = self._newSession()
+        self.retain = retain
+        self.restoreGrace = restoreGrace
+        #: When the cache started (restores wait a little for proxies coming back).
+        self.startedAt = reactor.seconds()
+        #: Sessions not yet over, by id, oldest first.
+        self.sessions: dict[str, CacheSession] = {}
+        self._byToken: dict[str, CacheSession] = {}
+        #: Tokens of sessions that are over, and how they ended.
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._links: set[IReceivingLink] = set()
+        self._anonymous = 0
+        self.restores = RestoreChooser(self)
         self.remoteEndpoint = self.listenOn(listen, RemoteReceiverFactory(self))
         self.localEndpoint = self.listenOn(local, LocalImageFactory(self))
         self.streamEndpoint = (
             None if streamLocal is None else self.listenOn(streamLocal, StreamServeFactory(self))
         )
 
+    def startService(self) -> None:
+        self.startedAt = self.reactor.seconds()
+        super().startService()
+
     def stopSessions(self) -> None:
-        self._cancelGiveUp()
+        for session in self.sessions.values():
+            session.cancel("giveUp")
+            session.cancel("retention")
+        self.restores.stop()
 
-    def _newSession(self) -> CacheSession:
-        return CacheSession(self.nextSessionId(), self.reactor.seconds())
-
-    @staticmethod
-    def _endLinks(session: CacheSession) -> None:
-        """Tell the session's proxies that their chain is over, and close."""
-        for link in session.idleLinks:
-            link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_DONE))
-            link.close()
-
-    def _maybeComplete(self) -> None:
-        session = self.session
-        if not session.complete:
-            return
-        summary = session.registry.summary()
-        self.log.info(
-            "session complete: {images} images, {bytes} bytes",
-            images=summary.images,
-            bytes=summary.bytes,
-            session=session.id,
-        )
-        self.retire(session)
-        self.session = self._newSession()
-        self._endLinks(session)
-        self.sessionDone(summary)
+    @property
+    def session(self) -> CacheSession | None:
+        """The newest session not yet over (for tests and operators)."""
+        return next(reversed(self.sessions.values()), None)
 
     @property
     def readsWaiting(self) -> int:
-        """criu reads waiting for their image to arrive."""
-        return self.session.registry.waiting
+        """criu reads waiting for a session to be delivered."""
+        return self.restores.waiting
+
+    # -- sessions --------------------------------------------------------------
+
+    def _sessionFor(self, token: str) -> CacheSession | str:
+        """The live session of C{token}, a new one, or how its session ended."""
+        session = self._byToken.get(token)
+        if session is not None:
+            return session
+        ended = self._ended.get(token)
+        if ended is not None:
+            return ended
+        session = CacheSession(self.nextSessionId(), self.reactor.seconds(), token)
+        self.sessions[session.id] = session
+        self._byToken[token] = session
+        self.log.info("session {id} started", id=session.id)
+        return session
+
+    def _over(self, session: CacheSession) -> None:
+        """C{session} reached a final state: forget it, tell its proxy."""
+        self.sessions.pop(session.id, None)
+        self._byToken.pop(session.token, None)
+        self._ended[session.token] = session.state
+        while len(self._ended) > REMEMBERED_TOKENS:
+            self._ended.popitem(last=False)
+        self.restores.sessionOver(session)
+        kind = (
+            wire.LinkStatusKind.SESSION_DONE
+            if session.state == RESTORED
+            else wire.LinkStatusKind.SESSION_ABORTED
+        )
+        for link in list(session.links):
+            link.sendStatus(wire.LinkStatus(kind))
+            link.close()
+        session.links.clear()
+
+    def delivered(self, session: CacheSession, how: str) -> None:
+        if not session.deliver():
+            return
+        summary = session.registry.summary()
+        self.log.info(
+            "session {id} delivered ({how}): {images} images, {bytes} bytes",
+            id=session.id,
+            how=how,
+            images=summary.images,
+            bytes=summary.bytes,
+        )
+        self._retainFor(session)
+        self.restores.sessionDelivered(session)
+
+    def _retainFor(self, session: CacheSession) -> None:
+        session.cancel("retention")
+        if self.retain > 0:
+            session.retention = self.reactor.callLater(self.retain, self._expire, session)
+
+    def _expire(self, session: CacheSession) -> None:
+        session.retention = None
+        if session.expire():
+            self.log.warn(
+                "session {id} was not restored within --retain {seconds} s: its images are dropped",
+                id=session.id,
+                seconds=self.retain,
+            )
+            self._over(session)
+
+    def abortSession(self, session: CacheSession, why: str) -> None:
+        if session.abort():
+            self.log.warn(
+                "session {id} aborted: {why}; it will never be restored", id=session.id, why=why
+            )
+            self._over(session)
+        elif not session.final:
+            self.log.error(
+                "session {id} cannot be aborted ({why}): it is {state}",
+                id=session.id,
+                why=why,
+                state=session.state,
+            )
+
+    def restoreConfirmed(self, session: CacheSession, how: str) -> None:
+        if not session.confirmRestore():
+            return
+        summary = session.registry.summary()
+        self.log.info(
+            "session {id} restored ({how}): {images} images, {bytes} bytes",
+            id=session.id,
+            how=how,
+            images=summary.images,
+            bytes=summary.bytes,
+        )
+        self._over(session)
+        self.retire(session)
+        self.sessionDone(summary)
 
     # -- ISessionControl ----------------------------------------------------
 
     role = "cache"
 
-    def currentSession(self) -> CacheSession:
-        return self.session
+    def currentSession(self) -> CacheSession | None:
+        return None
+
+    def listSessions(self) -> list[SessionView]:
+        views = [viewOf(s, s.state, current=True) for s in self.sessions.values()]
+        return views + [viewOf(s, "kept", current=False) for s in self.kept.values()]
+
+    def findSession(self, sessionId: str) -> CacheSession:
+        session = self.sessions.get(sessionId)
+        return session if session is not None else self.kept[sessionId]
+
+    def releaseAll(self) -> None:
+        for session in list(self.sessions.values()):
+            session.registry.release()
+        super().releaseAll()
 
     def dropSession(self, sessionId: str) -> SessionView:
         session = self.findSession(sessionId)
         view = viewOf(session, "dropped", current=False)
-        if session is self.session:
-            registry = session.registry
-            if session.links or registry.writesInProgress or registry.waiting:
-                raise SessionBusy(
-                    f"session {sessionId} is busy ({len(session.links)} proxy links sending,"
-                    f" {registry.waiting} reads waiting)"
-                )
-            self.session = self._newSession()
-            self._endLinks(session)
-        else:
+        if session.id in self.kept:
             del self.kept[sessionId]
-        session.registry.release()
+            session.registry.release()
+        else:
+            if session.state == DUMPING and session.links:
+                raise SessionBusy(
+                    f"session {sessionId} is busy ({len(session.links)} proxy link sending its dump)"
+                )
+            if self.restores.serving(session):
+                raise SessionBusy(f"session {sessionId} is being restored")
+            session.cancel("giveUp")
+            session.cancel("retention")
+            session.registry.release()
+            self.sessions.pop(session.id, None)
+            self._byToken.pop(session.token, None)
+            self._ended[session.token] = "dropped"
+            for link in list(session.links):
+                link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_ABORTED))
+                link.close()
+            session.links.clear()
         self.log.info("session {id} dropped by the operator", id=sessionId)
         return view
 
+    def hookAction(self, action: str, report: Any) -> Deferred[dict[str, Any]]:
+        """C{twisted-criu-hook} on the restore host: a restore begins, or succeeded."""
+        if action == "pre-restore":
+            return succeed(self.restores.hookedRestoreBegins())
+        if action == "post-resume":
+            try:
+                return succeed(self.restores.hookedRestoreSucceeded())
+            except HookRefused as e:
+                return fail(e)
+        return fail(HookRefused(f"the cache has nothing to do at {action}"))
+
     # -- IRemoteImageSink ----------------------------------------------------
 
-    def linkOpened(self, receiver: IReceivingLink) -> SnapshotRegistry:
-        self._cancelGiveUp()
-        session = self.session
-        fresh = not (session.links or session.idleLinks or session.registry.keys())
-        if fresh and not session.remoteDone:
-            self.log.info("session {id} started", id=session.id)
-        session.linkSending(receiver)
-        return session.registry
+    def linkOpened(self, receiver: IReceivingLink) -> None:
+        self._links.add(receiver)
+
+    def linkToken(self, receiver: IReceivingLink, token: str | None) -> str:
+        """The session token C{receiver}'s headers stand for."""
+        if token is not None:
+            return token
+        # A proxy that names no session (CRIU's C proxy): one link, one dump.
+        name = getattr(receiver, "anonymousToken", None)
+        if name is None:
+            self._anonymous += 1
+            name = f"link {self._anonymous} of this cache"
+            setattr(receiver, "anonymousToken", name)
+        return name
+
+    def imageArriving(self, receiver: IReceivingLink, token: str | None) -> ISnapshotRegistry | None:
+        """An image for C{token}'s session arrives: where to store it (L{None}: discard it)."""
+        session = self._sessionFor(self.linkToken(receiver, token))
+        if isinstance(session, str):
+            self._refuse(receiver, session)
+            return None
+        if session.imagesArriving(receiver):
+            return session.registry
+        self._refuse(receiver, session.state, session)
+        return None
+
+    def _refuse(self, receiver: IReceivingLink, state: str, session: CacheSession | None = None) -> None:
+        """Images came for a session that takes no more: tell the proxy."""
+        if session is not None:
+            session.links.add(receiver)
+        if getattr(receiver, "refusedState", None) != state:
+            setattr(receiver, "refusedState", state)
+            self.log.warn(
+                "a proxy sends images of a session that is {state}: discarded", state=state
+            )
+            kind = (
+                wire.LinkStatusKind.SESSION_DONE
+                if state == RESTORED
+                else wire.LinkStatusKind.SESSION_ABORTED
+            )
+            if state in (RESTORED, ABORTED, "dropped"):
+                receiver.sendStatus(wire.LinkStatus(kind))
+
+    def dumpEnded(self, receiver: IReceivingLink, token: str | None) -> None:
+        session = self._byToken.get(self.linkToken(receiver, token))
+        if session is not None:
+            self.delivered(session, "the proxy ended its dump")
+
+    def syncRequested(self, receiver: IReceivingLink, token: str | None, sequence: int) -> wire.LinkStatus:
+        """A SYNC marker: every image before it is stored.  Confirm with the session's counts."""
+        session = self._sessionFor(self.linkToken(receiver, token))
+        if isinstance(session, str):
+            self.log.error("a proxy asks to confirm a session that is {state}", state=session)
+            return wire.LinkStatus(wire.LinkStatusKind.SESSION_ABORTED)
+        session.links.add(receiver)
+        if session.state == DUMPING:
+            self.delivered(session, "confirmed to the dump's post-dump hook")
+        elif not session.restorable:
+            return wire.LinkStatus(wire.LinkStatusKind.SESSION_ABORTED)
+        summary = session.registry.summary()
+        return wire.LinkStatus(
+            wire.LinkStatusKind.SYNCED, images=summary.images, size=summary.bytes, sequence=sequence
+        )
+
+    def abortRequested(self, receiver: IReceivingLink, token: str | None) -> None:
+        session = self._byToken.get(self.linkToken(receiver, token))
+        if session is not None:
+            self.abortSession(session, "the proxy says criu's dump failed and the process was resumed")
+
+    @property
+    def proxiesLinked(self) -> bool:
+        """Is any proxy connected?"""
+        return bool(self._links)
 
     def linkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
-        session = self.session
-        session.idleLinks.discard(receiver)
-        if receiver not in session.links or not session.linkStopped(receiver):
-            return
-        if not clean:
-            session.linkLost()
-            self.log.warn(
-                "link to the proxy lost; waiting {seconds} s for it to come back",
-                seconds=self.linkTimeout,
-            )
-            self._cancelGiveUp()
-            self._giveUp = self.reactor.callLater(self.linkTimeout, self._proxyGone, session)
-            return
-        self._remoteQuiet(session)
+        self._links.discard(receiver)
+        self._sessionsLinkClosed(receiver, clean)
+        self.restores.linksChanged()
 
-    def dumpEnded(self, receiver: IReceivingLink) -> None:
-        session = self.session
-        if receiver not in session.links:
-            return
-        session.idleLinks.add(receiver)
-        if session.linkStopped(receiver):
-            self._remoteQuiet(session)
-
-    def dumpStarted(self, receiver: IReceivingLink) -> SnapshotRegistry:
-        session = self.session
-        session.idleLinks.discard(receiver)
-        return self.linkOpened(receiver)
-
-    def _remoteQuiet(self, session: CacheSession) -> None:
-        """Every proxy is done sending."""
-        self.log.info(
-            "proxy finished sending ({images} images)",
-            images=len(session.registry.keys()),
-        )
-        session.remoteQuiet()
-        self._maybeComplete()
-
-    def _cancelGiveUp(self) -> None:
-        giveUp, self._giveUp = self._giveUp, None
-        if giveUp is not None and giveUp.active():
-            giveUp.cancel()
+    def _sessionsLinkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
+        if not self.running:
+            return  # stopping: every session goes
+        for session in list(self.sessions.values()):
+            if receiver not in session.links:
+                continue
+            session.links.discard(receiver)
+            if session.state != DUMPING or session.links:
+                continue
+            anonymous = session.token == getattr(receiver, "anonymousToken", None)
+            if anonymous and clean:
+                self.delivered(session, "CRIU's C proxy closed its link")
+            elif anonymous:
+                self.abortSession(session, "the link to CRIU's C proxy broke in the middle of its dump")
+            else:
+                self.log.warn(
+                    "link to the proxy of session {id} lost in the middle of its dump;"
+                    " waiting {seconds} s for it to come back",
+                    id=session.id,
+                    seconds=self.linkTimeout,
+                )
+                session.cancel("giveUp")
+                session.giveUp = self.reactor.callLater(self.linkTimeout, self._proxyGone, session)
 
     def _proxyGone(self, session: CacheSession) -> None:
-        self._giveUp = None
-        if session is not self.session or session.links:
+        session.giveUp = None
+        if session.links or session.state != DUMPING:
             return
-        waiting = session.registry.waiting
-        self.log.error(
-            "the proxy did not come back within {seconds} s: the session ends with"
-            " {images} complete images; {waiting} waiting reads get ENOENT",
-            seconds=self.linkTimeout,
-            images=len(session.registry.keys()),
-            waiting=waiting,
+        self.abortSession(
+            session,
+            f"its proxy did not come back within {self.linkTimeout:g} s and its dump was"
+            " never delivered",
         )
-        session.proxyGone()
-        self._maybeComplete()
 
     # -- ILocalImageService --------------------------------------------------
 
-    def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
+    def registryFor(self, request: wire.LocalRequest) -> ISnapshotRegistry:
         if request.isSeed:
-            self.session.seed = True
-        return self.session.registry
+            self.restores.seed = True
+        if request.kind is not wire.OpenKind.READ:
+            self.log.warn(
+                "criu writes {image} to the cache: the cache serves restores, the write goes nowhere",
+                image=request.name,
+            )
+            scratch = SnapshotRegistry(waitForMissing=False)
+            return scratch
+        return RestoreReads(self.restores)
 
     def finishRequested(self, request: wire.LocalRequest) -> None:
-        self.log.info("criu finished its restore")
-        self.session.restoreFinished()
-        self._maybeComplete()
+        """criu restore --remote says its restore is over: that confirms it."""
+        self.restores.remoteRestoreFinished()
+
+    def streamRestoreEnded(self, complete: bool) -> None:
+        self.restores.streamRestoreEnded(complete)
 
     def readsInline(self, request: wire.LocalRequest) -> bool:
-        return readsInline(self.readVariant, request, self.session.seed)
+        return readsInline(self.readVariant, request, self.restores.seed)

@@ -1,20 +1,22 @@
 # -*- test-case-name: tests.test_sessions,tests.test_daemons -*-
 """
-The cache's session: one restore, the images received for it, and the two
-ends that must both finish before it is over (the proxy's sending and
-criu's restore), driven by an explicit state machine (L{Restore})::
+The cache's session: one migration (a dump, a pre-dump chain, or a push)
+as the cache sees it, driven by an explicit state machine
+(L{Migration})::
 
-    idle --sending--> receiving --allQuiet--> waiting for the restore
-      ^                  |   ^                    |
-      +----linkLost------+   +------sending-------+   (another dump)
-    idle --proxyGone--> waiting for the restore --restoreFinished--> complete
+    dumping --delivered--> delivered --restoreBegun--> restoring --restoreConfirmed--> restored
+       ^                       |                         |    ^
+       +----imagesArriving-----+        restoreFailed --+    +--restoreBegun-- failed-restore
+    dumping|delivered --aborted--> aborted      (a proxy's ABORT, or its link gone for good)
+    delivered|restoring|failed-restore --retentionOver--> dropped
 
-and the same again once criu finished the restore before the proxy
-finished sending (C{restored idle}, C{restored receiving}), where the
-proxy's end (C{allQuiet}, C{proxyGone}) completes the session.
+A session is I{restorable} in C{delivered}, C{restoring} and
+C{failed-restore}: only then are its images served, and only to the
+restore that picked it.  C{restored}, C{aborted} and C{dropped} are final:
+nothing of the session is ever served or written again.
 
 The machine's outputs only count: they call nothing outside it, so its
-queries (L{Restore.state}) may be asked from anywhere.
+queries may be asked from anywhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from automat import TypeMachine, TypeMachineBuilder
+from twisted.internet.interfaces import IDelayedCall
 from zope.interface import implementer
 
 from twisted_criu import wire
@@ -30,151 +33,204 @@ from twisted_criu.keys import ImageKey
 from twisted_criu.registry import SnapshotRegistry
 
 #: The session's states, as operators see them (C{twisted-criu ls}).
-IDLE = "idle"
-RECEIVING = "receiving"
-WAITING_FOR_RESTORE = "waiting for the restore"
-COMPLETE = "complete"
+DUMPING = "dumping"
+DELIVERED = "delivered"
+RESTORING = "restoring"
+FAILED_RESTORE = "failed-restore"
+RESTORED = "restored"
+ABORTED = "aborted"
+DROPPED = "dropped"
+
+#: States whose images a restore may be served.
+RESTORABLE = (DELIVERED, RESTORING, FAILED_RESTORE)
+#: States nothing leaves.
+FINAL = (RESTORED, ABORTED, DROPPED)
 
 
-class Restore(Protocol):
-    """The inputs of a restore session."""
+class Migration(Protocol):
+    """The inputs of one migration on the cache."""
 
     def state(self) -> str:
-        """What the session is waiting for, for operators."""
+        """Where the migration stands, for operators."""
 
-    def remoteDone(self) -> bool:
-        """Has every proxy finished sending (or given up)?"""
+    def imagesArriving(self) -> bool:
+        """A proxy sends images for it: may it take them?"""
 
-    def sending(self) -> None:
-        """A proxy's link sends a dump (or connected, and will)."""
+    def delivered(self) -> bool:
+        """Its dump ended on the link, or was confirmed (SYNC): newly delivered?"""
 
-    def allQuiet(self) -> None:
-        """The last link sending ended its dump (a marker, or a clean close)."""
+    def aborted(self) -> bool:
+        """Its dump failed (ABORT, or its proxy gone before delivery): newly aborted?"""
 
-    def linkLost(self) -> None:
-        """The last link sending was lost: it may come back."""
+    def restoreBegun(self) -> None:
+        """A restore picked it."""
 
-    def proxyGone(self) -> None:
-        """The lost proxy did not come back in time."""
+    def restoreFailed(self) -> None:
+        """The restore that picked it ended without confirmation."""
 
-    def restoreFinished(self) -> None:
-        """criu finished the restore."""
+    def restoreConfirmed(self) -> bool:
+        """The restore succeeded: newly restored?"""
+
+    def retentionOver(self) -> bool:
+        """Nobody restored it within the retention time: newly dropped?"""
 
 
-class RestoreCore:
-    """The restore machine's core: it keeps nothing but its state."""
+class MigrationCore:
+    """The machine's core: it keeps nothing but its state."""
 
 
-def _buildRestore() -> TypeMachine[Restore, RestoreCore]:
-    builder = TypeMachineBuilder(Restore, RestoreCore)
-    idle = builder.state("idle")
-    receiving = builder.state("receiving")
-    waiting = builder.state("waiting for the restore")
-    restoredIdle = builder.state("restored, idle")
-    restoredReceiving = builder.state("restored, receiving")
-    complete = builder.state("complete")
+def _buildMigration() -> TypeMachine[Migration, MigrationCore]:
+    builder = TypeMachineBuilder(Migration, MigrationCore)
+    states = {
+        name: builder.state(name)
+        for name in (DUMPING, DELIVERED, RESTORING, FAILED_RESTORE, RESTORED, ABORTED, DROPPED)
+    }
+    dumping, delivered = states[DUMPING], states[DELIVERED]
+    restoring, failed = states[RESTORING], states[FAILED_RESTORE]
+    restored, aborted, dropped = states[RESTORED], states[ABORTED], states[DROPPED]
 
-    for each, label, remoteDone in (
-        (idle, IDLE, False),
-        (receiving, RECEIVING, False),
-        (waiting, WAITING_FOR_RESTORE, True),
-        (restoredIdle, IDLE, False),
-        (restoredReceiving, RECEIVING, False),
-        (complete, COMPLETE, True),
-    ):
-        each.upon(Restore.state).loop().returns(label)
-        each.upon(Restore.remoteDone).loop().returns(remoteDone)
+    for name, each in states.items():
+        each.upon(Migration.state).loop().returns(name)
 
-    idle.upon(Restore.sending).to(receiving).returns(None)
-    receiving.upon(Restore.sending).loop().returns(None)
-    waiting.upon(Restore.sending).to(receiving).returns(None)  # another dump
-    restoredIdle.upon(Restore.sending).to(restoredReceiving).returns(None)
-    restoredReceiving.upon(Restore.sending).loop().returns(None)
+    dumping.upon(Migration.imagesArriving).loop().returns(True)
+    delivered.upon(Migration.imagesArriving).to(dumping).returns(True)  # a chain goes on
+    for each in (restoring, failed, restored, aborted, dropped):
+        each.upon(Migration.imagesArriving).loop().returns(False)
 
-    receiving.upon(Restore.allQuiet).to(waiting).returns(None)
-    restoredReceiving.upon(Restore.allQuiet).to(complete).returns(None)
+    dumping.upon(Migration.delivered).to(delivered).returns(True)
+    for each in (delivered, restoring, failed, restored, aborted, dropped):
+        each.upon(Migration.delivered).loop().returns(False)
 
-    receiving.upon(Restore.linkLost).to(idle).returns(None)
-    restoredReceiving.upon(Restore.linkLost).to(restoredIdle).returns(None)
+    dumping.upon(Migration.aborted).to(aborted).returns(True)
+    delivered.upon(Migration.aborted).to(aborted).returns(True)
+    failed.upon(Migration.aborted).to(aborted).returns(True)
+    for each in (restoring, restored, aborted, dropped):
+        each.upon(Migration.aborted).loop().returns(False)
 
-    idle.upon(Restore.proxyGone).to(waiting).returns(None)
-    restoredIdle.upon(Restore.proxyGone).to(complete).returns(None)
+    delivered.upon(Migration.restoreBegun).to(restoring).returns(None)
+    failed.upon(Migration.restoreBegun).to(restoring).returns(None)
+    restoring.upon(Migration.restoreBegun).loop().returns(None)
 
-    idle.upon(Restore.restoreFinished).to(restoredIdle).returns(None)
-    receiving.upon(Restore.restoreFinished).to(restoredReceiving).returns(None)
-    waiting.upon(Restore.restoreFinished).to(complete).returns(None)
-    restoredIdle.upon(Restore.restoreFinished).loop().returns(None)
-    restoredReceiving.upon(Restore.restoreFinished).loop().returns(None)
+    restoring.upon(Migration.restoreFailed).to(failed).returns(None)
+    for each in (dumping, delivered, failed, restored, aborted, dropped):
+        each.upon(Migration.restoreFailed).loop().returns(None)
+
+    restoring.upon(Migration.restoreConfirmed).to(restored).returns(True)
+    failed.upon(Migration.restoreConfirmed).to(restored).returns(True)
+    for each in (dumping, delivered, restored, aborted, dropped):
+        each.upon(Migration.restoreConfirmed).loop().returns(False)
+
+    for each in (delivered, restoring, failed):
+        each.upon(Migration.retentionOver).to(dropped).returns(True)
+    for each in (dumping, restored, aborted, dropped):
+        each.upon(Migration.retentionOver).loop().returns(False)
     return builder.build()
 
 
-RestoreMachine = _buildRestore()
+MigrationMachine = _buildMigration()
 
 
 @implementer(ISession)
 class CacheSession:
     """
-    One restore: the images received for it and the links sending them.
+    One migration on the cache: its images and the links sending them.
 
-    @ivar links: links in the middle of a dump (or connected and not yet
-        sending).
-    @ivar idleLinks: links whose dump ended with a marker, kept open for
-        the next dump.
+    @ivar token: the proxy's session token (link version 3), or a name of
+        the link for a proxy that sends none (CRIU's C proxy: one link, one
+        dump).
+    @ivar links: the links that sent images of this session and are still
+        connected.
+    @ivar hooked: the restore that picked it announced itself with
+        C{twisted-criu-hook} (pre-restore), so it ends only when confirmed.
     """
 
-    def __init__(self, sessionId: str = "1", started: float = 0.0) -> None:
+    def __init__(self, sessionId: str = "1", started: float = 0.0, token: str = "") -> None:
         self.id = sessionId
+        self.token = token
         self.started = started
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.registry.onPublish(self._published)
         self.links: set[IReceivingLink] = set()
-        self.idleLinks: set[IReceivingLink] = set()
         self.seed = False
-        self._restore = RestoreMachine(RestoreCore())
+        self.hooked = False
+        #: The link went away before delivery: when to give the proxy up.
+        self.giveUp: IDelayedCall | None = None
+        #: When an unrestored delivered session is dropped (C{--retain}).
+        self.retention: IDelayedCall | None = None
+        self._migration = MigrationMachine(MigrationCore())
 
     @property
     def state(self) -> str:
-        """For operators: what the session is waiting for."""
-        return self._restore.state()
+        """For operators: where the migration stands."""
+        return self._migration.state()
 
     @property
-    def complete(self) -> bool:
-        return self.state == COMPLETE
+    def restorable(self) -> bool:
+        return self.state in RESTORABLE
 
     @property
-    def remoteDone(self) -> bool:
-        """Every proxy finished sending (or gave up)."""
-        return self._restore.remoteDone()
+    def final(self) -> bool:
+        return self.state in FINAL
 
-    def linkSending(self, receiver: IReceivingLink) -> None:
-        """C{receiver} sends a dump: another one, if the proxy was done."""
-        reopen = self.remoteDone
+    def imagesArriving(self, receiver: IReceivingLink) -> bool:
+        """C{receiver} sends images: True if the session takes them."""
+        reopen = self.state == DELIVERED
+        if not self._migration.imagesArriving():
+            return False
         self.links.add(receiver)
-        self._restore.sending()
+        self.cancel("giveUp")
+        self.cancel("retention")
         if reopen:
             self.registry.reopen()
+        return True
 
-    def linkStopped(self, receiver: IReceivingLink) -> bool:
-        """C{receiver} stopped sending: is it the last that was?"""
-        self.links.discard(receiver)
-        return not self.links
-
-    def linkLost(self) -> None:
-        """The last link sending was lost (it may come back)."""
-        self._restore.linkLost()
-
-    def remoteQuiet(self) -> None:
-        """The last link sending ended its dump: no more images come."""
-        self._restore.allQuiet()
+    def deliver(self) -> bool:
+        """Every image has arrived: newly delivered?"""
+        if not self._migration.delivered():
+            return False
         self.registry.close()
+        return True
 
-    def proxyGone(self) -> None:
-        """The lost proxy did not come back: no more images come."""
-        self._restore.proxyGone()
-        self.registry.close()
+    def abort(self) -> bool:
+        """The dump failed: newly aborted? (Its images are then released.)"""
+        if not self._migration.aborted():
+            return False
+        self._end()
+        return True
 
-    def restoreFinished(self) -> None:
-        self._restore.restoreFinished()
+    def beginRestore(self) -> None:
+        self.cancel("retention")
+        self._migration.restoreBegun()
+
+    def restoreFailed(self) -> None:
+        self._migration.restoreFailed()
+
+    def confirmRestore(self) -> bool:
+        """The restore succeeded: newly restored?"""
+        if not self._migration.restoreConfirmed():
+            return False
+        self.cancel("giveUp")
+        self.cancel("retention")
+        return True
+
+    def expire(self) -> bool:
+        """The retention time is over: newly dropped? (Its images are then released.)"""
+        if not self._migration.retentionOver():
+            return False
+        self._end()
+        return True
+
+    def cancel(self, which: str) -> None:
+        """Cancel the C{giveUp} or C{retention} timer, if set."""
+        call: IDelayedCall | None = getattr(self, which)
+        setattr(self, which, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _end(self) -> None:
+        self.cancel("giveUp")
+        self.cancel("retention")
+        self.registry.release()
 
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
         if key[0] == wire.SEED_NULL_SNAPSHOT:

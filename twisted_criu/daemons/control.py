@@ -9,6 +9,13 @@ default; C{twisted-criu ls|pull|drop} are its client.
     GET    /sessions/ID                       one session, with its images
     GET    /sessions/ID/image?snapshot=S&name=N   an image's bytes
     DELETE /sessions/ID                       drop a session's images
+    POST   /hook/ACTION                       twisted-criu-hook at criu's ACTION
+
+A hook request is answered with JSON lines: progress lines
+(C{{"progress": "..."}}) while the daemon works, then one result line
+(C{{"ok": true, ...}} or C{{"ok": false, "error": "..."}}).  If the hook
+goes away before its result, what it waited for is called off (a post-dump
+hook that dies makes criu resume the process: the dump is aborted).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from twisted_criu.errors import SessionBusy
+from twisted_criu.errors import HookRefused, SessionBusy
 from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import ISessionControl
 from twisted_criu.views import SessionView
@@ -133,6 +140,51 @@ class _SessionsResource(resource.Resource):
         )
 
 
+class _HookResource(resource.Resource):
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, control: ISessionControl) -> None:
+        super().__init__()
+        self.control = control
+
+    def render_POST(self, request: server.Request) -> bytes | int:
+        action = (request.postpath or [b""])[0].decode("utf-8", "replace")
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        request.channel.setTimeout(None)  # the hook waits as long as the work moves
+
+        def line(value: dict[str, Any]) -> None:
+            if not finished:
+                request.write(json.dumps(value).encode() + b"\n")
+
+        finished: list[bool] = []
+        working = self.control.hookAction(action, lambda text: line({"progress": text}))
+
+        def done(result: dict[str, Any]) -> None:
+            line(result)
+            finished.append(True)
+            request.finish()
+
+        def failed(reason: Failure) -> None:
+            if finished:
+                return
+            if not reason.check(HookRefused):
+                self.log.failure("the hook's {action} failed", reason, action=action)
+            line({"ok": False, "error": reason.getErrorMessage()})
+            finished.append(True)
+            request.finish()
+
+        def gone(reason: Failure) -> None:
+            if not finished:
+                finished.append(True)
+                self.log.warn("twisted-criu-hook went away during {action}", action=action)
+                working.cancel()
+
+        request.notifyFinish().addErrback(gone)
+        working.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+
 #: The control API takes no request body: a request announcing or sending
 #: more than this is dropped before anything is stored.
 MAX_REQUEST_BODY = 4096
@@ -175,6 +227,7 @@ def controlSite(
     """
     root = resource.Resource()
     root.putChild(b"sessions", _SessionsResource(control))
+    root.putChild(b"hook", _HookResource(control))
     site = server.Site(root, requestFactory=_ControlRequest, timeout=timeout, reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False

@@ -10,6 +10,7 @@ L{DumpChain} is the chain, as an operator sees it::
        +--------dumpBegun---------+----------dumpBegun----------+
     delivered --dumpFinished--> forwarding  (two completions of one dump)
     (any) --chainOver--> complete;  delivered --dropped--> complete
+    (any but complete) --aborted--> aborted  (criu resumed the process: never restored)
 
 L{DumpEnding} is how a finished dump is ended on the current connection::
 
@@ -48,6 +49,7 @@ DUMPING = "dumping"
 FORWARDING = "forwarding"
 DELIVERED = "delivered"
 COMPLETE = "complete"
+ABORTED = "aborted"
 
 
 # -- the chain of dumps ---------------------------------------------------------
@@ -77,6 +79,9 @@ class DumpChain(Protocol):
     def dropped(self) -> None:
         """The operator dropped the chain (only once its dumps are delivered)."""
 
+    def aborted(self) -> None:
+        """The dump failed and criu resumed the process: the chain must never be restored."""
+
 
 @dataclass
 class DumpCount:
@@ -92,9 +97,20 @@ def _buildChain() -> TypeMachine[DumpChain, DumpCount]:
     forwarding = builder.state(FORWARDING)
     delivered = builder.state(DELIVERED)
     complete = builder.state(COMPLETE)
+    aborted = builder.state(ABORTED)
 
-    for each in (dumping, forwarding, delivered, complete):
+    for each in (dumping, forwarding, delivered, complete, aborted):
         each.upon(DumpChain.state).loop().returns(each.name)
+    for each in (dumping, forwarding, delivered):
+        each.upon(DumpChain.aborted).to(aborted).returns(None)
+    for each in (complete, aborted):
+        each.upon(DumpChain.aborted).loop().returns(None)
+    # Nothing an aborted chain hears changes it.
+    aborted.upon(DumpChain.dumpFinished).loop().returns(None)
+    aborted.upon(DumpChain.dumpBegun).loop().returns(None)
+    aborted.upon(DumpChain.dumpDelivered).loop().returns(False)
+    aborted.upon(DumpChain.chainOver).loop().returns(None)
+    aborted.upon(DumpChain.dropped).loop().returns(None)
 
     @dumping.upon(DumpChain.dumpFinished).to(forwarding)
     @forwarding.upon(DumpChain.dumpFinished).loop()

@@ -6,9 +6,9 @@ local socket and forwards each, once complete, to an image cache.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -21,13 +21,14 @@ from twisted_criu.daemons.endpoints import LoggingClientEndpoint
 from twisted_criu.daemons.proxysession import ProxySession, RetryPolicy
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
-from twisted_criu.errors import SessionBusy
-from twisted_criu.interfaces import IImageStore, ILocalImageService
+from twisted_criu.criu.settle import LiveConnections, settled
+from twisted_criu.errors import HookRefused, SessionBusy
+from twisted_criu.interfaces import ICaptureService, IImageStore
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.views import SessionView
 
 
-@implementer(ILocalImageService)
+@implementer(ICaptureService)
 class ImageProxyService(ImageDaemon[ProxySession]):
     """
     The image proxy, embeddable in any Twisted application.
@@ -66,10 +67,12 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         self._cache = LoggingClientEndpoint(cache, cacheDescription)
         self._retryPolicy = retryPolicy
         self.session: ProxySession | None = None
-        self.localEndpoint = self.listenOn(local, LocalImageFactory(self))
-        self.streamEndpoint = (
-            None if streamLocal is None else self.listenOn(streamLocal, StreamCaptureFactory(self))
-        )
+        self._criuFactories: list[LiveConnections] = [LocalImageFactory(self)]
+        self.localEndpoint = self.listenOn(local, self._criuFactories[0])
+        self.streamEndpoint = None
+        if streamLocal is not None:
+            self._criuFactories.append(StreamCaptureFactory(self))
+            self.streamEndpoint = self.listenOn(streamLocal, self._criuFactories[1])
 
     def startService(self) -> None:
         super().startService()
@@ -131,7 +134,29 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         self.log.info("session {id} dropped by the operator", id=sessionId)
         return view
 
+    def hookAction(self, action: str, report: Callable[[str], None]) -> Deferred[dict[str, Any]]:
+        """C{twisted-criu-hook} on the dump host: confirm the dump at post-dump."""
+        if action != "post-dump":
+            return fail(HookRefused(f"the proxy has nothing to do at {action}"))
+        session = self.session
+        if session is None or session.over:
+            return fail(HookRefused("the proxy has no dump under way: did criu dump through it?"))
+        self.log.info("criu's post-dump hook waits for the cache to confirm session {id}", id=session.id)
+        return session.commit(self._criuSettled, report)
+
+    def _criuSettled(self) -> bool:
+        """Has the proxy read everything criu wrote (see L{twisted_criu.criu.settle})?"""
+        ports = [e.port for e in (self.localEndpoint, self.streamEndpoint) if e is not None and e.port]
+        connections = [c for factory in self._criuFactories for c in factory.live]
+        return settled(ports, connections)  # type: ignore[arg-type]
+
     # -- ILocalImageService --------------------------------------------------
+
+    def captureFailed(self, why: str) -> None:
+        """criu's --stream dump failed: criu resumes the process; the session must never be restored."""
+        session = self.session
+        if session is not None:
+            session.abortDump(f"criu's dump failed ({why})")
 
     def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
         session = self.session

@@ -8,17 +8,20 @@ them and does what they decide.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu import wire
+from twisted_criu.daemons.commit import commitDump
 from twisted_criu.daemons.dumpchain import (
+    ABORTED,
     COMPLETE,
     DELIVERED,
     FORWARDING,
@@ -28,6 +31,7 @@ from twisted_criu.daemons.dumpchain import (
     EndingMachine,
     Receipt,
 )
+from twisted_criu.errors import HookRefused
 from twisted_criu.flow.send import OutgoingImage, sha256Of
 from twisted_criu.interfaces import (
     IGrowableWriter,
@@ -84,6 +88,8 @@ class ProxySession:
         cutThrough: bool = True,
     ) -> None:
         self.id = sessionId
+        #: Names this session on the link: unique to this proxy process and session.
+        self.sessionToken = f"{secrets.token_hex(8)}-{sessionId}"
         self.cutThrough = cutThrough and not checksum
         self.started = reactor.seconds()
         self._clock = reactor
@@ -102,6 +108,11 @@ class ProxySession:
         self._chain = ChainMachine(self._count)
         self._ending = EndingMachine(EndingCore(self, reactor))
         self._sender: ISendingLink | None = None
+        self._linkTimeout = linkTimeout
+        self._helloWaiters: list[Deferred[ISendingLink]] = []
+        self._syncWaiters: dict[int, tuple[ISendingLink, Deferred[wire.LinkStatus]]] = {}
+        self._syncSequence = 0
+        self._abortGiveUp: Any = None
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
@@ -117,8 +128,18 @@ class ProxySession:
 
     @property
     def over(self) -> bool:
-        """The chain is over: a new dump starts a new session."""
-        return self.state == COMPLETE
+        """The chain is over (or aborted): a new dump starts a new session."""
+        return self.state in (COMPLETE, ABORTED)
+
+    @property
+    def sender(self) -> ISendingLink | None:
+        """The link's current connection, if any."""
+        return self._sender
+
+    @property
+    def hashing(self) -> int:
+        """Images whose checksum is being computed."""
+        return self._hashing
 
     @property
     def dumpsFinished(self) -> int:
@@ -155,6 +176,9 @@ class ProxySession:
     def linkUp(self, sender: ISendingLink) -> None:
         self.log.info("connected to the cache")
         self._sender = sender
+        if self.state == ABORTED:
+            self._sendAbort(sender)
+            return
         self._ending.linkUp()
         for key in self.registry.publishOrder:
             sender.enqueue(key)
@@ -189,7 +213,20 @@ class ProxySession:
                 "the cache speaks twisted-criu's link extension (version {version})",
                 version=status.version,
             )
+            waiters, self._helloWaiters = self._helloWaiters, []
+            for d in waiters:
+                d.callback(sender)
             self._ending.hello()
+        elif kind is wire.LinkStatusKind.SYNCED or kind is wire.LinkStatusKind.SESSION_ABORTED:
+            if kind is wire.LinkStatusKind.SESSION_ABORTED:
+                syncs, self._syncWaiters = self._syncWaiters, {}
+                for _, synced in syncs.values():
+                    synced.callback(status)
+                self.abortDump("the cache says the session is aborted", tellCache=False)
+                return
+            waiting = self._syncWaiters.pop(status.sequence, None)
+            if waiting is not None and waiting[0] is sender:
+                waiting[1].callback(status)
         elif kind is wire.LinkStatusKind.DUMP_RECEIVED:
             self._ending.dumpReceived(sender, status)
         elif kind is wire.LinkStatusKind.SESSION_DONE:
@@ -335,3 +372,103 @@ class ProxySession:
         if not self.ended.called:
             self.ended.callback(None)
 
+    # -- the post-dump hook --------------------------------------------------------
+
+    def commit(
+        self, settled: Callable[[], bool], report: Callable[[str], None]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Confirm to criu's post-dump hook that the cache stores every image
+        of the dump (see L{commitDump}); if that fails, the dump is aborted.
+        """
+        d = Deferred.fromCoroutine(
+            commitDump(self, settled, self._clock, self._linkTimeout, report)
+        )
+
+        def failed(reason: Any) -> Any:
+            self.abortDump(f"the post-dump hook gets no confirmation: {reason.getErrorMessage()}")
+            return reason
+
+        return d.addErrback(failed)
+
+    def nextSyncSequence(self) -> int:
+        self._syncSequence += 1
+        return self._syncSequence
+
+    def extendedLink(self) -> Deferred[ISendingLink]:
+        """The link's connection once the cache said HELLO on it."""
+        sender = self._sender
+        if sender is not None and not sender.lost and sender.extended:
+            return succeed(sender)
+
+        def cancel(d: Deferred[ISendingLink]) -> None:
+            if d in self._helloWaiters:
+                self._helloWaiters.remove(d)
+
+        d: Deferred[ISendingLink] = Deferred(cancel)
+        self._helloWaiters.append(d)
+        self._clock.callLater(HELLO_GRACE, self._noHello, d)
+        return d
+
+    def _noHello(self, d: Deferred[ISendingLink]) -> None:
+        sender = self._sender
+        if d.called or sender is None or sender.lost or sender.extended:
+            return
+        if self._clock.seconds() - sender.connectedAt >= HELLO_GRACE and (
+            sender.imagesSent or not sender.idle
+        ):
+            self._helloWaiters.remove(d)
+            d.errback(
+                HookRefused(
+                    "the cache never said HELLO: it is one of CRIU's C caches, which cannot"
+                    " confirm a dump; run criu without twisted-criu-hook"
+                )
+            )
+        else:
+            self._clock.callLater(HELLO_GRACE, self._noHello, d)
+
+    def expectSynced(self, sender: ISendingLink, sequence: int) -> Deferred[wire.LinkStatus]:
+        """Fires with the cache's answer to SYNC C{sequence} on C{sender}'s connection."""
+
+        def cancel(d: Deferred[wire.LinkStatus]) -> None:
+            self._syncWaiters.pop(sequence, None)
+
+        d: Deferred[wire.LinkStatus] = Deferred(cancel)
+        self._syncWaiters[sequence] = (sender, d)
+        return d
+
+    def abortDump(self, why: str, tellCache: bool = True) -> None:
+        """
+        The dump failed and criu resumes the process: this session must
+        never be restored.  Its images are dropped; the cache is told
+        (ABORT), now or when the link comes back within the link timeout.
+        """
+        if self.over:
+            return
+        self.log.error("session {id} aborted: {why}", id=self.id, why=why)
+        self._chain.aborted()
+        self.registry.release()
+        self._writes.clear()
+        sender = self._sender
+        if not tellCache:
+            self._stopAborted()
+        elif sender is not None and not sender.lost and sender.idle:
+            self._sendAbort(sender)
+        else:
+            if sender is not None and not sender.lost:
+                sender.abort()  # in the middle of an image: the next connection says ABORT
+            self._abortGiveUp = self._clock.callLater(self._linkTimeout, self._stopAborted)
+
+    def _sendAbort(self, sender: ISendingLink) -> None:
+        sender.sendMarker(wire.Marker.ABORT)
+        self.log.info("told the cache that session {id} is aborted", id=self.id)
+        self._stopAborted()
+
+    def _stopAborted(self) -> None:
+        giveUp, self._abortGiveUp = self._abortGiveUp, None
+        if giveUp is not None and giveUp.active():
+            giveUp.cancel()
+        self._ending.stop()
+        if self._sender is not None:
+            self._sender.expectClose()
+        self._link.stopService().addCallback(lambda _: self._end())

@@ -7,7 +7,7 @@ completed sessions.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -71,6 +71,9 @@ class ImageDaemon(SessionHolder[SessionT], MultiService):
         return observed
 
     def dropSession(self, sessionId: str) -> SessionView:
+        raise NotImplementedError()
+
+    def hookAction(self, action: str, report: Callable[[str], None]) -> Deferred[dict[str, Any]]:
         raise NotImplementedError()
 
     def nextSessionId(self) -> str:

@@ -45,6 +45,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
     def __init__(self, sink: IRemoteImageSink) -> None:
         self.sink = sink
         self._frames = wire.FrameBuffer()
+        #: Where the current image goes (L{None}: it is discarded).
         self._registry: ISnapshotRegistry | None = None
         self._header: wire.RemoteHeader | None = None
         self._hash: Any = None
@@ -59,8 +60,6 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._moving: ImageInFlight | None = None
         self.imagesReceived = 0
         self.bytesReceived = 0
-        #: The proxy ended its dump with a marker; the link is idle.
-        self.betweenDumps = False
         #: The proxy's headers carry a link version: it reads link statuses.
         self.peerExtended = False
         self._imagesSinceMarker = 0
@@ -72,7 +71,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._reads = BufferedReads.install(
             self.transport, self._bodyReadSize, self.dataReceived, LINK_READ_SIZE
         )
-        self._registry = self.sink.linkOpened(self)
+        self.sink.linkOpened(self)
         peer = self.transport.getPeer()
         self.log.info("proxy connected from {peer}", peer=str(peer))
 
@@ -85,16 +84,22 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         if self.peerExtended:
             self.transport.write(status.toBytes())
 
-    def _endOfDump(self) -> None:
+    def _marker(self, header: wire.RemoteHeader) -> None:
+        """A header that carries no image: the end of a dump, SYNC or ABORT."""
+        if header.marker is wire.Marker.SYNC:
+            self.sendStatus(self.sink.syncRequested(self, header.session, header.sequence))
+            return
+        if header.marker is wire.Marker.ABORT:
+            self.sink.abortRequested(self, header.session)
+            return
         images, size = self._imagesSinceMarker, self._bytesSinceMarker
         self._imagesSinceMarker = self._bytesSinceMarker = 0
-        self.betweenDumps = True
         self.log.info(
             "the proxy ended its dump: {images} images, {bytes} bytes on this link",
             images=images,
             bytes=size,
         )
-        self.sink.dumpEnded(self)
+        self.sink.dumpEnded(self, header.session)
         self.sendStatus(wire.LinkStatus(wire.LinkStatusKind.DUMP_RECEIVED, images=images, size=size))
 
     def dataReceived(self, data: bytes | memoryview) -> None:
@@ -174,12 +179,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 self.sendStatus(
                     wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION)
                 )
-            if header.isEndOfDump:
-                self._endOfDump()
+            if header.isMarker:
+                self._marker(header)
                 continue
-            if self.betweenDumps:
-                self.betweenDumps = False
-                self._registry = self.sink.dumpStarted(self)
             if not self._startImage(header):
                 return
 
@@ -188,13 +190,13 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         return (self._header.snapshotId, self._header.name)
 
     def _startImage(self, header: wire.RemoteHeader) -> bool:
-        registry = self._registry
-        assert registry is not None
         key = (header.snapshotId, header.name)
         store: IImageStore = self.sink.store
         if not header.chunked and not self._roomFor(key, header.size, "announced"):
             return False
-        registry.beginWrite(key)
+        registry = self._registry = self.sink.imageArriving(self, header.session)
+        if registry is not None:
+            registry.beginWrite(key)
         self._header = header
         self._hash = hashlib.sha256() if header.sha256 is not None else None
         self._writer = store.newWriter()
@@ -273,17 +275,19 @@ class RemoteReceiver(Protocol, TimeoutMixin):
     def _dropImage(self) -> None:
         """Throw away the image being received: nothing of it is published."""
         header, writer = self._header, self._writer
-        assert header is not None and writer is not None and self._registry is not None
+        assert header is not None and writer is not None
         self._header, self._writer, self._chunked = None, None, False
         moving, self._moving = self._moving, None
         if moving is not None:
             self.sink.activity.abandon(moving)
         writer.abort()
-        self._registry.abortWrite((header.snapshotId, header.name))
+        if self._registry is not None:
+            self._registry.abortWrite((header.snapshotId, header.name))
 
     def _finishImage(self) -> bool:
         header, writer = self._header, self._writer
-        assert header is not None and writer is not None and self._registry
+        assert header is not None and writer is not None
+        registry = self._registry
         self._header, self._writer, self._chunked = None, None, False
         size = self._received
         key = (header.snapshotId, header.name)
@@ -298,14 +302,19 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 size=size,
             )
             writer.abort()
-            self._registry.abortWrite(key)
+            if registry is not None:
+                registry.abortWrite(key)
             self.transport.abortConnection()
             return False
+        self._imagesSinceMarker += 1
+        self._bytesSinceMarker += size
+        if registry is None:  # its session takes no more images
+            self.sink.activity.abandon(moving)
+            writer.abort()
+            return True
         image = writer.commit()
         self.imagesReceived += 1
         self.bytesReceived += size
-        self._imagesSinceMarker += 1
-        self._bytesSinceMarker += size
         self.log.info(
             "received {image} ({size} bytes) {timing}",
             image=describe(key),
@@ -313,9 +322,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             **self.sink.activity.end(moving, size),
         )
         if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
-            self._registry.publishAppend(key, image, self.sink.store)
+            registry.publishAppend(key, image, self.sink.store)
         else:
-            self._registry.publish(key, image)
+            registry.publish(key, image)
         return True
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -325,7 +334,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             reads.restore()
         header, writer = self._header, self._writer
         clean = reason.check(ConnectionDone) is not None and writer is None
-        if header is not None and writer is not None and self._registry is not None:
+        if header is not None and writer is not None:
             self.log.error(
                 "link lost in the middle of {image}: {got} {of} arrived; discarded ({why})",
                 image=describe((header.snapshotId, header.name)),

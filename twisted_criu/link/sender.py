@@ -79,6 +79,7 @@ class RemoteSender(Protocol):
         self._queue: dict[ImageKey, None] = {}
         self._sending = False
         self._idleWaiters: list[Deferred[None]] = []
+        self._lostWaiters: list[Deferred[None]] = []
         self.imagesSent = 0
         self.bytesSent = 0
         self.lost = False
@@ -118,9 +119,43 @@ class RemoteSender(Protocol):
     def sendEndOfDump(self) -> None:
         """Tell an extended cache that the dump is complete (nothing is pending)."""
         assert self.extended and self.idle
-        self.transport.write(wire.END_OF_DUMP.toBytes())
+        self.transport.write(self._header("", "", 0).toBytes())
         self.imagesSinceMarker = 0
         self.bytesSinceMarker = 0
+
+    def sendMarker(self, marker: wire.Marker, sequence: int = 0) -> None:
+        """Send a SYNC or ABORT marker (between images: the link must be idle)."""
+        assert self.idle
+        header = wire.RemoteHeader(
+            "", "", wire.O_RDONLY, 0, None, wire.LINK_EXTENSION_VERSION,
+            session=self._source.sessionToken, marker=marker, sequence=sequence,
+        )
+        self.transport.write(header.toBytes())
+
+    def _header(
+        self, name: str, snapshotId: str, size: int, digest: bytes | None = None, chunked: bool = False
+    ) -> wire.RemoteHeader:
+        """An image header (or, with no name, the end-of-dump marker) of this session."""
+        mode = wire.O_WRONLY if name else wire.O_RDONLY
+        return wire.RemoteHeader(
+            name, snapshotId, mode, size, digest, wire.LINK_EXTENSION_VERSION, chunked,
+            self._source.sessionToken,
+        )
+
+    @property
+    def progress(self) -> int:
+        """Bytes handed over on this connection, counting the image being forwarded."""
+        transfer = self._transfer
+        return self.bytesSent + (0 if transfer is None else transfer.sent)
+
+    def whenLost(self) -> Deferred[None]:
+        """Fires when the connection is gone."""
+        d: Deferred[None] = Deferred()
+        if self.lost:
+            d.callback(None)
+        else:
+            self._lostWaiters.append(d)
+        return d
 
     def enqueue(self, key: ImageKey) -> None:
         """
@@ -153,9 +188,7 @@ class RemoteSender(Protocol):
         assert self.idle and self.peerVersion >= 2
         snapshotId, name = key
         transfer = OutgoingGrowingImage(growing)
-        header = wire.RemoteHeader(
-            name, snapshotId, wire.O_WRONLY, 0, None, wire.LINK_EXTENSION_VERSION, True
-        )
+        header = self._header(name, snapshotId, 0, chunked=True)
         self._cutThrough[key] = growing
         moving = self._begin(key, header, transfer, None)
 
@@ -210,9 +243,7 @@ class RemoteSender(Protocol):
     def _send(self, key: ImageKey, image: IStoredImage, digest: bytes | None) -> None:
         snapshotId, name = key
         transfer = OutgoingImage(image)
-        header = wire.RemoteHeader(
-            name, snapshotId, wire.O_WRONLY, transfer.size, digest, wire.LINK_EXTENSION_VERSION
-        )
+        header = self._header(name, snapshotId, transfer.size, digest)
         moving = self._begin(key, header, transfer, transfer.size)
 
         def sent(_: None) -> None:
@@ -322,6 +353,9 @@ class RemoteSender(Protocol):
         self.lost = True
         sending = self._sending
         self._disarmWatchdog()
+        waiters, self._lostWaiters = self._lostWaiters, []
+        for d in waiters:
+            d.callback(None)
         if not self._dropping and not sending:
             # (While forwarding, the transfer's own failure says it.)
             self.log.warn(

@@ -3,7 +3,7 @@
 Fakes for testing code that embeds twisted-criu, without sockets, threads
 or a running reactor.
 
-  - L{FakeLocalService}: an L{ILocalImageService} (what a
+  - L{FakeLocalService}: an L{ICaptureService} and L{IRestoreService} (what a
     L{twisted_criu.criu.images.LocalImageProtocol} serves criu for) with one
     registry, a memory store and a L{MemoryReactorClock}; L{pump} runs the
     pipes the protocol registers with that reactor.
@@ -29,9 +29,10 @@ from twisted_criu import wire
 from twisted_criu.criu.images import ReadVariant, readsInline
 from twisted_criu.interfaces import (
     IGrowingImage,
+    ICaptureService,
     IImageStore,
     ILinkSource,
-    ILocalImageService,
+    IRestoreService,
     IReceivingLink,
     IRemoteImageSink,
     ISendingLink,
@@ -43,14 +44,18 @@ from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.storage.memory import MemoryStore
 
 
-@implementer(ILocalImageService)
+@implementer(ICaptureService, IRestoreService)
 class FakeLocalService:
     """
     One registry, a memory store, and a reactor whose descriptors are
     pumped by hand (L{pump}).
 
     @ivar finishes: the FINISH requests criu sent, in order; each also
-        closes the registry.
+        closes the registry.  The end of a C{--stream} dump or restore
+        counts as one (an empty name and snapshot id).
+    @ivar captureFailures: why C{--stream} dumps failed.
+    @ivar restoresEnded: for each C{--stream} restore that ended, whether
+        every file was served whole.
     """
 
     clientTimeout = 30.0
@@ -65,6 +70,8 @@ class FakeLocalService:
         self.store = MemoryStore()
         self.registry = SnapshotRegistry(waitForMissing)
         self.finishes: list[wire.LocalRequest] = []
+        self.captureFailures: list[str] = []
+        self.restoresEnded: list[bool] = []
 
     def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
         return self.registry
@@ -72,6 +79,14 @@ class FakeLocalService:
     def finishRequested(self, request: wire.LocalRequest) -> None:
         self.finishes.append(request)
         self.registry.close()
+
+    def captureFailed(self, why: str) -> None:
+        self.captureFailures.append(why)
+
+    def streamRestoreEnded(self, complete: bool) -> None:
+        self.restoresEnded.append(complete)
+        if complete:
+            self.finishRequested(wire.LocalRequest("", "", wire.O_RDONLY))
 
     def readsInline(self, request: wire.LocalRequest) -> bool:
         return readsInline(ReadVariant.AUTO, request, False)
@@ -84,8 +99,10 @@ class FakeSink:
     store, and a L{Clock} for the link's timeouts.
 
     @ivar closed: for each link that closed, whether it closed cleanly.
-    @ivar dumpsStarted: how many dumps the links started.
+    @ivar tokens: the session tokens images arrived for, in order (no repeats).
     @ivar dumpsEnded: how many dumps the links ended.
+    @ivar aborted: the tokens the links aborted.
+    @ivar refuse: tokens whose images are discarded.
     """
 
     linkTimeout = 10.0
@@ -97,20 +114,32 @@ class FakeSink:
         self.registry = SnapshotRegistry(waitForMissing=True)
         self.closed: list[bool] = []
         self.dumpsEnded = 0
-        self.dumpsStarted = 0
+        self.tokens: list[str | None] = []
+        self.aborted: list[str | None] = []
+        self.refuse: set[str | None] = set()
 
-    def linkOpened(self, receiver: IReceivingLink) -> SnapshotRegistry:
-        return self.registry
+    def linkOpened(self, receiver: IReceivingLink) -> None:
+        pass
 
     def linkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
         self.closed.append(clean)
 
-    def dumpEnded(self, receiver: IReceivingLink) -> None:
+    def imageArriving(self, receiver: IReceivingLink, token: str | None) -> SnapshotRegistry | None:
+        if not self.tokens or self.tokens[-1] != token:
+            self.tokens.append(token)
+        return None if token in self.refuse else self.registry
+
+    def dumpEnded(self, receiver: IReceivingLink, token: str | None) -> None:
         self.dumpsEnded += 1
 
-    def dumpStarted(self, receiver: IReceivingLink) -> SnapshotRegistry:
-        self.dumpsStarted += 1
-        return self.registry
+    def syncRequested(self, receiver: IReceivingLink, token: str | None, sequence: int) -> wire.LinkStatus:
+        summary = self.registry.summary()
+        return wire.LinkStatus(
+            wire.LinkStatusKind.SYNCED, images=summary.images, size=summary.bytes, sequence=sequence
+        )
+
+    def abortRequested(self, receiver: IReceivingLink, token: str | None) -> None:
+        self.aborted.append(token)
 
 
 def storedImage(store: IImageStore, data: bytes) -> IStoredImage:
@@ -176,6 +205,8 @@ class FakeLinkSource:
     What a L{RemoteSender} forwards: C{images} by key (C{image}, if given,
     under every key); the connections made and the statuses received.
     """
+
+    sessionToken = "fake-session"
 
     def __init__(self, image: IStoredImage | None = None) -> None:
         self.image = image

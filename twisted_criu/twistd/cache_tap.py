@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.link.tls import TLSServerEndpoint, serverConnectionCreator
-from twisted_criu.twistd.options import DaemonOptions, daemonArguments
+from twisted_criu.twistd.options import DaemonOptions, daemonArguments, parseDuration
 
 
 class Options(DaemonOptions):
@@ -26,10 +26,13 @@ class Options(DaemonOptions):
     optParameters = [
         ["address", None, "127.0.0.1", "Interface to listen on for the proxy (use 0.0.0.0 or the host's address for a real migration)."],
         ["listen", None, None, "Server endpoint for the proxy (overrides --address/--port), e.g. tcp:9996:interface=10.0.0.2."],
+        ["retain", None, "1h", "How long a delivered session waits for its restore, or a restore for its confirmation, before its images are dropped: 90, 30m, 1h (0: forever).", parseDuration],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
+        if isinstance(self["retain"], str):  # the default is not coerced
+            self["retain"] = parseDuration(self["retain"])
         if self["listen"] is None:
             self["listen"] = f"tcp:{self['port']}:interface={self['address']}"
         self.refuseDoubleTLS("listen", ("ssl",), "tcp:9996:interface=10.0.0.2")
@@ -55,6 +58,7 @@ def makeService(options: Options) -> IService:
         reactor,
         serverFromString(reactor, options["local"]),
         listen,
+        retain=options["retain"],
         **daemonArguments(reactor, options),
     )
     return finishDaemon(reactor, service, options)

@@ -64,6 +64,22 @@ def parseSeconds(value: str) -> float:
     return seconds
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parseDuration(value: str) -> float:
+    """Seconds from C{90}, C{90s}, C{30m}, C{1h} or C{2d}; C{0} means forever."""
+    text = value.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration (e.g. 90, 30m, 1h): {value!r}") from None
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"not a duration (e.g. 90, 30m, 1h): {value!r}")
+    return seconds
+
+
 def parseVariant(value: str) -> ReadVariant:
     try:
         return ReadVariant(value)
