@@ -13,7 +13,7 @@ C{tests.slow.test_faults}):
     L{NetworkNamespace} whose loopback is slowed down with C{tc}.
   - L{ActionScript}: what criu gets as C{--action-script}: it logs each
     action, runs C{twisted-criu-hook} (L{HOOK}), and can hold criu at an
-    action or make one fail.
+    action (before the hook) or make one fail (instead of the hook).
   - L{Criu}: C{criu dump|restore --stream} as child processes (L{CriuRun}).
   - L{sessions}, L{restorable}: a daemon's sessions, from its control socket.
   - L{cutLink}: kill the TCP connections of the proxy -> cache link.
@@ -468,20 +468,15 @@ def restorable(controlSocket: Path) -> list[dict[str, Any]]:
 
 _SCRIPT = """#!/bin/sh
 # criu's --action-script in tests.slow.test_faults.  criu runs it for each
-# action, named by CRTOOLS_SCRIPT_ACTION.  It logs the action and runs
-# the hook; with $dir/pause-ACTION it then waits (after the hook, and
-# telling so with $dir/paused-ACTION) until that file is gone; with
-# $dir/fail-ACTION it removes that file and fails the action.
+# action, named by CRTOOLS_SCRIPT_ACTION.  It logs the action; with
+# $dir/pause-ACTION it waits (telling so with $dir/paused-ACTION) until
+# that file is gone; with $dir/fail-ACTION it removes that file and fails
+# the action; else it becomes the hook (exec: the hook's parent is criu,
+# whose pid it keeps what pre-restore learns under for post-resume).
 dir={dir}
 hook={hook}
 action=${{CRTOOLS_SCRIPT_ACTION:-}}
 echo "$action" >>"$dir/actions.log"
-if [ ! -e "$dir/pause-$action" ] && [ ! -e "$dir/fail-$action" ]; then
-    exec "$hook"
-fi
-"$hook"
-status=$?
-echo "$action: hook exited $status" >>"$dir/actions.log"
 if [ -e "$dir/pause-$action" ]; then
     : >"$dir/paused-$action"
     i=0
@@ -495,7 +490,7 @@ if [ -e "$dir/fail-$action" ]; then
     echo "$action: failed on purpose" >>"$dir/actions.log"
     exit 1
 fi
-exit "$status"
+exec "$hook"
 """
 
 
@@ -503,7 +498,8 @@ class ActionScript:
     """
     criu's C{--action-script}: logs each action, then runs C{hook}
     (C{twisted-criu-hook}, or C{true} when C{hook} is C{None}); L{pause}
-    holds criu at an action (once the hook ran), L{failOnce} fails one.
+    holds criu at an action (before the hook runs), L{failOnce} fails one
+    (instead of running the hook).
     """
 
     def __init__(self, directory: Path, hook: Path | None) -> None:

@@ -27,10 +27,11 @@ The phases, and how a fault lands in them:
     its post-dump action (the hook waits for the cache to confirm);
   - after delivery, before the restore: criu dump returned 0;
   - during the restore: the action script holds criu restore at
-    C{pre-restore} (images partly read, no task created yet) or
-    C{post-restore} (every image read, the tasks restored but not resumed)
-    while the fault lands; "restore fails" fails C{post-restore} (criu then
-    kills the restored tasks; a failing C{pre-resume} is ignored by criu).
+    C{pre-restore} (criu reads from the cache, images partly read, no task
+    created yet; the hook runs once criu is let go) or C{post-restore}
+    (every image read, the tasks restored but not resumed) while the fault
+    lands; "restore fails" fails C{post-restore} (criu then kills the
+    restored tasks; a failing C{pre-resume} is ignored by criu).
 
 Needs root, C{ip}, C{tc}, C{ss} and a real criu, as C{tests.slow.test_criu}.
 The slow-link cells are skipped if the kernel refuses C{ip netns add}.
@@ -213,9 +214,9 @@ MATRIX = [
     ),
     Cell(
         Fault.RESTORE_KILLED, Phase.DURING_RESTORE, Outcome.RETRY, "test_restoreKilled_duringRestore",
-        "criu restore SIGKILLed at pre-restore (the hook told the cache the restore"
-        " began; images partly read; no task created yet): the cache keeps the"
-        " session, and a second criu restore runs the process on the destination.",
+        "criu restore SIGKILLed at pre-restore (its stream open, images partly"
+        " read, no task created yet): the cache keeps the session, and a second"
+        " criu restore runs the process on the destination.",
     ),
     Cell(
         Fault.RESTORE_KILLED, Phase.DURING_RESTORE, Outcome.RETRY, "test_restoreKilled_afterTasksRestored",
