@@ -32,7 +32,7 @@ class _Pair(MigrationCase):
         self.store = SpillStore(2 << 20, self.mktemp())  # spills past about 1 MiB: both kinds of bytes
         self.addCleanup(self.store.close)
         yield super().setUp()
-        # parent goes first and brings the cache's HELLO (version 2).
+        # parent goes first and brings the cache's HELLO (version 3).
         yield inThread(self.m.dump.pushSnapshotId, "snap1")
         assert self.m.proxy is not None
         yield waitFor(lambda: self.m.proxy.session._sender.peerVersion == wire.LINK_EXTENSION_VERSION)  # type: ignore[union-attr]

@@ -173,7 +173,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
             self.log.warn(
                 "session {id} was not restored within --retain {seconds} s: its images are dropped",
                 id=session.id,
-                seconds=self.retain,
+                seconds=f"{self.retain:g}",
             )
             self._over(session)
 
@@ -196,7 +196,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
             return
         summary = session.registry.summary()
         self.log.info(
-            "session {id} restored ({how}): {images} images, {bytes} bytes",
+            "session complete: {images} images, {bytes} bytes (session {id} restored: {how})",
             id=session.id,
             how=how,
             images=summary.images,
@@ -360,8 +360,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
                 self.abortSession(session, "the link to CRIU's C proxy broke in the middle of its dump")
             else:
                 self.log.warn(
-                    "link to the proxy of session {id} lost in the middle of its dump;"
-                    " waiting {seconds} s for it to come back",
+                    "link to the proxy lost; waiting {seconds} s for it to come back"
+                    " (session {id} is in the middle of its dump)",
                     id=session.id,
                     seconds=self.linkTimeout,
                 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -67,6 +67,8 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         self._cache = LoggingClientEndpoint(cache, cacheDescription)
         self._retryPolicy = retryPolicy
         self.session: ProxySession | None = None
+        #: Earlier sessions whose dump is delivered, kept until restored.
+        self._earlier: dict[str, ProxySession] = {}
         self._criuFactories: list[LiveConnections] = [LocalImageFactory(self)]
         self.localEndpoint = self.listenOn(local, self._criuFactories[0])
         self.streamEndpoint = None
@@ -79,8 +81,10 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         self._newSession()
 
     def stopSessions(self) -> Deferred[None] | None:
-        session = self.session
-        return None if session is None else session.stop()
+        sessions = [*self._earlier.values(), *([self.session] if self.session else [])]
+        if not sessions:
+            return None
+        return DeferredList([s.stop() for s in sessions]).addCallback(lambda _: None)
 
     def _newSession(self) -> ProxySession:
         session = ProxySession(
@@ -93,6 +97,9 @@ class ImageProxyService(ImageDaemon[ProxySession]):
             activity=self.activity,
             cutThrough=self.cutThrough,
         )
+        earlier = self.session
+        if earlier is not None and not earlier.ended.called:
+            self._earlier[earlier.id] = earlier  # delivered: kept until restored
         self.session = session
         session.onDelivered = self.sessionDone
         session.ended.addCallback(lambda _: self._sessionEnded(session))
@@ -103,7 +110,21 @@ class ImageProxyService(ImageDaemon[ProxySession]):
     def _sessionEnded(self, session: ProxySession) -> None:
         if self.session is session:
             self.session = None
+        self._earlier.pop(session.id, None)
         self.retire(session)
+
+    def listSessions(self) -> list[SessionView]:
+        earlier = [viewOf(s, s.state, current=True) for s in self._earlier.values()]
+        return earlier + super().listSessions()
+
+    def findSession(self, sessionId: str) -> ProxySession:
+        session = self._earlier.get(sessionId)
+        return session if session is not None else super().findSession(sessionId)
+
+    def releaseAll(self) -> None:
+        for session in self._earlier.values():
+            session.registry.release()
+        super().releaseAll()
 
     @property
     def readsWaiting(self) -> int:
@@ -120,7 +141,10 @@ class ImageProxyService(ImageDaemon[ProxySession]):
     def dropSession(self, sessionId: str) -> SessionView:
         session = self.findSession(sessionId)
         view = viewOf(session, "dropped", current=False)
-        if session is self.session:
+        if session.id in self._earlier:
+            del self._earlier[session.id]
+            session.drop()
+        elif session is self.session:
             if session.state != DELIVERED or session.registry.writesInProgress:
                 raise SessionBusy(
                     f"session {sessionId} is {session.state}: drop it once its dump"
@@ -160,9 +184,15 @@ class ImageProxyService(ImageDaemon[ProxySession]):
 
     def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
         session = self.session
-        if session is None or session.over:
+        finished = session is not None and session.registry.closed
+        writing = request.kind is not wire.OpenKind.READ
+        # A --stream dump (no chains there) or a dump after one its hook
+        # confirmed is a new migration; a --remote dump after a pre-dump
+        # continues the chain.
+        streamRun = request.isFinish and writing
+        if session is None or session.over or (finished and writing and (streamRun or session.committed)):
             session = self._newSession()
-        elif session.registry.closed and request.kind is not wire.OpenKind.READ:
+        elif finished and writing:
             session.beginDump()
         if request.isSeed:
             session.seed = True

@@ -113,6 +113,9 @@ class ProxySession:
         self._syncWaiters: dict[int, tuple[ISendingLink, Deferred[wire.LinkStatus]]] = {}
         self._syncSequence = 0
         self._abortGiveUp: Any = None
+        self._helloChecks: list[Any] = []
+        #: criu's post-dump hook got the cache's confirmation: the chain ends with this dump.
+        self.committed = False
         kwargs: dict[str, Any] = {"clock": reactor}
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
@@ -161,6 +164,9 @@ class ProxySession:
         self.registry.whenComplete().addCallback(self._dumpFinished)
 
     def stop(self) -> Deferred[None]:
+        for call in (self._abortGiveUp, *self._helloChecks):
+            if call is not None and call.active():
+                call.cancel()
         self._ending.stop()
         if self._sender is not None:
             self._sender.expectClose()
@@ -385,11 +391,15 @@ class ProxySession:
             commitDump(self, settled, self._clock, self._linkTimeout, report)
         )
 
+        def confirmed(result: dict[str, Any]) -> dict[str, Any]:
+            self.committed = True
+            return result
+
         def failed(reason: Any) -> Any:
             self.abortDump(f"the post-dump hook gets no confirmation: {reason.getErrorMessage()}")
             return reason
 
-        return d.addErrback(failed)
+        return d.addCallbacks(confirmed, failed)
 
     def nextSyncSequence(self) -> int:
         self._syncSequence += 1
@@ -407,10 +417,11 @@ class ProxySession:
 
         d: Deferred[ISendingLink] = Deferred(cancel)
         self._helloWaiters.append(d)
-        self._clock.callLater(HELLO_GRACE, self._noHello, d)
+        self._helloChecks.append(self._clock.callLater(HELLO_GRACE, self._noHello, d))
         return d
 
     def _noHello(self, d: Deferred[ISendingLink]) -> None:
+        self._helloChecks = [c for c in self._helloChecks if c.active()]
         sender = self._sender
         if d.called or sender is None or sender.lost or sender.extended:
             return
@@ -425,7 +436,7 @@ class ProxySession:
                 )
             )
         else:
-            self._clock.callLater(HELLO_GRACE, self._noHello, d)
+            self._helloChecks.append(self._clock.callLater(HELLO_GRACE, self._noHello, d))
 
     def expectSynced(self, sender: ISendingLink, sequence: int) -> Deferred[wire.LinkStatus]:
         """Fires with the cache's answer to SYNC C{sequence} on C{sender}'s connection."""
@@ -462,7 +473,11 @@ class ProxySession:
     def _sendAbort(self, sender: ISendingLink) -> None:
         sender.sendMarker(wire.Marker.ABORT)
         self.log.info("told the cache that session {id} is aborted", id=self.id)
-        self._stopAborted()
+        # Not from inside the link's connectionMade: ClientService is still connecting.
+        giveUp = self._abortGiveUp
+        if giveUp is not None and giveUp.active():
+            giveUp.cancel()
+        self._abortGiveUp = self._clock.callLater(0, self._stopAborted)
 
     def _stopAborted(self) -> None:
         giveUp, self._abortGiveUp = self._abortGiveUp, None
