@@ -64,7 +64,6 @@ from tests.slow.migration import (
     findCriu,
     linkConnections,
     restorable,
-    sessions,
     waitUntil,
 )
 from twisted_criu.testing.processes import freePort
@@ -400,14 +399,14 @@ class Migration:
         self.workload.checkRunsOnce(more=1)
 
     def checkOnDestination(self) -> None:
-        """The restored process runs, once; the cache's session is no longer restorable."""
+        """
+        The restored process runs, once, and the cache's session is no longer
+        restorable (a restore the hook did not confirm would stay restoring).
+        """
         if self.workload.runsOnSource():
             raise AssertionError("the source process still runs")
         self.workload.checkRunsOnce()
         self.waitNoneRestorable()
-        states = [s.get("state") for s in sessions(self.cache.controlSocket)]
-        if "restored" not in states:
-            raise AssertionError(f"no session of the cache is restored: {states}")
         self.workload.checkRunsOnce(more=1)
 
     def describe(self) -> str:
