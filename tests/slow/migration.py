@@ -398,6 +398,16 @@ class DaemonProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def waitForLog(self, text: str, timeout: float = 30) -> None:
+        """Wait until the current start's log says C{text}."""
+
+        def logged() -> bool:
+            if not self.running():
+                raise AssertionError(f"{self.kind} exited while waiting for {text!r} in its log")
+            return text in self.log()
+
+        waitUntil(logged, timeout, f"{self.kind} to log {text!r}", interval=0.02)
+
     def kill(self) -> None:
         """SIGKILL, and wait until it is gone."""
         if self.process is not None and self.process.poll() is None:

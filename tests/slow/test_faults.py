@@ -24,7 +24,8 @@ The phases, and how a fault lands in them:
   - after the images are written, before delivery: the daemons run in a
     network namespace whose loopback is shaped to 200 Mbit/s (a 256 MiB
     workload takes about 10 s to cross), and the fault lands once criu runs
-    its post-dump action (the hook waits for the cache to confirm);
+    its post-dump action and the hook's request is in (the proxy logs that
+    the hook waits for the cache to confirm);
   - after delivery, before the restore: criu dump returned 0;
   - during the restore: the action script holds criu restore at
     C{pre-restore} (criu reads from the cache, images partly read, no task
@@ -54,6 +55,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.slow.migration import (
     HOOK,
+    RESTORABLE,
     ActionScript,
     Criu,
     CriuRun,
@@ -64,6 +66,7 @@ from tests.slow.migration import (
     findCriu,
     linkConnections,
     restorable,
+    sessions,
     waitUntil,
 )
 from twisted_criu.testing.processes import freePort
@@ -83,6 +86,10 @@ LARGE = 256
 #: batches a second).
 PAGES_SENT = "page-xfer: Transferring pages:"
 PAGES_BEFORE_FAULT = 8
+
+#: What the proxy logs once twisted-criu-hook's post-dump request is in:
+#: the hook waits for the cache's confirmation.
+HOOK_WAITS = "post-dump hook waits for the cache"
 
 #: The slow link of the before-delivery phase (tc tbf on the namespace's lo).
 SLOW_LINK = ("200mbit", "1mb", "100ms")
@@ -206,9 +213,9 @@ MATRIX = [
     Cell(
         Fault.RESTORE_FAILS, Phase.DURING_RESTORE, Outcome.RETRY, "test_restoreFails_duringRestore",
         "criu restore fails after reading every image (its post-restore action"
-        " fails: criu kills the restored tasks): the session stays restorable"
-        " (failed-restore) and a second criu restore runs the process on the"
-        " destination.",
+        " fails: criu kills the restored tasks): the hook never confirms the"
+        " restore, so the session stays restorable, and a second criu restore"
+        " (served the same session) runs the process on the destination.",
         at="post-restore",
     ),
     Cell(
@@ -371,6 +378,18 @@ class Migration:
             interval=0.2,
         )
 
+    def waitAborted(self, timeout: float = 3 * TIMEOUT) -> None:
+        """Every session of the cache is aborted or gone: none dumping, none restorable."""
+
+        def settled() -> bool:
+            try:
+                listing = sessions(self.cache.controlSocket)
+            except OSError:
+                return False
+            return all(s.get("state") not in (*RESTORABLE, "dumping") for s in listing)
+
+        waitUntil(settled, timeout, "every session of the cache to be aborted or gone", interval=0.2)
+
     def neverRestorable(self, seconds: float) -> None:
         """For C{seconds}, the cache never holds a restorable session."""
         deadline = time.monotonic() + seconds
@@ -383,7 +402,10 @@ class Migration:
     # -- outcomes -------------------------------------------------------------------------
 
     def checkOnSource(self, dump: CriuRun) -> None:
-        """criu dump failed and resumed the process; no restore is possible."""
+        """
+        criu dump failed and resumed the process; the cache's sessions are
+        aborted (or gone), so no restore is possible.
+        """
         code = dump.wait()
         if code == 0:
             raise AssertionError("criu dump succeeded: expected it (its hook) to fail")
@@ -395,7 +417,7 @@ class Migration:
             # the aborted dump.
             self.cache.start()
             self.neverRestorable(2 * TIMEOUT)
-        self.waitNoneRestorable()
+        self.waitAborted()
         self.workload.checkRunsOnce(more=1)
 
     def checkOnDestination(self) -> None:
@@ -507,6 +529,7 @@ class FaultMatrixTests(SynchronousTestCase):
         m.start()
         dump = m.dump()
         m.script.waitFor("post-dump", dump)
+        m.proxy.waitForLog(HOOK_WAITS)
         delivered = [s for s in m.cache.sessions() if s.get("state") == "delivered"]
         if delivered or dump.process.poll() is not None:
             raise AssertionError(
