@@ -12,7 +12,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_criu.cli import hook
+from twisted_criu import hook
 
 
 class HookCommandTests(SynchronousTestCase):

@@ -131,7 +131,7 @@ class StreamTests(MigrationCase):
         self.assertTrue(any("discarded" in e["log_format"] for e in errors))
         assert self.m.proxy
         yield waitFor(lambda: self.m.proxy.session is None)  # type: ignore[union-attr]
-        self.assertTrue(any("aborted: criu's dump failed" in e["log_format"].format(**e) for e in errors))
+        self.assertTrue(any("aborted: criu's dump failed" in (e.get("log_format") or "").format(**e) for e in events))
         self.assertEqual(self.m.proxy.listSessions(), [])
 
     @inlineCallbacks

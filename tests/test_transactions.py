@@ -22,7 +22,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_criu import cli
-from twisted_criu.cli.hook import runHook
+from twisted_criu.hook import runHook
 from twisted_criu.criu.settle import connectionsWaiting, unreadBytes
 from twisted_criu.daemons.control import controlSite
 from twisted_criu.testing.criu import StreamClient

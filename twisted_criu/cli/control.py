@@ -233,7 +233,7 @@ def _pickSession(sessions: list[dict[str, Any]], wanted: str | None) -> dict[str
             if session["id"] == wanted:
                 return session
         raise CommandError(f"no session {wanted}")
-    candidates = [s for s in sessions if s["current"] and s["image_count"]]
+    candidates = [s for s in reversed(sessions) if s["current"] and s["image_count"]]
     candidates += [s for s in reversed(sessions) if s["kept"]]
     if not candidates:
         raise CommandError("the daemon holds no images")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hook -*-
+# -*- test-case-name: tests.test_hook,tests.test_transactions -*-
 """
 C{twisted-criu-hook}: criu's C{--action-script} for a migration that never
 loses the process.
@@ -21,15 +21,16 @@ and starts in a fraction of the time a reactor would take.
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import socket
 import stat
 import sys
 import tempfile
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import http.client
 
 #: Where each action's daemon listens, in criu's images directory.
 CONTROL_SOCKETS = {
@@ -61,18 +62,18 @@ TWISTED_CRIU_PROXY_CONTROL or TWISTED_CRIU_CACHE_CONTROL to use others.
 """
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over a UNIX socket."""
+def _unixConnection(path: str, timeout: float) -> http.client.HTTPConnection:
+    """HTTP over a UNIX socket (imported here: most actions need no HTTP at all)."""
+    import http.client
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("twisted-criu", timeout=timeout)
-        self.path = path
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(path)
+            self.sock = sock
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.path)
-        self.sock = sock
+    return UnixConnection("twisted-criu", timeout=timeout)
 
 
 def controlPath(action: str, environ: dict[str, str], criuPid: int) -> str | None:
@@ -142,7 +143,10 @@ def runHook(action: str, path: str, out: TextIO) -> int:
     daemon = "proxy" if CONTROL_SOCKETS[action].startswith("proxy") else "cache"
     consequence = "; criu resumes the process" if action == "post-dump" else ""
     started = time.monotonic()
-    connection = _UnixConnection(path, SILENCE)
+    import http.client
+    import json
+
+    connection = _unixConnection(path, SILENCE)
     try:
         connection.request("POST", f"/hook/{action}", headers={"Connection": "close"})
         response = connection.getresponse()
