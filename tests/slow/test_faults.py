@@ -572,9 +572,9 @@ class FaultMatrixTests(SynchronousTestCase):
             restore = m.restore()
             m.script.waitPaused(cell.at, restore)
             recover = m.inject(cell.fault, restore)
-            m.script.release(cell.at)
             if recover is not None:
-                recover()
+                recover()  # the cache is back before criu goes on
+            m.script.release(cell.at)
         code = restore.wait()
         if cell.outcome is Outcome.DESTINATION:
             if code:
