@@ -261,6 +261,20 @@ class RestoreTests(_Hooked):
         self.assertEqual((yield self.restoreFiles()), FILES)
 
     @inlineCallbacks
+    def test_restartedCacheGetsTheDeliveredDumpAgain(self) -> Any:
+        """The cache restarts after delivery: the proxy resends and ends the dump; the restore works."""
+        assert self.m.cache
+        yield self.dumped()
+        yield waitFor(lambda: self.m.proxy.session.state == "delivered")  # type: ignore[union-attr]
+        links = list(self.m.cache._links)
+        yield self.m.cache.stopService()
+        for link in links:  # as a killed cache's would
+            link.transport.abortConnection()  # type: ignore[attr-defined]
+        yield self.m.startCache(self.cachePort, restoreGrace=0.5)
+        yield waitFor(lambda: self.cacheStates() == ["delivered"])
+        self.assertEqual((yield self.restoreFiles()), FILES)
+
+    @inlineCallbacks
     def test_nothingToRestoreFailsAtOnce(self) -> Any:
         """With no session delivered and no proxy sending, a restore gets ENOENT at once."""
         assert self.m.proxy

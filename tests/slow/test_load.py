@@ -255,9 +255,11 @@ class FileLimitTests(pf._DaemonTest):
             pf.writeImage(proxy.socketPath, name, data)
         last = f"core-{self.IMAGES - 1:04d}.img"
         cache.waitForLog(rf"received {SNAP}/{last} \({len(images[last])} bytes\)", timeout=120)
+        self.finishDump(proxy, cache, images=self.IMAGES + 1)
         for name, data in images.items():
             self.assertEqual(pf.readImage(cache.socketPath, name), data, name)
         self.assertGreater(len(proxy.fds()), self.LIMIT)  # it really held more than the old limit
         self.assertGreater(len(cache.fds()), self.LIMIT)
+        self.finishRestore(cache, images=self.IMAGES + 1)
         for daemon in (proxy, cache):
             self.assertNotIn("Traceback", daemon.allLogs())

@@ -3,9 +3,12 @@ Process failures with real C{twistd criu-proxy} and C{twistd criu-cache}
 processes on loopback: a daemon or a criu client is killed, the link
 stalls, a client never speaks.
 
-In every case: nothing partial is served (a read gets the complete right
-bytes or ENOENT), the survivors keep serving, and the daemons say in their
-log files what happened.
+In every case: a restore is served only a delivered dump, complete and
+byte-exact, and never anything of a dump that was not delivered (a read of
+a dump still arriving waits for its delivery; of an aborted dump, or with
+nothing delivered, it gets ENOENT); the survivors keep working (a restarted
+daemon or a new proxy delivers, and the cache serves it); and the daemons
+say in their log files what happened.
 
 The helpers here (L{Daemon}, L{Relay}, L{writeImage}, L{readImage}, ...)
 are also used by C{tests.slow.test_load}.  Every wait is bounded, and every
@@ -526,6 +529,22 @@ class _DaemonTest(SynchronousTestCase):
         cache.waitForLog(r"proxy connected from")
         return proxy, cache, port
 
+    def finishDump(self, proxy: Daemon, cache: Daemon, sessionId: int = 1, images: int | None = None) -> None:
+        """criu finishes its dump: wait until the cache has session C{sessionId} delivered."""
+        LocalImageClient(proxy.socketPath, timeout=STEP).finishDump()
+        count = r"\d+" if images is None else str(images)
+        cache.waitForLog(
+            rf"session {sessionId} delivered \(the proxy ended its dump\): {count} images, \d+ bytes"
+        )
+
+    def finishRestore(self, cache: Daemon, sessionId: int = 1, images: int | None = None) -> None:
+        """criu finishes its restore: the cache confirms session C{sessionId} restored."""
+        LocalImageClient(cache.socketPath, timeout=STEP).finishRestore()
+        count = r"\d+" if images is None else str(images)
+        cache.waitForLog(
+            rf"session complete: {count} images, \d+ bytes \(session {sessionId} restored: criu's finish\)"
+        )
+
     def dumpSmall(self, proxy: Daemon, cache: Daemon, count: int = 3) -> dict[str, bytes]:
         """C{parent} and a few small images, until the cache has them all."""
         pushSnapshotId(proxy.socketPath)
@@ -552,9 +571,10 @@ class ProxyKilledTests(_DaemonTest):
         size = 200 * MiB
         big = randomBytes(size, "big")
 
-        # A restore is already waiting for the big image.
+        # A restore is already waiting for the big image: session 1 is still
+        # dumping, so the read waits for its delivery.
         waiting = Background(readImage, cache.socketPath, "pages-1.img")
-        time.sleep(0.3)  # let the cache take the request (it waits either way)
+        cache.waitForLog(r"a restore waits for session 1, whose dump is still arriving")
 
         # Freeze the cache so the proxy gets stuck inside the image, then
         # kill the proxy there.
@@ -575,32 +595,50 @@ class ProxyKilledTests(_DaemonTest):
         lost = cache.waitForLog(rf"link lost in the middle of {SNAP}/pages-1.img: {arrivedPart(size)}; discarded")
         arrived = int(lost.group(1))
         self.assertTrue(0 < arrived < size, arrived)
-        cache.waitForLog(r"link to the proxy lost; waiting 2.0 s for it to come back")
-
-        # The waiting read gets ENOENT once the proxy has been gone --timeout
-        # seconds: never the bytes that arrived.
-        self.assertIsNone(waiting.result(), "a partial image was served")
-        assert waiting.ended is not None
-        waited = waiting.ended - killed
-        self.assertTrue(1.9 <= waited <= 2 + 8, f"ENOENT {waited:.2f} s after the kill")
         cache.waitForLog(
-            r"the proxy did not come back within 2.0 s: the session ends with 4 complete"
-            r" images; 1 waiting reads get ENOENT"
+            r"link to the proxy lost; waiting 2.0 s for it to come back"
+            r" \(session 1 is in the middle of its dump\)"
         )
 
-        # The survivor keeps serving what was complete before the kill.
-        self.assertTrue(cache.running())
-        assertImages(self, cache.socketPath, small)
-        self.assertEqual(LocalImageClient(cache.socketPath, timeout=STEP).snapshotIds(), [SNAP])
-        self.assertIsNone(readImage(cache.socketPath, "pages-1.img"))
+        # The proxy does not come back within --timeout: the dump was never
+        # delivered, so session 1 is aborted and the waiting read gets
+        # ENOENT, never the bytes that arrived.  (Not before --timeout; at
+        # the abort, or, as the abort falls within the first restoreGrace
+        # = 5 s after the cache started, up to 5 s after it.)
+        self.assertIsNone(waiting.result(), "an image of an undelivered dump was served")
+        assert waiting.ended is not None
+        waited = waiting.ended - killed
+        self.assertTrue(1.9 <= waited <= 2 + 5 + 3, f"ENOENT {waited:.2f} s after the kill")
+        cache.waitForLog(
+            r"session 1 aborted: its proxy did not come back within 2 s and its dump was"
+            r" never delivered; it will never be restored"
+        )
 
-        # A new proxy (same port) can deliver the image after all.
+        # Nothing of the aborted dump is ever served, not even the images
+        # that were complete before the kill.
+        self.assertTrue(cache.running())
+        for name in [*small, "pages-1.img"]:
+            self.assertIsNone(readImage(cache.socketPath, name), f"{name} of the aborted dump was served")
+        self.assertEqual(LocalImageClient(cache.socketPath, timeout=STEP).snapshotIds(), [])
+        self.assertEqual(
+            [m.group(0) for m in cache.lines(r"served \S+ \(\d+ bytes\).*")], [],
+            "the cache served an image of the aborted dump",
+        )
+
+        # A new proxy (same port) can deliver a new dump, which is served
+        # (its own images, nothing of session 1's).
         again = self.startProxy(shortTempDir(self), port)
         again.waitForLog(r"connected to the cache")
-        redo = randomBytes(8 * MiB, "redo")
-        writeImage(again.socketPath, "pages-1.img", redo)
-        cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(redo)} bytes\)")
-        assertImages(self, cache.socketPath, {**small, "pages-1.img": redo})
+        redo = {name: randomBytes(len(data), ("redo", name)) for name, data in small.items()}
+        redo["pages-1.img"] = randomBytes(8 * MiB, "redo")
+        pushSnapshotId(again.socketPath)
+        for name, data in redo.items():
+            writeImage(again.socketPath, name, data)
+        self.finishDump(again, cache, sessionId=2, images=len(redo) + 1)
+        assertImages(self, cache.socketPath, redo)
+        self.assertEqual(LocalImageClient(cache.socketPath, timeout=STEP).snapshotIds(), [SNAP])
+        self.finishRestore(cache, sessionId=2, images=len(redo) + 1)
+        again.waitForLog(r"session 1 is over; its images are dropped")
         self.assertEqual(errorLines(again.log()), [])
 
 
@@ -610,9 +648,18 @@ class CacheKilledTests(_DaemonTest):
     PROXY_ARGS = ("--max-retry-delay", "1")
 
     def restartAndCheck(
-        self, proxy: Daemon, cache: Daemon, images: dict[str, bytes], downFor: float = 2.5
+        self,
+        proxy: Daemon,
+        cache: Daemon,
+        images: dict[str, bytes],
+        downFor: float = 2.5,
+        delivered: bool = False,
     ) -> None:
-        """Leave the cache down a while, restart it, check the resend and the restore."""
+        """
+        Leave the cache down a while, restart it, check the resend and the
+        restore.  C{delivered}: the cache was killed after the dump was
+        delivered (else in the middle of it).
+        """
         proxy.waitForLog(r"cannot reach the cache at tcp:host=127.0.0.1:port=\d+: .*refused.*; will retry", count=2)
         time.sleep(max(0.0, downFor - 2))
         cache.start()  # same port, same directory
@@ -626,22 +673,49 @@ class CacheKilledTests(_DaemonTest):
         for _, delay in retries:
             self.assertTrue(1.0 <= float(delay) < 2.0, retries)
 
-        # Everything the proxy holds is sent again, once, and served whole.
+        # Everything the proxy holds is sent again, once.
         for name, data in images.items():
             cache.waitForLog(rf"received {re.escape(name)} \({len(data)} bytes\)")
-        writeLater = randomBytes(5000, "late")
-        writeImage(proxy.socketPath, "late.img", writeLater)
-        LocalImageClient(proxy.socketPath, timeout=STEP).finishDump()
-        proxy.waitForLog(r"session complete: forwarded")
-        assertImages(self, cache.socketPath, {
-            **{k.split("/", 1)[1]: v for k, v in images.items() if "/" in k},
-            "late.img": writeLater,
-        })
-        restore = LocalImageClient(cache.socketPath, timeout=STEP)
-        self.assertEqual(restore.snapshotIds(), [SNAP])
-        restore.finishRestore()
-        cache.waitForLog(r"session complete: %d images" % (len(images) + 1))
+        served = {k.split("/", 1)[1]: v for k, v in images.items() if "/" in k}
+        if delivered:
+            # The proxy still holds the delivered dump: it ends the resent
+            # dump with its marker, and the new cache has it delivered again.
+            count = len(images)
+            self.assertEqual(len(cache.lines(r"session \d+ started")), 1, cache.log())
+            cache.waitForLog(
+                rf"session 1 delivered \(the proxy ended its dump\): {count} images, \d+ bytes"
+            )
+        else:
+            # The dump is not finished: the restarted cache serves none of
+            # it yet (a read waits for the delivery).
+            early = Background(readImage, cache.socketPath, next(iter(served)))
+            time.sleep(0.5)
+            self.assertFalse(early.done, "the cache served an image of a dump still arriving")
+            writeLater = randomBytes(5000, "late")
+            writeImage(proxy.socketPath, "late.img", writeLater)
+            served["late.img"] = writeLater
+            count = len(images) + 1
+            self.finishDump(proxy, cache, images=count)
+            proxy.waitForLog(r"session complete: forwarded")
+            self.assertEqual(early.result(), served[next(iter(served))])
+        self.assertFalse(cache.lines(r"session \d+ aborted"), cache.log())
+        assertImages(self, cache.socketPath, served)
+        self.assertEqual(LocalImageClient(cache.socketPath, timeout=STEP).snapshotIds(), [SNAP])
+        self.finishRestore(cache, images=count)
+        # The cache told the proxy (SESSION_DONE): it drops its copy.
+        proxy.waitForLog(r"session 1 is over; its images are dropped")
         self.assertEqual(errorLines(cache.log()), [])
+
+    def test_cacheKilledAfterDelivery(self) -> None:
+        """The cache dies after the dump was delivered, before any restore."""
+        proxy, cache, port = self.startPair(proxyArgs=self.PROXY_ARGS)
+        small = self.dumpSmall(proxy, cache)
+        self.finishDump(proxy, cache, images=len(small) + 1)
+        proxy.waitForLog(r"session complete: forwarded")
+        cache.kill()
+        images = {f"{SNAP}/{k}": v for k, v in small.items()}
+        images["parent"] = wire.encodeSnapshotId(SNAP)
+        self.restartAndCheck(proxy, cache, images, delivered=True)
 
     def test_cacheKilledMidForward(self) -> None:
         proxy, cache, port = self.startPair(proxyArgs=self.PROXY_ARGS)
@@ -727,34 +801,50 @@ class NetworkStallTests(_DaemonTest):
         seen["proxy"] = time.monotonic()
         return seen
 
+    def assertNotAborted(self, cache: Daemon) -> None:
+        """The proxy came back within the cache's --timeout: its session lives on."""
+        self.assertEqual([m.group(0) for m in cache.lines(r"session \d+ aborted.*")], [])
+
     def test_stallBothEndsDropAndRecover(self) -> None:
         proxy, cache, relay, small = self.startStalled()
         big = randomBytes(64 * MiB, "big")
         self.stallInside(proxy, relay, "pages-1.img", big)
         self.assertBothDropped(proxy, cache, "pages-1.img", len(big))
 
-        # The proxy comes back through the relay and sends everything again.
+        # The proxy comes back through the relay and sends everything again,
+        # within the cache's --timeout: the session's dump goes on.
         proxy.waitForLog(r"connected to the cache", count=2)
         cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(big)} bytes\)")
         self.assertEqual(len(relay.connections), 2)
-        assertImages(self, cache.socketPath, {**small, "pages-1.img": big})
+        self.assertEqual(len(cache.lines(r"session \d+ started")), 1, cache.log())
+
+        # criu finishes its dump: the cache has it delivered, and serves it whole.
+        images = {**small, "pages-1.img": big}
+        self.finishDump(proxy, cache, images=len(images) + 1)
+        assertImages(self, cache.socketPath, images)
+        self.finishRestore(cache, images=len(images) + 1)
+        self.assertNotAborted(cache)
 
     def test_stallWaitingRestoreGetsTheImage(self) -> None:
         """
         A restore already waiting for the image when the link stalls: both
         ends drop the link after --timeout, the proxy comes back well within
-        the cache's --timeout, and the restore gets the complete image.
+        the cache's --timeout, and once the dump is delivered the restore
+        gets the complete image.
         """
         proxy, cache, relay, small = self.startStalled()
         big = randomBytes(64 * MiB, "big")
         waiting = Background(readImage, cache.socketPath, "pages-1.img")
+        cache.waitForLog(r"a restore waits for session 1, whose dump is still arriving")
         self.stallInside(proxy, relay, "pages-1.img", big)
+        # criu finishes its dump while the link is stalled.
+        LocalImageClient(proxy.socketPath, timeout=STEP).finishDump()
         seen = self.assertBothDropped(proxy, cache, "pages-1.img", len(big))
         assert relay.stalledAt is not None
         proxyAfter = seen["proxy"] - relay.stalledAt
         cacheAfter = seen["cache"] - relay.stalledAt
         got = waiting.result()
-        gaveUp = cache.lines(r"the proxy did not come back within 2.0 s.*")
+        gaveUp = cache.lines(r"session \d+ aborted.*")
         timing = (
             f"after the stall the cache dropped the link at {cacheAfter:.2f} s, the proxy at"
             f" {proxyAfter:.2f} s; cache gave up: {[m.group(0) for m in gaveUp]}"
@@ -763,7 +853,14 @@ class NetworkStallTests(_DaemonTest):
         assert got is not None
         self.assertEqual((len(got), sha(got)), (len(big), sha(big)), timing)
         self.assertLessEqual(proxyAfter, self.TIMEOUT + 1.0, f"the proxy dropped late; {timing}")
+        # It was served once the resent dump was delivered, not before.
+        delivered = cache.waitForLog(
+            r"session 1 delivered \(the proxy ended its dump\): 5 images, \d+ bytes"
+        )
+        self.assertLess(delivered.start(), cache.waitForLog(rf"served {SNAP}/pages-1.img ").start())
         assertImages(self, cache.socketPath, small)
+        self.finishRestore(cache, images=len(small) + 2)
+        self.assertNotAborted(cache)
 
 
 READER = """
@@ -791,6 +888,7 @@ class RestoreKilledTests(_DaemonTest):
         big = randomBytes(64 * MiB, "big")
         writeImage(proxy.socketPath, "pages-1.img", big)
         cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(big)} bytes\)")
+        self.finishDump(proxy, cache, images=len(small) + 2)
         fdsBefore = len(cache.fds())
 
         reader = subprocess.Popen(
@@ -823,37 +921,50 @@ class RestoreKilledTests(_DaemonTest):
             self.assertEqual((len(got), sha(got)), (len(big), sha(big)))
         cache.waitForLog(rf"served {SNAP}/pages-1.img \({len(big)} bytes\)", count=2)
         waitUntil(self, lambda: len(cache.fds()) == fdsBefore, "the cache closed the dead reader's pipe")
+        # The restore that read on is the same restore of session 1: criu's finish confirms it.
+        self.assertEqual(len(cache.lines(r"a restore reads session 1")), 1, cache.log())
+        self.finishRestore(cache, images=len(small) + 2)
         self.assertEqual(errorLines(cache.log()), [])
 
 
 class SilentClientTests(_DaemonTest):
     """(e) criu clients that connect and never (or only half) speak."""
 
+    def openSilent(self, daemon: Daemon) -> list[tuple[Daemon, socket.socket]]:
+        """Two criu connections to C{daemon} that say nothing, or half a length prefix."""
+        silent = []
+        for opening in (b"", b"\x10\x00"):  # nothing; half a length prefix
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(s.close)
+            s.connect(daemon.socketPath)
+            s.sendall(opening)
+            silent.append((daemon, s))
+        return silent
+
+    def assertStillOpen(self, silent: list[tuple[Daemon, socket.socket]]) -> None:
+        for _, s in silent:
+            s.setblocking(False)
+            self.assertRaises(BlockingIOError, s.recv, 1)
+
     def test_silentClientsAreClosedAndBlockNobody(self) -> None:
         timeout = 2.0
         args = ("--client-timeout", str(timeout))
         proxy, cache, port = self.startPair(cacheArgs=args, proxyArgs=args)
-        silent = []
-        for daemon in (proxy, cache):
-            for opening in (b"", b"\x10\x00"):  # nothing; half a length prefix
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.addCleanup(s.close)
-                s.connect(daemon.socketPath)
-                s.sendall(opening)
-                silent.append((daemon, s))
+        silent = self.openSilent(proxy) + self.openSilent(cache)
         opened = time.monotonic()
 
-        # A read that sent its request waits past the client timeout.
+        # A read that sent its request waits past the client timeout (for
+        # the dump to be delivered).
         waiting = Background(readImage, cache.socketPath, "late.img")
 
-        # Meanwhile everybody else is served at once.
+        # Meanwhile everybody else is served at once: criu's writes to the
+        # proxy, the link, and the cache takes the read's request.
         small = self.dumpSmall(proxy, cache)
-        assertImages(self, cache.socketPath, small)
+        cache.waitForLog(r"a restore waits for ")
         busy = time.monotonic() - opened
         self.assertLess(busy, timeout, "the others were held up by the silent clients")
-        for _, s in silent:
-            s.setblocking(False)
-            self.assertRaises(BlockingIOError, s.recv, 1)  # still open
+        self.assertStillOpen(silent)
+        self.assertFalse(waiting.done, "the read did not wait for the dump's delivery")
 
         # After --client-timeout the silent ones are closed, and logged.
         for daemon, s in silent:
@@ -871,9 +982,20 @@ class SilentClientTests(_DaemonTest):
 
         late = randomBytes(3000, "late")
         time.sleep(max(0.0, timeout + 0.5 - (time.monotonic() - opened)))
+        self.assertFalse(waiting.done, "the waiting read ended before the dump was delivered")
         writeImage(proxy.socketPath, "late.img", late)
+        images = {**small, "late.img": late}
+        self.finishDump(proxy, cache, images=len(images) + 1)
         self.assertEqual(waiting.result(), late)
-        assertImages(self, cache.socketPath, {**small, "late.img": late})
+
+        # The restore is served at once too, with silent clients connected.
+        more = self.openSilent(cache)
+        reopened = time.monotonic()
+        assertImages(self, cache.socketPath, images)
+        busy = time.monotonic() - reopened
+        self.assertLess(busy, timeout, "the restore was held up by the silent clients")
+        self.assertStillOpen(more)
+        self.finishRestore(cache, images=len(images) + 1)
         self.assertTrue(proxy.running() and cache.running())
 
 

@@ -306,7 +306,9 @@ class ProxySession:
             return
         if sender is None or sender.lost:
             return
-        if self.state == FORWARDING or sender.imagesSinceMarker > 0:
+        # A new connection resending a delivered dump (a restarted cache)
+        # owes the cache its end too: it has queued images, none counted yet.
+        if self.state == FORWARDING or sender.imagesSinceMarker > 0 or not sender.idle:
             self._ending.waitForIdle(sender)
 
     def linkIdle(self, sender: ISendingLink) -> None:

@@ -92,12 +92,13 @@ class RestoreChooser:
         arriving = [s for s in sessions if s.state == DUMPING and (s.links or s.giveUp is not None)]
         if arriving or self._inGrace():
             if not self._waiters:
-                self.log.info(
-                    "a restore waits for {what}",
-                    what=f"session {arriving[-1].id}, whose dump is still arriving"
-                    if arriving
-                    else "the linked proxy to deliver a dump",
-                )
+                if arriving:
+                    what = f"session {arriving[-1].id}, whose dump is still arriving"
+                elif self._cache.proxiesLinked:
+                    what = "the linked proxy to send a dump"
+                else:
+                    what = "a moment for a proxy to come back (the cache just started)"
+                self.log.info("a restore waits for {what}", what=what)
 
             def cancel(d: Deferred[CacheSession]) -> None:
                 if d in self._waiters:
@@ -120,12 +121,15 @@ class RestoreChooser:
         """
         clock = self._cache.reactor
         grace = self._cache.restoreGrace
-        justStarted = clock.seconds() - self._cache.startedAt < grace
-        if grace <= 0 or not (self._cache.proxiesLinked or justStarted):
+        now = clock.seconds()
+        linked = self._cache.proxiesLinked
+        justStarted = now - self._cache.startedAt < grace
+        if grace <= 0 or not (linked or justStarted):
             return False
         if self._graceEnds is None:
-            self._graceEnds = clock.seconds() + grace
-            self._graceCall = clock.callLater(grace, self._graceOver)
+            ends = now + grace if linked else self._cache.startedAt + grace
+            self._graceEnds = ends
+            self._graceCall = clock.callLater(ends - now, self._graceOver)
         return bool(clock.seconds() < self._graceEnds)
 
     def _graceOver(self) -> None:
