@@ -10,7 +10,6 @@ import socket
 import tempfile
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase

@@ -86,7 +86,11 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         #: Tokens of sessions that are over, and how they ended.
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._links: set[IReceivingLink] = set()
-        self._anonymous = 0
+        #: Links of proxies that name no session (CRIU's C proxy), and the name each gets.
+        self._anonymous: dict[IReceivingLink, str] = {}
+        self._anonymousCount = 0
+        #: Links told that their session takes no more images, and its state then.
+        self._refused: dict[IReceivingLink, str] = {}
         self.restores = RestoreChooser(self)
         self.remoteEndpoint = self.listenOn(listen, RemoteReceiverFactory(self))
         self.localEndpoint = self.listenOn(local, LocalImageFactory(self))
@@ -273,11 +277,10 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         if token is not None:
             return token
         # A proxy that names no session (CRIU's C proxy): one link, one dump.
-        name = getattr(receiver, "anonymousToken", None)
+        name = self._anonymous.get(receiver)
         if name is None:
-            self._anonymous += 1
-            name = f"link {self._anonymous} of this cache"
-            setattr(receiver, "anonymousToken", name)
+            self._anonymousCount += 1
+            name = self._anonymous[receiver] = f"link {self._anonymousCount} of this cache"
         return name
 
     def imageArriving(self, receiver: IReceivingLink, token: str | None) -> ISnapshotRegistry | None:
@@ -295,8 +298,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         """Images came for a session that takes no more: tell the proxy."""
         if session is not None:
             session.links.add(receiver)
-        if getattr(receiver, "refusedState", None) != state:
-            setattr(receiver, "refusedState", state)
+        if self._refused.get(receiver) != state:
+            self._refused[receiver] = state
             self.log.warn(
                 "a proxy sends images of a session that is {state}: discarded", state=state
             )
@@ -343,6 +346,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
     def linkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
         self._links.discard(receiver)
         self._sessionsLinkClosed(receiver, clean)
+        self._anonymous.pop(receiver, None)
+        self._refused.pop(receiver, None)
         self.restores.linksChanged()
 
     def _sessionsLinkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
@@ -354,7 +359,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
             session.links.discard(receiver)
             if session.state != DUMPING or session.links:
                 continue
-            anonymous = session.token == getattr(receiver, "anonymousToken", None)
+            anonymous = session.token == self._anonymous.get(receiver)
             if anonymous and clean:
                 self.delivered(session, "CRIU's C proxy closed its link")
             elif anonymous:
