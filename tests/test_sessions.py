@@ -388,9 +388,16 @@ class MigrationTests(SynchronousTestCase):
                 getattr(machine, name)()
             final = machine.state()
             self.assertIn(final, ("aborted", "restored", "dropped"))
-            for name in ("imagesArriving", "delivered", "aborted", "restoreConfirmed", "retentionOver"):
+            for name in ("imagesArriving", "delivered", "aborted", "restoreConfirmed", "retentionOver", "dropped"):
                 self.assertIn(getattr(machine, name)(), (False, None))
                 self.assertEqual(machine.state(), final)
+
+    def test_droppedByTheOperator(self) -> None:
+        self.assertEqual(
+            self.walk("delivered", "dropped", "dropped"),
+            [("delivered", True), ("dropped", True), ("dropped", False)],
+        )
+        self.assertEqual(self.walk("imagesArriving"), [("dropped", False)])
 
     def test_retentionOnlyForUnrestored(self) -> None:
         self.assertEqual(self.walk("retentionOver"), [("dumping", False)])

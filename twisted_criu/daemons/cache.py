@@ -243,16 +243,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
                 )
             if self.restores.serving(session):
                 raise SessionBusy(f"session {sessionId} is being restored")
-            session.cancel("giveUp")
-            session.cancel("retention")
-            session.registry.release()
-            self.sessions.pop(session.id, None)
-            self._byToken.pop(session.token, None)
-            self._ended[session.token] = "dropped"
-            for link in list(session.links):
-                link.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SESSION_ABORTED))
-                link.close()
-            session.links.clear()
+            session.drop()
+            self._over(session)
         self.log.info("session {id} dropped by the operator", id=sessionId)
         return view
 

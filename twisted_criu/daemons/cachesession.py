@@ -9,6 +9,7 @@ as the cache sees it, driven by an explicit state machine
        +----imagesArriving-----+        restoreFailed --+    +--restoreBegun-- failed-restore
     dumping|delivered --aborted--> aborted      (a proxy's ABORT, or its link gone for good)
     delivered|restoring|failed-restore --retentionOver--> dropped
+    (any but final) --dropped--> dropped        (the operator; the cache refuses busy ones)
 
 A session is I{restorable} in C{delivered}, C{restoring} and
 C{failed-restore}: only then are its images served, and only to the
@@ -74,6 +75,9 @@ class Migration(Protocol):
     def retentionOver(self) -> bool:
         """Nobody restored it within the retention time: newly dropped?"""
 
+    def dropped(self) -> bool:
+        """The operator dropped it: newly dropped?"""
+
 
 class MigrationCore:
     """The machine's core: it keeps nothing but its state."""
@@ -124,6 +128,11 @@ def _buildMigration() -> TypeMachine[Migration, MigrationCore]:
         each.upon(Migration.retentionOver).to(dropped).returns(True)
     for each in (dumping, restored, aborted, dropped):
         each.upon(Migration.retentionOver).loop().returns(False)
+
+    for each in (dumping, delivered, restoring, failed):
+        each.upon(Migration.dropped).to(dropped).returns(True)
+    for each in (restored, aborted, dropped):
+        each.upon(Migration.dropped).loop().returns(False)
     return builder.build()
 
 
@@ -219,6 +228,13 @@ class CacheSession:
     def expire(self) -> bool:
         """The retention time is over: newly dropped? (Its images are then released.)"""
         if not self._migration.retentionOver():
+            return False
+        self._end()
+        return True
+
+    def drop(self) -> bool:
+        """The operator drops it: newly dropped? (Its images are then released.)"""
+        if not self._migration.dropped():
             return False
         self._end()
         return True
