@@ -142,6 +142,11 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         session = self.findSession(sessionId)
         view = viewOf(session, "dropped", current=False)
         if session.id in self._earlier:
+            if session.state != DELIVERED:
+                raise SessionBusy(
+                    f"session {sessionId} is {session.state}: drop it once its dump"
+                    " has been delivered"
+                )
             del self._earlier[session.id]
             session.drop()
         elif session is self.session:
