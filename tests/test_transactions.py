@@ -227,6 +227,25 @@ class RestoreTests(_Hooked):
         yield waitFor(lambda: self.m.proxy.listSessions() == [])  # type: ignore[union-attr]
 
     @inlineCallbacks
+    def test_remoteFinishThenPostResume(self) -> Any:
+        """criu --remote's finish confirms the restore; the hook's post-resume after it is fine too."""
+        assert self.m.cache
+        m = self.m
+
+        def dumpAndRestore() -> bytes | None:
+            m.dump.write("snap1", "core-1.img", b"core")
+            m.dump.finishDump()
+            data = m.restore.read("snap1", "core-1.img")
+            m.restore.finishRestore()
+            return data
+
+        self.assertEqual((yield inThread(dumpAndRestore)), b"core")
+        yield waitFor(lambda: self.m.cache.sessions == {})  # type: ignore[union-attr]
+        status, out = yield self.hook("post-resume")
+        self.assertEqual(status, 0, out)
+        self.assertIn("restore of session 1 confirmed", out)
+
+    @inlineCallbacks
     def test_preRestoreAfterCriuConnected(self) -> Any:
         """criu --stream reads before it runs pre-restore: the same restore is then hooked."""
         assert self.m.cache

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_criu.daemons.cachesession import DELIVERED, DUMPING, CacheSession
+from twisted_criu.daemons.cachesession import DELIVERED, DUMPING, RESTORED, CacheSession
 from twisted_criu.errors import HookRefused, ImageNotFound
 from twisted_criu.interfaces import IImageStore, IImageWriter, ISnapshotRegistry, IStoredImage
 from twisted_criu.keys import ImageKey
@@ -58,6 +58,8 @@ class RestoreChooser:
         self.seed = False
         #: The restore that picked L{current} is still reading it.
         self._reading = False
+        #: The session the last restore confirmed, until another restore begins.
+        self._lastRestored: str | None = None
         self._graceEnds: float | None = None
         self._graceCall: Any = None
 
@@ -141,6 +143,7 @@ class RestoreChooser:
 
     def _begin(self, session: CacheSession) -> None:
         self.current = session
+        self._lastRestored = None
         self._reading = True
         again = session.state != DELIVERED
         session.hooked = self._hookAnnounced
@@ -174,6 +177,7 @@ class RestoreChooser:
         if self.current is session:
             self.current = None
             self._reading = False
+            self._lastRestored = session.id if session.state == RESTORED else None
         if self._waiters:
             self._answerWaiters()
 
@@ -232,6 +236,8 @@ class RestoreChooser:
         """post-resume: the restored tasks run."""
         session = self.current
         if session is None:
+            if self._lastRestored is not None:  # criu's --remote finish came first
+                return {"ok": True, "session": self._lastRestored}
             raise HookRefused("the cache has no restore under way to confirm")
         self._cache.restoreConfirmed(session, "confirmed by twisted-criu-hook at post-resume")
         return {"ok": True, "session": session.id}
