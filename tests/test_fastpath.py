@@ -35,6 +35,7 @@ from twisted_criu.interfaces import IKernelSink, IKernelSource, ISpliceSink
 from twisted_criu.storage.files import FileImage
 from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
+from twisted_criu.storage.spill.store import SMALL_IMAGE
 from twisted_criu.testing.fakes import storedImage
 
 #: How long a test waits for bytes to arrive before failing.
@@ -368,7 +369,7 @@ class DeclarationsTests(SynchronousTestCase):
         verifyObject(ISpliceSink, writer)
         follower = writer.follow()  # type: ignore[attr-defined]
         verifyObject(IKernelSource, follower)
-        image = storedImage(store, b"spilled")
+        image = storedImage(store, b"s" * (SMALL_IMAGE + 1))  # a small one is bytes, not a memfd
         reader = image.open()
         self.addCleanup(reader.close)
         verifyObject(IKernelSource, reader)

@@ -30,6 +30,8 @@ from twisted_criu.storage.spill import (
     openSpillFile,
     readers,
 )
+from twisted_criu.storage.spill.store import SMALL_IMAGE
+from twisted_criu.testing.fakes import storedImage
 
 if TYPE_CHECKING:
     _Base = SynchronousTestCase
@@ -178,6 +180,24 @@ class SpillBehaviourTests(SynchronousTestCase):
             image.release()
         self.assertEqual((self.store.inMemory, self.store.onDisk), (0, 0))
         self.assertEqual(self.spillFiles(), [])
+
+    def test_smallImagesHoldNoDescriptor(self) -> None:
+        """
+        A complete image small enough is kept as bytes: thousands of held
+        images take no descriptor each (large ones keep their memfd).
+        """
+        store = SpillStore(1 << 30, self.mktemp())
+        self.addCleanup(store.close)
+        before = len(os.listdir("/proc/self/fd"))
+        small = [storedImage(store, os.urandom(n % 2000)) for n in range(1, 1500)]
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        large = storedImage(store, b"L" * (SMALL_IMAGE + 1))
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before + 1)
+        self.assertEqual(store.inMemory, sum(i.size for i in small) + large.size)
+        self.assertEqual(len(readAll(small[10])), 11)
+        for image in [*small, large]:
+            image.release()
+        self.assertEqual((store.inMemory, len(os.listdir("/proc/self/fd"))), (0, before))
 
     def test_filesSecureAndGoneAfterDrop(self) -> None:
         writer = self.store.newWriter()

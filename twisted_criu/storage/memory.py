@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from zope.interface import implementer
 
 from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
@@ -33,11 +35,17 @@ class _ChunkReader:
         self._index = len(self._chunks)
 
 
+class CountsMemory(Protocol):
+    """A store that counts the image bytes it holds in memory."""
+
+    inMemory: int
+
+
 @implementer(IStoredImage)
 class MemoryImage:
     """An immutable image made of the chunks it was written in."""
 
-    def __init__(self, chunks: list[bytes], size: int, store: MemoryStore | None = None) -> None:
+    def __init__(self, chunks: list[bytes], size: int, store: CountsMemory | None = None) -> None:
         self._chunks = chunks
         self.size = size
         self._store = store

@@ -30,7 +30,11 @@ from twisted_criu.storage.spill.directories import (
     removeStaleSpillDirs,
 )
 from twisted_criu.storage.spill.diskio import _DiskIO, _Segment, _StagedFile, _writeAll
+from twisted_criu.storage.memory import MemoryImage
 from twisted_criu.storage.spill.readers import _SpillReader
+
+#: Images up to this size are kept as bytes once complete, not in a memfd.
+SMALL_IMAGE = 64 * 1024
 
 
 @implementer(IStoredImage)
@@ -244,11 +248,30 @@ class _SpillWriter:
                 self.abort()
                 raise
         segments, self._segments = self._segments, []
-        image = SpillImage(self._store, segments)
+        small = self._asBytes(segments)
+        image: IStoredImage = small if small is not None else SpillImage(self._store, segments)
         for follower in self._followers:
             follower.image = image
-        self._notify(complete=True)
+        self._notify(complete=True)  # followers hold their own descriptors
+        if small is not None:
+            for segment in segments:
+                self._store._drop(segment)
         return image
+
+    def _asBytes(self, segments: list[_Segment]) -> MemoryImage | None:
+        """
+        A small image all in memory, as bytes: held images then take no
+        descriptor each (criu writes thousands of small ones for a large
+        process tree).  Its memory stays counted against the budget.
+        """
+        if len(segments) != 1 or segments[0].onDisk or segments[0].size > SMALL_IMAGE:
+            return None
+        segment = segments[0]
+        data = os.pread(segment.fd, segment.size, 0)
+        if len(data) != segment.size:
+            return None
+        self._store.inMemory += segment.size  # dropping the memfd gives its share back
+        return MemoryImage([data], len(data), self._store)
 
     def abort(self) -> None:
         self.writing = False
