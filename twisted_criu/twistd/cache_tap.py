@@ -7,9 +7,11 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python import usage
 
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.extras import finishDaemon
+from twisted_criu.link.allow import AddressFilter, AllowFromEndpoint, parseNetworks
 from twisted_criu.link.tls import TLSServerEndpoint, serverConnectionCreator
 from twisted_criu.twistd.options import DaemonOptions, daemonArguments, parseDuration
 
@@ -26,6 +28,7 @@ class Options(DaemonOptions):
     optParameters = [
         ["address", None, "127.0.0.1", "Interface to listen on for the proxy (use 0.0.0.0 or the host's address for a real migration)."],
         ["listen", None, None, "Server endpoint for the proxy (overrides --address/--port), e.g. tcp:9996:interface=10.0.0.2."],
+        ["allow-from", None, None, "Only these addresses or networks may open a link, e.g. 10.0.0.1 or 10.0.0.0/24 (comma separated) [default: any]."],
         ["retain", None, "1h", "How long a delivered session waits for its restore, or a restore for its confirmation, before its images are dropped: 90, 30m, 1h (0: forever).", parseDuration],
     ]
 
@@ -33,6 +36,11 @@ class Options(DaemonOptions):
         super().postOptions()
         if isinstance(self["retain"], str):  # the default is not coerced
             self["retain"] = parseDuration(self["retain"])
+        if self["allow-from"] is not None:
+            try:
+                self["allow-from"] = AddressFilter(parseNetworks(self["allow-from"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--allow-from: {e}") from None
         if self["listen"] is None:
             self["listen"] = f"tcp:{self['port']}:interface={self['address']}"
         self.refuseDoubleTLS("listen", ("ssl",), "tcp:9996:interface=10.0.0.2")
@@ -45,6 +53,9 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     listen: IStreamServerEndpoint = serverFromString(reactor, options["listen"])
+    if options["allow-from"] is not None:
+        listen = AllowFromEndpoint(listen, options["allow-from"])  # under TLS: no handshake for them
+        log.info("links only from {allowed} (--allow-from)", allowed=options["allow-from"].describe())
     if options["tls"]:
         credentials = options["tls-credentials"]
         listen = TLSServerEndpoint(
