@@ -6,7 +6,10 @@ others are closed before anything is read (and before any TLS handshake).
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import subprocess
+import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -20,7 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_criu import wire
 from twisted_criu.daemons.cache import ImageCacheService
-from twisted_criu.link.allow import AddressFilter, AllowFromEndpoint, parseNetworks
+from twisted_criu.link.allow import AddressFilter, PeerCheck, PeerCheckingEndpoint, parseNetworks
+from twisted_criu.link.localpeers import LocalOwnerCheck, socketOwner
 from twisted_criu.twistd import cache_tap
 from twisted_criu.twistd.options import unixEndpoint
 
@@ -67,12 +71,15 @@ class AllowFromEndpointTests(TestCase):
     timeout = 30
 
     @inlineCallbacks
-    def startCache(self, allowed: str) -> Any:
+    def startCache(self, allowed: str | None = None, owners: bool = False) -> Any:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         directory = socketDirectory(self)
-        listen = AllowFromEndpoint(
-            serverFromString(reactor, "tcp:0:interface=127.0.0.1"), AddressFilter(parseNetworks(allowed))
-        )
+        checks: list[PeerCheck] = []
+        if allowed is not None:
+            checks.append(AddressFilter(parseNetworks(allowed)))
+        if owners:
+            checks.append(LocalOwnerCheck())
+        listen = PeerCheckingEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), checks)
         self.cache = ImageCacheService(
             reactor, serverFromString(reactor, unixEndpoint(f"{directory}/img-cache.sock")), listen
         )
@@ -99,7 +106,8 @@ class AllowFromEndpointTests(TestCase):
         self.assertEqual((yield inThread(self.send)), b"")
         yield waitFor(
             lambda: any(
-                "refused a link from 127.0.0.1: not in --allow-from (127.0.0.2/32)"
+                "refused a link from 127.0.0.1:" in e["log_format"].format(**e)
+                and "not in --allow-from (127.0.0.2/32)"
                 in e["log_format"].format(**e)
                 for e in self.events
                 if e.get("log_format")
@@ -115,3 +123,67 @@ class AllowFromEndpointTests(TestCase):
         hello = wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION).toBytes()
         self.assertEqual(answer, hello)
         self.assertEqual([s.state for s in self.cache.sessions.values()], ["dumping"])
+
+    def logged(self, text: str) -> bool:
+        return any(text in e["log_format"].format(**e) for e in self.events if e.get("log_format"))
+
+    @inlineCallbacks
+    def test_localUserRefused(self) -> Any:
+        """
+        The attack of issue 15: an unprivileged local user connects to the
+        cache's port and sends an image.  Its connection is closed before
+        anything is read; root's proxy still gets in.
+        """
+        yield self.startCache(owners=True)
+        attacker = (
+            "import socket, sys\n"
+            "c = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5)\n"
+            "c.sendall(bytes.fromhex(sys.argv[2]))\n"
+            "try:\n"
+            "    print(repr(c.recv(100)))\n"
+            "except ConnectionResetError:\n"
+            "    print(repr(b''))\n"
+        )
+        header = wire.RemoteHeader("core-1.img", "", 1, 8, None, wire.LINK_EXTENSION_VERSION, session="evil")
+
+        def attack() -> str:
+            result = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                 sys.executable, "-c", attacker, str(self.port), (header.toBytes() + b"EVILBYTE").hex()],
+                capture_output=True, timeout=20,
+            )
+            return result.stdout.decode().strip() + result.stderr.decode()
+
+        self.assertEqual((yield inThread(attack)), "b''")
+        yield waitFor(lambda: self.logged("a loopback peer of uid 65534, not of uid 0"))
+        self.assertEqual(self.cache.sessions, {})
+        answer = yield inThread(self.send)  # root: the proxy's user
+        hello = wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION).toBytes()
+        self.assertEqual(answer, hello)
+
+
+class SocketOwnerTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        table = self.mktemp()
+        with open(table, "w") as f:
+            f.write("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n")
+            f.write("   0: 0100007F:EE18 0100007F:8F71 01 00000000:00000000 00:00000000 00000000 65534        0 0 1\n")
+            f.write("   1: 0100007F:8F71 0100007F:EE18 01 00000000:00000000 00:00000000 00000000     0        0 0 1\n")
+        self.assertEqual(socketOwner("127.0.0.1", 0xEE18, [table]), 65534)
+        self.assertEqual(socketOwner("127.0.0.1", 0x8F71, [table]), 0)
+        self.assertEqual(socketOwner("::ffff:127.0.0.1", 0xEE18, [table]), 65534)
+        self.assertIsNone(socketOwner("127.0.0.1", 1, [table]))
+        check = LocalOwnerCheck({0}, [table])
+        self.assertIsNone(check.refusal(IPv4Address("TCP", "127.0.0.1", 0x8F71)))
+        self.assertIn("uid 65534", check.refusal(IPv4Address("TCP", "127.0.0.1", 0xEE18)) or "")
+        self.assertIsNone(check.refusal(IPv4Address("TCP", "10.0.0.1", 0xEE18)))  # not loopback: other checks
+
+    def test_realSocket(self) -> None:
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client = socket.create_connection(server.getsockname())
+        self.addCleanup(client.close)
+        host, port = client.getsockname()
+        self.assertEqual(socketOwner(host, port), os.geteuid())

@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_allow -*-
-"""Which peers may open a link to the cache (C{--allow-from})."""
+"""Which peers may open a link to the cache: C{--allow-from}, and checks like it."""
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Sequence, Union
+from typing import Any, Protocol, Sequence, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -58,16 +58,26 @@ class AddressFilter:
     def describe(self) -> str:
         return ", ".join(str(network) for network in self.networks)
 
+    def refusal(self, address: Any) -> str | None:
+        return None if self.allows(address) else f"not in --allow-from ({self.describe()})"
+
+
+class PeerCheck(Protocol):
+    """Says why a peer may not open a link, or L{None} if it may."""
+
+    def refusal(self, address: Any) -> str | None:
+        """Why the peer at C{address} is refused, or L{None}."""
+
 
 class _FilteringFactory(Factory):
-    """Hands the wrapped factory's own protocol to an allowed peer; refuses the others."""
+    """Hands the wrapped factory's own protocol to a peer every check lets in; refuses the others."""
 
     noisy = False
     log = Logger()
 
-    def __init__(self, wrapped: IProtocolFactory, allowed: AddressFilter) -> None:
+    def __init__(self, wrapped: IProtocolFactory, checks: Sequence[PeerCheck]) -> None:
         self.wrapped = wrapped
-        self.allowed = allowed
+        self.checks = list(checks)
 
     def doStart(self) -> None:
         self.wrapped.doStart()
@@ -80,28 +90,30 @@ class _FilteringFactory(Factory):
         return str(prefix()) if callable(prefix) else type(self.wrapped).__name__
 
     def buildProtocol(self, addr: Any) -> Any:
-        if not self.allowed.allows(addr):
-            self.log.warn(
-                "refused a link from {peer}: not in --allow-from ({allowed})",
-                peer=str(getattr(addr, "host", addr)),
-                allowed=self.allowed.describe(),
-            )
-            return None  # the port closes the connection: nothing is read
+        for check in self.checks:
+            why = check.refusal(addr)
+            if why is not None:
+                self.log.warn(
+                    "refused a link from {peer}: {why}",
+                    peer=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
+                    why=why,
+                )
+                return None  # the port closes the connection: nothing is read
         return self.wrapped.buildProtocol(addr)
 
 
 @implementer(IStreamServerEndpoint)
-class AllowFromEndpoint:
+class PeerCheckingEndpoint:
     """
-    A server endpoint whose connections from peers C{allowed} does not
-    allow are closed at once.  Wrap the plain endpoint (under any TLS), so a
+    A server endpoint whose connections from peers one of C{checks} refuses
+    are closed at once.  Wrap the plain endpoint (under any TLS), so a
     refused peer does not even get a handshake.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, allowed: AddressFilter) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, checks: Sequence[PeerCheck]) -> None:
         self._endpoint = endpoint
-        self.allowed = allowed
+        self.checks = list(checks)
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        listening: Deferred[IListeningPort] = self._endpoint.listen(_FilteringFactory(factory, self.allowed))
+        listening: Deferred[IListeningPort] = self._endpoint.listen(_FilteringFactory(factory, self.checks))
         return listening

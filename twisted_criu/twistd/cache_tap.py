@@ -11,7 +11,8 @@ from twisted.python import usage
 
 from twisted_criu.daemons.cache import ImageCacheService
 from twisted_criu.daemons.extras import finishDaemon
-from twisted_criu.link.allow import AddressFilter, AllowFromEndpoint, parseNetworks
+from twisted_criu.link.allow import AddressFilter, PeerCheck, PeerCheckingEndpoint, parseNetworks
+from twisted_criu.link.localpeers import LocalOwnerCheck
 from twisted_criu.link.tls import TLSServerEndpoint, serverConnectionCreator
 from twisted_criu.twistd.options import DaemonOptions, daemonArguments, parseDuration
 
@@ -25,6 +26,9 @@ class Options(DaemonOptions):
     streamSocketName = "streamer-serve.sock"
     socketName = "img-cache.sock"
     controlSocketName = "cache-control.sock"
+    optFlags = [
+        ["allow-local-users", None, "Accept a link from a loopback peer owned by any user (default: only root and the cache's own user, so no other local user can send images)."],
+    ]
     optParameters = [
         ["address", None, "127.0.0.1", "Interface to listen on for the proxy (use 0.0.0.0 or the host's address for a real migration)."],
         ["listen", None, None, "Server endpoint for the proxy (overrides --address/--port), e.g. tcp:9996:interface=10.0.0.2."],
@@ -53,9 +57,14 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     listen: IStreamServerEndpoint = serverFromString(reactor, options["listen"])
+    checks: list[PeerCheck] = []
     if options["allow-from"] is not None:
-        listen = AllowFromEndpoint(listen, options["allow-from"])  # under TLS: no handshake for them
+        checks.append(options["allow-from"])
         log.info("links only from {allowed} (--allow-from)", allowed=options["allow-from"].describe())
+    if not options["allow-local-users"]:
+        checks.append(LocalOwnerCheck())
+    if checks:
+        listen = PeerCheckingEndpoint(listen, checks)  # under TLS: no handshake for them
     if options["tls"]:
         credentials = options["tls-credentials"]
         listen = TLSServerEndpoint(
