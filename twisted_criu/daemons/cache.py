@@ -20,7 +20,7 @@ from zope.interface import implementer
 from twisted_criu import wire
 from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
-from twisted_criu.daemons.cachesession import ABORTED, DUMPING, RESTORED, CacheSession
+from twisted_criu.daemons.cachesession import DUMPING, FINAL, RESTORED, CacheSession
 from twisted_criu.daemons.restores import LINKED_GRACE, RestoreChooser, RestoreReads
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
@@ -39,6 +39,12 @@ from twisted_criu.views import SessionView
 #: How many ended sessions' tokens the cache remembers, so that a proxy
 #: that comes back to one is told it is over instead of starting it anew.
 REMEMBERED_TOKENS = 4096
+
+
+def _endStatus(state: str) -> wire.LinkStatus:
+    """What a proxy is told of a session that ended in C{state}."""
+    kind = wire.LinkStatusKind.SESSION_DONE if state == RESTORED else wire.LinkStatusKind.SESSION_ABORTED
+    return wire.LinkStatus(kind)
 
 
 @implementer(IRestoreService, IRemoteImageSink)
@@ -142,13 +148,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         while len(self._ended) > REMEMBERED_TOKENS:
             self._ended.popitem(last=False)
         self.restores.sessionOver(session)
-        kind = (
-            wire.LinkStatusKind.SESSION_DONE
-            if session.state == RESTORED
-            else wire.LinkStatusKind.SESSION_ABORTED
-        )
         for link in list(session.links):
-            link.sendStatus(wire.LinkStatus(kind))
+            link.sendStatus(_endStatus(session.state))
             link.close()
         session.links.clear()
 
@@ -163,10 +164,11 @@ class ImageCacheService(ImageDaemon[CacheSession]):
             images=summary.images,
             bytes=summary.bytes,
         )
-        self._retainFor(session)
-        self.restores.sessionDelivered(session)
+        self.retainFor(session)
+        self.restores.wake()
 
-    def _retainFor(self, session: CacheSession) -> None:
+    def retainFor(self, session: CacheSession) -> None:
+        """(Re)start C{session}'s retention time: at delivery, and when a restore picks it."""
         session.cancel("retention")
         if self.retain > 0:
             session.retention = self.reactor.callLater(self.retain, self._expire, session)
@@ -295,13 +297,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
             self.log.warn(
                 "a proxy sends images of a session that is {state}: discarded", state=state
             )
-            kind = (
-                wire.LinkStatusKind.SESSION_DONE
-                if state == RESTORED
-                else wire.LinkStatusKind.SESSION_ABORTED
-            )
-            if state in (RESTORED, ABORTED, "dropped"):
-                receiver.sendStatus(wire.LinkStatus(kind))
+            if state in FINAL:
+                receiver.sendStatus(_endStatus(state))
 
     def dumpEnded(self, receiver: IReceivingLink, token: str | None) -> None:
         session = self._byToken.get(self.linkToken(receiver, token))
@@ -340,7 +337,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         self._sessionsLinkClosed(receiver, clean)
         self._anonymous.pop(receiver, None)
         self._refused.pop(receiver, None)
-        self.restores.linksChanged()
+        self.restores.wake()
 
     def _sessionsLinkClosed(self, receiver: IReceivingLink, clean: bool) -> None:
         if not self.running:

@@ -205,10 +205,7 @@ class CacheSession:
 
     def abort(self) -> bool:
         """The dump failed: newly aborted? (Its images are then released.)"""
-        if not self._migration.aborted():
-            return False
-        self._end()
-        return True
+        return self._endIf(self._migration.aborted())
 
     def beginRestore(self) -> None:
         self.cancel("retention")
@@ -227,17 +224,11 @@ class CacheSession:
 
     def expire(self) -> bool:
         """The retention time is over: newly dropped? (Its images are then released.)"""
-        if not self._migration.retentionOver():
-            return False
-        self._end()
-        return True
+        return self._endIf(self._migration.retentionOver())
 
     def drop(self) -> bool:
         """The operator drops it: newly dropped? (Its images are then released.)"""
-        if not self._migration.dropped():
-            return False
-        self._end()
-        return True
+        return self._endIf(self._migration.dropped())
 
     def cancel(self, which: str) -> None:
         """Cancel the C{giveUp} or C{retention} timer, if set."""
@@ -246,10 +237,13 @@ class CacheSession:
         if call is not None and call.active():
             call.cancel()
 
-    def _end(self) -> None:
-        self.cancel("giveUp")
-        self.cancel("retention")
-        self.registry.release()
+    def _endIf(self, ended: bool) -> bool:
+        """The machine reached a final state if C{ended}: then stop the timers, release the images."""
+        if ended:
+            self.cancel("giveUp")
+            self.cancel("retention")
+            self.registry.release()
+        return ended
 
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
         if key[0] == wire.SEED_NULL_SNAPSHOT:

@@ -164,12 +164,8 @@ class RestoreChooser:
 
     # -- sessions changing ----------------------------------------------------
 
-    def linksChanged(self) -> None:
-        """A link closed: restores waiting for it may have nothing to wait for now."""
-        if self._waiters:
-            self._answerWaiters()
-
-    def sessionDelivered(self, session: CacheSession) -> None:
+    def wake(self) -> None:
+        """A session was delivered or a link closed: waiting restores are answered again."""
         if self._waiters:
             self._answerWaiters()
 
@@ -178,8 +174,7 @@ class RestoreChooser:
             self.current = None
             self._reading = False
             self._lastRestored = session.id if session.state == RESTORED else None
-        if self._waiters:
-            self._answerWaiters()
+        self.wake()
 
     # -- restores ending --------------------------------------------------------
 
