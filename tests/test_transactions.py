@@ -378,6 +378,23 @@ class SessionTests(_Hooked):
         yield waitFor(lambda: self.m.proxy.listSessions() == [])  # type: ignore[union-attr]
 
 
+class UnconfirmedRestoreTests(_Hooked):
+    cacheArgs = {"retain": 1.0}
+
+    @inlineCallbacks
+    def test_unconfirmedRestoreDroppedAfterRetention(self) -> Any:
+        """--retain: a restore that is never confirmed keeps the images that long, no longer."""
+        assert self.m.cache
+        yield self.dumpFiles()
+        status, out = yield self.hook("post-dump")
+        self.assertEqual(status, 0, out)
+        yield inThread(self.capture.close)
+        self.assertEqual((yield self.restoreFiles()), FILES)
+        self.assertEqual(self.cacheStates(), ["restoring"])  # a hooked dump waits for post-resume
+        yield waitFor(lambda: self.m.cache.sessions == {}, timeout=5)  # type: ignore[union-attr]
+        self.assertTrue(self.logged("was not restored within --retain 1 s"))
+
+
 class SettleTests(SynchronousTestCase):
     """What the proxy asks the kernel before it confirms a dump."""
 

@@ -208,7 +208,6 @@ class CacheSession:
         return self._endIf(self._migration.aborted())
 
     def beginRestore(self) -> None:
-        self.cancel("retention")
         self._migration.restoreBegun()
 
     def restoreFailed(self) -> None:

@@ -149,6 +149,7 @@ class RestoreChooser:
         session.hooked = self._hookAnnounced
         self._hookAnnounced = False
         session.beginRestore()
+        self._cache.retainFor(session)  # an unconfirmed restore is dropped after --retain too
         self.log.info(
             "a restore reads session {id}{again}",
             id=session.id,
