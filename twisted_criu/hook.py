@@ -62,15 +62,22 @@ TWISTED_CRIU_PROXY_CONTROL or TWISTED_CRIU_CACHE_CONTROL to use others.
 """
 
 
-def _unixConnection(path: str, timeout: float) -> http.client.HTTPConnection:
-    """HTTP over a UNIX socket (imported here: most actions need no HTTP at all)."""
+def unixConnection(path: str, timeout: float) -> http.client.HTTPConnection:
+    """
+    HTTP to a daemon's control socket at C{path} (imported here: most
+    actions need no HTTP at all).
+    """
     import http.client
 
     class UnixConnection(http.client.HTTPConnection):
         def connect(self) -> None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
-            sock.connect(path)
+            try:
+                sock.connect(path)
+            except BaseException:
+                sock.close()
+                raise
             self.sock = sock
 
     return UnixConnection("twisted-criu", timeout=timeout)
@@ -151,7 +158,7 @@ def runHook(action: str, path: str, out: TextIO) -> int:
     import http.client
     import json
 
-    connection = _unixConnection(path, SILENCE)
+    connection = unixConnection(path, SILENCE)
     try:
         connection.request("POST", f"/hook/{action}", headers={"Connection": "close"})
         response = connection.getresponse()

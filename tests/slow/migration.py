@@ -25,20 +25,19 @@ L{CriuRun.kill}, L{NetworkNamespace.delete}, L{ActionScript.releaseAll}).
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
+from twisted_criu.hook import unixConnection
 from twisted_criu.testing.processes import TWISTD, childEnvironment, dieWithParent, tail
 
 #: criu's action script from the transactional migration: installed beside
@@ -433,27 +432,9 @@ class DaemonProcess:
 # -- the control API -----------------------------------------------------------------------
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP to a daemon's control socket."""
-
-    def __init__(self, socketPath: str, timeout: float) -> None:
-        super().__init__("twisted-criu", timeout=timeout)
-        self.socketPath = socketPath
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socketPath)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def sessions(controlSocket: Path, timeout: float = 10) -> list[dict[str, Any]]:
     """C{GET /sessions} from a daemon's control socket: its sessions."""
-    connection = _UnixHTTPConnection(str(controlSocket), timeout)
+    connection = unixConnection(str(controlSocket), timeout)
     try:
         connection.request("GET", "/sessions")
         response = connection.getresponse()
