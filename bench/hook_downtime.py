@@ -106,8 +106,9 @@ def oneRound(criu: str, sizeMiB: int, hooked: bool, base: Path) -> dict[str, flo
     restored = None
     try:
         for name, args in (
-            ("criu-cache", ["--port", port, "-D", str(dst)]),
-            ("criu-proxy", ["--address", "127.0.0.1", "--port", port, "-D", str(src)]),
+            ("criu-cache", ["--port", port, "-D", str(dst), "--link-key", str(work / "link.key")]),
+            ("criu-proxy", ["--address", "127.0.0.1", "--port", port, "-D", str(src),
+                            "--link-key", str(work / "link.key")]),
         ):
             daemons.append(
                 subprocess.Popen(

@@ -678,6 +678,9 @@ def daemonArgv(tapname: str, logPath: str, profile: str | None, tapArgs: list[st
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={logPath}"]
     if profile:
         argv += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+    if not {"--plain-link", "--tls", "--link-key"} & set(tapArgs):
+        # The default, secured link, with a key of the run's own (not /etc's).
+        tapArgs = [*tapArgs, "--link-key", os.path.join(os.path.dirname(logPath), "..", "link.key")]
     return argv + [tapname] + tapArgs
 
 

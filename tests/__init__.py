@@ -1,0 +1,18 @@
+"""
+twisted-criu's tests.
+
+The daemons secure their link with a key file, by default under /etc for
+root: the tests give every daemon they start (in this process or as a child)
+a key of their own instead, through C{$TWISTED_CRIU_LINK_KEY}, in a
+directory removed when the run ends.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+if not os.environ.get("TWISTED_CRIU_LINK_KEY"):
+    _keys = tempfile.mkdtemp(prefix="twisted-criu-test-key-")
+    atexit.register(shutil.rmtree, _keys, True)
+    os.environ["TWISTED_CRIU_LINK_KEY"] = os.path.join(_keys, "link.key")

@@ -351,7 +351,9 @@ class PushTests(TestCase):
 
     def push(self, *argv: str) -> Any:
         options = cli.PushOptions()
-        options.parseOptions([self.dumpDir, "--address", "127.0.0.1", "--port", str(self.port), *argv])
+        options.parseOptions(
+            [self.dumpDir, "--address", "127.0.0.1", "--port", str(self.port), "--plain-link", *argv]
+        )
         out = io.StringIO()
         return cli.push(reactor, options, out).addCallback(lambda _: out.getvalue())
 

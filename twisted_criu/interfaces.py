@@ -228,12 +228,20 @@ class IReceivingLink(Interface):
     """The receiving end of one link, as the cache's sessions see it."""
 
     peerExtended = Attribute("The proxy speaks twisted-criu's link extension.")
+    authenticated = Attribute(
+        "The peer proved who it is (the link key or --tls): a new link naming a"
+        " session is then its proxy's, not an impostor's."
+    )
+    peer = Attribute("The peer's address, for the log.")
 
     def sendStatus(status: wire.LinkStatus) -> None:
         """Tell a twisted-criu proxy (a C proxy is never written to)."""
 
     def close() -> None:
         """End the link once what was written is flushed."""
+
+    def abort() -> None:
+        """Drop the link now; the image it was sending is discarded."""
 
 
 class IRemoteImageSink(Interface):

@@ -121,7 +121,7 @@ class Daemon:
             )
         self.waitForLog(r"LocalImageFactory starting on")
         if self.kind == "criu-cache":
-            self.waitForLog(r"RemoteReceiverFactory starting on")
+            self.waitForLog(r"RemoteReceiverFactory (\(TLS\) )?starting on")
         return self
 
     def _limitFiles(self) -> None:
@@ -660,7 +660,7 @@ class CacheKilledTests(_DaemonTest):
         restore.  C{delivered}: the cache was killed after the dump was
         delivered (else in the middle of it).
         """
-        proxy.waitForLog(r"cannot reach the cache at tcp:host=127.0.0.1:port=\d+: .*refused.*; will retry", count=2)
+        proxy.waitForLog(r"cannot reach the cache at tcp:host=127.0.0.1:port=\d+( \(link key\))?: .*refused.*; will retry", count=2)
         time.sleep(max(0.0, downFor - 2))
         cache.start()  # same port, same directory
         proxy.waitForLog(r"ProxySession#info\] connected to the cache", count=2)

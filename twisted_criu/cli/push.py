@@ -17,6 +17,7 @@ from twisted_criu.twistd.options import LinkTLSOptions
 
 
 class PushOptions(AnyOrderOptions, LinkTLSOptions):
+    createsLinkKey = False  # push uses the cache host's key, copied here
     synopsis = "DIR (--address HOST [--port PORT] | --to ENDPOINT) [options]"
     description = (
         "Send the images of an on-disk dump (the *.img files that `criu dump -D DIR` "

@@ -283,10 +283,44 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         if isinstance(session, str):
             self._refuse(receiver, session)
             return None
+        if not self._oneLink(session, receiver):
+            return None
         if session.imagesArriving(receiver):
             return session.registry
         self._refuse(receiver, session.state, session)
         return None
+
+    def _oneLink(self, session: CacheSession, receiver: IReceivingLink) -> bool:
+        """
+        One link per session: may C{receiver} speak for C{session}?  A
+        second link while one is alive is its proxy reconnecting (after a
+        break this end has not noticed yet) if it is authenticated: it then
+        replaces the old one.  A plain link cannot prove that: it is refused.
+        """
+        others = [link for link in session.links if link is not receiver]
+        if not others:
+            return True
+        if receiver.authenticated:
+            for old in others:
+                self.log.warn(
+                    "session {id}: its proxy linked again from {peer}; dropping its old link"
+                    " from {old}",
+                    id=session.id,
+                    peer=receiver.peer,
+                    old=old.peer,
+                )
+                session.links.discard(old)
+                old.abort()
+            return True
+        self.log.error(
+            "refused a second link for session {id} from {peer}: its link from {old} is alive,"
+            " and a plain link cannot prove it comes from the same proxy",
+            id=session.id,
+            peer=receiver.peer,
+            old=others[0].peer,
+        )
+        receiver.abort()
+        return False
 
     def _refuse(self, receiver: IReceivingLink, state: str, session: CacheSession | None = None) -> None:
         """Images came for a session that takes no more: tell the proxy."""
@@ -302,7 +336,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
 
     def dumpEnded(self, receiver: IReceivingLink, token: str | None) -> None:
         session = self._byToken.get(self.linkToken(receiver, token))
-        if session is not None:
+        if session is not None and self._oneLink(session, receiver):
             self.delivered(session, "the proxy ended its dump")
 
     def syncRequested(self, receiver: IReceivingLink, token: str | None, sequence: int) -> wire.LinkStatus:
@@ -310,6 +344,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         session = self._sessionFor(self.linkToken(receiver, token))
         if isinstance(session, str):
             self.log.error("a proxy asks to confirm a session that is {state}", state=session)
+            return wire.LinkStatus(wire.LinkStatusKind.SESSION_ABORTED)
+        if not self._oneLink(session, receiver):
             return wire.LinkStatus(wire.LinkStatusKind.SESSION_ABORTED)
         session.links.add(receiver)
         session.dumpHooked = True
@@ -324,7 +360,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
 
     def abortRequested(self, receiver: IReceivingLink, token: str | None) -> None:
         session = self._byToken.get(self.linkToken(receiver, token))
-        if session is not None:
+        if session is not None and self._oneLink(session, receiver):
             self.abortSession(session, "the proxy says criu's dump failed and the process was resumed")
 
     @property

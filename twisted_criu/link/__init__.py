@@ -17,4 +17,9 @@ byte was stored, not just sent), and once the restore has finished it
 sends SESSION_DONE and closes the link, which tells the proxy that its
 chain of dumps is over.  A proxy that is not greeted ends the session
 with EOF, as the C proxy does.
+
+Security: by default the link runs inside TLS 1.3 authenticated by the
+link key both ends hold (L{key}); C{--tls} uses a PKI instead (L{tls});
+C{--plain-link} is the bare stream the C daemons speak.  L{allow} and
+L{localpeers} decide who may connect at all, under any of them.
 """

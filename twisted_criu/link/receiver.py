@@ -13,6 +13,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -64,6 +65,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self.peerExtended = False
         self._imagesSinceMarker = 0
         self._bytesSinceMarker = 0
+        self.authenticated = False
+        self.peer = "?"
 
     def connectionMade(self) -> None:
         # Image bodies are read straight into a reused buffer (the store
@@ -71,13 +74,23 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._reads = BufferedReads.install(
             self.transport, self._bodyReadSize, self.dataReceived, LINK_READ_SIZE
         )
+        # Under TLS (the link key or --tls) the handshake gate connects us
+        # only once the peer has proven who it is.
+        self.authenticated = isinstance(self.transport, TLSMemoryBIOProtocol)
+        address = self.transport.getPeer()
+        self.peer = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
         self.sink.linkOpened(self)
-        peer = self.transport.getPeer()
-        self.log.info("proxy connected from {peer}", peer=str(peer))
+        self.log.info("proxy connected from {peer}", peer=str(address))
 
     def close(self) -> None:
         """End the link once what was written is flushed."""
         self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the link now; the image it was sending is discarded, now."""
+        if self._writer is not None:
+            self._dropImage()
+        self.transport.abortConnection()
 
     def sendStatus(self, status: wire.LinkStatus) -> None:
         """Tell a twisted-criu proxy (never a C proxy: see L{peerExtended})."""
@@ -161,6 +174,11 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     return
                 continue
             try:
+                if self.imagesReceived == 0 and not self._frames.pending and _looksLikeTLS(data):
+                    raise ProtocolError(
+                        "the peer speaks TLS (a proxy with the link key, or --tls) and this"
+                        " link is plain (--plain-link): give both ends the same choice"
+                    )
                 payload = self._frames.feed(bytes(data))
                 if payload is None:
                     return
@@ -349,6 +367,11 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 "link lost inside a header frame ({n} bytes)", n=self._frames.pending
             )
         self.sink.linkClosed(self, clean)
+
+
+def _looksLikeTLS(data: bytes | memoryview) -> bool:
+    """A TLS handshake record (type 22, version 3.x), where a header frame should start."""
+    return len(data) >= 3 and data[0] == 0x16 and data[1] == 0x03 and 1 <= data[2] <= 4
 
 
 class RemoteReceiverFactory(Factory):

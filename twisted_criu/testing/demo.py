@@ -3,7 +3,7 @@
 A loopback migration, end to end, with no CRIU binary.
 
 C{python -m twisted_criu.testing.demo} starts a real C{twistd criu-cache} and a real
-C{twistd criu-proxy} as separate processes linked over TCP on 127.0.0.1,
+C{twistd criu-proxy} as separate processes linked over TLS on 127.0.0.1,
 then plays C{criu dump --remote} against the proxy and C{criu restore
 --remote} against the cache with L{twisted_criu.testing.criu.LocalImageClient}
 (or C{--stream} with L{twisted_criu.testing.criu.StreamClient}), and checks that
@@ -393,6 +393,8 @@ def run(args: argparse.Namespace, workDir: str) -> None:
 
     port = freePort()
     extra = [] if args.memory_limit is None else ["--memory-limit", args.memory_limit]
+    # The demo's own link key, so that it leaves nothing in /etc.
+    extra += ["--link-key", os.path.join(workDir, "link.key")]
     sockets = StreamCriu if args.protocol == "stream" else RemoteCriu
     cache = Daemon("criu-cache", workDir, dst, sockets.cacheSocket)
     proxy = Daemon("criu-proxy", workDir, src, sockets.proxySocket)
@@ -410,7 +412,7 @@ def run(args: argparse.Namespace, workDir: str) -> None:
                     raise
                 cache.stop()
                 port = freePort()
-        say(f"  link      criu-proxy -> 127.0.0.1:{port} -> criu-cache (TCP)")
+        say(f"  link      criu-proxy -> 127.0.0.1:{port} -> criu-cache (TLS 1.3, link key {workDir}/link.key)")
         say(f"  started   {cache.tapname:<10} pid {cache.pid:<7} {cache.socketPath}")
         proxy.start(
             ["--once", "--port", str(port), "--address", "127.0.0.1", "-D", src, *extra],
@@ -457,7 +459,7 @@ def run(args: argparse.Namespace, workDir: str) -> None:
     say()
     say(
         f"OK: {len(images)} images ({total:,} bytes) went criu dump --{args.protocol} -> "
-        f"criu-proxy -> TCP -> criu-cache -> criu restore --{args.protocol} intact "
+        f"criu-proxy -> TLS -> criu-cache -> criu restore --{args.protocol} intact "
         f"in {migration:.2f} s ({rate(total, migration)}); "
         f"whole demo {time.monotonic() - started:.1f} s"
     )

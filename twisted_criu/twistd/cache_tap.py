@@ -14,7 +14,12 @@ from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.link.allow import AddressFilter, PeerCheck, PeerCheckingEndpoint, parseNetworks
 from twisted_criu.link.localpeers import LocalOwnerCheck
 from twisted_criu.link.tls import TLSServerEndpoint, serverConnectionCreator
-from twisted_criu.twistd.options import DaemonOptions, daemonArguments, parseDuration
+from twisted_criu.twistd.options import (
+    HANDSHAKE_DEADLINE,
+    DaemonOptions,
+    daemonArguments,
+    parseDuration,
+)
 
 
 class Options(DaemonOptions):
@@ -65,15 +70,17 @@ def makeService(options: Options) -> IService:
         checks.append(LocalOwnerCheck())
     if checks:
         listen = PeerCheckingEndpoint(listen, checks)  # under TLS: no handshake for them
-    if options["tls"]:
+    handshakeTimeout = min(options["timeout"], HANDSHAKE_DEADLINE)
+    key = options.linkKey()
+    if key is not None:
+        listen = TLSServerEndpoint(reactor, listen, key.serverCreator(), handshakeTimeout)
+    elif options["tls"]:
         credentials = options["tls-credentials"]
         listen = TLSServerEndpoint(
-            reactor,
-            listen,
-            serverConnectionCreator(credentials),
-            handshakeTimeout=options["timeout"],
+            reactor, listen, serverConnectionCreator(credentials), handshakeTimeout
         )
         log.info("TLS for the proxy: {credentials}", credentials=credentials.describe())
+    options.logLinkSecurity("proxy")
     service = ImageCacheService(
         reactor,
         serverFromString(reactor, options["local"]),

@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from twisted_criu.criu.images import ReadVariant
 from twisted_criu.link import tls
+from twisted_criu.link.key import LinkKey, LinkKeyError, defaultKeyPath, loadKey
 from twisted_criu.link.tls import TLSClientEndpoint, clientConnectionCreator
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.twistd.endpointstrings import endpointHost, endpointType
@@ -22,6 +23,9 @@ log = Logger()
 
 #: The port CRIU's remote-images daemons used.
 DEFAULT_PORT = 9996
+
+#: Seconds a peer has to complete the link's TLS handshake (a few round trips).
+HANDSHAKE_DEADLINE = 10.0
 
 
 def parsePort(value: str) -> int:
@@ -137,13 +141,22 @@ def daemonArguments(reactor: Any, options: usage.Options) -> dict[str, Any]:
 
 
 class LinkTLSOptions(usage.Options):
-    """The TLS flags of the proxy -> cache link, CRIU's page-server spellings."""
+    """
+    How the proxy -> cache link is secured: by default TLS authenticated by
+    the link key file both ends hold; C{--tls} for certificates from a PKI
+    (CRIU's page-server spellings); C{--plain-link} for CRIU's C daemons.
+    """
+
+    #: Whether a missing key file is generated (the daemons) or an error (push).
+    createsLinkKey = True
 
     optFlags: list[list[Any]] = [
-        ["tls", None, "Mutual TLS on the proxy -> cache link (give it to both ends; plain TCP without it)."],
+        ["plain-link", None, "Plain TCP on the link, neither authenticated nor encrypted, as CRIU's C daemons speak it (give it to both ends; it logs a warning: limit who may connect with --allow-from)."],
+        ["tls", None, "Mutual TLS with certificates from your PKI on the link, instead of the link key (give it to both ends)."],
         ["tls-no-cn-verify", None, "Proxy: do not check that the cache's certificate names the host dialled (its CA is still checked). The cache never checks names."],
     ]
     optParameters: list[list[Any]] = [
+        ["link-key", None, None, "The key file both ends of the link hold (0600; copy it from one host to the other): only a peer holding it can open the link, which is encrypted and tamper-proof (TLS 1.3). Generated if absent. [default: $TWISTED_CRIU_LINK_KEY, else /etc/twisted-criu/link.key for root, ~/.config/twisted-criu/link.key for others]"],
         ["tls-cacert", None, None, f"With --tls: CA certificate(s), PEM, the other end's certificate must chain to [default: {tls.DEFAULT_CACERT}]."],
         ["tls-cert", None, None, f"With --tls: this end's certificate, PEM, optionally followed by intermediates [default: {tls.DEFAULT_CERT}]."],
         ["tls-key", None, None, f"With --tls: the unencrypted PEM private key of --tls-cert [default: {tls.DEFAULT_KEY}]."],
@@ -157,16 +170,26 @@ class LinkTLSOptions(usage.Options):
     )
 
     def loadTLS(self) -> None:
-        """With --tls, read the certificates now: a bad file is a usage error."""
+        """
+        Read what secures the link now (a bad file is a usage error):
+        C{tls-credentials} with --tls, C{link-key} (a L{LinkKey}) by default.
+        """
         self["tls-credentials"] = None
+        if self["plain-link"] and self["tls"]:
+            raise usage.UsageError("--plain-link and --tls: give one (the link is either plain or TLS)")
+        if self["link-key"] is not None and (self["plain-link"] or self["tls"]):
+            other = "--plain-link" if self["plain-link"] else "--tls"
+            raise usage.UsageError(f"--link-key secures the default link: it does not go with {other}")
         if not self["tls"]:
             stray = [f"--{name}" for name, _ in self._tlsFiles if self[name] is not None]
             if self["tls-no-cn-verify"]:
                 stray.append("--tls-no-cn-verify")
             if stray:
                 raise usage.UsageError(
-                    f"{stray[0]} needs --tls (without --tls the link is plain TCP)"
+                    f"{stray[0]} needs --tls (without --tls the link is secured by the link key)"
                 )
+            if not self["plain-link"]:
+                self._loadLinkKey()
             return
         defaulted = set()
         for name, default in self._tlsFiles:
@@ -183,6 +206,42 @@ class LinkTLSOptions(usage.Options):
                 if message.startswith(f"--{name} "):
                     message += f" (CRIU's default path; give --{name} FILE)"
             raise usage.UsageError(message) from None
+
+    def _loadLinkKey(self) -> None:
+        path = self["link-key"] or defaultKeyPath()
+        try:
+            self["link-key"] = loadKey(path, create=self.createsLinkKey)
+        except LinkKeyError as e:
+            raise usage.UsageError(f"{e} (or --plain-link for CRIU's C daemons)") from None
+
+    def linkKey(self) -> LinkKey | None:
+        """The link key, unless the link is plain or uses --tls."""
+        key = self["link-key"]
+        return key if isinstance(key, LinkKey) else None
+
+    def logLinkSecurity(self, peer: str) -> None:
+        """Say at start how the link is secured (a warning if it is not)."""
+        key = self.linkKey()
+        if key is not None:
+            if key.created:
+                log.warn(
+                    "generated a new link key at {path} (fingerprint {fingerprint}): copy it"
+                    " (0600) to the {peer}'s host unless that is this host",
+                    path=key.path,
+                    fingerprint=key.fingerprint,
+                    peer=peer,
+                )
+            log.info(
+                "link: TLS 1.3 authenticated by the {key}; the {peer} must hold the same key",
+                key=key.describe(),
+                peer=peer,
+            )
+        elif self["plain-link"]:
+            log.warn(
+                "--plain-link: the link is neither authenticated nor encrypted; anyone who can"
+                " reach it can read the images or send images a restore would run. Use it only"
+                " for CRIU's C daemons, on a trusted network, with --allow-from"
+            )
 
     def refuseDoubleTLS(self, option: str, kinds: tuple[str, ...], example: str) -> None:
         """--tls wraps the link endpoint itself: it must be a plain stream."""
@@ -214,14 +273,22 @@ def cacheEndpoint(
     cache: IStreamClientEndpoint = clientFromString(reactor, options["connect"])
     retryPolicy = backoffPolicy(maxDelay=maxRetryDelay)
     description = options["connect"]
-    if options["tls"]:
+    key = options.linkKey()
+    handshakeTimeout = min(options["timeout"], HANDSHAKE_DEADLINE)
+    if key is not None:
+        secured = TLSClientEndpoint(
+            reactor, cache, key.clientCreator(), handshakeTimeout, description
+        )
+        cache, retryPolicy = secured, secured.backoff(retryPolicy)
+        description += " (link key)"
+    elif options["tls"]:
         hostname = options["tls-hostname"]
         credentials = options["tls-credentials"]
         secured = TLSClientEndpoint(
             reactor,
             cache,
             clientConnectionCreator(credentials, hostname),
-            handshakeTimeout=options["timeout"],
+            handshakeTimeout=handshakeTimeout,
             description=description,
         )
         cache, retryPolicy = secured, secured.backoff(retryPolicy)

@@ -42,6 +42,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     cache, retryPolicy, description = cacheEndpoint(reactor, options, options["max-retry-delay"])
+    options.logLinkSecurity("cache")
     service = ImageProxyService(
         reactor,
         serverFromString(reactor, options["local"]),

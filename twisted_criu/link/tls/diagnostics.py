@@ -32,12 +32,12 @@ _HINTS = {
     "peer did not return a certificate": "it sent no certificate (started without --tls-cert?)",
     "tlsv13 alert certificate required": "the peer wants a certificate and got none",
     "tlsv1 alert unknown ca": "the peer does not trust our certificate's CA (--tls-cacert there)",
-    "sslv3 alert bad certificate": "the peer rejected our certificate",
+    "sslv3 alert bad certificate": "the peer rejected our certificate (or our link key: is it the same file on both hosts?)",
     "sslv3 alert certificate expired": "the peer says our certificate has expired",
-    "tlsv1 alert decrypt error": "the peer rejected our certificate",
-    "wrong version number": "the peer does not speak TLS (started without --tls?)",
-    "packet length too long": "the peer does not speak TLS (started without --tls?)",
-    "record layer failure": "the peer does not speak TLS (started without --tls?)",
+    "tlsv1 alert decrypt error": "the peer rejected our certificate (or our link key: is it the same file on both hosts?)",
+    "wrong version number": "the peer does not speak TLS (started with --plain-link, or one of CRIU's C daemons?)",
+    "packet length too long": "the peer does not speak TLS (started with --plain-link, or one of CRIU's C daemons?)",
+    "record layer failure": "the peer does not speak TLS (started with --plain-link, or one of CRIU's C daemons?)",
     "http request": "the peer does not speak TLS",
 }
 
@@ -71,7 +71,7 @@ def describeFailure(reason: Failure, detail: str | None = None) -> str:
         return str(value) or type(value).__name__
     return (
         "the peer closed the connection during the handshake"
-        " (did it reject our certificate? its log says why)"
+        " (did it reject our certificate or link key, or is it plain: --plain-link or a C daemon? its log says why)"
     )
 
 
