@@ -99,6 +99,19 @@ class ControlConnectionTests(SynchronousTestCase):
         warnings = [e["log_format"].format(**e) for e in events if e["log_level"] >= LogLevel.warn]
         self.assertEqual(warnings, ["control request with a body of 100000000 bytes (at most 4096) dropped"])
 
+    def test_refusedRequestNotServed(self) -> None:
+        """A request refused for its body is not served, even when all of it came in one read."""
+        control = _NoSessions()
+        dropped: list[str] = []
+        control.dropSession = dropped.append  # type: ignore[method-assign, assignment]
+        protocol: Any = controlSite(control, timeout=self.TIMEOUT, reactor=self.clock).buildProtocol(None)
+        transport = _SocketLikeAbort()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"DELETE /sessions/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(dropped, [])
+        self.assertEqual(transport.value(), b"")
+
     def test_chunkedBodyTooLarge(self) -> None:
         chunk = b"x" * (MAX_REQUEST_BODY + 1)
         self.protocol.dataReceived(

@@ -211,6 +211,11 @@ class _ControlRequest(server.Request):
             return
         self._body.write(data)
 
+    def process(self) -> None:
+        if self._refused:  # its whole body came in the read that refused it
+            return
+        super().process()
+
     def _refuse(self, size: int) -> None:
         self._refused = True
         self.log.warn(
