@@ -167,8 +167,8 @@ class SocketOwnerTests(SynchronousTestCase):
         table = self.mktemp()
         with open(table, "w") as f:
             f.write("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n")
-            f.write("   0: 0100007F:EE18 0100007F:8F71 01 00000000:00000000 00:00000000 00000000 65534        0 0 1\n")
-            f.write("   1: 0100007F:8F71 0100007F:EE18 01 00000000:00000000 00:00000000 00000000     0        0 0 1\n")
+            f.write("   0: 0100007F:EE18 0100007F:8F71 01 00000000:00000000 00:00000000 00000000 65534        0 4711 1\n")
+            f.write("   1: 0100007F:8F71 0100007F:EE18 01 00000000:00000000 00:00000000 00000000     0        0 4712 1\n")
         self.assertEqual(socketOwner("127.0.0.1", 0xEE18, [table]), 65534)
         self.assertEqual(socketOwner("127.0.0.1", 0x8F71, [table]), 0)
         self.assertEqual(socketOwner("::ffff:127.0.0.1", 0xEE18, [table]), 65534)
@@ -177,6 +177,32 @@ class SocketOwnerTests(SynchronousTestCase):
         self.assertIsNone(check.refusal(IPv4Address("TCP", "127.0.0.1", 0x8F71)))
         self.assertIn("uid 65534", check.refusal(IPv4Address("TCP", "127.0.0.1", 0xEE18)) or "")
         self.assertIsNone(check.refusal(IPv4Address("TCP", "10.0.0.1", 0xEE18)))  # not loopback: other checks
+
+    def test_closedSocketsHaveNoOwner(self) -> None:
+        """
+        The kernel lists a closed socket (TIME_WAIT, or orphaned by close())
+        as uid 0, inode 0, whoever opened it: a local user who sends and
+        closes before the check, or whose port also has a TIME_WAIT socket
+        listed first, must not pass as root.  A peer at one of this host's
+        other addresses is local too.
+        """
+        table = self.mktemp()
+        with open(table, "w") as f:
+            f.write("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n")
+            # 127.0.0.1:60952 in TIME_WAIT (to another port), then live and nobody's
+            f.write("   0: 0100007F:EE18 0100007F:3039 06 00000000:00000000 03:00001766 00000000     0        0 0 3\n")
+            f.write("   1: 0100007F:EE18 0100007F:8F71 01 00000000:00000000 00:00000000 00000000 65534        0 4711 1\n")
+            # 127.0.0.1:43690 closed after sending (FIN_WAIT2, orphaned)
+            f.write("   2: 0100007F:AAAA 0100007F:8F71 05 00000000:00000000 03:00001766 00000000     0        0 0 3\n")
+            # 10.0.0.2:48059, one of this host's addresses, nobody's
+            f.write("   3: 0200000A:BBBB 0200000A:8F71 01 00000000:00000000 00:00000000 00000000 65534        0 4713 1\n")
+        check = LocalOwnerCheck({0}, [table])
+        self.assertEqual(socketOwner("127.0.0.1", 0xEE18, [table]), 65534)
+        self.assertIn("a loopback peer of uid 65534", check.refusal(IPv4Address("TCP", "127.0.0.1", 0xEE18)) or "")
+        self.assertIsNone(socketOwner("127.0.0.1", 0xAAAA, [table]))
+        self.assertIn("already closed", check.refusal(IPv4Address("TCP", "127.0.0.1", 0xAAAA)) or "")
+        self.assertIn("a local peer of uid 65534", check.refusal(IPv4Address("TCP", "10.0.0.2", 0xBBBB)) or "")
+        self.assertIsNone(check.refusal(IPv4Address("TCP", "10.0.0.3", 0xBBBB)))  # remote: other checks
 
     def test_realSocket(self) -> None:
         server = socket.socket()

@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 from zope.interface import implementer
@@ -20,6 +21,15 @@ from twisted_criu.errors import HookRefused
 from twisted_criu.interfaces import ISessionControl, IStoredImage
 from twisted_criu.keys import ImageKey
 from twisted_criu.views import SessionView
+
+
+class _SocketLikeAbort(StringTransport):
+    """Aborts as a socket does: nothing changes until the reactor's next turn."""
+
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
 
 
 @implementer(ISessionControl)
@@ -72,6 +82,35 @@ class ControlConnectionTests(SynchronousTestCase):
         )
         self.assertTrue(self.transport.disconnected)
         self.assertEqual(self.transport.value(), b"")
+
+    def test_announcedBodyTooLargeLoggedOnce(self) -> None:
+        """
+        One warning per refused request, also for the body bytes that came
+        in the same read as its headers (a real socket's C{abortConnection}
+        leaves C{disconnecting} false, so the parser goes on with them).
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        transport = _SocketLikeAbort()
+        self.protocol.makeConnection(transport)
+        self.protocol.dataReceived(
+            b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 5000
+        )
+        self.assertTrue(transport.aborted)
+        warnings = [e["log_format"].format(**e) for e in events if e["log_level"] >= LogLevel.warn]
+        self.assertEqual(warnings, ["control request with a body of 100000000 bytes (at most 4096) dropped"])
+
+    def test_refusedRequestNotServed(self) -> None:
+        """A request refused for its body is not served, even when all of it came in one read."""
+        control = _NoSessions()
+        dropped: list[str] = []
+        control.dropSession = dropped.append  # type: ignore[method-assign, assignment]
+        protocol: Any = controlSite(control, timeout=self.TIMEOUT, reactor=self.clock).buildProtocol(None)
+        transport = _SocketLikeAbort()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"DELETE /sessions/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(dropped, [])
+        self.assertEqual(transport.value(), b"")
 
     def test_chunkedBodyTooLarge(self) -> None:
         chunk = b"x" * (MAX_REQUEST_BODY + 1)

@@ -203,6 +203,25 @@ class LocalProtocolTests(SynchronousTestCase):
         self.assertTrue(all(isClosed(readEnd) for readEnd, _ in pipes))
         self.assertIn("more than one file descriptor passed", self.errors()[0])
 
+    def test_descriptorFloodLogsOnce(self) -> None:
+        """
+        One read may bring up to 253 descriptors (one C{sendmsg}'s worth,
+        then their bytes): the connection is refused at the second, every
+        one is closed, and the log says so once, not once per descriptor.
+        """
+        protocol, transport = self.connect()
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        passed = [os.dup(readEnd) for _ in range(250)]
+        for fd in passed:
+            protocol.fileDescriptorReceived(fd)
+        protocol.dataReceived(b"\0" * len(passed))
+        self.assertTrue(transport.disconnected)
+        self.assertTrue(all(isClosed(fd) for fd in passed))
+        self.assertEqual(len(self.errors()), 1, self.errors()[:3])
+        self.assertIn("more than one file descriptor passed", self.errors()[0])
+
     def test_descriptorsClosedWhenConnectionDropsEarly(self) -> None:
         protocol, _ = self.connect()
         readEnd, writeEnd = os.pipe()

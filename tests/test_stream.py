@@ -273,3 +273,43 @@ class HostileClientTests(SynchronousTestCase):
         protocol.dataReceived(b"j" * (MAX_BYTES_AHEAD))
         self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
         self.assertIn("bytes sent ahead of the answers", self.errors()[0])
+
+    def test_requestsAheadOfTheirAnswers(self) -> None:
+        """
+        criu asks for its next file only once it has read the last answer:
+        requests sent in a burst fail the connection at the first, with one
+        error line (answering them one by one recursed, and their answers
+        piled up unread).
+        """
+        self.service.registry = SnapshotRegistry(waitForMissing=False)  # every answer at once
+        protocol = StreamServeProtocol(self.service)
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(wire.StreamRequest("missing.img").toBytes() * 2000)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+        self.assertEqual(self.transport.value(), b"")  # not one answer
+        self.assertEqual(len(self.errors()), 1, self.errors()[:3])
+        self.assertIn("sent after the request for missing.img, ahead of its answer", self.errors()[0])
+
+    def test_oneRequestAtATime(self) -> None:
+        """What criu does: each request once the last answer is in; the descriptor's byte may lead the next one."""
+        self.service.registry = SnapshotRegistry(waitForMissing=False)
+        writer = self.service.store.newWriter()
+        writer.write(b"abc")
+        self.service.registry.beginWrite(("", "a.img"))
+        self.service.registry.publish(("", "a.img"), writer.commit())
+        protocol = StreamServeProtocol(self.service)
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(wire.StreamRequest("missing.img").toBytes())
+        protocol.dataReceived(wire.StreamRequest("a.img").toBytes())
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        protocol.fileDescriptorReceived(writeEnd)
+        protocol.dataReceived(b"\0" + wire.StreamRequest("missing.img").toBytes())
+        pump(self.service.reactor)
+        self.assertEqual(self.errors(), [])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(
+            self.transport.value(),
+            wire.StreamReply(False).toBytes() + wire.StreamReply(True).toBytes() + wire.StreamReply(False).toBytes(),
+        )
+        self.assertEqual(os.read(readEnd, 10), b"abc")

@@ -67,6 +67,9 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         self._inlineRead = False
         self._append = False
         self._moving: ImageInFlight | None = None
+        #: A protocol error closed the connection: what the same read still
+        #: delivers is discarded (one error line per connection).
+        self._failed = False
 
     # -- events from the socket -------------------------------------------
 
@@ -82,7 +85,9 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         )
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
-        if self._fds:  # criu passes one pipe per connection
+        if self._failed:
+            os.close(descriptor)
+        elif self._fds:  # criu passes one pipe per connection
             os.close(descriptor)
             self._protocolError(ProtocolError("more than one file descriptor passed"))
         elif self._state in (_State.HEADER, _State.WRITE_START, _State.READ_WAIT):
@@ -97,6 +102,8 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
             self._protocolError(ProtocolError("unexpected file descriptor"))
 
     def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
         state = self._state
         if state is _State.WRITE_INLINE:
             writer = self._writer
@@ -347,6 +354,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
     # -- errors --------------------------------------------------------------
 
     def _protocolError(self, error: ProtocolError) -> None:
+        self._failed = True
         self.log.error(
             "bad request from criu, closing its connection: {error}", error=str(error)
         )

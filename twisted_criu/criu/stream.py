@@ -299,6 +299,11 @@ class StreamServeProtocol(_StreamControl):
 
     def requestReceived(self, filename: str) -> None:
         assert self.registry is not None
+        if self._pending:
+            # criu asks for its next file only once it has read this answer.
+            raise ProtocolError(
+                f"{len(self._pending)} bytes sent after the request for {filename}, ahead of its answer"
+            )
         self.pause()
         waiting = self.registry.whenAvailable(_key(filename))
         if not waiting.called:

@@ -194,6 +194,7 @@ class _ControlRequest(server.Request):
     """A request whose body is kept in memory and bounded (never spooled to a file)."""
 
     log = Logger()
+    _refused = False
 
     def gotLength(self, length: int | None) -> None:
         self._body = BytesIO()
@@ -202,13 +203,21 @@ class _ControlRequest(server.Request):
             self._refuse(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:  # the rest of the read that brought the headers
+            return
         size = self._body.tell() + len(data)
         if size > MAX_REQUEST_BODY:
             self._refuse(size)
             return
         self._body.write(data)
 
+    def process(self) -> None:
+        if self._refused:  # its whole body came in the read that refused it
+            return
+        super().process()
+
     def _refuse(self, size: int) -> None:
+        self._refused = True
         self.log.warn(
             "control request with a body of {size} bytes (at most {limit}) dropped",
             size=size,

@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_allow -*-
 """
-Which user opened a loopback TCP connection: the owner of the peer's
-socket, read from the kernel's C{/proc/net/tcp} tables.  On one host, any
-local user can connect to the cache's port; this tells root's proxy from
-them.
+Which user opened a TCP connection from this host: the owner of the
+peer's socket, read from the kernel's C{/proc/net/tcp} tables.  On one
+host, any local user can connect to the cache's port (on the loopback or
+on any of the host's addresses); this tells root's proxy from them.
 """
 
 from __future__ import annotations
@@ -35,9 +35,18 @@ def _normal(host: str) -> Address:
     return address
 
 
-def socketOwner(host: str, port: int, tables: Iterable[str] = _TABLES) -> int | None:
-    """The uid that owns the TCP socket bound to C{host}:C{port} in this namespace, if any."""
+def socketOwners(host: str, port: int, tables: Iterable[str] = _TABLES) -> tuple[set[int], bool]:
+    """
+    Who owns the TCP sockets bound to C{host}:C{port} in this namespace:
+    the uids of the live ones, and whether any closed one is there too.
+
+    A closed socket (in TIME_WAIT, or orphaned by C{close()} while its
+    bytes or FIN are still on their way) has no owner: the kernel lists it
+    with inode 0 and uid 0, whoever opened it, so its uid is never taken.
+    """
     wanted = (_normal(host), port)
+    owners: set[int] = set()
+    closed = False
     for table in tables:
         try:
             with open(table) as f:
@@ -46,15 +55,26 @@ def socketOwner(host: str, port: int, tables: Iterable[str] = _TABLES) -> int | 
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 7 and _parse(fields[1]) == wanted:
-                return int(fields[7])
-    return None
+            if len(fields) > 9 and _parse(fields[1]) == wanted:
+                if fields[9] == "0":
+                    closed = True
+                else:
+                    owners.add(int(fields[7]))
+    return owners, closed
+
+
+def socketOwner(host: str, port: int, tables: Iterable[str] = _TABLES) -> int | None:
+    """The uid of the live TCP socket bound to C{host}:C{port} (L{None}: none, or not just one owner)."""
+    owners, _ = socketOwners(host, port, tables)
+    return next(iter(owners)) if len(owners) == 1 else None
 
 
 class LocalOwnerCheck:
     """
-    Refuses a loopback peer whose socket is not owned by one of C{uids}
-    (by default root and the daemon's own user); remote peers pass.
+    Refuses a peer on this host (a loopback peer, or one whose address and
+    port a socket here is bound to) unless its socket is live and owned by
+    one of C{uids} (by default root and the daemon's own user); remote
+    peers pass.
     """
 
     def __init__(self, uids: Iterable[int] | None = None, tables: Iterable[str] = _TABLES) -> None:
@@ -66,14 +86,19 @@ class LocalOwnerCheck:
         if not isinstance(host, str) or not isinstance(port, int):
             return None
         try:
-            if not _normal(host).is_loopback:
-                return None
+            loopback = _normal(host).is_loopback
         except ValueError:
             return None
-        owner = socketOwner(host, port, self._tables)
-        if owner is None:
-            return "a loopback peer whose socket is gone"
-        if owner not in self.uids:
+        owners, closed = socketOwners(host, port, self._tables)
+        if not owners:
+            if closed:
+                return "a local peer whose socket is already closed (its owner cannot be known)"
+            return "a loopback peer whose socket is gone" if loopback else None
+        strangers = sorted(owners - self.uids)
+        if strangers:
             allowed = ", ".join(str(uid) for uid in sorted(self.uids))
-            return f"a loopback peer of uid {owner}, not of uid {allowed} (--allow-local-users lifts this)"
+            return (
+                f"a {'loopback' if loopback else 'local'} peer of uid {', '.join(map(str, strangers))},"
+                f" not of uid {allowed} (--allow-local-users lifts this)"
+            )
         return None
