@@ -449,3 +449,50 @@ def waitForLog(test: OneLinkPerSessionTests, text: str) -> Any:
     from tests.helpers import waitFor
 
     return waitFor(lambda: test.logged(text), 10)
+
+
+class TamperingTests(TestCase):
+    """A peer on the path that alters the link's bytes (it cannot read them)."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_alteredByteBreaksTheLinkNotTheImage(self) -> Any:
+        """
+        One byte flipped in the middle of an image: the cache's TLS refuses
+        the record, the link drops, no partial image is kept, and the proxy
+        reconnects and sends again: the restore reads the real bytes.
+        """
+        from twisted.internet.endpoints import serverFromString
+        from twisted.protocols import portforward
+
+        m = TLSMigration(self)
+        yield m.startCache()
+        assert m.cache is not None
+        flipped: list[int] = []
+
+        class Flipping(portforward.ProxyServer):
+            seen = 0
+
+            def dataReceived(self, data: bytes) -> None:
+                if not flipped and self.seen + len(data) > (1 << 20):
+                    at = max(0, (1 << 20) - self.seen)
+                    data = data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
+                    flipped.append(self.seen + at)
+                self.seen += len(data)
+                super().dataReceived(data)
+
+        factory = portforward.ProxyFactory("127.0.0.1", m.port)
+        factory.protocol = Flipping
+        relay = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(relay.stopListening)
+        cachePort, m.port = m.port, relay.getHost().port
+        proxy, dump = m.startProxy()
+        m.port = cachePort
+        proxyDone = proxy.whenSessionDone()
+        yield m.dump(dump, IMAGES)
+        yield proxyDone
+        self.assertEqual(len(flipped), 1)
+        self.assertTrue(m.lines("link lost in the middle of snap1/pages-1.img"))
+        got = yield m.restoreAll(list(IMAGES))
+        self.assertEqual(got, IMAGES)

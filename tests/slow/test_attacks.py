@@ -106,24 +106,42 @@ class LinkAttackTests(AttackCase):
 
     def test_3_silentConnectionsBlockNoRestore(self) -> None:
         """
-        A peer past the owner check holds one idle link connection and one
-        that drips a byte a second: a restore with nothing to read still
-        gets ENOENT after the grace, and a migration goes through.
+        With the default link (the link key), a peer past the owner check
+        that holds an idle connection and one that drips a byte a second
+        never becomes a link: both are dropped at the handshake deadline;
+        a restore with nothing to read gets ENOENT after the grace, and a
+        migration goes through.
         """
-        self.startPair(cacheArgs=["--allow-local-users"], withProxy=False)
+        self.silentConnections(plain=False)
+
+    def test_3_silentConnectionsOnAPlainLink(self) -> None:
+        """The same with --plain-link, where nothing is refused before a header."""
+        self.silentConnections(plain=True)
+
+    def silentConnections(self, plain: bool) -> None:
+        link = ["--plain-link"] if plain else []
+        self.startPair(cacheArgs=["--allow-local-users", *link], proxyArgs=link, withProxy=False)
         silent = [spawn(how, f"127.0.0.1:{self.port}", "300") for how in ("idle", "drip")]
         for process in silent:
             self.addCleanup(process.wait, 10)
             self.addCleanup(process.kill)
-        waitForLog(self.cache, r"proxy connected from", 2)
+        if plain:
+            waitForLog(self.cache, r"proxy connected from", 2)
         cacheSocket = self.path("img-cache.sock")
         for _ in range(2):
             started = time.monotonic()
             self.assertIsNone(pf.readImage(cacheSocket, "inventory.img"))
             waited = time.monotonic() - started
             self.assertLess(waited, LINKED_GRACE + 3)
-            print(f"attack 3 (idle + drip past the owner check): ENOENT after {waited:.2f} s")
+            print(f"attack 3 (idle + drip past the owner check, plain={plain}): ENOENT after {waited:.2f} s")
         waitForLog(self.cache, r"criu restore asks for images, but no session is delivered", 2)
+        if not plain:
+            started = time.monotonic()
+            # the drip's first byte is no TLS; the idle one meets the deadline
+            waitForLog(self.cache, r"TLS: refused a connection from 127.0.0.1:\d+: handshake failed: ", 2)
+            waitForLog(self.cache, r"handshake failed: no TLS handshake within 10 s", 1)
+            print(f"attack 3 (link key): both silent connections dropped, {time.monotonic() - started:.2f} s after the restores' ENOENT")
+            self.assertNotIn("proxy connected from", self.cache.log())
         self.startProxy()
         dumped = images("3b")
         self.dump(dumped)
@@ -156,7 +174,9 @@ class LinkAttackTests(AttackCase):
         waitForLog(self.cache, r"a restore waits for")
         self.assertEqual(attack("scan", f"127.0.0.1:{self.port}", "20")["sent"], 20)
         time.sleep(1.2)  # the C daemons' restore failed 1 s after a stray close
-        self.assertEqual(len(re.findall(r"proxy connected from", self.cache.log())), 20)
+        # With the link key none of them even becomes a link.
+        self.assertEqual(len(re.findall(r"TLS: refused a connection from 127.0.0.1:\d+: handshake failed", self.cache.log())), 20)
+        self.assertEqual(len(re.findall(r"proxy connected from", self.cache.log())), 0)
         self.assertFalse(waiting.done, "the waiting read ended before the proxy came")
         self.proxy.process.send_signal(signal.SIGCONT)
         got = waiting.result()
@@ -263,7 +283,9 @@ class SocketAttackTests(AttackCase):
         C{twisted-criu ls} output and no pulled file name holds a raw
         control character.
         """
-        self.startPair(shared=True)
+        # --plain-link: a link peer reaches the header parser (with the link
+        # key only a key holder could).
+        self.startPair(cacheArgs=["--plain-link"], proxyArgs=["--plain-link"], shared=True)
         dumped = images("7")
         self.dump(dumped, finish=False)
         escape, newline = "core\x1b[2J\x1b]0;pwned\x07-1.img", "x.img\n" + FORGED
