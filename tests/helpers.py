@@ -7,10 +7,13 @@ storedImage, pump, driveProducer) are public: L{twisted_criu.testing.fakes}.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import shutil
 import tempfile
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -33,6 +36,41 @@ def isClosed(fd: int) -> bool:
     except OSError:
         return True
     return False
+
+
+@contextmanager
+def descriptorsExhausted() -> Iterator[Callable[[], None]]:
+    """
+    While the block runs, this process has no descriptor left (every new
+    one fails with EMFILE), as a daemon at its RLIMIT_NOFILE: the soft
+    limit is lowered a little above what is open, and the rest is filled.
+    Keep the block short and do not open files in it; after closing one,
+    call what the block gets to fill its place again.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    spare = os.open(os.devnull, os.O_RDONLY)
+    held = [spare]
+
+    def fill() -> None:
+        while True:
+            try:
+                held.append(os.dup(spare))
+            except OSError as e:
+                if e.errno != errno.EMFILE:
+                    raise
+                return
+
+    try:
+        limit = len(os.listdir("/proc/self/fd")) + 32
+        if soft != resource.RLIM_INFINITY:
+            limit = min(soft, limit)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        fill()
+        yield fill
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def socketDirectory(test: SynchronousTestCase) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.error import ConnectionLost
+
 if TYPE_CHECKING:
     from twisted_criu.keys import ImageKey
 
@@ -27,6 +29,26 @@ class ImageNotFound(Exception):
 
 class ImageAborted(Exception):
     """An image's write or transfer broke off before it was complete: discard it."""
+
+
+class StoreFailed(ConnectionLost):
+    """
+    The store could not take an image's bytes (disk full, I/O error, no
+    descriptor left): what ends the pipe criu was writing them into.
+
+    @ivar error: the store's L{OSError}.
+    """
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"cannot store the data: {error}")
+        self.error = error
+
+
+class DumpAborted(Exception):
+    """
+    The session criu is dumping into was aborted: its remaining writes are
+    refused (criu's dump fails) until criu finishes or starts a new dump.
+    """
 
 
 class ImageSizeMismatch(Exception):

@@ -161,6 +161,8 @@ class ISnapshotRegistry(Interface):
     the criu-facing and link protocols write into and read from.
     """
 
+    released = Attribute("Its session is over: an image published now is dropped at once.")
+
     def beginWrite(key: ImageKey, writer: IImageWriter | None = None) -> None:
         """A write of C{key} started: its readers wait for it."""
 
@@ -211,7 +213,10 @@ class ICaptureService(ILocalImageService):
     """What the proxy offers C{criu dump --stream}."""
 
     def captureFailed(why: str) -> None:
-        """criu's dump failed (criu resumes the process): its session must never be restored."""
+        """
+        criu's dump failed (its C{--stream} connection broke, or an image
+        could not be stored): its session must never be restored.
+        """
 
 
 class IRestoreService(ILocalImageService):
@@ -273,6 +278,12 @@ class IRemoteImageSink(Interface):
 
     def abortRequested(receiver: IReceivingLink, token: str | None) -> None:
         """An ABORT marker: C{token}'s session must never be restored."""
+
+    def imageLost(receiver: IReceivingLink, token: str | None, why: str) -> None:
+        """
+        An image of C{token}'s session could not be stored (no descriptor
+        left): the session must never be restored; its proxy is told.
+        """
 
 
 # -- operators ----------------------------------------------------------------
@@ -383,3 +394,6 @@ class ILinkSource(Interface):
 
     def statusReceived(sender: ISendingLink, status: wire.LinkStatus) -> None:
         """The cache sent C{status} on C{sender}'s connection."""
+
+    def forwardFailed(key: ImageKey, why: str) -> None:
+        """The image under C{key} could not be opened to forward it (no descriptor left)."""

@@ -58,6 +58,8 @@ class SnapshotRegistry:
     def __init__(self, waitForMissing: bool) -> None:
         self.waitForMissing = waitForMissing
         self.closed = False
+        #: The session is over (L{release}): what is still published is dropped at once.
+        self.released = False
         self._images: dict[ImageKey, IStoredImage] = {}
         self._writing: dict[ImageKey, int] = {}
         self._waiters: dict[ImageKey, list[Deferred[IStoredImage]]] = {}
@@ -82,6 +84,10 @@ class SnapshotRegistry:
     def publish(self, key: ImageKey, image: IStoredImage) -> None:
         """A write of C{key} completed: C{image} replaces any older version."""
         self._endWrite(key)
+        if self.released:  # a write that outlived its session holds nothing
+            image.release()
+            self._settle(key)
+            return
         old = self._images.pop(key, None)
         if old is not None and old is not image:
             old.release()
@@ -95,17 +101,25 @@ class SnapshotRegistry:
     def publishAppend(self, key: ImageKey, tail: IStoredImage, store: IImageStore) -> None:
         """
         An append to C{key} completed: publish the version current I{now}
-        followed by C{tail}, so that overlapping appends all land.
+        followed by C{tail}, so that overlapping appends all land.  If the
+        store cannot make that version (L{OSError}), the write ends without
+        it and the error is raised.
         """
         base = self._images.get(key)
-        if base is not None:
-            writer = store.newWriter(base)
-            reader = tail.open()
-            while chunk := reader.read(1 << 20):
-                writer.write(chunk)
-            reader.close()
+        if base is not None and not self.released:
+            try:
+                writer = store.newWriter(base)
+                reader = tail.open()
+                while chunk := reader.read(1 << 20):
+                    writer.write(chunk)
+                reader.close()
+                merged = writer.commit()
+            except OSError:  # the store failed (no descriptor left): the append is lost
+                tail.release()
+                self.abortWrite(key)
+                raise
             tail.release()
-            tail = writer.commit()
+            tail = merged
         self.publish(key, tail)
 
     def abortWrite(self, key: ImageKey) -> None:
@@ -224,7 +238,8 @@ class SnapshotRegistry:
         return []
 
     def release(self) -> None:
-        """Drop every image (the session is over)."""
+        """Drop every image (the session is over), and any published later."""
+        self.released = True
         self.close()
         images, self._images = self._images, {}
         for image in images.values():

@@ -75,12 +75,23 @@ class Daemon:
     """
 
     def __init__(
-        self, test: SynchronousTestCase, kind: str, base: str, *args: str, fileLimit: int | None = None
+        self,
+        test: SynchronousTestCase,
+        kind: str,
+        base: str,
+        *args: str,
+        fileLimit: int | None = None,
+        hardLimit: bool = False,
     ) -> None:
-        """@param fileLimit: start it with this soft limit on open files (C{ulimit -n})."""
+        """
+        @param fileLimit: start it with this soft limit on open files (C{ulimit -n}).
+        @param hardLimit: make C{fileLimit} the hard limit too (C{ulimit -Hn}): the
+            daemon cannot raise it.
+        """
         assert kind in ("criu-proxy", "criu-cache")
         self.test = test
         self.fileLimit = fileLimit
+        self.hardLimit = hardLimit
         self.kind = kind
         self.base = base
         self.directory = os.path.join(base, "src" if kind == "criu-proxy" else "dst")
@@ -127,7 +138,7 @@ class Daemon:
     def _limitFiles(self) -> None:
         """In the child: the soft limit on open files, if one was given."""
         if self.fileLimit is not None:
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            hard = self.fileLimit if self.hardLimit else resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (self.fileLimit, hard))
 
     def running(self) -> bool:
@@ -507,15 +518,20 @@ class _DaemonTest(SynchronousTestCase):
     #: Extra proxy options: how it forwards (default: cut through).
     FORWARDING: tuple[str, ...] = ()
 
-    def startCache(self, base: str, port: int, *args: str, fileLimit: int | None = None) -> Daemon:
+    def startCache(
+        self, base: str, port: int, *args: str, fileLimit: int | None = None, hardLimit: bool = False
+    ) -> Daemon:
         return Daemon(
-            self, "criu-cache", base, "--address", "127.0.0.1", "--port", str(port), *args, fileLimit=fileLimit
+            self, "criu-cache", base, "--address", "127.0.0.1", "--port", str(port), *args,
+            fileLimit=fileLimit, hardLimit=hardLimit,
         ).start()
 
-    def startProxy(self, base: str, port: int, *args: str, fileLimit: int | None = None) -> Daemon:
+    def startProxy(
+        self, base: str, port: int, *args: str, fileLimit: int | None = None, hardLimit: bool = False
+    ) -> Daemon:
         return Daemon(
             self, "criu-proxy", base, "--address", "127.0.0.1", "--port", str(port), *self.FORWARDING, *args,
-            fileLimit=fileLimit,
+            fileLimit=fileLimit, hardLimit=hardLimit,
         ).start()
 
     def startPair(

@@ -24,13 +24,22 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_criu import wire
-from twisted_criu.errors import ImageNotFound, ImageSizeMismatch, ProtocolError
+from twisted_criu import filelimit, wire
+from twisted_criu.errors import DumpAborted, ImageNotFound, ImageSizeMismatch, ProtocolError, StoreFailed
 from twisted_criu.flow.pacing import pauseWhileBehind, readPipeInto
 from twisted_criu.criu.settle import LiveConnections, forget, unreadBytes
+from twisted_criu.criu.variants import ReadVariant, readsInline  # noqa: F401 (were defined here)
+from twisted_criu.flow.passed import DroppedDescriptors
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.flow.send import OutgoingImage
-from twisted_criu.interfaces import IImageStore, IImageWriter, ILocalImageService, ISnapshotRegistry, IStoredImage
+from twisted_criu.interfaces import (
+    ICaptureService,
+    IImageStore,
+    IImageWriter,
+    ILocalImageService,
+    ISnapshotRegistry,
+    IStoredImage,
+)
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.progress import Direction, ImageInFlight
 
@@ -70,6 +79,9 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         #: A protocol error closed the connection: what the same read still
         #: delivers is discarded (one error line per connection).
         self._failed = False
+        self._passed: DroppedDescriptors | None = None
+        #: The kernel dropped the pipe criu passed (no descriptor left).
+        self._pipeDropped = False
 
     # -- events from the socket -------------------------------------------
 
@@ -78,6 +90,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.setTimeout(self.service.clientTimeout)
+        self._passed = DroppedDescriptors.install(self.transport, self._descriptorDropped)
 
     def timeoutConnection(self) -> None:
         self._protocolError(
@@ -111,7 +124,7 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
             try:
                 writer.write(data)
             except OSError as e:
-                self._abort(f"cannot store the data: {e}")
+                self._storeFailed(e)
                 self.transport.abortConnection()
                 return
             pauseWhileBehind(writer, self.transport)
@@ -125,6 +138,8 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
                 self._protocolError(e)
                 return
             self._handle(request, self._frames.takeRest())
+        elif self._pipeDropped and state in (_State.WRITE_START, _State.READ_WAIT, _State.READ_FD):
+            self._pipeLost()  # not inline bytes: the byte that carried the lost pipe
         elif state is _State.WRITE_START:
             if self._fds:  # pragma: no cover - fds start the pipe at once
                 self._startPipeWrite()
@@ -151,6 +166,9 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         forget(self)
         self.setTimeout(None)
+        passed, self._passed = self._passed, None
+        if passed is not None:
+            passed.restore()
         self._closeFds()
         self._dropTransfer()
         state = self._state
@@ -182,7 +200,14 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
             self.transport.loseConnection()
             return
         self._key = (request.snapshotId, request.name)
-        self._registry = self.service.registryFor(request)
+        try:
+            self._registry = self.service.registryFor(request)
+        except DumpAborted as e:
+            self.log.warn("refusing {image}: {why}", image=describe(self._key), why=str(e))
+            self._closeFds()
+            self._state = _State.DONE
+            self.transport.abortConnection()  # criu's write fails (EPIPE)
+            return
         kind = request.kind
         if kind is wire.OpenKind.READ:
             self._inlineRead = self.service.readsInline(request)
@@ -235,15 +260,73 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
         self._pipe = None
         if reason.check(ConnectionDone):
             self._commit()
+        elif isinstance(reason.value, StoreFailed):
+            self._storeFailed(reason.value.error)
         else:
             self._abort(f"pipe read failed: {reason.getErrorMessage()}")
+
+    def _storeFailed(self, error: OSError) -> None:
+        """The store could not take criu's bytes: the image is lost."""
+        if filelimit.exhausted(error):
+            self._outOfDescriptors("cannot store", error)
+        elif self._writer is None:  # failed after the write ended
+            self.log.error("discarded {image}: cannot store the data: {why}", image=describe(self._key), why=str(error))
+        else:
+            self._abort(f"cannot store the data: {error}")
+
+    def _outOfDescriptors(self, what: str, error: OSError | None) -> None:
+        """
+        No descriptor for criu's image: the write fails (its pipe is
+        closed), and so does the dump it belongs to (the proxy aborts its
+        session: criu's next write is refused, the post-dump hook fails).
+        """
+        image = describe(self._key) if self._key != ("", "") else "an image"
+        self.log.error(
+            "{what} {image}: {advice}; the dump fails", what=what, image=image, advice=filelimit.advice(error)
+        )
+        self._abort(None)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.abandon()
+        self._closeFds()
+        self._state = _State.DONE
+        self.transport.abortConnection()
+        if ICaptureService.providedBy(self.service):
+            self.service.captureFailed(f"{image} could not be stored: too many open files")
+
+    def _descriptorDropped(self) -> None:
+        """
+        The kernel dropped a pipe criu passed (this process has no
+        descriptor left): the byte that carried it comes next, and ends
+        the request (L{_pipeLost}).
+        """
+        self._pipeDropped = True
+
+    def _pipeLost(self) -> None:
+        """criu passed a pipe for this request, and the kernel dropped it."""
+        if self._state in (_State.READ_WAIT, _State.READ_FD):
+            self.log.error(
+                "could not take the pipe criu passed to read {image}: {advice}; the restore fails",
+                image=describe(self._key),
+                advice=filelimit.advice(None),
+            )
+            self._dropTransfer()
+            self._state = _State.DONE
+            self.transport.abortConnection()
+        else:
+            self._outOfDescriptors("could not take the pipe criu passed for", None)
 
     def _commit(self) -> None:
         writer, self._writer = self._writer, None
         self._state = _State.DONE
         if writer is None or self._registry is None:
             return
-        image = writer.commit()
+        try:
+            image = writer.commit()
+        except OSError as e:
+            self._writer = writer  # (the writer aborted itself)
+            self._storeFailed(e)
+            return
         assert self._moving is not None
         timing = self.service.activity.end(self._moving, image.size)
         self.log.info(
@@ -253,24 +336,29 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
             appended=" appended" if self._append else "",
             **timing,
         )
-        if self._append:
-            self._registry.publishAppend(self._key, image, self.service.store)
-        else:
+        if not self._append:
             self._registry.publish(self._key, image)
+            return
+        try:
+            self._registry.publishAppend(self._key, image, self.service.store)
+        except OSError as e:  # (the registry ended the write)
+            self._storeFailed(e)
 
-    def _abort(self, why: str) -> None:
+    def _abort(self, why: str | None) -> None:
+        """Discard the image being written (saying why, unless C{why} is L{None}: said already)."""
         writer, self._writer = self._writer, None
         self._state = _State.DONE
         if writer is None or self._registry is None:
             return
         if self._moving is not None:
             self.service.activity.abandon(self._moving)
-        self.log.error(
-            "discarded {image} after {size} bytes: {why}",
-            image=describe(self._key),
-            size=writer.size,
-            why=why,
-        )
+        if why is not None:
+            self.log.error(
+                "discarded {image} after {size} bytes: {why}",
+                image=describe(self._key),
+                size=writer.size,
+                why=why,
+            )
         writer.abort()
         self._registry.abortWrite(self._key)
 
@@ -289,7 +377,13 @@ class LocalImageProtocol(Protocol, TimeoutMixin):
 
     def _imageReady(self, image: IStoredImage) -> None:
         self._waiting = None
-        self._transfer = OutgoingImage(image)  # these bytes, even if replaced
+        try:
+            self._transfer = OutgoingImage(image)  # these bytes, even if replaced
+        except OSError as e:  # no descriptor to read it with: criu gets no reply, and fails
+            self.log.error("cannot serve {image}: {why}", image=describe(self._key), why=filelimit.describe(e))
+            self._state = _State.DONE
+            self.transport.abortConnection()
+            return
         self.transport.write(wire.REPLY_OK)
         if self._inlineRead:
             self._state = _State.READ_SEND
@@ -397,29 +491,3 @@ class LocalImageFactory(LiveConnections):
         protocol = LocalImageProtocol(self.service)
         self.track(protocol)
         return protocol
-
-
-# -- which data variant a reader expects ----------------------------------------
-
-
-class ReadVariant(Enum):
-    """
-    How image bytes reach criu on a read.
-
-    C{AUTO}: inline for C{parent} (empty snapshot id) and for every image of
-    a session that used the 2015 seed's markers; through a pipe otherwise.
-    """
-
-    AUTO = "auto"
-    PIPE = "pipe"
-    INLINE = "inline"
-
-
-def readsInline(variant: ReadVariant, request: wire.LocalRequest, seedSession: bool) -> bool:
-    if variant is ReadVariant.INLINE:
-        return True
-    if request.snapshotId == "":
-        return True
-    if variant is ReadVariant.PIPE:
-        return False
-    return request.isSeed or seedSession

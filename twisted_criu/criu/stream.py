@@ -28,10 +28,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_criu import wire
-from twisted_criu.errors import ImageNotFound, ProtocolError
+from twisted_criu import filelimit, wire
+from twisted_criu.errors import ImageNotFound, ProtocolError, StoreFailed
 from twisted_criu.flow.pacing import readPipeInto
 from twisted_criu.criu.settle import LiveConnections, forget, unreadBytes
+from twisted_criu.flow.passed import DroppedDescriptors
 from twisted_criu.flow.pipes import PipeReader, PipeWriter, checkPipe
 from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import ICaptureService, IImageWriter, ILocalImageService, IRestoreService, ISnapshotRegistry, IStoredImage
@@ -78,6 +79,9 @@ class _StreamControl(Protocol, TimeoutMixin):
         self._pipes: set[PipeReader | PipeWriter] = set()
         self._failed = False
         self.registry: ISnapshotRegistry | None = None
+        self._passed: DroppedDescriptors | None = None
+        #: The kernel dropped the pipe criu passed (no descriptor left).
+        self._pipeDropped = False
 
     def callLater(self, period: float, func: Callable[[], None]) -> Any:  # for TimeoutMixin
         return self.service.reactor.callLater(period, func)
@@ -86,6 +90,16 @@ class _StreamControl(Protocol, TimeoutMixin):
         # A stream run belongs to one session: pick it now.
         self.registry = self.service.registryFor(wire.LocalRequest("", "", self.mode))
         self.setTimeout(self.service.clientTimeout)  # until the first request
+        self._passed = DroppedDescriptors.install(self.transport, self._descriptorDropped)
+
+    def _descriptorDropped(self) -> None:
+        """The kernel dropped a pipe criu passed: its byte comes next (see L{_process})."""
+        self._pipeDropped = True
+
+    @property
+    def pendingFile(self) -> str:
+        """The file whose pipe criu is about to pass."""
+        return "a file"
 
     def timeoutConnection(self) -> None:
         self.fail(f"no request within {self.service.clientTimeout} s")
@@ -121,6 +135,9 @@ class _StreamControl(Protocol, TimeoutMixin):
         """
         while self._pending and not self._paused and not self._failed:
             if self._expectingFd:
+                if self._pipeDropped and not self._fds:
+                    self.fail(f"could not take the pipe criu passed for {self.pendingFile}: {filelimit.advice(None)}")
+                    return
                 if self._pending[:1] != _DUMMY or len(self._fds) != 1:
                     raise ProtocolError(
                         f"expected one descriptor with a 00 byte, got {len(self._fds)}"
@@ -208,6 +225,9 @@ class _StreamControl(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         forget(self)
         self.setTimeout(None)
+        passed, self._passed = self._passed, None
+        if passed is not None:
+            passed.restore()
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
@@ -229,7 +249,14 @@ class StreamCaptureProtocol(_StreamControl):
         self._closed = False
         self.files = 0
 
+    @property
+    def pendingFile(self) -> str:
+        return self._filename or "a file"
+
     def requestReceived(self, filename: str) -> None:
+        if self.registry is not None and self.registry.released:
+            self.fail(f"refusing {filename}: the session criu is dumping into was aborted")
+            return
         self._filename = filename
         self.expectDescriptor()
 
@@ -256,14 +283,19 @@ class StreamCaptureProtocol(_StreamControl):
                 registry.publish(key, image)
             else:
                 activity.abandon(moving)
-                self.log.error(
-                    "discarded {image} after {size} bytes: {why}",
-                    image=filename,
-                    size=writer.size,
-                    why=reason.getErrorMessage(),
-                )
+                size = writer.size
                 writer.abort()
                 registry.abortWrite(key)
+                error = reason.value.error if isinstance(reason.value, StoreFailed) else None
+                if error is not None and filelimit.exhausted(error):
+                    self.fail(f"cannot store {filename}: {filelimit.advice(error)}")
+                else:
+                    self.log.error(
+                        "discarded {image} after {size} bytes: {why}",
+                        image=filename,
+                        size=size,
+                        why=reason.getErrorMessage(),
+                    )
             self.pipeEnded(pipe)
 
         pipe = readPipeInto(self.service.reactor, fd, writer, ended)
@@ -313,9 +345,17 @@ class StreamServeProtocol(_StreamControl):
             self._found, self._missing, callbackArgs=(filename,), errbackArgs=(filename,)
         )
 
+    @property
+    def pendingFile(self) -> str:
+        return self._transfer[0] if self._transfer is not None else "a file"
+
     def _found(self, image: IStoredImage, filename: str) -> None:
         self._waiting = None
-        self._transfer = (filename, OutgoingImage(image))  # these bytes, even if replaced
+        try:
+            self._transfer = (filename, OutgoingImage(image))  # these bytes, even if replaced
+        except OSError as e:  # no descriptor to read it with
+            self.fail(f"cannot serve {filename}: {filelimit.describe(e)}")
+            return
         self.transport.write(wire.StreamReply(True).toBytes())
         self.expectDescriptor()
         self.resume()

@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
+from twisted_criu.criu.images import LocalImageFactory
+from twisted_criu.criu.variants import ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
 from twisted_criu.daemons.cachesession import DUMPING, FINAL, RESTORED, CacheSession
 from twisted_criu.daemons.restores import LINKED_GRACE, RestoreChooser, RestoreReads
@@ -362,6 +363,11 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         session = self._byToken.get(self.linkToken(receiver, token))
         if session is not None and self._oneLink(session, receiver):
             self.abortSession(session, "the proxy says criu's dump failed and the process was resumed")
+
+    def imageLost(self, receiver: IReceivingLink, token: str | None, why: str) -> None:
+        session = self._byToken.get(self.linkToken(receiver, token))
+        if session is not None:
+            self.abortSession(session, why)
 
     @property
     def proxiesLinked(self) -> bool:

@@ -14,15 +14,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.criu.images import LocalImageFactory, ReadVariant, readsInline
+from twisted_criu.criu.images import LocalImageFactory
+from twisted_criu.criu.variants import ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamCaptureFactory
-from twisted_criu.daemons.dumpchain import DELIVERED
-from twisted_criu.daemons.endpoints import LoggingClientEndpoint
+from twisted_criu.daemons.dumpchain import DELIVERED, DUMPING
+from twisted_criu.daemons.endpoints import LoggingClientEndpoint, ObservedServerEndpoint
 from twisted_criu.daemons.proxysession import ProxySession, RetryPolicy
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
 from twisted_criu.criu.settle import LiveConnections, settled
-from twisted_criu.errors import HookRefused, SessionBusy
+from twisted_criu.errors import DumpAborted, HookRefused, SessionBusy
 from twisted_criu.interfaces import ICaptureService, IImageStore
 from twisted_criu.registry import SnapshotRegistry
 from twisted_criu.views import SessionView
@@ -69,6 +70,11 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         self.session: ProxySession | None = None
         #: Earlier sessions whose dump is delivered, kept until restored.
         self._earlier: dict[str, ProxySession] = {}
+        #: The last session aborted, and why (for the post-dump hook).
+        self._aborted: tuple[ProxySession, str] | None = None
+        #: criu was still dumping into it: its other writes are refused
+        #: until its finish, or a new dump.
+        self._abandoned = False
         self._criuFactories: list[LiveConnections] = [LocalImageFactory(self)]
         self.localEndpoint = self.listenOn(local, self._criuFactories[0])
         self.streamEndpoint = None
@@ -101,11 +107,24 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         if earlier is not None and not earlier.ended.called:
             self._earlier[earlier.id] = earlier  # delivered: kept until restored
         self.session = session
+        self._aborted, self._abandoned = None, False
         session.onDelivered = self.sessionDone
+        session.onAborted = lambda why, dumping: self._sessionAborted(session, why, dumping)
         session.ended.addCallback(lambda _: self._sessionEnded(session))
         session.start()
         self.log.info("session {id} started", id=session.id)
         return session
+
+    def _sessionAborted(self, session: ProxySession, why: str, dumping: bool) -> None:
+        if session is self.session:
+            self._aborted, self._abandoned = (session, why), dumping
+
+    def acceptDropped(self, endpoint: ObservedServerEndpoint, count: int) -> None:
+        """criu's connections dropped at accept: the dump under way fails (an image is lost)."""
+        super().acceptDropped(endpoint, count)
+        session = self.session
+        if session is not None and session.state == DUMPING:
+            session.abortDump("a connection from criu was closed at accept: too many open files")
 
     def _sessionEnded(self, session: ProxySession) -> None:
         if self.session is session:
@@ -168,6 +187,9 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         if action != "post-dump":
             return fail(HookRefused(f"the proxy has nothing to do at {action}"))
         session = self.session
+        if (session is None or session.over) and self._aborted is not None:
+            aborted, why = self._aborted
+            return fail(HookRefused(f"session {aborted.id} was aborted: {why}"))
         if session is None or session.over:
             return fail(HookRefused("the proxy has no dump under way: did criu dump through it?"))
         self.log.info("criu's post-dump hook waits for the cache to confirm session {id}", id=session.id)
@@ -188,13 +210,18 @@ class ImageProxyService(ImageDaemon[ProxySession]):
             session.abortDump(f"criu's dump failed ({why})")
 
     def registryFor(self, request: wire.LocalRequest) -> SnapshotRegistry:
-        session = self.session
-        finished = session is not None and session.registry.closed
         writing = request.kind is not wire.OpenKind.READ
         # A --stream dump (no chains there) or a dump after one its hook
         # confirmed is a new migration; a --remote dump after a pre-dump
         # continues the chain.
         streamRun = request.isFinish and writing
+        if self._abandoned and self._aborted is not None and not (streamRun or _startsDump(request)):
+            aborted, why = self._aborted
+            if writing:
+                raise DumpAborted(f"session {aborted.id}, which criu is dumping into, was aborted ({why})")
+            return aborted.registry  # released: every read gets ENOENT
+        session = self.session
+        finished = session is not None and session.registry.closed
         if session is None or session.over or (finished and writing and (streamRun or session.committed)):
             session = self._newSession()
         elif finished and writing:
@@ -204,6 +231,13 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         return session.registry
 
     def finishRequested(self, request: wire.LocalRequest) -> None:
+        if self._abandoned and self._aborted is not None:
+            self._abandoned = False
+            self.log.warn(
+                "criu finished its dump into session {id}, which was aborted: nothing of it is forwarded",
+                id=self._aborted[0].id,
+            )
+            return
         session = self.session
         if session is None:
             self.log.warn("finish from criu with no dump in progress")
@@ -214,3 +248,12 @@ class ImageProxyService(ImageDaemon[ProxySession]):
     def readsInline(self, request: wire.LocalRequest) -> bool:
         session = self.session
         return readsInline(self.readVariant, request, session is not None and session.seed)
+
+
+def _startsDump(request: wire.LocalRequest) -> bool:
+    """Does C{request} start a C{--remote} dump (its append to C{parent})?"""
+    return (
+        request.kind is wire.OpenKind.APPEND
+        and request.name == wire.PARENT_IMAGE
+        and request.snapshotId in ("", wire.SEED_NULL_SNAPSHOT)
+    )

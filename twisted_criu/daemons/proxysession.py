@@ -24,6 +24,7 @@ from twisted_criu.daemons.dumpchain import (
     ABORTED,
     COMPLETE,
     DELIVERED,
+    DUMPING,
     FORWARDING,
     ChainMachine,
     DumpCount,
@@ -42,7 +43,7 @@ from twisted_criu.interfaces import (
     ISession,
     IStoredImage,
 )
-from twisted_criu.keys import ImageKey
+from twisted_criu.keys import ImageKey, describe
 from twisted_criu.link.sender import RemoteSenderFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
@@ -71,6 +72,8 @@ class ProxySession:
 
     @ivar onDelivered: called with a summary each time a dump has been
         delivered.
+    @ivar onAborted: called when the chain is aborted, with why and whether
+        criu was still dumping into it.
     @ivar ended: fires when the chain is over.
     """
 
@@ -103,6 +106,7 @@ class ProxySession:
         self._writes: dict[ImageKey, IGrowableWriter] = {}
         self.seed = False
         self.onDelivered: Callable[[SessionSummary], None] = lambda summary: None
+        self.onAborted: Callable[[str, bool], None] = lambda why, dumping: None
         self.ended: Deferred[None] = Deferred()
         self._count = DumpCount()
         self._chain = ChainMachine(self._count)
@@ -207,7 +211,10 @@ class ProxySession:
             key = next(iter(self._writes))
             writer = self._writes.pop(key)
             if writer.writing:
-                return key, writer.follow()
+                try:
+                    return key, writer.follow()
+                except OSError as e:  # no descriptor: it goes whole once complete
+                    self.log.warn("cannot cut {image} through: {why}", image=describe(key), why=e.strerror)
         return None
 
     def statusReceived(self, sender: ISendingLink, status: wire.LinkStatus) -> None:
@@ -237,6 +244,12 @@ class ProxySession:
             self._ending.dumpReceived(sender, status)
         elif kind is wire.LinkStatusKind.SESSION_DONE:
             self._ending.sessionDone(sender)
+
+    def forwardFailed(self, key: ImageKey, why: str) -> None:
+        if self.state in (DUMPING, FORWARDING):
+            self.abortDump(why)  # criu's dump, or its post-dump hook, fails
+        elif self._sender is not None:
+            self._sender.abort()  # delivered before: the link tries again later
 
     # -- images ----------------------------------------------------------------
 
@@ -284,6 +297,8 @@ class ProxySession:
             self.maybeEndDump()
 
     def _dumpFinished(self, _: None) -> None:
+        if self.state == ABORTED:
+            return  # (its images were just released)
         self._chain.dumpFinished()
         self.log.info(
             "dump finished: {n} images, {size} bytes",
@@ -459,7 +474,9 @@ class ProxySession:
         if self.over:
             return
         self.log.error("session {id} aborted: {why}", id=self.id, why=why)
+        dumping = self.state == DUMPING
         self._chain.aborted()
+        self.onAborted(why, dumping)
         self.registry.release()
         self._writes.clear()
         sender = self._sender

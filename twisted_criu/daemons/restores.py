@@ -243,6 +243,9 @@ class RestoreChooser:
 class RestoreReads:
     """What criu's reads on the cache see: the images of the session L{RestoreChooser} picks."""
 
+    #: (Reads only: nothing is published here.)
+    released = False
+
     def __init__(self, chooser: RestoreChooser) -> None:
         self._chooser = chooser
 

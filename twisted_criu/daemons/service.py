@@ -7,14 +7,17 @@ completed sessions.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, TypeVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_criu.criu.images import ReadVariant
+from twisted_criu import filelimit
+from twisted_criu.criu.variants import ReadVariant
 from twisted_criu.daemons.endpoints import ObservedServerEndpoint, listenWhileRunning
 from twisted_criu.daemons.sessions import SessionHolder
 from twisted_criu.interfaces import IImageStore, ISession, ISessionControl
@@ -38,6 +41,8 @@ class ImageDaemon(SessionHolder[SessionT], MultiService):
 
     #: C{"proxy"} or C{"cache"}.
     role: str
+
+    log = Logger()
 
     def __init__(
         self,
@@ -66,9 +71,22 @@ class ImageDaemon(SessionHolder[SessionT], MultiService):
 
     def listenOn(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> ObservedServerEndpoint:
         """Listen on C{endpoint} while the daemon runs; a failure to listen fails its start."""
-        observed = listenWhileRunning(self, endpoint, factory)
+        observed = listenWhileRunning(self, endpoint, factory, self.acceptDropped)
         self.endpoints.append(observed)
         return observed
+
+    def acceptDropped(self, endpoint: ObservedServerEndpoint, count: int) -> None:
+        """
+        The port of C{endpoint} accepted C{count} connections and closed
+        them at once: the daemon has no descriptor left (Twisted keeps one
+        in reserve to do that, so the peers fail instead of waiting).
+        """
+        self.log.error(
+            "closed {connections} to {where} as soon as accepted: {advice}",
+            connections="a connection" if count == 1 else f"{count} connections",
+            where=_where(endpoint),
+            advice=filelimit.advice(),
+        )
 
     def dropSession(self, sessionId: str) -> SessionView:
         raise NotImplementedError()
@@ -122,3 +140,12 @@ class ImageDaemon(SessionHolder[SessionT], MultiService):
         observers, self._observers = self._observers, []
         for d in observers:
             d.callback(summary)
+
+
+def _where(endpoint: ObservedServerEndpoint) -> str:
+    """Where C{endpoint} listens: a socket's path, or an address and port."""
+    host: Any = endpoint.port.getHost() if endpoint.port is not None else None
+    name = getattr(host, "name", None)
+    if name is not None:
+        return os.fsdecode(name)
+    return f"{getattr(host, 'host', '?')}:{getattr(host, 'port', '?')}"

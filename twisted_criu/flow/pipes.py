@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_criu.errors import ProtocolError
+from twisted_criu.errors import ProtocolError, StoreFailed
 from twisted_criu.flow._fastpath import bufferEmpty
 from twisted_criu.interfaces import IKernelSink, IKernelSource
 
@@ -48,7 +48,9 @@ class PipeReader(abstract.FileDescriptor):
     Read a pipe to EOF, handing every chunk to C{dataReceived}.
 
     C{ended(reason)} is called once: with L{ConnectionDone} at EOF, with
-    another failure if reading failed or L{stopProducing} was called.
+    L{StoreFailed} if C{dataReceived} or C{spliceInto} raised L{OSError}
+    (the store could not take the bytes), with another failure if reading
+    failed or L{stopProducing} was called.
 
     If C{spliceInto} is given, it is called instead as C{spliceInto(fd,
     count)} to move up to C{count} bytes out of the pipe without copying them
@@ -92,8 +94,8 @@ class PipeReader(abstract.FileDescriptor):
         self.bytesRead += len(data)
         try:
             self._dataReceived(data)
-        except OSError as e:  # the store could not take it (disk full, I/O error)
-            return error.ConnectionLost(f"cannot store the data: {e}")
+        except OSError as e:  # the store could not take it (disk full, no descriptor)
+            return StoreFailed(e)
         return None
 
     def _spliceSome(self, spliceInto: Callable[[int, int], int]) -> Any:
@@ -102,7 +104,7 @@ class PipeReader(abstract.FileDescriptor):
         except BlockingIOError:
             return None
         except OSError as e:
-            return error.ConnectionLost(f"cannot store the data: {e}")
+            return StoreFailed(e)
         if not moved:
             return main.CONNECTION_DONE
         self.bytesRead += moved

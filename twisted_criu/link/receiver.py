@@ -17,7 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_criu import wire
+from twisted_criu import filelimit, wire
 from twisted_criu.errors import ProtocolError
 from twisted_criu.flow._fastpath import BufferedReads
 from twisted_criu.flow.pacing import pauseWhileBehind
@@ -67,6 +67,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._bytesSinceMarker = 0
         self.authenticated = False
         self.peer = "?"
+        #: An image could not be stored: the link is closing, nothing more is read.
+        self._failed = False
 
     def connectionMade(self) -> None:
         # Image bodies are read straight into a reused buffer (the store
@@ -142,7 +144,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
     def _receive(self, data: bytes | memoryview) -> None:
-        while data:
+        while data and not self._failed:
             if self._writer is not None and self._chunked and not self._remaining:
                 rest = self._chunkBoundary(data)
                 if rest is None:
@@ -160,6 +162,12 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 try:
                     self._writer.write(chunk)
                 except OSError as e:
+                    if filelimit.exhausted(e):
+                        assert self._header is not None
+                        header = self._header
+                        self._dropImage()
+                        self._outOfDescriptors(header, e)
+                        return
                     self.log.error(
                         "cannot store {image}, dropping the link: {why}",
                         image=describe(self._currentKey()),
@@ -281,6 +289,20 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._remaining = length
         return data
 
+    def _outOfDescriptors(self, header: wire.RemoteHeader, error: OSError) -> None:
+        """
+        No descriptor to store the image of C{header} in (it was dropped):
+        its session is aborted too (its proxy is told SESSION_ABORTED, and
+        criu's dump fails), and the link closed.
+        """
+        image = describe((header.snapshotId, header.name))
+        self.log.error(
+            "cannot store {image}: {advice}; its session is aborted", image=image, advice=filelimit.advice(error)
+        )
+        self._failed = True
+        self.sink.imageLost(self, header.session, f"{image} could not be stored: too many open files")
+        self.transport.loseConnection()
+
     def _discardImage(self) -> None:
         """The proxy's write of a cut-through image broke off: throw it away."""
         self.log.warn(
@@ -340,7 +362,15 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             **self.sink.activity.end(moving, size),
         )
         if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
-            registry.publishAppend(key, image, self.sink.store)
+            try:
+                registry.publishAppend(key, image, self.sink.store)
+            except OSError as e:  # (the registry ended the write)
+                if filelimit.exhausted(e):
+                    self._outOfDescriptors(header, e)
+                else:
+                    self.log.error("cannot store {image}, dropping the link: {why}", image=describe(key), why=str(e))
+                    self.transport.abortConnection()
+                return False
         else:
             registry.publish(key, image)
         return True

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_criu import wire
+from twisted_criu import filelimit, wire
 from twisted_criu.errors import ImageAborted, ImageSizeMismatch, ProtocolError
 from twisted_criu.flow.chunks import OutgoingGrowingImage
 from twisted_criu.flow.send import OutgoingImage
@@ -242,7 +242,12 @@ class RemoteSender(Protocol):
 
     def _send(self, key: ImageKey, image: IStoredImage, digest: bytes | None) -> None:
         snapshotId, name = key
-        transfer = OutgoingImage(image)
+        try:
+            transfer = OutgoingImage(image)
+        except OSError as e:  # no descriptor to read it with
+            self.log.error("cannot forward {image}: {why}", image=describe(key), why=filelimit.describe(e))
+            self._source.forwardFailed(key, f"{describe(key)} could not be read to forward it: {e.strerror}")
+            return
         header = self._header(name, snapshotId, transfer.size, digest)
         moving = self._begin(key, header, transfer, transfer.size)
 

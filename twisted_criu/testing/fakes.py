@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import wire
-from twisted_criu.criu.images import ReadVariant, readsInline
+from twisted_criu.criu.variants import ReadVariant, readsInline
 from twisted_criu.interfaces import (
     IGrowingImage,
     ICaptureService,
@@ -102,6 +102,7 @@ class FakeSink:
     @ivar tokens: the session tokens images arrived for, in order (no repeats).
     @ivar dumpsEnded: how many dumps the links ended.
     @ivar aborted: the tokens the links aborted.
+    @ivar lost: the tokens whose images could not be stored, and why.
     @ivar refuse: tokens whose images are discarded.
     """
 
@@ -116,6 +117,7 @@ class FakeSink:
         self.dumpsEnded = 0
         self.tokens: list[str | None] = []
         self.aborted: list[str | None] = []
+        self.lost: list[tuple[str | None, str]] = []
         self.refuse: set[str | None] = set()
 
     def linkOpened(self, receiver: IReceivingLink) -> None:
@@ -140,6 +142,9 @@ class FakeSink:
 
     def abortRequested(self, receiver: IReceivingLink, token: str | None) -> None:
         self.aborted.append(token)
+
+    def imageLost(self, receiver: IReceivingLink, token: str | None, why: str) -> None:
+        self.lost.append((token, why))
 
 
 def storedImage(store: IImageStore, data: bytes) -> IStoredImage:
@@ -213,6 +218,8 @@ class FakeLinkSource:
         self.images: dict[ImageKey, IStoredImage] = {}
         self.connected: list[Any] = []
         self.statuses: list[wire.LinkStatus] = []
+        #: Images that could not be opened to forward them, and why.
+        self.unforwarded: list[tuple[ImageKey, str]] = []
 
     def linkUp(self, sender: ISendingLink) -> None:
         self.connected.append(sender)
@@ -228,3 +235,6 @@ class FakeLinkSource:
 
     def statusReceived(self, sender: ISendingLink, status: wire.LinkStatus) -> None:
         self.statuses.append(status)
+
+    def forwardFailed(self, key: ImageKey, why: str) -> None:
+        self.unforwarded.append((key, why))

@@ -64,7 +64,14 @@ class _SpillReader:
 
     def __init__(self, segments: list[_Segment], io: _DiskIO) -> None:
         # Our own descriptors, so the bytes outlive a release during the read.
-        self._runs = [(os.dup(segment.fd), segment.size, segment.onDisk) for segment in segments]
+        self._runs: list[tuple[int, int, bool]] = []
+        try:
+            for segment in segments:
+                self._runs.append((os.dup(segment.fd), segment.size, segment.onDisk))
+        except OSError:  # no descriptor left (EMFILE): none of ours stays open
+            for fd, _, _ in self._runs:
+                os.close(fd)
+            raise
         self._io = io
         self._index = 0
         self._offset = 0

@@ -78,6 +78,11 @@ class _GrowingReader(_SpillReader):
         #: The image the write became, once committed.
         self.image: IStoredImage | None = None
         self.onChange: Callable[[], None] = lambda: None
+        try:
+            self._refresh()  # our own descriptors now: raises here, if at all (EMFILE)
+        except OSError:
+            self.close()
+            raise
 
     @property
     def available(self) -> int:
@@ -148,6 +153,7 @@ class _SpillWriter:
         return None if staged is None else staged.whenCaughtUp()
 
     def follow(self) -> IGrowingImage:
+        """A reader of the bytes as they come (raises L{OSError} if it gets no descriptor)."""
         reader = _GrowingReader(self)
         self._followers.append(reader)
         return reader
@@ -175,7 +181,11 @@ class _SpillWriter:
         last = self._segments[-1] if self._segments else None
         if (last is None or not last.onDisk) and self._store._reserveMemory(n):
             if last is None:
-                last = _Segment(os.memfd_create("twisted-criu-image", os.MFD_CLOEXEC), None)
+                try:
+                    last = _Segment(self._store._newMemfd(), None)
+                except OSError:
+                    self._store._freeMemory(n)
+                    raise
                 self._segments.append(last)
             return last
         if last is None or not last.onDisk:
@@ -362,6 +372,10 @@ class SpillStore:
 
     def _freeMemory(self, n: int) -> None:
         self.inMemory -= n
+
+    def _newMemfd(self) -> int:
+        """A memfd for an image's bytes in memory (raises L{OSError}: EMFILE, ENFILE)."""
+        return os.memfd_create("twisted-criu-image", os.MFD_CLOEXEC)
 
     def _newSpillFile(self) -> tuple[int, str]:
         if self._dir is None:
