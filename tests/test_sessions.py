@@ -510,6 +510,24 @@ class ProxySessionTests(SynchronousTestCase):
         self.successResultOf(self.session.ended)
         self.assertFalse(self.transport.value().endswith(wire.END_OF_DUMP.toBytes()))
 
+    def test_graceCountsFromTheFirstHeader(self) -> None:
+        """
+        A link up long before a dump that is over at once: the cache answers
+        the first header with HELLO, so the grace starts then, not at the
+        connect (a twisted-criu cache was once taken for a C cache).
+        """
+        self.reactor.advance(HELLO_GRACE * 5)  # linked, idle
+        self.dump("a.img", b"abc")
+        self.assertEqual(self.session.state, "forwarding")
+        self.reactor.advance(HELLO_GRACE / 2)
+        self.assertEqual(self.session.state, "forwarding")  # still waiting for HELLO
+        self.status(wire.LinkStatusKind.HELLO, version=3)
+        self.assertTrue(self.transport.value().endswith(
+            wire.RemoteHeader("", "", 0, 0, None, wire.LINK_EXTENSION_VERSION, session=self.session.sessionToken).toBytes()
+        ))
+        self.status(wire.LinkStatusKind.DUMP_RECEIVED, images=1, size=3)
+        self.assertEqual(self.session.state, "delivered")
+
     def test_staleStatusIgnored(self) -> None:
         """Statuses from a connection that is no longer the link change nothing."""
         old = self.sender

@@ -337,6 +337,9 @@ class ISendingLink(Interface):
     idle = Attribute("Nothing is being forwarded or waiting to be.")
     lost = Attribute("The connection is gone.")
     connectedAt = Attribute("When the connection was made (the clock's seconds).")
+
+    def helloWait(now: float) -> float:
+        """Seconds the cache has had to answer HELLO (since the first header; 0 before one)."""
     imagesSinceMarker = Attribute("Images handed over since the last end-of-dump marker.")
     bytesSinceMarker = Attribute("Bytes handed over since the last end-of-dump marker.")
 

@@ -337,7 +337,7 @@ class ProxySession:
             self.maybeEndDump()
         elif sender.extended:
             self._ending.endWithMarker(sender)
-        elif (waited := self._clock.seconds() - sender.connectedAt) < HELLO_GRACE:
+        elif (waited := sender.helloWait(self._clock.seconds())) < HELLO_GRACE:
             self._ending.awaitHello(HELLO_GRACE - waited)
         else:
             self._ending.endWithEOF(sender)
@@ -442,7 +442,7 @@ class ProxySession:
         sender = self._sender
         if d.called or sender is None or sender.lost or sender.extended:
             return
-        if self._clock.seconds() - sender.connectedAt >= HELLO_GRACE and (
+        if sender.helloWait(self._clock.seconds()) >= HELLO_GRACE and (
             sender.imagesSent or not sender.idle
         ):
             self._helloWaiters.remove(d)

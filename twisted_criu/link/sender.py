@@ -69,6 +69,9 @@ class RemoteSender(Protocol):
         #: Images cut through on this connection, by key: their growing view.
         self._cutThrough: dict[ImageKey, IGrowingImage] = {}
         self.connectedAt = 0.0
+        #: When the first header went out on this connection (the cache
+        #: answers it with HELLO), if one has.
+        self.firstHeaderAt: float | None = None
         #: Images and bytes handed over since the last end-of-dump marker.
         self.imagesSinceMarker = 0
         self.bytesSinceMarker = 0
@@ -130,7 +133,16 @@ class RemoteSender(Protocol):
             "", "", wire.O_RDONLY, 0, None, wire.LINK_EXTENSION_VERSION,
             session=self._source.sessionToken, marker=marker, sequence=sequence,
         )
+        self._headerSent()
         self.transport.write(header.toBytes())
+
+    def _headerSent(self) -> None:
+        if self.firstHeaderAt is None and self._clock is not None:
+            self.firstHeaderAt = self._clock.seconds()
+
+    def helloWait(self, now: float) -> float:
+        """Seconds the cache has had to say HELLO: since our first header (0 before one)."""
+        return 0.0 if self.firstHeaderAt is None else now - self.firstHeaderAt
 
     def _header(
         self, name: str, snapshotId: str, size: int, digest: bytes | None = None, chunked: bool = False
@@ -283,6 +295,7 @@ class RemoteSender(Protocol):
         self._sending = True
         self._transfer = transfer
         self._armWatchdog(key, -1)
+        self._headerSent()
         self.transport.write(header.toBytes())
         return self._activity.begin(Direction.TO_CACHE, describe(key), size, lambda: transfer.sent)
 
