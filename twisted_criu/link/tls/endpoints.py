@@ -17,10 +17,11 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_criu.flow._fasttls import tlsFactory
 from twisted_criu.link.tls.diagnostics import _isTLSError, describeFailure
 from twisted_criu.link.tls.errors import DEFAULT_HANDSHAKE_TIMEOUT, TLSHandshakeFailed
 from twisted_criu.link.tls.gate import _GateFactory, _HandshakeGate
@@ -69,7 +70,7 @@ class TLSServerEndpoint:
         gates = _GateFactory(
             factory, lambda p: _ServerGate(p, self._reactor, self.handshakeTimeout)
         )
-        return self._endpoint.listen(TLSMemoryBIOFactory(self._creator, False, gates))
+        return self._endpoint.listen(tlsFactory(self._creator, False, gates))
 
 
 # -- the proxy's end ---------------------------------------------------------
@@ -150,7 +151,7 @@ class TLSClientEndpoint:
             factory,
             lambda p: _ClientGate(p, self._reactor, self.handshakeTimeout, self),
         )
-        d: Deferred[Any] = self._endpoint.connect(TLSMemoryBIOFactory(self._creator, True, gates))
+        d: Deferred[Any] = self._endpoint.connect(tlsFactory(self._creator, True, gates))
 
         def connected(tlsProtocol: TLSMemoryBIOProtocol) -> Deferred[IProtocol]:
             gate = tlsProtocol.wrappedProtocol
