@@ -234,7 +234,8 @@ class ActivationTests(SynchronousTestCase):
         criu --stream: criu's first connection starts a proxy activated by
         twisted-criu-proxy-activated@.socket, which forwards the images to a
         cache run by twisted-criu-cache@.service; criu restore --stream
-        reads them byte-exact.
+        reads them byte-exact.  With C{--once} the proxy exits by itself
+        after the session, leaving the socket files for the next one.
         """
         port = freePort()
         cache = units.UnitProcess(
@@ -243,7 +244,7 @@ class ActivationTests(SynchronousTestCase):
         cache.ready()
         proxy = units.UnitProcess(
             self, self.base, "twisted-criu-proxy-activated@.service", self.src,
-            f"--address 127.0.0.1 --port {port}",
+            f"--address 127.0.0.1 --port {port} --once",
             socketUnit="twisted-criu-proxy-activated@.socket",
         )
         paths = units.listenStreams(units.unit("twisted-criu-proxy-activated@.socket"), proxy.instance)
@@ -260,6 +261,7 @@ class ActivationTests(SynchronousTestCase):
         proxy.checkPrivileges()
         cache.checkPrivileges()
         self.assertIn("criu-proxy", proxy.command())
+        self.assertEqual(units.socketModes(paths), modes)
         capture.close()
         serve = StreamClient(os.path.join(self.dst, "streamer-serve.sock"), timeout=units.STEP)
         self.addCleanup(serve.close)
@@ -267,8 +269,8 @@ class ActivationTests(SynchronousTestCase):
         serve.close()
         self.assertEqual(got, sent)
 
-        proxy.stoppedCleanly()
-        self.assertEqual(units.socketModes(paths), modes)
+        self.assertEqual(proxy.process.wait(units.STEP), 0, "--once: the proxy exits after its session")
+        self.assertEqual(units.socketModes(paths), modes, "the socket files systemd made are still there")
         cache.stoppedCleanly()
         cache.checkLog()
         proxy.checkLog()
