@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu import filelimit
+from twisted_criu.daemons.systemd import keepSocketFile
 
 #: How Twisted's listening ports say they accepted a connection only to
 #: close it (C{EMFILE}: they keep one descriptor in reserve for that).
@@ -60,11 +61,15 @@ def watchAccepts(port: Any, dropped: Callable[[int], None]) -> bool:
 
 @implementer(IStreamServerEndpoint)
 class ObservedServerEndpoint:
-    """A server endpoint that remembers the port it is listening on."""
+    """
+    A server endpoint that remembers the port it is listening on.  A UNIX
+    socket inherited from systemd is used as systemd made it (see
+    L{keepSocketFile}).
+    """
 
     def __init__(self, endpoint: IStreamServerEndpoint, dropped: Callable[[int], None] | None = None) -> None:
         """@param dropped: called with how many connections were dropped at accept (see L{watchAccepts})."""
-        self._endpoint = endpoint
+        self._endpoint = keepSocketFile(endpoint)
         self._dropped = dropped
         self.port: IListeningPort | None = None
         self._waiters: list[Deferred[IListeningPort]] = []

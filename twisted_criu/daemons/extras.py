@@ -22,6 +22,7 @@ from twisted_criu.daemons.control import controlSite
 from twisted_criu.daemons.endpoints import ObservedServerEndpoint, listenWhileRunning
 from twisted_criu.daemons.metrics import MetricsService
 from twisted_criu.daemons.service import ImageDaemon
+from twisted_criu.daemons.systemd import notify
 
 log = Logger()
 
@@ -29,8 +30,8 @@ log = Logger()
 class _ReadinessService(MultiService):
     """
     Once every listener of the daemon listens: write one byte to
-    C{--status-fd} and close it, and write C{--pidfile}.  The pid file is
-    removed when the daemon stops.
+    C{--status-fd} and close it, write C{--pidfile}, and tell systemd
+    (C{Type=notify}).  The pid file is removed when the daemon stops.
     """
 
     def __init__(self, endpoints: list[ObservedServerEndpoint], statusFd: int | None, pidfile: str | None) -> None:
@@ -60,9 +61,12 @@ class _ReadinessService(MultiService):
                 log.error("cannot write to --status-fd {fd}: {why}", fd=self.statusFd, why=e.strerror)
             self.statusFd = None
         log.info("ready: accepting criu and the link", pid=os.getpid())
+        notify("READY=1")  # a Type=notify systemd service has started
         self.ready.callback(None)
 
     def stopService(self) -> Deferred[None]:
+        if self.ready.called:
+            notify("STOPPING=1")
         if self.pidfile is not None and self.ready.called:
             try:
                 os.unlink(self.pidfile)
