@@ -125,6 +125,10 @@ class ManySessionsTests(pf._DaemonTest):
             for name, data in images.items():
                 dump.write(snapshotId, name, data)
             dump.finishDump()
+            # criu dump returns before the proxy has forwarded anything (no
+            # hook here): restore once the cache has the dump, as an
+            # operator would, not in the instant the link is reconnecting.
+            cache.waitForLog(r"session \d+ delivered", count=n)
             restore = cache.client()
             self.assertEqual(restore.snapshotIds(), [snapshotId])
             for name, data in images.items():

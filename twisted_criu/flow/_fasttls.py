@@ -55,11 +55,37 @@ def available() -> bool:
     )
 
 
+class _SharedBuffer:
+    """
+    One C buffer for every connection of the process (the reactor runs one
+    at a time): a buffer per connection would be megabytes per session that
+    the allocator does not give back.  A nested use gets a buffer of its own.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._buffer: Any = None
+        self._busy = False
+
+    def __enter__(self) -> Any:
+        if self._busy:
+            return _ffi.new("char[]", self.size)
+        self._busy = True
+        if self._buffer is None:
+            self._buffer = _ffi.new("char[]", self.size)
+        return self._buffer
+
+    def __exit__(self, *exc: object) -> None:
+        self._busy = False
+
+
+_sealedBuffer = _SharedBuffer(BATCH + 2 * RECORD)
+_openedBuffer = _SharedBuffer(BATCH)
+
+
 class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
     """L{TLSMemoryBIOProtocol} with the bulk data path in C calls (see the module)."""
 
-    _sealed: Any = None
-    _opened: Any = None
     #: Bulk records moved by the fast path, for tests: (written, read).
     fastRecords = (0, 0)
 
@@ -106,16 +132,15 @@ class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
 
     def _drainSealed(self) -> None:
         """Hand every encrypted byte OpenSSL holds to the transport, in large writes."""
-        if self._sealed is None:
-            self._sealed = _ffi.new("char[]", BATCH + 2 * RECORD)
         outgoing = self._tlsConnection._from_ssl
         transport = self.transport
         assert transport is not None
-        while True:
-            count = _lib.BIO_read(outgoing, self._sealed, BATCH + 2 * RECORD)
-            if count <= 0:
-                return
-            transport.write(_ffi.buffer(self._sealed, count)[:])
+        with _sealedBuffer as sealed:
+            while True:
+                count = _lib.BIO_read(outgoing, sealed, _sealedBuffer.size)
+                if count <= 0:
+                    return
+                transport.write(_ffi.buffer(sealed, count)[:])
 
     # -- receiving -----------------------------------------------------------
 
@@ -123,37 +148,38 @@ class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
         if not self._ready():
             super()._flushReceiveBIO()
             return
-        if self._opened is None:
-            self._opened = _ffi.new("char[]", BATCH)
         connection = self._tlsConnection
-        filled = records = 0
+        records = 0
         failure: SSL.Error | None = None
-        while not self._lostTLSConnection:
-            count = _lib.SSL_read(connection._ssl, self._opened + filled, BATCH - filled)
-            if count > 0:
-                filled += count
-                records += 1
-                if filled == BATCH:
-                    self._deliver(filled)
-                    filled = 0
-                continue
-            # Ask why now: anything the application does with the connection
-            # (a reply written while data is delivered) changes the answer.
-            if _lib.SSL_get_error(connection._ssl, count) != _lib.SSL_ERROR_WANT_READ:
-                try:
-                    connection._raise_ssl_error(connection._ssl, count)
-                except SSL.Error as e:
-                    failure = e
-            break
-        self._deliver(filled)
+        with _openedBuffer as opened:
+            filled = 0
+            while not self._lostTLSConnection:
+                count = _lib.SSL_read(connection._ssl, opened + filled, BATCH - filled)
+                if count > 0:
+                    filled += count
+                    records += 1
+                    if filled == BATCH:
+                        self._deliver(opened, filled)
+                        filled = 0
+                    continue
+                # Ask why now: anything the application does with the
+                # connection (a reply written while data is delivered)
+                # changes the answer.
+                if _lib.SSL_get_error(connection._ssl, count) != _lib.SSL_ERROR_WANT_READ:
+                    try:
+                        connection._raise_ssl_error(connection._ssl, count)
+                    except SSL.Error as e:
+                        failure = e
+                break
+            self._deliver(opened, filled)
         self.fastRecords = (self.fastRecords[0], self.fastRecords[1] + records)
         if failure is not None:
             self._readFailed(failure)
         self._flushSendBIO()
 
-    def _deliver(self, count: int) -> None:
+    def _deliver(self, opened: Any, count: int) -> None:
         if count and not self._aborted:
-            ProtocolWrapper.dataReceived(self, _ffi.buffer(self._opened, count)[:])
+            ProtocolWrapper.dataReceived(self, _ffi.buffer(opened, count)[:])
 
     def _readFailed(self, error: SSL.Error) -> None:
         """What Twisted's C{_flushReceiveBIO} does with a failed read."""
