@@ -112,7 +112,7 @@ def runGetCriu(getCriu: Path) -> str:
                 say(f"  {line.rstrip()}")
                 if "get-criu: building" in line:
                     say(
-                        "  (this first run installs criu's build dependencies, downloads its source and"
+                        "  (this first run installs any missing build dependencies, downloads criu's source and"
                         " compiles it: expect minutes; later runs reuse the binary)"
                     )
             else:

@@ -151,6 +151,6 @@ def runReal(args: argparse.Namespace, workDir: str, criu: FoundCriu) -> None:
     say()
     say(
         f"OK: pid {workload.pid} ({human(args.size * (1 << 20))} of memory) went criu dump --stream -> criu-proxy"
-        f" -> TLS -> criu-cache -> criu restore --stream and runs on, memory intact;"
+        f" -> TLS -> criu-cache -> criu restore --stream and ran on, memory intact;"
         f" downtime {downtime:.2f} s; whole demo {time.monotonic() - started:.1f} s"
     )
