@@ -2,19 +2,24 @@
 """
 The moving parts of a real migration, for the tests that move a real
 process with a real criu through real daemons (C{tests.slow.test_criu},
-C{tests.slow.test_faults}):
+C{tests.slow.test_faults}).  The workload and criu itself are shared with
+the demo and live in L{twisted_criu.testing}; they are re-exported here:
 
-  - L{Workload}: the process to migrate.  It checksums its own memory and
-    appends C{"pid n sha256"} lines to a counter file; L{Workload.checkRunsOnce}
-    is the exactly-once check (one live process runs it, with its pid, its
-    memory intact, and one unbroken count).
+  - L{Workload} (L{twisted_criu.testing.workload}): the process to migrate.
+    It checksums its own memory and appends C{"pid n sha256 verdict"} lines
+    to a counter file; L{Workload.checkRunsOnce} is the exactly-once check
+    (one live process runs it, with its pid, its memory intact, and one
+    unbroken count).
+  - L{ActionScript}, L{Criu}, L{CriuRun}, L{HOOK}, L{findCriu}
+    (L{twisted_criu.testing.realcriu}): C{criu dump|restore --stream} as
+    child processes, with an action script that runs C{twisted-criu-hook}
+    and can hold criu at an action or make one fail.
+
+Here:
+
   - L{DaemonProcess}: a C{twistd -n criu-proxy|criu-cache} that can be killed
     and started again (each start logs to its own file), optionally inside a
     L{NetworkNamespace} whose loopback is slowed down with C{tc}.
-  - L{ActionScript}: what criu gets as C{--action-script}: it logs each
-    action, runs C{twisted-criu-hook} (L{HOOK}), and can hold criu at an
-    action (before the hook) or make one fail (instead of the hook).
-  - L{Criu}: C{criu dump|restore --stream} as child processes (L{CriuRun}).
   - L{sessions}, L{restorable}: a daemon's sessions, from its control socket.
   - L{cutLink}: kill the TCP connections of the proxy -> cache link.
 
@@ -29,229 +34,25 @@ import itertools
 import json
 import os
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Sequence
 
 from twisted_criu.hook import unixConnection
-from twisted_criu.testing.processes import TWISTD, childEnvironment, dieWithParent, tail
+from twisted_criu.testing.processes import TWISTD, childEnvironment, dieWithParent, tailOf, waitUntil
+from twisted_criu.testing.realcriu import HOOK, ActionScript, Criu, CriuRun, findCriu
+from twisted_criu.testing.workload import CounterLine, Workload
 
-#: criu's action script from the transactional migration: installed beside
-#: this interpreter.
-HOOK = Path(sys.executable).parent / "twisted-criu-hook"
+__all__ = [
+    "HOOK", "RESTORABLE", "ActionScript", "CounterLine", "Criu", "CriuRun", "DaemonProcess",
+    "NetworkNamespace", "Workload", "cutLink", "findCriu", "linkConnections", "restorable",
+    "sessions", "tailOf", "waitUntil",
+]
 
 #: The cache's session states from which C{criu restore --stream} can
 #: (still) restore.
 RESTORABLE = frozenset({"delivered", "restoring", "failed-restore"})
-
-
-def findCriu() -> str:
-    """The criu to run: C{TWISTED_CRIU_CRIU}, else the one on PATH."""
-    criu = os.environ.get("TWISTED_CRIU_CRIU") or shutil.which("criu")
-    if not criu:
-        raise AssertionError(
-            "no criu: run admin/get-criu and set TWISTED_CRIU_CRIU, or use"
-            " admin/test --no-real-criu on a machine where criu cannot run"
-        )
-    return criu
-
-
-def waitUntil(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll C{condition} until it is true; fail after C{timeout} seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def tailOf(path: Path, lines: int = 25) -> str:
-    text = tail(str(path), lines)
-    return f"--- {path} ---\n{text}\n" if text else ""
-
-
-# -- the workload -------------------------------------------------------------------
-
-#: The workload: holds MiB of random memory and appends "pid n sha256" to a
-#: counter file every 0.2 s, the digest recomputed over that memory each
-#: time (before the file is opened: the file is open only while it writes).
-WORKLOAD = """
-import hashlib, os, sys, time
-memory = bytearray(os.urandom(int(sys.argv[2]) << 20))
-n = 0
-while True:
-    n += 1
-    line = f"{os.getpid()} {n} {hashlib.sha256(memory).hexdigest()}\\n"
-    with open(sys.argv[1], "a") as counter:
-        counter.write(line)
-    time.sleep(0.2)
-"""
-
-
-class CounterLine(NamedTuple):
-    pid: int
-    n: int
-    digest: str
-
-
-def _procState(pid: int | str) -> str | None:
-    """A process's state letter (R, S, T, Z...), or C{None} if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[0]
-
-
-class Workload:
-    """
-    The process to migrate: C{DIRECTORY/workload.py}, run as a session
-    leader (criu dumps one without C{--shell-job}).
-
-    @ivar pid: its pid, which a restore gives back.
-    @ivar digest: the SHA-256 of its memory, the same for its whole life.
-    """
-
-    def __init__(self, directory: Path, mebibytes: int) -> None:
-        self.directory = directory
-        self.mebibytes = mebibytes
-        self.script = directory / "workload.py"
-        self.counter = directory / "counter.txt"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.pid = 0
-        self.digest = ""
-
-    def start(self) -> None:
-        """Start it; L{ready} waits for its first lines."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.script.write_text(WORKLOAD)
-        with open(self.directory / "out.log", "wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, str(self.script), str(self.counter), str(self.mebibytes)],
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def ready(self, timeout: float = 60) -> None:
-        """Wait until it has counted twice; learn its pid and digest."""
-        waitUntil(lambda: len(self.lines()) >= 2, timeout, "the workload's first lines")
-        first = self.lines()[0]
-        self.pid, self.digest = first.pid, first.digest
-
-    def lines(self) -> list[CounterLine]:
-        """The counter file's complete lines."""
-        try:
-            text = self.counter.read_text()
-        except FileNotFoundError:
-            return []
-        result = []
-        for line in text[: text.rfind("\n") + 1].splitlines():
-            pid, n, digest = line.split()
-            result.append(CounterLine(int(pid), int(n), digest))
-        return result
-
-    def last(self) -> int:
-        """The last count written (0 before the first)."""
-        lines = self.lines()
-        return lines[-1].n if lines else 0
-
-    def running(self) -> list[int]:
-        """The pids of the live processes (not zombies) running this workload."""
-        script = os.fsencode(self.script)
-        pids = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if script in argv and _procState(entry.name) not in (None, "Z", "X"):
-                pids.append(int(entry.name))
-        return sorted(pids)
-
-    def runsOnSource(self) -> bool:
-        """The original process (our child) still runs."""
-        return self.process is not None and self.process.poll() is None
-
-    def reap(self, timeout: float = 30) -> None:
-        """
-        Once criu killed it on the source: reap our child, so that its pid
-        is free for the restore, and wait until that pid is gone.
-        """
-        assert self.process is not None
-        self.process.wait(timeout)
-        self.waitPidFree(timeout)
-
-    def waitPidFree(self, timeout: float = 30) -> None:
-        """Wait until no process (not even a zombie) holds L{pid}."""
-        waitUntil(lambda: _procState(self.pid) is None, timeout, f"pid {self.pid} to be free")
-
-    def checkRunsOnce(self, more: int = 3, timeout: float = 30) -> list[CounterLine]:
-        """
-        The exactly-once check: one live process runs the workload, with its
-        pid; it counts C{more} lines further; and the whole counter file is
-        one sequence 1, 2, 3... (no gap: the process ran on; no repeat: no
-        second copy ever counted) written by that pid with that digest
-        (memory intact).
-
-        @return: the counter's lines.
-        """
-        running = self.running()
-        if running != [self.pid]:
-            raise AssertionError(f"expected the workload to run once, as pid {self.pid}; running: {running}")
-        state = _procState(self.pid)
-        if state not in ("R", "S", "D"):
-            raise AssertionError(f"pid {self.pid} is in state {state}, not running")
-        count = self.last()
-        waitUntil(
-            lambda: self.last() >= count + more,
-            timeout,
-            f"pid {self.pid} to count {more} more lines (at {self.last()}, was {count})",
-        )
-        lines = self.lines()
-        strangers = sorted({(line.pid, line.digest) for line in lines} - {(self.pid, self.digest)})
-        if strangers:
-            raise AssertionError(
-                f"counter lines not written by pid {self.pid} with digest {self.digest}: {strangers}"
-            )
-        counts = [line.n for line in lines]
-        if counts != list(range(1, len(counts) + 1)):
-            repeats = sorted({n for n in counts if counts.count(n) > 1})
-            gaps = sorted(set(range(1, max(counts) + 1)) - set(counts))
-            raise AssertionError(
-                f"the count is not one sequence: repeated {repeats[:10]} (two writers?),"
-                f" missing {gaps[:10]}; tail {counts[-15:]}"
-            )
-        running = self.running()
-        if running != [self.pid]:
-            raise AssertionError(f"expected the workload to run once, as pid {self.pid}; running: {running}")
-        return lines
-
-    def kill(self) -> None:
-        """Cleanup: our child and any restored copy."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        for pid in self.running():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def describe(self) -> str:
-        lines = self.lines()
-        return (
-            f"workload pid {self.pid}: running {self.running()}, {len(lines)} lines,"
-            f" last {[tuple(line[:2]) for line in lines[-5:]]}\n"
-        )
 
 
 # -- network namespaces ------------------------------------------------------------------
@@ -452,176 +253,3 @@ def sessions(controlSocket: Path, timeout: float = 10) -> list[dict[str, Any]]:
 def restorable(controlSocket: Path) -> list[dict[str, Any]]:
     """The sessions C{criu restore --stream} could restore from."""
     return [s for s in sessions(controlSocket) if s.get("state") in RESTORABLE]
-
-
-# -- criu ---------------------------------------------------------------------------------------
-
-
-_SCRIPT = """#!/bin/sh
-# criu's --action-script in tests.slow.test_faults.  criu runs it for each
-# action, named by CRTOOLS_SCRIPT_ACTION.  It logs the action; with
-# $dir/pause-ACTION it waits (telling so with $dir/paused-ACTION) until
-# that file is gone; with $dir/fail-ACTION it removes that file and fails
-# the action; else it becomes the hook (exec: the hook's parent is criu,
-# whose pid it keeps what pre-restore learns under for post-resume).
-dir={dir}
-hook={hook}
-action=${{CRTOOLS_SCRIPT_ACTION:-}}
-echo "$action" >>"$dir/actions.log"
-if [ -e "$dir/pause-$action" ]; then
-    : >"$dir/paused-$action"
-    i=0
-    while [ -e "$dir/pause-$action" ] && [ "$i" -lt 2400 ]; do
-        sleep 0.05
-        i=$((i + 1))
-    done
-fi
-if [ -e "$dir/fail-$action" ]; then
-    rm -f "$dir/fail-$action"
-    echo "$action: failed on purpose" >>"$dir/actions.log"
-    exit 1
-fi
-exec "$hook"
-"""
-
-
-class ActionScript:
-    """
-    criu's C{--action-script}: logs each action, then runs C{hook}
-    (C{twisted-criu-hook}, or C{true} when C{hook} is C{None}); L{pause}
-    holds criu at an action (before the hook runs), L{failOnce} fails one
-    (instead of running the hook).
-    """
-
-    def __init__(self, directory: Path, hook: Path | None) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "action-script"
-        self.logPath = directory / "actions.log"
-        self.path.write_text(
-            _SCRIPT.format(dir=shlex.quote(str(directory)), hook=shlex.quote(str(hook or "true")))
-        )
-        self.path.chmod(0o755)
-
-    def actions(self) -> list[str]:
-        """The actions criu ran the script for so far, in order."""
-        try:
-            text = self.logPath.read_text()
-        except FileNotFoundError:
-            return []
-        return [line for line in text.splitlines() if line and ":" not in line]
-
-    def pause(self, action: str) -> None:
-        (self.directory / f"pause-{action}").touch()
-
-    def failOnce(self, action: str) -> None:
-        (self.directory / f"fail-{action}").touch()
-
-    def waitFor(self, action: str, run: CriuRun, timeout: float = 60) -> None:
-        """Wait until criu ran the script for C{action}."""
-
-        def seen() -> bool:
-            if action in self.actions():
-                return True
-            if run.process.poll() is not None:
-                raise AssertionError(f"criu {run.action} exited ({run.process.returncode}) before {action}")
-            return False
-
-        waitUntil(seen, timeout, f"criu {run.action} to reach {action}", interval=0.02)
-
-    def waitPaused(self, action: str, run: CriuRun, timeout: float = 60) -> None:
-        """Wait until the script holds criu at C{action}."""
-
-        def paused() -> bool:
-            if (self.directory / f"paused-{action}").exists():
-                return True
-            if run.process.poll() is not None:
-                raise AssertionError(
-                    f"criu {run.action} exited ({run.process.returncode}) before pausing at {action}"
-                )
-            return False
-
-        waitUntil(paused, timeout, f"criu {run.action} to pause at {action}", interval=0.02)
-
-    def release(self, action: str) -> None:
-        (self.directory / f"pause-{action}").unlink(missing_ok=True)
-
-    def releaseAll(self) -> None:
-        for path in self.directory.glob("pause-*"):
-            path.unlink(missing_ok=True)
-
-    def describe(self) -> str:
-        return tailOf(self.logPath, 40)
-
-
-class CriuRun:
-    """One C{criu dump|restore} child process; its log is C{DIRECTORY/LOG}."""
-
-    def __init__(self, action: str, process: subprocess.Popen[bytes], logPath: Path, outPath: Path) -> None:
-        self.action = action
-        self.process = process
-        self.logPath = logPath
-        self.outPath = outPath
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def wait(self, timeout: float = 120) -> int:
-        """Its exit status; fails if it runs longer than C{timeout} seconds."""
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"criu {self.action} still runs after {timeout:g} s\n{self.describe()}")
-
-    def logCount(self, text: str) -> int:
-        """How many times C{text} is in its log so far."""
-        try:
-            return self.logPath.read_text(errors="replace").count(text)
-        except FileNotFoundError:
-            return 0
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def describe(self, lines: int = 25) -> str:
-        return tailOf(self.outPath, 10) + tailOf(self.logPath, lines)
-
-
-class Criu:
-    """Runs C{criu dump|restore --stream} (logs in the images directory, C{-v4})."""
-
-    def __init__(self, binary: str, base: Path, actionScript: ActionScript | None = None) -> None:
-        self.binary = binary
-        self.base = base
-        self.actionScript = actionScript
-        self.runs: list[CriuRun] = []
-
-    def start(self, action: str, directory: Path, *args: str) -> CriuRun:
-        log = f"{action}-{sum(run.action == action for run in self.runs) + 1}.log"
-        argv = [self.binary, action, "--stream", *args, "-D", str(directory), "-o", log, "-v4"]
-        if self.actionScript is not None:
-            argv += ["--action-script", str(self.actionScript.path)]
-        outPath = self.base / f"criu-{log}.out"
-        with open(outPath, "wb") as out:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        run = CriuRun(action, process, directory / log, outPath)
-        self.runs.append(run)
-        return run
-
-    def dump(self, directory: Path, pid: int) -> CriuRun:
-        return self.start("dump", directory, "-t", str(pid))
-
-    def restore(self, directory: Path) -> CriuRun:
-        return self.start("restore", directory, "-d")
-
-    def killAll(self) -> None:
-        for run in self.runs:
-            run.kill()
-
-    def describe(self) -> str:
-        return "".join(
-            f"criu {run.action} (exit {run.process.returncode}):\n{run.describe()}" for run in self.runs
-        )

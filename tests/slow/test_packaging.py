@@ -1,8 +1,8 @@
 """
 Packaging: the twistd dropin is found, a wheel built from the checkout
 ships it (and the generated protobuf code) without the files that would
-break Twisted's own C{twisted.plugins} package, and the installed demo
-(C{python -m twisted_criu.testing.demo}, real twistd processes) runs.
+break Twisted's own C{twisted.plugins} package.  (The demo's tests are
+C{tests.slow.test_demo} and C{tests.slow.test_criu_demo}.)
 
 See the style guide's "Packaging the dropin": package discovery silently
 drops C{twisted/plugins/*.py}, a C{twisted/plugins/__init__.py} clobbers
@@ -228,30 +228,3 @@ class WheelTests(SynchronousTestCase):
 
         # Building happened in the copy: the checkout gained no build junk.
         self.assertEqual(_junk() - before, set())
-
-
-class DemoTests(SynchronousTestCase):
-    """C{python -m twisted_criu.testing.demo} (the C{twisted-criu-demo} script) works."""
-
-    def runDemo(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "twisted_criu.testing.demo", "--size", "1", "--timeout", "60", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        return result.stdout
-
-    def test_remote(self) -> None:
-        out = self.runDemo()
-        self.assertIn("memfd.img        ENOENT", out)
-        self.assertIn("criu-cache exited 0 by itself", out)
-        self.assertIn("criu-proxy exited 0 by itself", out)
-        self.assertIn("\nOK: 13 images", out)
-
-    def test_stream(self) -> None:
-        self.assertIn("\nOK: 13 images", self.runDemo("--protocol", "stream"))
-
-    def test_seed(self) -> None:
-        self.assertIn("\nOK: 13 images", self.runDemo("--variant", "seed"))

@@ -16,8 +16,12 @@ Public test tooling, for our tests and for code that embeds twisted-criu.
     running daemons, as criu did.
   - L{twisted_criu.testing.processes}: real C{twistd criu-proxy|criu-cache}
     child processes (C{Daemon}), free loopback ports, waiting for sockets.
-  - L{twisted_criu.testing.demo}: the loopback migration demo
-    (C{python -m twisted_criu.testing.demo}, C{twisted-criu-demo},
-    C{./admin/demo}), with its synthetic images in
-    L{twisted_criu.testing.imageset}.
+  - L{twisted_criu.testing.workload}: C{Workload}, a process to migrate
+    that checks its own memory; L{twisted_criu.testing.realcriu}: a real
+    C{criu dump|restore --stream} as child processes (C{Criu}), with the
+    hook as its action script.
+  - L{twisted_criu.testing.demo}: the migration demo (C{./admin/demo},
+    C{twisted-criu-demo}, C{python -m twisted_criu.testing.demo}): a real
+    process moved by the real criu, or criu played by the demo with the
+    synthetic images of L{twisted_criu.testing.imageset}.
 """

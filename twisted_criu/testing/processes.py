@@ -7,7 +7,8 @@ interpreter (with this copy of L{twisted_criu} importable), logging to files
 in a work directory; L{waitForSockets} waits until daemons listen,
 L{Daemon.wait} until one exits.  Every wait has a deadline
 and a failure shows the daemon's log tail (L{DaemonError}).  L{freePort}
-finds a loopback TCP port for the link.
+finds a loopback TCP port for the link; L{waitUntil} polls a condition
+with a deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import twisted_criu
 
@@ -49,6 +51,21 @@ def tail(path: str, lines: int = 25) -> str:
     except OSError:
         return ""
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def tailOf(path: Path, lines: int = 25) -> str:
+    """L{tail} under a header naming the file (C{""} if it is empty or unreadable)."""
+    text = tail(str(path), lines)
+    return f"--- {path} ---\n{text}\n" if text else ""
+
+
+def waitUntil(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll C{condition} until it is true; fail after C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def dieWithParent(signum: int = signal.SIGTERM) -> None:
@@ -94,16 +111,19 @@ class Daemon:
             f"--logfile={self.logPath}", self.tapname, *args,
         ]
         with open(self.outPath, "wb") as out:
-            self.process = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=childEnvironment(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=dieWithParent,
-                start_new_session=True,  # Ctrl-C reaches the parent, which cleans up
-            )
+            try:
+                self.process = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=childEnvironment(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=dieWithParent,
+                    start_new_session=True,  # Ctrl-C reaches the parent, which cleans up
+                )
+            except OSError as e:
+                raise DaemonError(f"{self.tapname} did not start: {e}") from None
 
     @property
     def pid(self) -> int:
