@@ -20,6 +20,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.trial.unittest import TestCase
 
+from tests.helpers import Migration
 from tests.test_tls import TLSMigration
 from twisted_criu import cli
 from twisted_criu.cli.client import ControlClient
@@ -159,6 +160,32 @@ class PushLinkTests(PeersMixin, TestCase):
         self.assertIn("dropped the link", why)
         self.assertIn("got no further for 2 s", why)
         self.assertLess(seconds, 6)
+
+
+class PushAbortTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_imageVanishes(self) -> Any:
+        """An image that cannot be read aborts the push at once, saying which."""
+        m = Migration(self)
+        port = yield m.startCache()
+        dump = self.mktemp()
+        os.makedirs(dump)
+        for name in ("a.img", "b.img"):
+            with open(os.path.join(dump, name), "wb") as f:
+                f.write(os.urandom(1 << 20))
+        options = cli.PushOptions()
+        options.parseOptions(
+            [dump, "--address", "127.0.0.1", "--port", str(port.getHost().port), "--plain-link", "--timeout", "60"]
+        )
+        started = reactor.seconds()
+        pushed = cli.push(reactor, options, io.StringIO())
+        os.unlink(os.path.join(dump, "b.img"))  # listed, gone before it is sent
+        with self.assertRaises(cli.CommandError) as e:
+            yield pushed
+        self.assertIn("the push was aborted: b.img could not be read", str(e.exception))
+        self.assertLess(reactor.seconds() - started, 10)
 
 
 class ControlTimeoutTests(PeersMixin, TestCase):

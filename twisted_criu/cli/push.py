@@ -135,17 +135,17 @@ class _Headway:
 
 @implementer(ILogObserver)
 class _Problems:
-    """Remembers the library's last warning or error, for the final message."""
+    """
+    Remembers the library's last error (a stalled link, a bad frame, a TLS
+    refusal after the handshake), for the final message.
+    """
 
     def __init__(self, watch: WatchedEndpoint) -> None:
         self.watch = watch
 
     def __call__(self, event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        if level in (LogLevel.warn, LogLevel.error, LogLevel.critical):
-            text = formatEvent(event)
-            if "reconnecting" not in text:
-                self.watch.problem = text
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            self.watch.problem = formatEvent(event)
 
 
 def _stalled(watch: WatchedEndpoint, headway: _Headway, total: int, timeout: float) -> str:
@@ -195,6 +195,7 @@ def push(reactor: Any, options: PushOptions, out: Any, barStream: Any = None) ->
         reactor, watch, retryPolicy, options["timeout"], options["checksum"], "push", activity
     )
     session.onDelivered = delivered.callback
+    session.onAborted = lambda why, dumping: fail(f"the push was aborted: {why}")
     watch.ending = lambda: session.over or delivered.called
     snapshotId = options["snapshot-id"] or ""
     registry = session.registry
