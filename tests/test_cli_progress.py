@@ -98,3 +98,17 @@ class ProgressTests(TestCase):
         terminal = FakeTerminal()
         yield self.pull(terminal, "--no-progress")
         self.assertEqual(terminal.getvalue(), "")
+
+    @inlineCallbacks
+    def test_pullWhereNothingCanBeWritten(self) -> Any:
+        """A directory that cannot be created is one line, not an OSError traceback."""
+        yield self.push(None)
+        options = cli.PullOptions()
+        blocker = self.mktemp()
+        open(blocker, "w").close()
+        options.parseOptions([os.path.join(blocker, "sub"), "--from", self.cache.directory])
+        with self.assertRaises(cli.CommandError) as e:
+            yield cli.pull(reactor, options, io.StringIO())
+        self.assertEqual(
+            str(e.exception), f"cannot create the directory {os.path.join(blocker, 'sub')}: Not a directory"
+        )

@@ -178,7 +178,10 @@ class ControlClient:
         if response.code != 200:
             body = yield self._track(readBody(response))
             raise CommandError(f"{name}: {body.decode('utf-8', 'replace').strip()}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise CommandError(f"cannot write {path}: {e.strerror}") from None
 
         def chunk(count: int) -> None:
             self.moved()

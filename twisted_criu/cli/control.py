@@ -203,7 +203,10 @@ def _pull(client: ControlClient, options: PullOptions, out: Any, barStream: Any)
     done: list[str] = []
     try:
         for target, (snapshotId, images) in zip(targets, lineage):
-            os.makedirs(target, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(target, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise CommandError(f"cannot create the directory {target}: {e.strerror}") from None
             for image in images:
                 path = os.path.join(target, image["name"])
                 yield client.download(session["id"], snapshotId, image["name"], path, image["size"], bar.advance)
