@@ -392,10 +392,13 @@ class PushTests(TestCase):
 
     @inlineCallbacks
     def test_nobodyListening(self) -> Any:
+        """A refused connection fails the push at once, not after --timeout."""
         self.port = 1  # nothing listens there
+        started = reactor.seconds()
         with self.assertRaises(cli.CommandError) as e:
-            yield self.push("--timeout", "1")
-        self.assertIn("nothing moved for 1 s", str(e.exception))
+            yield self.push("--timeout", "30")
+        self.assertIn("refused the connection: is criu-cache running there", str(e.exception))
+        self.assertLess(reactor.seconds() - started, 10)
 
     def test_imageFiles(self) -> None:
         self.assertEqual(
