@@ -20,7 +20,7 @@ from twisted_criu.daemons.control import MAX_REQUEST_BODY, controlSite
 from twisted_criu.errors import HookRefused
 from twisted_criu.interfaces import ISessionControl, IStoredImage
 from twisted_criu.keys import ImageKey
-from twisted_criu.views import SessionView
+from twisted_criu.views import SessionView, StoreView
 
 
 class _SocketLikeAbort(StringTransport):
@@ -38,6 +38,9 @@ class _NoSessions:
 
     def listSessions(self) -> list[SessionView]:
         return []
+
+    def storeView(self) -> StoreView:
+        return StoreView(0, 0, None)
 
     def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
         return None

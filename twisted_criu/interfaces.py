@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from twisted_criu import wire
-    from twisted_criu.views import SessionView
+    from twisted_criu.views import SessionView, StoreView
     from twisted_criu.keys import ImageKey
 
 
@@ -296,6 +296,9 @@ class ISessionControl(Interface):
 
     def listSessions() -> list[SessionView]:
         """The current session (if any) and the kept ones."""
+
+    def storeView() -> StoreView:
+        """How many image bytes the daemon holds in memory, and how many spilled."""
 
     def sessionImage(sessionId: str, key: ImageKey) -> IStoredImage | None:
         """A complete image of a session, if it has it."""

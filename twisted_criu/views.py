@@ -15,6 +15,8 @@ class ImageView:
     snapshotId: str
     name: str
     size: int
+    #: Bytes of it spilled to disk (past the daemon's --memory-limit).
+    spilled: int = 0
 
 
 @frozen
@@ -33,6 +35,10 @@ class SessionView:
     def bytes(self) -> int:
         return sum(image.size for image in self.images)
 
+    @property
+    def spilledBytes(self) -> int:
+        return sum(image.spilled for image in self.images)
+
     def toJSON(self, withImages: bool) -> dict[str, Any]:
         described: dict[str, Any] = {
             "id": self.id,
@@ -43,9 +49,31 @@ class SessionView:
             "snapshot_ids": self.snapshotIds,
             "image_count": len(self.images),
             "bytes": self.bytes,
+            "spilled_bytes": self.spilledBytes,
         }
         if withImages:
             described["images"] = [
-                {"snapshot_id": i.snapshotId, "name": i.name, "size": i.size} for i in self.images
+                {"snapshot_id": i.snapshotId, "name": i.name, "size": i.size, "spilled": i.spilled}
+                for i in self.images
             ]
         return described
+
+
+@frozen
+class StoreView:
+    """
+    Where a daemon's image bytes are: in memory, or spilled to disk past its
+    memory limit (L{None} for a store without one).  Counts every image it
+    holds, those still arriving included.
+    """
+
+    memoryBytes: int
+    spilledBytes: int
+    memoryLimit: int | None
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "memory_bytes": self.memoryBytes,
+            "spilled_bytes": self.spilledBytes,
+            "memory_limit_bytes": self.memoryLimit,
+        }

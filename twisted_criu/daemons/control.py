@@ -5,7 +5,8 @@ and dropping one.  Served as JSON over HTTP (L{twisted.web}) on the
 daemon's C{--control} endpoint, a UNIX socket in its images directory by
 default; C{twisted-criu ls|pull|drop} are its client.
 
-    GET    /sessions                          every session (current and kept)
+    GET    /sessions                          every session (current and kept), and
+                                              the bytes in memory and spilled to disk
     GET    /sessions/ID                       one session, with its images
     GET    /sessions/ID/image?snapshot=S&name=N   an image's bytes
     DELETE /sessions/ID                       drop a session's images
@@ -135,6 +136,7 @@ class _SessionsResource(resource.Resource):
             request,
             {
                 "role": self.control.role,
+                "store": self.control.storeView().toJSON(),
                 "sessions": [s.toJSON(withImages=False) for s in self.control.listSessions()],
             },
         )

@@ -10,19 +10,20 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
-from twisted.python import usage
 
 from twisted_criu.daemons.control import controlSite
 from twisted_criu.daemons.endpoints import ObservedServerEndpoint, listenWhileRunning
 from twisted_criu.daemons.metrics import MetricsService
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.systemd import notify
+
+if TYPE_CHECKING:
+    from twisted_criu.twistd.options import DaemonOptions
 
 log = Logger()
 
@@ -116,7 +117,7 @@ def raiseFileLimit() -> tuple[int, int]:
     return soft, soft
 
 
-def finishDaemon(reactor: Any, daemon: ImageDaemon[Any], options: usage.Options) -> ImageDaemon[Any]:
+def finishDaemon(reactor: Any, daemon: ImageDaemon[Any], options: DaemonOptions) -> ImageDaemon[Any]:
     """
     Attach the operational extras chosen in C{options} to C{daemon} (an
     L{ImageProxyService} or L{ImageCacheService}) and return it.
@@ -132,12 +133,12 @@ def finishDaemon(reactor: Any, daemon: ImageDaemon[Any], options: usage.Options)
         endpoints.append(
             listenWhileRunning(
                 daemon,
-                serverFromString(reactor, options["control"]),
+                options.listenEndpoint(reactor, "control"),
                 controlSite(daemon, daemon.clientTimeout, reactor),
             )
         )
     if options["metrics"] is not None:
-        metrics = MetricsService(daemon, serverFromString(reactor, options["metrics"]))
+        metrics = MetricsService(daemon, options.listenEndpoint(reactor, "metrics"))
         metrics.setServiceParent(daemon)
         endpoints.append(metrics.endpoint)
     readiness = _ReadinessService(endpoints, options["status-fd"], options["pidfile"])

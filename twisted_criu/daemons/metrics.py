@@ -128,13 +128,12 @@ class DaemonCollector(Collector):
             "Reads waiting now for an image to arrive.",
             value=daemon.readsWaiting,
         )
-        store = daemon.store
-        for name, attribute, text in (
-            ("memory_bytes", "inMemory", "Image bytes the store holds in memory."),
-            ("spill_bytes", "onDisk", "Image bytes the store has spilled to disk."),
-            ("memory_limit_bytes", "memoryLimit", "The store's memory budget (--memory-limit)."),
+        store = daemon.storeView()
+        for name, value, text in (
+            ("memory_bytes", store.memoryBytes, "Image bytes the store holds in memory."),
+            ("spill_bytes", store.spilledBytes, "Image bytes the store has spilled to disk."),
+            ("memory_limit_bytes", store.memoryLimit, "The store's memory budget (--memory-limit)."),
         ):
-            value = getattr(store, attribute, None)
             if value is not None:
                 yield GaugeMetricFamily(f"twisted_criu_{name}", text, value=value)
 

@@ -24,7 +24,7 @@ from twisted_criu.interfaces import IImageStore, ISession, ISessionControl
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.views import SessionView
+from twisted_criu.views import SessionView, StoreView
 
 SessionT = TypeVar("SessionT", bound=ISession)
 
@@ -90,6 +90,12 @@ class ImageDaemon(SessionHolder[SessionT], MultiService):
 
     def dropSession(self, sessionId: str) -> SessionView:
         raise NotImplementedError()
+
+    def storeView(self) -> StoreView:
+        store = self.store
+        return StoreView(
+            getattr(store, "inMemory", 0), getattr(store, "onDisk", 0), getattr(store, "memoryLimit", None)
+        )
 
     def hookAction(self, action: str, report: Callable[[str], None]) -> Deferred[dict[str, Any]]:
         raise NotImplementedError()

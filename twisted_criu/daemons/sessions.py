@@ -29,7 +29,7 @@ def viewOf(session: ISession, state: str, current: bool) -> SessionView:
     for key in sorted(registry.keys()):
         image = registry.get(key)
         if image is not None:
-            images.append(ImageView(key[0], key[1], image.size))
+            images.append(ImageView(key[0], key[1], image.size, getattr(image, "spilled", 0)))
     return SessionView(
         session.id, state, current, not current, session.started, registry.snapshotIds(), images
     )

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -14,19 +14,18 @@ from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.link.allow import AddressFilter, PeerCheck, PeerCheckingEndpoint, parseNetworks
 from twisted_criu.link.localpeers import LocalOwnerCheck
 from twisted_criu.link.tls import TLSServerEndpoint, serverConnectionCreator
-from twisted_criu.twistd.options import (
-    HANDSHAKE_DEADLINE,
-    DaemonOptions,
-    daemonArguments,
-    parseDuration,
-)
+from twisted_criu.twistd.listening import ListenOption
+from twisted_criu.twistd.options import HANDSHAKE_DEADLINE, DaemonOptions, daemonArguments
+from twisted_criu.twistd.parsers import parseDuration
 
 
 class Options(DaemonOptions):
     synopsis = "[options]"
     longdesc = (
         "Receive checkpoint images from a criu-proxy and serve them to "
-        "`criu restore --remote -D DIR` on DIR/img-cache.sock."
+        "`criu restore --stream -D DIR` (released CRIU, 3.15 and later) on "
+        "DIR/streamer-serve.sock, and to `criu restore --remote -D DIR` "
+        "(criu-dev's remote images) on DIR/img-cache.sock."
     )
     streamSocketName = "streamer-serve.sock"
     socketName = "img-cache.sock"
@@ -51,8 +50,14 @@ class Options(DaemonOptions):
             except ValueError as e:
                 raise usage.UsageError(f"--allow-from: {e}") from None
         if self["listen"] is None:
-            self["listen"] = f"tcp:{self['port']}:interface={self['address']}"
+            address = quoteStringArgument(self["address"])
+            self["listen"] = f"tcp:{self['port']}:interface={address}"
+            self.listenOptions["listen"] = ListenOption(
+                f"--port {self['port']}", f"--address {self['address']}", "--port"
+            )
         self.refuseDoubleTLS("listen", ("ssl",), "tcp:9996:interface=10.0.0.2")
+        if "listen" not in self.listenOptions:
+            self.givenEndpoint("listen")
 
 
 log = Logger()
@@ -61,7 +66,7 @@ log = Logger()
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    listen: IStreamServerEndpoint = serverFromString(reactor, options["listen"])
+    listen: IStreamServerEndpoint = options.listenEndpoint(reactor, "listen")
     checks: list[PeerCheck] = []
     if options["allow-from"] is not None:
         checks.append(options["allow-from"])
@@ -83,7 +88,7 @@ def makeService(options: Options) -> IService:
     options.logLinkSecurity("proxy")
     service = ImageCacheService(
         reactor,
-        serverFromString(reactor, options["local"]),
+        options.listenEndpoint(reactor, "local"),
         listen,
         retain=options["retain"],
         **daemonArguments(reactor, options),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Callable
 
 from twisted.application.internet import backoffPolicy
@@ -12,12 +13,28 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twisted_criu.criu.images import ReadVariant
 from twisted_criu.link import tls
 from twisted_criu.link.key import LinkKey, LinkKeyError, defaultKeyPath, loadKey
 from twisted_criu.link.tls import TLSClientEndpoint, clientConnectionCreator
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.twistd.endpointstrings import endpointHost, endpointType
+from twisted_criu.twistd.listening import ListenOption, OptionEndpoint, checkEndpointString
+from twisted_criu.twistd.parsers import (
+    defaultMemoryLimit,
+    parseFd,
+    parseMode,
+    parseNumber,
+    parsePort,
+    parseSeconds,
+    parseSize,
+    parseVariant,
+)
+from twisted_criu.twistd.startup import (
+    checkTwistdPidfile,
+    exitOnUsageError,
+    reportStartupFailures,
+    synopsis,
+)
 
 log = Logger()
 
@@ -26,91 +43,6 @@ DEFAULT_PORT = 9996
 
 #: Seconds a peer has to complete the link's TLS handshake (a few round trips).
 HANDSHAKE_DEADLINE = 10.0
-
-
-def parsePort(value: str) -> int:
-    port = int(value)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    return port
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parseSize(value: str) -> int:
-    """C{"512M"} -> 536870912; suffixes K, M, G, T (powers of 1024)."""
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    unit = text[-1:] if text[-1:] in _UNITS else ""
-    number = text[: len(text) - len(unit)]
-    try:
-        size = int(float(number) * _UNITS[unit])
-    except ValueError:
-        raise ValueError(f"not a size: {value!r} (try 512M or 2G)") from None
-    if size < 0:
-        raise ValueError(f"negative size {value!r}")
-    return size
-
-
-def defaultMemoryLimit() -> int:
-    """A quarter of the machine's memory."""
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        pages = 4 << 30
-    return max(64 << 20, pages // 4)
-
-
-def parseSeconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds > 0:
-        raise ValueError(f"not a positive number of seconds: {value!r}")
-    return seconds
-
-
-_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parseDuration(value: str) -> float:
-    """Seconds from C{90}, C{90s}, C{30m}, C{1h} or C{2d}; C{0} means forever."""
-    text = value.strip().lower()
-    unit = _DURATION_UNITS.get(text[-1:]) if text else None
-    try:
-        seconds = float(text[:-1] if unit else text) * (unit or 1.0)
-    except ValueError:
-        raise ValueError(f"not a duration (e.g. 90, 30m, 1h): {value!r}") from None
-    if seconds < 0 or seconds != seconds:
-        raise ValueError(f"not a duration (e.g. 90, 30m, 1h): {value!r}")
-    return seconds
-
-
-def parseVariant(value: str) -> ReadVariant:
-    try:
-        return ReadVariant(value)
-    except ValueError:
-        choices = ", ".join(v.value for v in ReadVariant)
-        raise usage.UsageError(f"--read-variant must be one of {choices}") from None
-
-
-def parseMode(value: str) -> str:
-    """An octal permission mode for UNIX sockets, e.g. C{600} or C{0660}."""
-    try:
-        mode = int(value, 8)
-    except ValueError:
-        raise ValueError(f"not an octal mode: {value!r} (try 600)") from None
-    if not 0 <= mode <= 0o777:
-        raise ValueError(f"mode {value!r} out of range")
-    if mode & 0o007:
-        raise ValueError(f"mode {value!r} lets every local user talk to the daemon; give 600 or 660")
-    return f"{mode:o}"
-
-
-def parseFd(value: str) -> int:
-    fd = int(value)
-    if fd < 0:
-        raise ValueError(f"not a file descriptor: {value!r}")
-    return fd
-
 
 #: The longest path a UNIX socket can be bound to (sun_path, less its NUL).
 MAX_SOCKET_PATH = 107
@@ -121,14 +53,14 @@ def unixEndpoint(path: str, mode: str = "600") -> str:
     return f"unix:{quoteStringArgument(path)}:mode={mode}"
 
 
-def daemonArguments(reactor: Any, options: usage.Options) -> dict[str, Any]:
+def daemonArguments(reactor: Any, options: DaemonOptions) -> dict[str, Any]:
     """
     The keyword arguments both daemons' services take from the options they
     share: the store, the criu-facing endpoints' settings, timeouts, C{--keep}.
     """
     streamLocal: IStreamServerEndpoint | None = None
     if options["stream-local"] is not None:
-        streamLocal = serverFromString(reactor, options["stream-local"])
+        streamLocal = options.listenEndpoint(reactor, "stream-local")
     return {
         "store": SpillStore(options["memory-limit"], options["spill-dir"], reactor.callFromThread),
         "readVariant": options["read-variant"],
@@ -301,8 +233,27 @@ def cacheEndpoint(
     return cache, retryPolicy, description
 
 
+class _NamedCoerceParameter(usage.CoerceParameter):
+    """Names the option whose value it cannot read: C{--port abc: not a port number}."""
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName} {value}: {e}") from None
+
+
 class DaemonOptions(LinkTLSOptions):
-    """Flags both daemons share; subclasses add their link option."""
+    """
+    Flags both daemons share; subclasses add their link option.  Run as a
+    twistd subcommand, a usage error is two lines and exit status 2, and a
+    failure to start one line and exit status 1 (L{startup}).
+
+    @ivar listenOptions: how the operator chose each endpoint the daemon
+        listens on (L{ListenOption}), by option name, for its errors.
+    """
 
     socketName = ""
     streamSocketName = ""
@@ -311,14 +262,15 @@ class DaemonOptions(LinkTLSOptions):
     optFlags = [
         ["once", None, "Serve one migration session, then exit."],
         ["keep", None, "Keep the images of completed sessions (list, pull and drop them with the twisted-criu command) instead of dropping them."],
+        ["debug", None, "Show the Python traceback of a failure to start, instead of one line (twistd's own --debug also does)."],
     ]
     optParameters = [
-        ["images-dir", "D", ".", "The directory criu is given with -D; the criu socket is created there."],
+        ["images-dir", "D", ".", "The directory criu is given with -D; criu's sockets are created there."],
         ["port", None, DEFAULT_PORT, "TCP port of the proxy -> cache link.", parsePort],
         ["local", None, None, "Endpoint criu --remote connects to (default: unix socket in --images-dir)."],
         ["stream-local", None, None, "Endpoint criu --stream connects to (default: unix socket in --images-dir; 'none' to disable)."],
         ["memory-limit", None, None, "Image bytes held in memory (all images together) before spilling to disk, e.g. 512M [default: a quarter of RAM].", parseSize],
-        ["spill-dir", None, None, "Where images past --memory-limit are spilled, with direct I/O where the filesystem allows it [default: the system temp dir]."],
+        ["spill-dir", None, None, "An existing, writable directory where images past --memory-limit are spilled, with direct I/O where the filesystem allows it [default: the system temp dir]."],
         ["read-variant", None, "auto", "How criu expects read bytes: auto, pipe (criu-dev 2020) or inline (2015 seed).", parseVariant],
         ["timeout", None, 60.0, "Seconds the proxy -> cache link may stall inside an image, or stay down after losing one, before it is dropped (waiting restores then get ENOENT).", parseSeconds],
         ["client-timeout", None, 60.0, "Seconds a criu connection may take to send its request before it is closed.", parseSeconds],
@@ -328,8 +280,32 @@ class DaemonOptions(LinkTLSOptions):
         ["status-fd", None, None, "Write one byte to this file descriptor and close it once the daemon is ready (as CRIU's daemons do).", parseFd],
         ["pidfile", None, None, "Write the daemon's pid to this file once it is ready; removed when it stops (as CRIU's --pidfile)."],
         ["log-json", None, None, "Also write every log event as a JSON line to this file ('-' for standard output)."],
-        ["progress-interval", None, 10.0, "Seconds between progress lines for images that take longer than that (0: none).", float],
+        ["progress-interval", None, 10.0, "Seconds between progress lines for images that take longer than that (0: none).", parseNumber],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, handler in self._dispatch.items():
+            if isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = _NamedCoerceParameter(self, handler.coerce)
+        self.listenOptions: dict[str, ListenOption] = {}
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        if self.parent is None:  # not under twistd: the caller sees UsageError
+            super().parseOptions(options)
+            return
+        if "--debug" not in (options or []) and not self.parent.get("debug"):
+            reportStartupFailures(self)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            exitOnUsageError(self, e)
+        checkTwistdPidfile(self.parent)
+
+    def getSynopsis(self) -> str:
+        if self.parent is None:
+            return super().getSynopsis()
+        return synopsis(self)
 
     def postOptions(self) -> None:
         if self["memory-limit"] is None:
@@ -344,12 +320,26 @@ class DaemonOptions(LinkTLSOptions):
         ):
             if self[option] is None:
                 self[option] = unixEndpoint(self._socketPath(option, name), self["socket-mode"])
+                directory = f"-D {self['images-dir']}"
+                self.listenOptions[option] = ListenOption(directory, directory, "-D")
+            elif option == "local" or self[option] != "none":
+                self.givenEndpoint(option)
         for option in ("stream-local", "control"):
             if self[option] == "none":
                 self[option] = None
-        if self["progress-interval"] < 0:
-            raise usage.UsageError("--progress-interval must be 0 (off) or a number of seconds")
+        if self["metrics"] is not None:
+            self.givenEndpoint("metrics")
+        self["spill-dir"] = checkSpillDir(self["spill-dir"])
         self.loadTLS()
+
+    def givenEndpoint(self, option: str) -> None:
+        """C{--option} was given an endpoint string to listen on: check it."""
+        checkEndpointString(option, self[option])
+        self.listenOptions[option] = ListenOption.given(option, self[option])
+
+    def listenEndpoint(self, reactor: Any, option: str) -> IStreamServerEndpoint:
+        """The endpoint of C{--option}: a failure to listen on it names the option."""
+        return OptionEndpoint(serverFromString(reactor, self[option]), self.listenOptions[option])
 
     def _socketPath(self, option: str, name: str) -> str:
         """C{name} in the images directory, if a UNIX socket can be bound there."""
@@ -365,6 +355,30 @@ class DaemonOptions(LinkTLSOptions):
     def _imagesDir(self) -> str:
         directory = os.path.abspath(self["images-dir"])
         if not os.path.isdir(directory):
-            raise usage.UsageError(f"images directory {directory} does not exist")
+            raise usage.UsageError(
+                f"-D {self['images-dir']}: the directory does not exist; create it"
+                " (criu is given the same -D)"
+            )
         self["images-dir"] = directory
         return directory
+
+
+def checkSpillDir(value: str | None) -> str:
+    """
+    The spill directory, made absolute: it must exist and this daemon must
+    be able to create files in it (a typo or an unmounted disk must not
+    send spilled images to the root filesystem).
+    """
+    directory = os.path.abspath(value) if value is not None else tempfile.gettempdir()
+    named = f"--spill-dir {value}" if value is not None else f"the temp dir {directory} (--spill-dir)"
+    if not os.path.isdir(directory):
+        raise usage.UsageError(
+            f"{named}: no such directory; create it (on the disk meant for spilled images) or give another"
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".twisted-criu-probe-", dir=directory))
+    except OSError as e:
+        raise usage.UsageError(
+            f"{named}: cannot create files there ({e.strerror}); give a directory this daemon can write"
+        ) from None
+    return directory

@@ -4,20 +4,26 @@
 from __future__ import annotations
 
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import quoteStringArgument
 
 from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.twistd.listening import checkEndpointString, checkHostResolves
 from twisted_criu.twistd.options import DaemonOptions, cacheEndpoint, checkCacheEndpoint, daemonArguments
+from twisted_criu.twistd.parsers import parseSeconds
 
 
 class Options(DaemonOptions):
     synopsis = "[options]"
     longdesc = (
-        "Receive checkpoint images from `criu dump --remote -D DIR` on "
-        "DIR/img-proxy.sock and forward them to a criu-cache: to a twisted-criu "
+        "Receive checkpoint images from `criu dump --stream -D DIR` (released "
+        "CRIU, 3.15 and later) on DIR/streamer-capture.sock, or from "
+        "`criu dump --remote -D DIR` (criu-dev's remote images) on "
+        "DIR/img-proxy.sock, and forward them to a criu-cache: to a twisted-criu "
         "cache while criu writes them (cut through), to CRIU's C cache once complete."
     )
+    #: How the operator named the cache (C{--address X} or C{--connect E}).
+    cacheNamed = ""
     streamSocketName = "streamer-capture.sock"
     socketName = "img-proxy.sock"
     controlSocketName = "proxy-control.sock"
@@ -28,24 +34,32 @@ class Options(DaemonOptions):
     optParameters = [
         ["address", None, "localhost", "Host of the criu-cache."],
         ["connect", None, None, "Client endpoint of the cache (overrides --address/--port), e.g. tcp:host=dst:port=9996."],
-        ["max-retry-delay", None, 10.0, "Longest wait between attempts to reach the cache, in seconds.", float],
+        ["max-retry-delay", None, 10.0, "Longest wait between attempts to reach the cache, in seconds.", parseSeconds],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
-        if self["connect"] is None:
-            self["connect"] = f"tcp:host={self['address']}:port={self['port']}"
+        given = self["connect"] is not None
+        if given:
+            self.cacheNamed = f"--connect {self['connect']}"
+        else:
+            address = quoteStringArgument(self["address"])
+            self["connect"] = f"tcp:host={address}:port={self['port']}"
+            self.cacheNamed = f"--address {self['address']}"
         checkCacheEndpoint(self)
+        if given:
+            checkEndpointString("connect", self["connect"], client=True)
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    checkHostResolves(options.cacheNamed, options["connect"])
     cache, retryPolicy, description = cacheEndpoint(reactor, options, options["max-retry-delay"])
     options.logLinkSecurity("cache")
     service = ImageProxyService(
         reactor,
-        serverFromString(reactor, options["local"]),
+        options.listenEndpoint(reactor, "local"),
         cache,
         retryPolicy=retryPolicy,
         cacheDescription=description,

@@ -23,6 +23,7 @@ from twisted_criu.interfaces import (
     ISpliceSink,
     IStoredImage,
 )
+from twisted_criu.progress import formatBytes
 from twisted_criu.storage.spill.directories import (
     _LOCK,
     _PREFIX,
@@ -198,7 +199,7 @@ class _SpillWriter:
         segment.size += n
         self.size += n
         if segment.onDisk:
-            self._store.onDisk += n
+            self._store._spilled(n)
         else:
             self._store._freeMemory(reserved - n)
 
@@ -312,6 +313,9 @@ class SpillStore:
         self.spillParent = os.path.abspath(spillDir or tempfile.gettempdir())
         self.inMemory = 0
         self.onDisk = 0
+        #: Spill files open now, and the most bytes on disk since spilling began.
+        self._spillFiles = 0
+        self._peakOnDisk = 0
         self._dir: str | None = None
         self._lockFd = -1
         self._io = _DiskIO(callFromThread)
@@ -360,7 +364,7 @@ class SpillStore:
         if self._lockFd >= 0:
             os.close(self._lockFd)
             self._lockFd = -1
-        self.onDisk = 0
+        self.onDisk = self._spillFiles = self._peakOnDisk = 0
 
     # -- accounting, for writers and images ----------------------------------
 
@@ -384,8 +388,23 @@ class SpillStore:
             lockFd = os.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(lockFd, fcntl.LOCK_EX)
             self._dir, self._lockFd = directory, lockFd
-            self.log.info("spilling images past the memory limit to {path}", path=directory)
-        return openSpillFile(self._dir)
+        opened = openSpillFile(self._dir)
+        if not self._spillFiles:
+            self.log.info(
+                "spilling to disk past --memory-limit {limit} ({memory} in memory):"
+                " image bytes that do not fit go to {path}",
+                memory=formatBytes(self.inMemory),
+                limit=formatBytes(self.memoryLimit),
+                path=self._dir,
+                inMemory=self.inMemory,
+                memoryLimit=self.memoryLimit,
+            )
+        self._spillFiles += 1
+        return opened
+
+    def _spilled(self, n: int) -> None:
+        self.onDisk += n
+        self._peakOnDisk = max(self._peakOnDisk, self.onDisk)
 
     def _drop(self, segment: _Segment) -> None:
         """Give back a segment's memory or disk space."""
@@ -398,3 +417,14 @@ class SpillStore:
                 os.unlink(segment.path)
             except FileNotFoundError:
                 pass
+            self._spillFiles -= 1
+            if not self._spillFiles:
+                self.log.info(
+                    "stopped spilling: no image left on disk (at most {peak} was);"
+                    " {memory} in memory",
+                    peak=formatBytes(self._peakOnDisk),
+                    memory=formatBytes(self.inMemory),
+                    peakOnDisk=self._peakOnDisk,
+                    inMemory=self.inMemory,
+                )
+                self._peakOnDisk = 0
