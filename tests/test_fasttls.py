@@ -97,6 +97,8 @@ class FastPathTests(TestCase):
             i += 1
         yield _until(lambda: server.received == len(payload))
         self.assertEqual(server.digest.hexdigest(), sent.hexdigest())
+        # the link key's ciphers: AES-128-GCM first (the cheapest with AES-NI)
+        self.assertEqual(tls.getHandle().get_cipher_name(), "TLS_AES_128_GCM_SHA256")
         serverTLS = server.transport
         assert isinstance(serverTLS, _fasttls.FastTLSMemoryBIOProtocol)
         serverTLS.write(payload)

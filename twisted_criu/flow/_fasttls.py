@@ -110,37 +110,36 @@ class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
         if size == 0:
             return
         connection = self._tlsConnection
+        outgoing = connection._from_ssl
+        transport = self.transport
+        assert transport is not None
         source = _ffi.from_buffer(view)
         sent = records = 0
         try:
-            while sent < size:
-                written = _lib.SSL_write(connection._ssl, source + sent, min(RECORD, size - sent))
-                if written <= 0:
-                    break
-                sent += written
-                records += 1
-                if records % (BATCH // RECORD) == 0:
-                    self._drainSealed()
+            with _sealedBuffer as sealed:
+                filled = 0
+                while sent < size:
+                    written = _lib.SSL_write(connection._ssl, source + sent, min(RECORD, size - sent))
+                    if written <= 0:
+                        break
+                    sent += written
+                    records += 1
+                    # Take each record out at once: a memory BIO that grows
+                    # to megabytes costs more than the cipher.
+                    while (count := _lib.BIO_read(outgoing, sealed + filled, _sealedBuffer.size - filled)) > 0:
+                        filled += count
+                    if filled >= BATCH:
+                        transport.write(_ffi.buffer(sealed, filled)[:])
+                        filled = 0
+                if filled:
+                    transport.write(_ffi.buffer(sealed, filled)[:])
         finally:
             del source  # before the view: a view with an export cannot be freed
-        self._drainSealed()
         self.fastRecords = (self.fastRecords[0] + records, self.fastRecords[1])
         if sent < size:
             # Not now (or not at all): Twisted's path buffers the rest or
             # reports the error, as it always does.
             super()._write(bytes(view[sent:]))
-
-    def _drainSealed(self) -> None:
-        """Hand every encrypted byte OpenSSL holds to the transport, in large writes."""
-        outgoing = self._tlsConnection._from_ssl
-        transport = self.transport
-        assert transport is not None
-        with _sealedBuffer as sealed:
-            while True:
-                count = _lib.BIO_read(outgoing, sealed, _sealedBuffer.size)
-                if count <= 0:
-                    return
-                transport.write(_ffi.buffer(sealed, count)[:])
 
     # -- receiving -----------------------------------------------------------
 
