@@ -39,8 +39,11 @@ myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]
 
 html_theme = "alabaster"
+# Wide enough for the logs and commands the pages show.
+html_theme_options = {"page_width": "1240px", "sidebar_width": "240px", "body_max_width": "none"}
 html_title = f"twisted-criu {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["outputs.css"]
 
 # Only the API reference below is linked through intersphinx (pydoctor's
 # extension adds it); nothing is fetched.

@@ -86,15 +86,15 @@ def main(output: str) -> None:
     os.makedirs(src)
     os.makedirs(dst)
     port, metricsPort = freePort(), freePort()
-    common = ["--port", str(port), "--link-key", os.path.join(work, "link.key"),
-              "--progress-interval", "1"]
+    # Paths relative to the work directory, where everything runs.
+    common = ["--port", str(port), "--link-key", "link.key", "--progress-interval", "1"]
     cache = Daemon("criu-cache", work, dst, "streamer-serve.sock")
     proxy = Daemon("criu-proxy", work, src, "streamer-capture.sock")
     try:
-        cache.start(["-D", dst, "--keep", "--metrics", f"tcp:{metricsPort}:interface=127.0.0.1",
+        cache.start(["-D", "dst", "--keep", "--metrics", f"tcp:{metricsPort}:interface=127.0.0.1",
                      *common], cwd=work)
         # The proxy retries until the cache listens: start both at once.
-        proxy.start(["-D", src, "--address", "127.0.0.1", *common], cwd=work)
+        proxy.start(["-D", "src", "--address", "127.0.0.1", *common], cwd=work)
         waitForSockets([cache, proxy], timeout=30)
         images = {name: os.urandom(size) for name, size in SMALL.items()}
         images["pages-1.img"] = os.urandom(PAGES_SIZE)
@@ -105,15 +105,15 @@ def main(output: str) -> None:
             dump.write(name, images[name])
         writeSlowly(dump, "pages-1.img", images["pages-1.img"], WRITE_RATE)
         dump.write("inventory.img", images["inventory.img"])
-        hook(shell, "post-dump", src)
+        hook(shell, "post-dump", "src")
         dump.close()
 
         restore = StreamClient(cache.socketPath, timeout=60)
-        hook(shell, "pre-restore", dst)
+        hook(shell, "pre-restore", "dst")
         for name in ("inventory.img", "pstree.img", "core-4247.img", "mm-4247.img", "pages-1.img"):
             if restore.read(name) != images[name]:
                 raise SystemExit(f"{name} came back different")
-        hook(shell, "post-resume", dst)
+        hook(shell, "post-resume", "dst")
         restore.close()
         shell.write(os.path.join(output, "hook.txt"))
 
@@ -139,9 +139,9 @@ def main(output: str) -> None:
     writeLines(os.path.join(output, "proxy-log.txt"), proxyLines)
     writeLines(os.path.join(output, "cache-log.txt"), logLines(cache.logPath, CACHE_LINES))
     writeLines(os.path.join(output, "setup.txt"), [
-        f"twistd criu-cache -D {dst} --keep --metrics tcp:{metricsPort}:interface=127.0.0.1 "
+        f"twistd criu-cache -D dst --keep --metrics tcp:{metricsPort}:interface=127.0.0.1 "
         + " ".join(common),
-        f"twistd criu-proxy -D {src} --address 127.0.0.1 " + " ".join(common),
+        f"twistd criu-proxy -D src --address 127.0.0.1 " + " ".join(common),
         f"criu dump --stream, played: {len(images)} images, pages-1.img"
         f" {PAGES_SIZE // MiB} MiB written at {WRITE_RATE / 1e6:.0f} MB/s",
     ])
