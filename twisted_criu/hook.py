@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_hook,tests.test_transactions -*-
 """
 C{twisted-criu-hook}: criu's C{--action-script} for a migration that never
-loses the process.
+loses the process::
 
     criu dump    ... --action-script twisted-criu-hook   (dump host)
     criu restore ... --action-script twisted-criu-hook   (restore host)

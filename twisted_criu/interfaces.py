@@ -104,8 +104,8 @@ class IKernelSink(Interface):
     def sendFile(source: IKernelSource, count: int) -> Deferred[None]:
         """
         Copy C{count} bytes of C{source}; fires when all are in, fails with
-        L{ConnectionLost} if the reader went away or L{EOFError} if the
-        source ended early.
+        L{ConnectionLost<twisted.internet.error.ConnectionLost>} if the
+        reader went away or L{EOFError} if the source ended early.
         """
 
 

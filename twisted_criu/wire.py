@@ -195,7 +195,7 @@ class RemoteHeader:
     size: int
     sha256: bytes | None = None
     linkVersion: int | None = None
-    #: Cut through: C{size} is 0 and chunks follow (see L{Chunk}).
+    #: Cut through: C{size} is 0 and chunks follow (see L{CHUNK_LENGTH}).
     chunked: bool = False
     #: The proxy's session token (link version 3).
     session: str | None = None

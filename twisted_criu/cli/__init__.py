@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_cli_errors,tests.test_chains -*-
 """
-C{twisted-criu}: the operator's command.
+C{twisted-criu}: the operator's command::
 
     twisted-criu ls   [--from WHERE] [-l]              sessions and images a daemon holds
     twisted-criu pull [--from WHERE] [--session ID] DIR  write a session to DIR for criu restore -D DIR

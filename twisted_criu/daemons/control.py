@@ -3,7 +3,7 @@
 The operator's view of a daemon: which sessions it holds, their images,
 and dropping one.  Served as JSON over HTTP (L{twisted.web}) on the
 daemon's C{--control} endpoint, a UNIX socket in its images directory by
-default; C{twisted-criu ls|pull|drop} are its client.
+default; C{twisted-criu ls|pull|drop} are its client.  Its routes::
 
     GET    /sessions                          every session (current and kept), and
                                               the bytes in memory and spilled to disk

@@ -21,7 +21,7 @@ L{DumpEnding} is how a finished dump is ended on the current connection::
     (any) --sessionDone/stop--> closed;  (any but closed) --linkUp--> not ending
 
 Inputs not shown are ignored where they come too late (a loop that does
-nothing) and refused (L{automat.NoTransition}) where they cannot come.
+nothing) and refused (C{automat.NoTransition}) where they cannot come.
 
 The chain's outputs only count: they call nothing outside the chain, so
 its queries (L{DumpChain.state}) may be asked from anywhere.  The ending's

@@ -47,7 +47,8 @@ class PipeReader(abstract.FileDescriptor):
     """
     Read a pipe to EOF, handing every chunk to C{dataReceived}.
 
-    C{ended(reason)} is called once: with L{ConnectionDone} at EOF, with
+    C{ended(reason)} is called once: with
+    L{ConnectionDone<twisted.internet.error.ConnectionDone>} at EOF, with
     L{StoreFailed} if C{dataReceived} or C{spliceInto} raised L{OSError}
     (the store could not take the bytes), with another failure if reading
     failed or L{stopProducing} was called.
@@ -134,11 +135,14 @@ class PipeReader(abstract.FileDescriptor):
 @implementer(IKernelSink)
 class PipeWriter(abstract.FileDescriptor):
     """
-    A consumer writing into a pipe; L{loseConnection} closes it once the
-    buffer is flushed, so the reader sees EOF.
+    A consumer writing into a pipe;
+    L{loseConnection<twisted.internet.abstract.FileDescriptor.loseConnection>}
+    closes it once the buffer is flushed, so the reader sees EOF.
 
-    C{ended(reason)} is called once: with L{ConnectionDone} after a clean
-    close, with L{ConnectionLost} if the reader went away (EPIPE).
+    C{ended(reason)} is called once: with
+    L{ConnectionDone<twisted.internet.error.ConnectionDone>} after a clean
+    close, with L{ConnectionLost<twisted.internet.error.ConnectionLost>} if
+    the reader went away (EPIPE).
     """
 
     def __init__(
@@ -161,9 +165,10 @@ class PipeWriter(abstract.FileDescriptor):
         """
         Copy C{count} bytes from C{source} into the pipe in the kernel, as
         the reader makes room (and the source's disk delivers).  Fires when
-        all are in; fails with L{ConnectionLost} if the reader went away,
-        or L{EOFError} if the source ended early.  Nothing may be written
-        meanwhile.
+        all are in; fails with
+        L{ConnectionLost<twisted.internet.error.ConnectionLost>} if the
+        reader went away, or L{EOFError} if the source ended early.  Nothing
+        may be written meanwhile.
         """
         assert self._source is None and bufferEmpty(self)
         done: Deferred[None] = Deferred()

@@ -43,7 +43,11 @@ class AddressFilter:
         self.networks = list(networks)
 
     def allows(self, address: Any) -> bool:
-        """Is C{address} (an L{IPv4Address}/L{IPv6Address} of Twisted's) allowed?"""
+        """
+        Is C{address} (a Twisted
+        L{IPv4Address<twisted.internet.address.IPv4Address>} or
+        L{IPv6Address<twisted.internet.address.IPv6Address>}) allowed?
+        """
         host = getattr(address, "host", None)
         if not isinstance(host, str):
             return False

@@ -151,7 +151,10 @@ _C = TypeVar("_C", bound=_Channel)
 
 
 class ImageWriter(_Channel):
-    """An image being written: L{write} any number of times, then L{close}."""
+    """
+    An image being written: L{write} any number of times, then
+    L{close<_Channel.close>}.
+    """
 
     def __init__(self, sock: socket.socket | None, pipeFd: int | None) -> None:
         if pipeFd is not None and sock is not None:

@@ -12,7 +12,7 @@ or a running reactor.
     to) on a L{Clock}, counting the dumps and links it saw.
   - L{storedImage}: an L{IStoredImage} of given bytes.
   - L{driveProducer}: runs a pull producer registered on a
-    L{StringTransport} to its end.
+    L{StringTransport<twisted.internet.testing.StringTransport>} to its end.
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def pump(reactor: MemoryReactor, drain: int | None = None, sink: list[bytes] | N
 def driveProducer(transport: Any) -> None:
     """
     Pull every chunk from a pull producer registered on a
-    L{StringTransport}, until it unregisters.
+    L{StringTransport<twisted.internet.testing.StringTransport>}, until it
+    unregisters.
 
     @raise AssertionError: if it has not finished after 100000 chunks.
     """

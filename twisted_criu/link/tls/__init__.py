@@ -6,8 +6,9 @@ C{--tls-no-cn-verify}).
 
 Both ends present a certificate and check the other's against a CA.  The
 proxy also checks that the cache's certificate names the host it dialled
-(unless told not to).  The wrapping is Twisted's own (L{TLSMemoryBIOFactory}
-around whatever stream endpoint the user gave), with one addition: the link
+(unless told not to).  The wrapping is Twisted's own
+(L{TLSMemoryBIOFactory<twisted.protocols.tls.TLSMemoryBIOFactory>} around
+whatever stream endpoint the user gave), with one addition: the link
 protocol is told about a connection only once the TLS handshake has
 succeeded (L{twisted_criu.link.tls.gate}).  Until then a peer has not proven
 who it is, so the cache must not let it touch a session (even a connect that

@@ -16,7 +16,7 @@ from twisted_criu.link.tls.errors import TLSHandshakeFailed
 
 
 def _sslReasons(error: BaseException) -> str:
-    """The reason strings of an L{SSL.Error}, without the library noise."""
+    """The reason strings of an C{OpenSSL.SSL.Error}, without the library noise."""
     reasons: list[str] = []
     for arg in error.args:
         if isinstance(arg, list):

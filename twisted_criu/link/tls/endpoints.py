@@ -125,7 +125,8 @@ class TLSClientEndpoint:
     Connects with any stream client endpoint and speaks TLS over it.
     C{connect} fires only once the handshake has succeeded, and fails with
     L{TLSHandshakeFailed} (saying why) if it does not, so that
-    L{ClientService} counts a refused handshake as a failed attempt.
+    L{ClientService<twisted.application.internet.ClientService>} counts a
+    refused handshake as a failed attempt.
 
     @ivar rejections: consecutive links the peer dropped with a TLS error
         after our side of the handshake was done (see L{backoff}).
@@ -162,8 +163,9 @@ class TLSClientEndpoint:
 
     def backoff(self, policy: Callable[[int], float]) -> Callable[[int], float]:
         """
-        C{policy} (a L{ClientService} retry policy), also backing off over
-        links refused after the handshake: to L{ClientService} those look
-        like successful connections, which reset its attempt count.
+        C{policy} (a L{ClientService<twisted.application.internet.ClientService>}
+        retry policy), also backing off over links refused after the
+        handshake: to C{ClientService} those look like successful
+        connections, which reset its attempt count.
         """
         return lambda attempt: policy(attempt + self.rejections)

@@ -28,8 +28,10 @@ from twisted_criu.link.tls.errors import TLSHandshakeFailed
 @implementer(IHandshakeListener)
 class _HandshakeGate(Protocol):
     """
-    Sits between L{TLSMemoryBIOProtocol} and the real protocol, and connects
-    the real protocol only once the handshake has succeeded.  Its transport
+    Sits between
+    L{TLSMemoryBIOProtocol<twisted.protocols.tls.TLSMemoryBIOProtocol>} and
+    the real protocol, and connects the real protocol only once the
+    handshake has succeeded.  Its transport
     is then the TLS protocol itself, exactly as without the gate.
     """
 

@@ -69,9 +69,11 @@ class _DiskIO:
     works on another.  After L{shutdown}, calls run inline.
 
     @ivar callFromThread: runs a callable in the reactor thread (as
-        L{IReactorFromThreads.callFromThread}), or L{None} without a
-        reactor: then nothing is told when a write ends, and a writer that
-        falls behind waits for its disk instead.
+        L{IReactorFromThreads.callFromThread
+        <twisted.internet.interfaces.IReactorFromThreads.callFromThread>}
+        does), or L{None} without a reactor: then nothing is told when a
+        write ends, and a writer that falls behind waits for its disk
+        instead.
     """
 
     def __init__(self, callFromThread: Callable[[Callable[[], None]], None] | None = None) -> None:
