@@ -28,7 +28,6 @@ extensions = [
     "pydoctor.sphinx_ext.build_apidocs",
     "inventories",
     "examples",
-    "pending",
 ]
 
 source_suffix = {".md": "markdown"}

@@ -88,7 +88,7 @@ class LinkTLSOptions(usage.Options):
         ["tls-no-cn-verify", None, "Proxy: do not check that the cache's certificate names the host dialled (its CA is still checked). The cache never checks names."],
     ]
     optParameters: list[list[Any]] = [
-        ["link-key", None, None, "The key file both ends of the link hold (0600; copy it from one host to the other): only a peer holding it can open the link, which is encrypted and tamper-proof (TLS 1.3). Generated if absent. [default: $TWISTED_CRIU_LINK_KEY, else /etc/twisted-criu/link.key for root, ~/.config/twisted-criu/link.key for others]"],
+        ["link-key", None, None, "The key file both ends of the link hold (0600; copy it from one host to the other): only a peer holding it can open the link, which is encrypted and tamper-proof (TLS 1.3). A daemon generates it if absent (push never does). [default: $TWISTED_CRIU_LINK_KEY, else /etc/twisted-criu/link.key for root, ~/.config/twisted-criu/link.key for others]"],
         ["tls-cacert", None, None, f"With --tls: CA certificate(s), PEM, the other end's certificate must chain to [default: {tls.DEFAULT_CACERT}]."],
         ["tls-cert", None, None, f"With --tls: this end's certificate, PEM, optionally followed by intermediates [default: {tls.DEFAULT_CERT}]."],
         ["tls-key", None, None, f"With --tls: the unencrypted PEM private key of --tls-cert [default: {tls.DEFAULT_KEY}]."],
