@@ -196,7 +196,8 @@ class KeepAndControlTests(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
         self.m = Migration(self)
-        port = yield self.m.startCacheWith(keep=True)
+        # A 1 MiB budget: the 2 MiB images below spill on the cache.
+        port = yield self.m.startCacheWith(keep=True, store=SpillStore(1 << 20, self.mktemp()))
         self.m.startProxy(port.getHost().port)
         assert self.m.cache and self.m.proxy
         self.control = os.path.join(self.m.dst, "cache-control.sock")
@@ -249,6 +250,9 @@ class KeepAndControlTests(TestCase):
         listing = yield self.command(cli.ls, cli.LsOptions, "--from", self.control, "-l")
         self.assertIn(f"session {kept.id:>4}  kept", listing)
         self.assertIn("2,097,152  snap1/pages-1.img", listing)
+        # what is in memory and what spilled, for the daemon and the session
+        self.assertRegex(listing, r"  store: [\d.]+ KiB in memory of a 1\.0 MiB memory limit, 1\.\d MiB spilled to disk\n")
+        self.assertRegex(listing, r"kept +4 images +2\.0 MiB \(1\.\d MiB spilled\)")
 
         target = self.mktemp()
         out = yield self.command(cli.pull, cli.PullOptions, target, "--from", self.m.dst)

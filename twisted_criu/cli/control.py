@@ -73,15 +73,30 @@ def ls(reactor: Any, options: LsOptions, out: Any, barStream: Any = None) -> Any
         return
     sessions = listing["sessions"]
     out.write(f"criu-{listing['role']} at {options['from']}: {len(sessions)} session(s)\n")
+    out.write(describeStore(listing.get("store")))
     for s in sessions:
         ids = ", ".join(i or '""' for i in s["snapshot_ids"]) or "-"
+        spilled = s.get("spilled_bytes") or 0
+        onDisk = f" ({formatBytes(spilled)} spilled)" if spilled else ""
         out.write(
             f"  session {s['id']:>4}  {s['state']:<24} {s['image_count']:>5} images"
-            f" {formatBytes(s['bytes']):>10}  snapshots: {ids}\n"
+            f" {formatBytes(s['bytes']):>10}{onDisk}  snapshots: {ids}\n"
         )
         for image in s.get("images", []):
             where = f"{image['snapshot_id']}/" if image["snapshot_id"] else ""
             out.write(f"      {image['size']:>14,}  {where}{image['name']}\n")
+
+
+def describeStore(store: dict[str, Any] | None) -> str:
+    """The daemon's bytes in memory and spilled to disk, as one line (none from an older daemon)."""
+    if not store:
+        return ""
+    limit = store.get("memory_limit_bytes")
+    budget = f" of a {formatBytes(limit)} memory limit" if limit else ""
+    return (
+        f"  store: {formatBytes(store['memory_bytes'])} in memory{budget},"
+        f" {formatBytes(store['spilled_bytes'])} spilled to disk\n"
+    )
 
 
 # -- drop ----------------------------------------------------------------------
