@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_criu.daemons.systemd import keepSocketFile
 from twisted_criu.twistd.endpointstrings import endpointHost, endpointType
 from twisted_criu.twistd.startup import StartupError
 
@@ -125,7 +126,9 @@ class OptionEndpoint:
     """A server endpoint from an option: a failure to listen names the option."""
 
     def __init__(self, endpoint: IStreamServerEndpoint, option: ListenOption) -> None:
-        self._endpoint = endpoint
+        # A UNIX socket inherited from systemd stays as systemd made it:
+        # this wrapper would otherwise hide it from ObservedServerEndpoint.
+        self._endpoint = keepSocketFile(endpoint)
         self.option = option
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
