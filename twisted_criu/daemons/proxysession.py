@@ -12,7 +12,7 @@ import secrets
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -32,7 +32,7 @@ from twisted_criu.daemons.dumpchain import (
     EndingMachine,
     Receipt,
 )
-from twisted_criu.errors import HookRefused
+from twisted_criu.daemons.hello import HELLO_GRACE, HelloWaiters
 from twisted_criu.flow.send import OutgoingImage, sha256Of
 from twisted_criu.interfaces import (
     IGrowableWriter,
@@ -49,10 +49,6 @@ from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
 
 RetryPolicy = Callable[[int], float]
-
-#: How long a new link waits for the cache's HELLO before treating the
-#: cache as one of CRIU's C caches (which never send anything).
-HELLO_GRACE = 2.0
 
 
 @implementer(ISession, ILinkSource)
@@ -113,11 +109,10 @@ class ProxySession:
         self._ending = EndingMachine(EndingCore(self, reactor))
         self._sender: ISendingLink | None = None
         self._linkTimeout = linkTimeout
-        self._helloWaiters: list[Deferred[ISendingLink]] = []
+        self._hello = HelloWaiters(reactor, lambda: self._sender)
         self._syncWaiters: dict[int, tuple[ISendingLink, Deferred[wire.LinkStatus]]] = {}
         self._syncSequence = 0
         self._abortGiveUp: Any = None
-        self._helloChecks: list[Any] = []
         #: criu's post-dump hook got the cache's confirmation: the chain ends with this dump.
         self.committed = False
         kwargs: dict[str, Any] = {"clock": reactor}
@@ -168,9 +163,9 @@ class ProxySession:
         self.registry.whenComplete().addCallback(self._dumpFinished)
 
     def stop(self) -> Deferred[None]:
-        for call in (self._abortGiveUp, *self._helloChecks):
-            if call is not None and call.active():
-                call.cancel()
+        if self._abortGiveUp is not None and self._abortGiveUp.active():
+            self._abortGiveUp.cancel()
+        self._hello.stop()
         self._ending.stop()
         if self._sender is not None:
             self._sender.expectClose()
@@ -226,9 +221,7 @@ class ProxySession:
                 "the cache speaks twisted-criu's link extension (version {version})",
                 version=status.version,
             )
-            waiters, self._helloWaiters = self._helloWaiters, []
-            for d in waiters:
-                d.callback(sender)
+            self._hello.hello(sender)
             self._ending.hello()
         elif kind is wire.LinkStatusKind.SYNCED or kind is wire.LinkStatusKind.SESSION_ABORTED:
             if kind is wire.LinkStatusKind.SESSION_ABORTED:
@@ -424,36 +417,7 @@ class ProxySession:
 
     def extendedLink(self) -> Deferred[ISendingLink]:
         """The link's connection once the cache said HELLO on it."""
-        sender = self._sender
-        if sender is not None and not sender.lost and sender.extended:
-            return succeed(sender)
-
-        def cancel(d: Deferred[ISendingLink]) -> None:
-            if d in self._helloWaiters:
-                self._helloWaiters.remove(d)
-
-        d: Deferred[ISendingLink] = Deferred(cancel)
-        self._helloWaiters.append(d)
-        self._helloChecks.append(self._clock.callLater(HELLO_GRACE, self._noHello, d))
-        return d
-
-    def _noHello(self, d: Deferred[ISendingLink]) -> None:
-        self._helloChecks = [c for c in self._helloChecks if c.active()]
-        sender = self._sender
-        if d.called or sender is None or sender.lost or sender.extended:
-            return
-        if sender.helloWait(self._clock.seconds()) >= HELLO_GRACE and (
-            sender.imagesSent or not sender.idle
-        ):
-            self._helloWaiters.remove(d)
-            d.errback(
-                HookRefused(
-                    "the cache never said HELLO: it is one of CRIU's C caches, which cannot"
-                    " confirm a dump; run criu without twisted-criu-hook"
-                )
-            )
-        else:
-            self._helloChecks.append(self._clock.callLater(HELLO_GRACE, self._noHello, d))
+        return self._hello.extendedLink()
 
     def expectSynced(self, sender: ISendingLink, sequence: int) -> Deferred[wire.LinkStatus]:
         """Fires with the cache's answer to SYNC C{sequence} on C{sender}'s connection."""
