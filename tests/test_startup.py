@@ -289,6 +289,11 @@ class TwistdTests(SynchronousTestCase):
         hook = sys.excepthook
         self.twistd("criu-cache", "-D", self.directory, "--debug")
         self.assertIs(sys.excepthook, hook)
+        # twistd's --debug also turns on post-mortem debugging for every
+        # Failure in the process: in a test run that would stop at (Pdb).
+        from twisted.python import failure
+
+        self.patch(failure, "startDebugMode", lambda: None)
         config = ServerOptions()
         config.parseOptions(["--debug", "--pidfile=", "criu-proxy", "-D", self.directory])
         self.assertIs(sys.excepthook, hook)
