@@ -206,30 +206,24 @@ def cacheEndpoint(
     retryPolicy = backoffPolicy(maxDelay=maxRetryDelay)
     description = options["connect"]
     key = options.linkKey()
-    handshakeTimeout = min(options["timeout"], HANDSHAKE_DEADLINE)
     if key is not None:
-        secured = TLSClientEndpoint(
-            reactor, cache, key.clientCreator(), handshakeTimeout, description
-        )
-        cache, retryPolicy = secured, secured.backoff(retryPolicy)
+        creator: Any = key.clientCreator()
         description += " (link key)"
     elif options["tls"]:
         hostname = options["tls-hostname"]
         credentials = options["tls-credentials"]
-        secured = TLSClientEndpoint(
-            reactor,
-            cache,
-            clientConnectionCreator(credentials, hostname),
-            handshakeTimeout=handshakeTimeout,
-            description=description,
-        )
-        cache, retryPolicy = secured, secured.backoff(retryPolicy)
+        creator = clientConnectionCreator(credentials, hostname)
         description += " (TLS)"
         log.info(
             "TLS to the cache: {credentials}; the cache's certificate must name {name}",
             credentials=credentials.describe(),
             name=hostname or "anything (--tls-no-cn-verify)",
         )
+    else:
+        return cache, retryPolicy, description
+    handshakeTimeout = min(options["timeout"], HANDSHAKE_DEADLINE)
+    secured = TLSClientEndpoint(reactor, cache, creator, handshakeTimeout, options["connect"])
+    return secured, secured.backoff(retryPolicy), description
     return cache, retryPolicy, description
 
 
