@@ -22,7 +22,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import inThread, waitFor
-from tests.test_tls import IMAGES, TLSMigration
+from tests.test_tls import IMAGES, TLSMigration, hungUp
 from twisted_criu.link import key as linkkey
 from twisted_criu.link.tls import TLSClientEndpoint, TLSServerEndpoint
 from twisted_criu.twistd import cache_tap, proxy_tap
@@ -257,15 +257,7 @@ class KeyedMigrationTests(TestCase):
         yield deferLater(reactor, 0.1, lambda: None)
         m.cacheUntouched()
         yield m.waitForLog("no TLS handshake within 0.5 s")
-        sock.settimeout(5)
-
-        def hungUp() -> bytes:
-            try:
-                return sock.recv(100)
-            except ConnectionResetError:
-                return b""
-
-        self.assertEqual((yield inThread(hungUp)), b"")
+        self.assertEqual((yield inThread(hungUp, sock)), b"")
         m.cacheUntouched()
 
     @inlineCallbacks

@@ -15,26 +15,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu.testing.realcriu import findCriu
+from twisted_criu.testing.workload import processesWhere
 
 
 def workloads(under: str) -> list[int]:
     """The pids of live processes running a workload script under C{under}."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(arg.startswith(os.fsencode(under)) and arg.endswith(b"workload.py") for arg in argv):
-            pids.append(int(entry.name))
-    return pids
+    prefix = os.fsencode(under)
+    return processesWhere(
+        lambda argv: any(arg.startswith(prefix) and arg.endswith(b"workload.py") for arg in argv)
+    )
 
 
 class RealDemoTests(SynchronousTestCase):

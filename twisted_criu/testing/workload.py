@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from twisted_criu.testing.processes import waitUntil
 
@@ -49,6 +49,21 @@ class CounterLine(NamedTuple):
     digest: str
     #: C{intact} when the digest is the one the program computed at its start.
     verdict: str
+
+
+def processesWhere(matches: Callable[[list[bytes]], bool]) -> list[int]:
+    """The pids of the processes whose command line (its arguments, as bytes) C{matches}."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if matches(argv):
+            pids.append(int(entry.name))
+    return pids
 
 
 def procState(pid: int | str) -> str | None:
@@ -126,17 +141,10 @@ class Workload:
     def running(self) -> list[int]:
         """The pids of the live processes (not zombies) running this workload."""
         script = os.fsencode(self.script)
-        pids = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if script in argv and procState(entry.name) not in (None, "Z", "X"):
-                pids.append(int(entry.name))
-        return sorted(pids)
+        return sorted(
+            pid for pid in processesWhere(lambda argv: script in argv)
+            if procState(pid) not in (None, "Z", "X")
+        )
 
     def runsOnSource(self) -> bool:
         """The original process (our child) still runs."""
