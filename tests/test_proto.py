@@ -50,6 +50,8 @@ EXTENSIONS = {
         (8, "session", _F.TYPE_STRING),
         (9, "marker", _F.TYPE_UINT32),
         (10, "sequence", _F.TYPE_UINT64),
+        (11, "compression", _F.TYPE_UINT32),
+        (12, "offset", _F.TYPE_UINT64),
     ]
 }
 
@@ -62,6 +64,8 @@ OWN_MESSAGES = {
         (3, "images", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
         (4, "bytes", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
         (5, "sequence", _F.TYPE_UINT64, _F.LABEL_OPTIONAL),
+        (6, "name", _F.TYPE_STRING, _F.LABEL_OPTIONAL),
+        (7, "snapshot_id", _F.TYPE_STRING, _F.LABEL_OPTIONAL),
     ]
 }
 

@@ -300,7 +300,7 @@ class MutualTLSTests(TestCase):
         yield m.startCache(*pki.args(pki.cache))
         proxy, dump = m.startProxy(*pki.args(pki.proxy))
         yield inThread(dump.pushSnapshotId, "snap1")
-        yield m.waitForLog("the cache speaks twisted-criu's link extension (version 3)")
+        yield m.waitForLog("the cache speaks twisted-criu's link extension (version 4)")
         data = os.urandom((3 << 20) + 5)
 
         def write() -> None:

@@ -164,7 +164,7 @@ class MessageTests(SynchronousTestCase):
     def test_endOfDumpMarker(self) -> None:
         """The link extension's marker: no name, id or bytes, a link version."""
         raw = wire.END_OF_DUMP.toBytes()
-        self.assertEqual(raw.hex(), "0a0000000a001200180020003003")
+        self.assertEqual(raw.hex(), "0a0000000a001200180020003004")
         marker = wire.RemoteHeader.fromBytes(raw[4:])
         self.assertEqual(marker, wire.END_OF_DUMP)
         self.assertTrue(marker.isEndOfDump)
@@ -199,6 +199,47 @@ class MessageTests(SynchronousTestCase):
         ]:
             with self.assertRaises(ProtocolError):
                 wire.RemoteHeader.fromBytes(bad.toBytes()[4:])
+
+    def test_compressedAndResumedHeader(self) -> None:
+        """Version 4: a chunked image's codec and resume offset, refused elsewhere."""
+        header = wire.RemoteHeader(
+            "pages-1.img", "X", 1, 0, None, 4, True, "t", compression=wire.Codec.LZ4, offset=1 << 40
+        )
+        self.assertEqual(wire.RemoteHeader.fromBytes(header.toBytes()[4:]), header)
+        plain = wire.RemoteHeader("pages-1.img", "X", 1, 0, None, 4, True, "t")
+        self.assertEqual(wire.RemoteHeader.fromBytes(plain.toBytes()[4:]).compression, wire.Codec.NONE)
+        for bad in [
+            wire.RemoteHeader("a.img", "X", 1, 0, None, 3, True, compression=wire.Codec.ZSTD),  # version 3
+            wire.RemoteHeader("a.img", "X", 1, 9, None, 4, False, offset=3),  # not chunked
+            wire.RemoteHeader("a.img", "X", 1, 9, None, 4, False, compression=wire.Codec.ZSTD),
+        ]:
+            with self.assertRaises(ProtocolError):
+                wire.RemoteHeader.fromBytes(bad.toBytes()[4:])
+        raw = bytearray(header.toBytes()[4:])
+        raw[raw.index(b"\x58\x02") + 1] = 9  # field 11, an unknown codec
+        with self.assertRaises(ProtocolError) as e:
+            wire.RemoteHeader.fromBytes(bytes(raw))
+        self.assertIn("unknown compression 9", str(e.exception))
+
+    def test_chunkWords(self) -> None:
+        """Bit 31 marks a compressed chunk; the end and abort words stay apart."""
+        self.assertEqual(wire.chunkWord(5), b"\x05\x00\x00\x00")
+        self.assertEqual(wire.chunkWord(5, compressed=True), b"\x05\x00\x00\x80")
+        for length in [1, wire.MAX_CHUNK]:
+            for compressed in [False, True]:
+                (word,) = wire.CHUNK_LENGTH.unpack(wire.chunkWord(length, compressed))
+                self.assertNotIn(word, (wire.CHUNK_END, wire.CHUNK_ABORT))
+                self.assertEqual(wire.parseChunkWord(word), (length, compressed))
+        for word in [wire.MAX_CHUNK + 1, wire.CHUNK_COMPRESSED | (wire.MAX_CHUNK + 1), wire.CHUNK_COMPRESSED]:
+            with self.assertRaises(ProtocolError):
+                wire.parseChunkWord(word)
+
+    def test_resumeAt(self) -> None:
+        status = wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=7 << 30, name="pages-3.img", snapshotId="s")
+        self.assertEqual(wire.LinkStatus.fromBytes(status.toBytes()[4:]), status)
+        hostile = wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=1, name="../x", snapshotId="s")
+        with self.assertRaises(ProtocolError):
+            wire.LinkStatus.fromBytes(hostile.toBytes()[4:])
 
     def test_linkStatus(self) -> None:
         hello = wire.LinkStatus(wire.LinkStatusKind.HELLO, version=1)

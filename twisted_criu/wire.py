@@ -178,6 +178,14 @@ class LocalRequest:
         return request
 
 
+class Codec(IntEnum):
+    """How an image's compressed chunks are compressed (link version 4)."""
+
+    NONE = 0
+    ZSTD = 1
+    LZ4 = 2
+
+
 @frozen
 class RemoteHeader:
     """
@@ -203,6 +211,10 @@ class RemoteHeader:
     marker: Marker | None = None
     #: A SYNC marker's number, echoed by the cache's SYNCED.
     sequence: int = 0
+    #: The codec of the image's compressed chunks (link version 4).
+    compression: Codec = Codec.NONE
+    #: The chunks continue the image at this byte (link version 4: a resume).
+    offset: int = 0
 
     def toBytes(self) -> bytes:
         message = _pb.remote_image_entry(
@@ -222,6 +234,10 @@ class RemoteHeader:
         if self.marker is not None:
             message.marker = self.marker.value
             message.sequence = self.sequence
+        if self.compression is not Codec.NONE:
+            message.compression = self.compression.value
+        if self.offset:
+            message.offset = self.offset
         return _serialize(message)
 
     @property
@@ -253,6 +269,13 @@ class RemoteHeader:
             return cls("", "", m.open_mode, 0, None, version, session=session, marker=marker, sequence=m.sequence)
         if m.HasField("marker"):
             raise ProtocolError("a marker with an image name")
+        if m.HasField("compression") or m.HasField("offset"):
+            if not m.chunked or version is None or version < 4:
+                raise ProtocolError("compression and offset need a chunked image and link version 4")
+        try:
+            compression = Codec(m.compression)
+        except ValueError:
+            raise ProtocolError(f"unknown compression {m.compression}") from None
         checkName(m.name)
         checkSnapshotId(m.snapshot_id)
         openKind(m.open_mode)
@@ -264,7 +287,10 @@ class RemoteHeader:
             raise ProtocolError("a chunked image needs link version 2, size 0 and no SHA-256")
         if chunked and openKind(m.open_mode) is not OpenKind.WRITE:
             raise ProtocolError("only a plain write can be chunked")
-        return cls(m.name, m.snapshot_id, m.open_mode, m.size, digest, version, chunked, session)
+        return cls(
+            m.name, m.snapshot_id, m.open_mode, m.size, digest, version, chunked, session,
+            compression=compression, offset=m.offset,
+        )
 
 
 class Marker(IntEnum):
@@ -278,8 +304,8 @@ class Marker(IntEnum):
 
 #: The version of the link extension this code speaks: 1 link statuses,
 #: 2 also chunked (cut-through) images, 3 also session tokens, SYNC and
-#: ABORT markers.
-LINK_EXTENSION_VERSION = 3
+#: ABORT markers, 4 also compressed chunks and resumed images (RESUME_AT).
+LINK_EXTENSION_VERSION = 4
 
 #: Chunked images: each chunk is this length prefix, then that many bytes.
 CHUNK_LENGTH = struct.Struct("<I")
@@ -287,8 +313,30 @@ CHUNK_LENGTH = struct.Struct("<I")
 CHUNK_END = 0
 #: The length that ends a chunked image whose write broke off: discard it.
 CHUNK_ABORT = 0xFFFFFFFF
-#: The largest chunk a sender makes (and a receiver accepts).
+#: The largest chunk a sender makes (and a receiver accepts); a compressed
+#: chunk also decompresses to at most this.
 MAX_CHUNK = 1 << 24
+#: Set in a chunk's length (link version 4): the chunk is compressed.
+CHUNK_COMPRESSED = 0x80000000
+
+
+def chunkWord(length: int, compressed: bool = False) -> bytes:
+    """The length prefix of a chunk of C{length} bytes."""
+    assert 0 < length <= MAX_CHUNK
+    return CHUNK_LENGTH.pack(length | CHUNK_COMPRESSED if compressed else length)
+
+
+def parseChunkWord(word: int) -> tuple[int, bool]:
+    """
+    A chunk's length word: its length and whether it is compressed.
+    L{CHUNK_END} and L{CHUNK_ABORT} are the caller's to check first.
+    Raises L{ProtocolError} for a chunk over L{MAX_CHUNK}.
+    """
+    compressed = bool(word & CHUNK_COMPRESSED)
+    length = word & ~CHUNK_COMPRESSED
+    if length > MAX_CHUNK or not length:
+        raise ProtocolError(f"a chunk of {length} bytes (at most {MAX_CHUNK})")
+    return length, compressed
 
 #: The proxy's end-of-dump marker, sent only to caches that said HELLO.
 END_OF_DUMP = RemoteHeader("", "", O_RDONLY, 0, None, LINK_EXTENSION_VERSION)
@@ -302,6 +350,8 @@ class LinkStatusKind(IntEnum):
     SESSION_DONE = 3
     SYNCED = 4
     SESSION_ABORTED = 5
+    #: Version 4: the cache kept the first C{size} bytes of an image.
+    RESUME_AT = 6
 
 
 @frozen
@@ -313,6 +363,9 @@ class LinkStatus:
     images: int = 0
     size: int = 0
     sequence: int = 0
+    #: RESUME_AT: the image kept in part.
+    name: str = ""
+    snapshotId: str = ""
 
     def toBytes(self) -> bytes:
         message = _pb.link_status_entry(kind=self.kind.value)
@@ -323,6 +376,10 @@ class LinkStatus:
             message.bytes = self.size
         if self.kind is LinkStatusKind.SYNCED:
             message.sequence = self.sequence
+        if self.kind is LinkStatusKind.RESUME_AT:
+            message.bytes = self.size
+            message.name = self.name
+            message.snapshot_id = self.snapshotId
         return _serialize(message)
 
     @classmethod
@@ -332,7 +389,10 @@ class LinkStatus:
             kind = LinkStatusKind(m.kind)
         except ValueError:
             raise ProtocolError(f"unknown link status {m.kind}") from None
-        return cls(kind, m.version, m.images, m.bytes, m.sequence)
+        if kind is LinkStatusKind.RESUME_AT:
+            checkName(m.name)
+            checkSnapshotId(m.snapshot_id)
+        return cls(kind, m.version, m.images, m.bytes, m.sequence, m.name, m.snapshot_id)
 
 
 @frozen

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63riu_image.proto\x12\x0ctwisted_criu\"I\n\x11local_image_entry\x12\x0c\n\x04name\x18\x01 \x02(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x02(\t\x12\x11\n\topen_mode\x18\x03 \x02(\r\"\xc2\x01\n\x12remote_image_entry\x12\x0c\n\x04name\x18\x01 \x02(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x02(\t\x12\x11\n\topen_mode\x18\x03 \x02(\r\x12\x0c\n\x04size\x18\x04 \x02(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x14\n\x0clink_version\x18\x06 \x01(\r\x12\x0f\n\x07\x63hunked\x18\x07 \x01(\x08\x12\x0f\n\x07session\x18\x08 \x01(\t\x12\x0e\n\x06marker\x18\t \x01(\r\x12\x10\n\x08sequence\x18\n \x01(\x04\"(\n\x17local_image_reply_entry\x12\r\n\x05\x65rror\x18\x01 \x02(\r\"(\n\x11snapshot_id_entry\x12\x13\n\x0bsnapshot_id\x18\x01 \x02(\t\".\n\x1aimg_streamer_request_entry\x12\x10\n\x08\x66ilename\x18\x01 \x02(\t\"*\n\x18img_streamer_reply_entry\x12\x0e\n\x06\x65xists\x18\x01 \x02(\x08\"c\n\x11link_status_entry\x12\x0c\n\x04kind\x18\x01 \x02(\r\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06images\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x10\n\x08sequence\x18\x05 \x01(\x04')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63riu_image.proto\x12\x0ctwisted_criu\"I\n\x11local_image_entry\x12\x0c\n\x04name\x18\x01 \x02(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x02(\t\x12\x11\n\topen_mode\x18\x03 \x02(\r\"\xe7\x01\n\x12remote_image_entry\x12\x0c\n\x04name\x18\x01 \x02(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x02(\t\x12\x11\n\topen_mode\x18\x03 \x02(\r\x12\x0c\n\x04size\x18\x04 \x02(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x14\n\x0clink_version\x18\x06 \x01(\r\x12\x0f\n\x07\x63hunked\x18\x07 \x01(\x08\x12\x0f\n\x07session\x18\x08 \x01(\t\x12\x0e\n\x06marker\x18\t \x01(\r\x12\x10\n\x08sequence\x18\n \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\r\x12\x0e\n\x06offset\x18\x0c \x01(\x04\"(\n\x17local_image_reply_entry\x12\r\n\x05\x65rror\x18\x01 \x02(\r\"(\n\x11snapshot_id_entry\x12\x13\n\x0bsnapshot_id\x18\x01 \x02(\t\".\n\x1aimg_streamer_request_entry\x12\x10\n\x08\x66ilename\x18\x01 \x02(\t\"*\n\x18img_streamer_reply_entry\x12\x0e\n\x06\x65xists\x18\x01 \x02(\x08\"\x86\x01\n\x11link_status_entry\x12\x0c\n\x04kind\x18\x01 \x02(\r\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06images\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\x0c\n\x04name\x18\x06 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x07 \x01(\t')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCAL_IMAGE_ENTRY']._serialized_start=34
   _globals['_LOCAL_IMAGE_ENTRY']._serialized_end=107
   _globals['_REMOTE_IMAGE_ENTRY']._serialized_start=110
-  _globals['_REMOTE_IMAGE_ENTRY']._serialized_end=304
-  _globals['_LOCAL_IMAGE_REPLY_ENTRY']._serialized_start=306
-  _globals['_LOCAL_IMAGE_REPLY_ENTRY']._serialized_end=346
-  _globals['_SNAPSHOT_ID_ENTRY']._serialized_start=348
-  _globals['_SNAPSHOT_ID_ENTRY']._serialized_end=388
-  _globals['_IMG_STREAMER_REQUEST_ENTRY']._serialized_start=390
-  _globals['_IMG_STREAMER_REQUEST_ENTRY']._serialized_end=436
-  _globals['_IMG_STREAMER_REPLY_ENTRY']._serialized_start=438
-  _globals['_IMG_STREAMER_REPLY_ENTRY']._serialized_end=480
-  _globals['_LINK_STATUS_ENTRY']._serialized_start=482
-  _globals['_LINK_STATUS_ENTRY']._serialized_end=581
+  _globals['_REMOTE_IMAGE_ENTRY']._serialized_end=341
+  _globals['_LOCAL_IMAGE_REPLY_ENTRY']._serialized_start=343
+  _globals['_LOCAL_IMAGE_REPLY_ENTRY']._serialized_end=383
+  _globals['_SNAPSHOT_ID_ENTRY']._serialized_start=385
+  _globals['_SNAPSHOT_ID_ENTRY']._serialized_end=425
+  _globals['_IMG_STREAMER_REQUEST_ENTRY']._serialized_start=427
+  _globals['_IMG_STREAMER_REQUEST_ENTRY']._serialized_end=473
+  _globals['_IMG_STREAMER_REPLY_ENTRY']._serialized_start=475
+  _globals['_IMG_STREAMER_REPLY_ENTRY']._serialized_end=517
+  _globals['_LINK_STATUS_ENTRY']._serialized_start=520
+  _globals['_LINK_STATUS_ENTRY']._serialized_end=654
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ class local_image_entry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ...) -> None: ...
 
 class remote_image_entry(_message.Message):
-    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256", "link_version", "chunked", "session", "marker", "sequence")
+    __slots__ = ("name", "snapshot_id", "open_mode", "size", "sha256", "link_version", "chunked", "session", "marker", "sequence", "compression", "offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,8 @@ class remote_image_entry(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MARKER_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     snapshot_id: str
     open_mode: int
@@ -36,7 +38,9 @@ class remote_image_entry(_message.Message):
     session: str
     marker: int
     sequence: int
-    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., link_version: _Optional[int] = ..., chunked: _Optional[bool] = ..., session: _Optional[str] = ..., marker: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+    compression: int
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., open_mode: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., link_version: _Optional[int] = ..., chunked: _Optional[bool] = ..., session: _Optional[str] = ..., marker: _Optional[int] = ..., sequence: _Optional[int] = ..., compression: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class local_image_reply_entry(_message.Message):
     __slots__ = ("error",)
@@ -63,15 +67,19 @@ class img_streamer_reply_entry(_message.Message):
     def __init__(self, exists: _Optional[bool] = ...) -> None: ...
 
 class link_status_entry(_message.Message):
-    __slots__ = ("kind", "version", "images", "bytes", "sequence")
+    __slots__ = ("kind", "version", "images", "bytes", "sequence", "name", "snapshot_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     kind: int
     version: int
     images: int
     bytes: int
     sequence: int
-    def __init__(self, kind: _Optional[int] = ..., version: _Optional[int] = ..., images: _Optional[int] = ..., bytes: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+    name: str
+    snapshot_id: str
+    def __init__(self, kind: _Optional[int] = ..., version: _Optional[int] = ..., images: _Optional[int] = ..., bytes: _Optional[int] = ..., sequence: _Optional[int] = ..., name: _Optional[str] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
