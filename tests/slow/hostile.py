@@ -191,7 +191,7 @@ class AttackCase(SynchronousTestCase):
         pf.pushSnapshotId(proxySocket)
         # A link idle since it connected: wait for the cache's HELLO before
         # the dump can end (the proxy's HELLO grace runs from the connect).
-        waitForLog(self.proxy, r"the cache speaks twisted-criu's link extension \(version 3\)")
+        waitForLog(self.proxy, r"the cache speaks twisted-criu's link extension \(version 4\)")
         for name, data in dumped.items():
             pf.writeImage(proxySocket, name, data)
         for name, data in dumped.items():

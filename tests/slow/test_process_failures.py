@@ -564,7 +564,7 @@ class _DaemonTest(SynchronousTestCase):
     def dumpSmall(self, proxy: Daemon, cache: Daemon, count: int = 3) -> dict[str, bytes]:
         """C{parent} and a few small images, until the cache has them all."""
         pushSnapshotId(proxy.socketPath)
-        proxy.waitForLog(r"the cache speaks twisted-criu's link extension \(version 3\)")
+        proxy.waitForLog(r"the cache speaks twisted-criu's link extension \(version 4\)")
         images = {f"core-{i}.img": randomBytes(1000 * (i + 1) + 7, ("small", i)) for i in range(count)}
         for name, data in images.items():
             writeImage(proxy.socketPath, name, data)
