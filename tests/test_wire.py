@@ -138,7 +138,10 @@ class MessageTests(SynchronousTestCase):
 
     def test_controlCharactersRefused(self) -> None:
         """ESC, newlines, DEL and C1 controls never reach a log, a listing or a file name."""
-        for bad in ["a\x1b[2Jb.img", "pages\n1.img", "x\r.img", "del\x7f.img", "c1\x9b31m.img", "\t.img"]:
+        for bad in [
+            "a\x1b[2Jb.img", "pages\n1.img", "x\r.img", "del\x7f.img", "c1\x9b31m.img", "\t.img",
+            "pages-1\u202egmi.exe", "rtl\u200f.img", "iso\u2067late.img", "al\u061cm.img",
+        ]:
             for parse in (
                 lambda: wire.LocalRequest.fromBytes(wire.LocalRequest(bad, "snap", 1).toBytes()[4:]),
                 lambda: wire.RemoteHeader.fromBytes(wire.RemoteHeader(bad, "snap", 1, 0).toBytes()[4:]),
@@ -148,7 +151,7 @@ class MessageTests(SynchronousTestCase):
                 with self.assertRaises(ProtocolError, msg=repr(bad)) as e:
                     parse()
                 self.assertIn("control character", str(e.exception))
-                self.assertNotRegex(str(e.exception), "[\x00-\x1f\x7f-\x9f]")
+                self.assertNotRegex(str(e.exception), "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
         # Printable non-ASCII stays allowed (CRIU takes any byte but NUL and '/').
         request = wire.LocalRequest("pagés-1.img", "/var/lib/criu/dümp", 1)
         self.assertEqual(wire.LocalRequest.fromBytes(request.toBytes()[4:]), request)

@@ -101,9 +101,11 @@ def _serialize(message: Message) -> bytes:
         raise ProtocolError(str(e)) from None
 
 
-#: C0 and C1 control characters (and DEL): never in a CRIU file name or
-#: path, and a terminal or a log reader would act on them.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: C0 and C1 control characters (and DEL), and Unicode's bidirectional
+#: controls: never in a CRIU file name or path, and a terminal or a log
+#: reader would act on them (a right-to-left override shows
+#: "pages-1\u202egmi.exe" as "pages-1exe.img").
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def checkName(name: str) -> str:
