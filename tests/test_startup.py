@@ -79,6 +79,15 @@ class OptionErrorTests(SynchronousTestCase):
         )
         self.assertTrue(self.error("--control", "unix").startswith("--control unix: not a server endpoint"))
 
+    def test_systemdSocketNotPassed(self) -> None:
+        """A systemd: endpoint outside socket activation says so, not "list index out of range"."""
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID")})
+        self.assertEqual(
+            self.error("--listen", "systemd:domain=UNIX:index=0"),
+            "--listen systemd:domain=UNIX:index=0: systemd passed no socket at that index (0 passed):"
+            " start the daemon from its socket unit (see twisted-criu's systemd docs)",
+        )
+
     def test_missingImagesDirectory(self) -> None:
         with self.assertRaises(usage.UsageError) as e:
             proxy_tap.Options().parseOptions(["-D", "/nonexistent/images"])

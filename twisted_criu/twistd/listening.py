@@ -49,7 +49,16 @@ def checkEndpointString(option: str, value: str, client: bool = False) -> None:
     try:
         parse(reactor, value)
         return
-    except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
+    except IndexError as e:
+        if endpointType(value) != "systemd":
+            why = str(e)
+        else:  # Twisted indexes the descriptors systemd passed (LISTEN_FDS)
+            passed = os.environ.get("LISTEN_FDS", "0")
+            raise usage.UsageError(
+                f"--{option} {value}: systemd passed no socket at that index ({passed} passed):"
+                " start the daemon from its socket unit (see twisted-criu's systemd docs)"
+            ) from None
+    except (ValueError, TypeError, KeyError, OSError) as e:
         why = str(e)
     if why.startswith("Unknown endpoint type"):
         why = f"unknown endpoint type {endpointType(value)!r}"
