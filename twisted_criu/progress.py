@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from twisted_criu.flow.ratelimit import TokenBucket, describeRate
+
 #: Images smaller than this get no rate in their log line (it means nothing).
 RATE_THRESHOLD = 1 << 16
 
@@ -79,6 +81,8 @@ class Activity:
         self.abandoned: Counter[Direction] = Counter()
         self.notFound = 0
         self.waitedReads = 0
+        #: The link's C{--rate-limit}, if any: its progress says what it achieves.
+        self.linkLimit: TokenBucket | None = None
         self._reporter: LoopingCall | None = None
 
     def begin(
@@ -101,6 +105,8 @@ class Activity:
         timing = f"in {seconds:.2f} s"
         if rate is not None and size >= RATE_THRESHOLD:
             timing += f", {formatRate(rate)}"
+            if transfer.direction is Direction.TO_CACHE:
+                timing += self.limitNote()
         return {"seconds": round(seconds, 3), "rate": rate, "timing": timing}
 
     def abandon(self, transfer: ImageInFlight) -> None:
@@ -111,6 +117,13 @@ class Activity:
     @property
     def bytesInFlight(self) -> int:
         return sum(transfer.progress() for transfer in self.active)
+
+    def limitNote(self) -> str:
+        """C{" (link: 15.9 MB/s, --rate-limit 16 MB/s)"}, or nothing without a limit."""
+        limit = self.linkLimit
+        if limit is None:
+            return ""
+        return f" (link: {describeRate(limit.achieved())}, --rate-limit {describeRate(limit.rate)})"
 
     # -- the progress line -------------------------------------------------
 
@@ -144,13 +157,15 @@ class Activity:
             else:
                 eta = ""
                 amount = f"{formatBytes(done)} so far"
+            limit = self.limitNote() if transfer.direction is Direction.TO_CACHE else ""
             self.log.info(
-                "progress: {image} {direction}: {amount}, {rateText}{eta}",
+                "progress: {image} {direction}: {amount}, {rateText}{eta}{limit}",
                 image=transfer.image,
                 direction=transfer.direction.value,
                 amount=amount,
                 rateText=formatRate(rate),
                 eta=eta,
+                limit=limit,
                 done=done,
                 size=transfer.size,
                 rate=rate,
