@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet import reactor
@@ -28,6 +30,13 @@ from twisted_criu.flow.ratelimit import LinkThrottle, RateLimitedEndpoint, Token
 from twisted_criu.twistd import proxy_tap
 from twisted_criu.twistd.options import cacheEndpoint
 from twisted_criu.twistd.parsers import parseRate
+
+
+def shortDirectory(test: SynchronousTestCase) -> str:
+    """A directory for -D whose socket paths are short enough for AF_UNIX."""
+    directory = tempfile.mkdtemp(prefix="rl-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 class ParseRateTests(SynchronousTestCase):
@@ -70,8 +79,7 @@ class ParseRateTests(SynchronousTestCase):
 
     def test_proxyOption(self) -> None:
         options = proxy_tap.Options()
-        directory = self.mktemp()
-        os.makedirs(directory)
+        directory = shortDirectory(self)
         options.parseOptions(["-D", directory, "--plain-link", "--rate-limit", "300M"])
         self.assertEqual(options["rate-limit"], 300e6)
         options = proxy_tap.Options()
@@ -151,6 +159,12 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertAlmostEqual(bucket.achieved(), 0.5e6, delta=1)  # half the window was idle
         clock.advance(60)
         self.assertEqual(bucket.achieved(), 0.0)
+        bucket.spend(10)  # a few bytes (a handshake), then an idle link
+        clock.advance(2)
+        for _ in range(4):
+            bucket.spend(250_000)
+            clock.advance(0.25)
+        self.assertAlmostEqual(bucket.achieved(), 1e6, delta=1)  # since the transfer began
 
 
 class FakeTCP:
@@ -238,9 +252,7 @@ class NoLimitTests(SynchronousTestCase):
     def test_noLimiterInThePath(self) -> None:
         """Without --rate-limit the cache's endpoint is the plain one: nothing of the limiter runs."""
         options = proxy_tap.Options()
-        directory = self.mktemp()
-        os.makedirs(directory)
-        options.parseOptions(["-D", directory, "--plain-link"])
+        options.parseOptions(["-D", shortDirectory(self), "--plain-link"])
         self.assertIsNone(options["rate-limit"])
         endpoint, _, _ = cacheEndpoint(reactor, options, 1.0)
         self.assertNotIsInstance(endpoint, RateLimitedEndpoint)

@@ -45,6 +45,8 @@ MIN_PIECE = 1 << 14
 #: How far back the achieved rate looks, and the width of its bins (seconds).
 RATE_WINDOW = 5.0
 _BIN = 0.25
+#: Idle this long, the link's achieved rate starts afresh.
+IDLE = 1.0
 
 #: The throttle of each limited connection, until it is lost.
 _throttles: dict[Any, LinkThrottle] = {}
@@ -69,6 +71,8 @@ class TokenBucket:
         self._tokens = float(self.burst)
         self._when = clock.seconds()
         self._bins: deque[list[float]] = deque()
+        #: When sending began, after the link was idle for L{IDLE} seconds.
+        self._since = self._when
 
     def _refill(self) -> float:
         now = self.clock.seconds()
@@ -89,6 +93,8 @@ class TokenBucket:
         self.sent += count
         start = now - now % _BIN
         bins = self._bins
+        if not bins or bins[-1][0] < now - IDLE:
+            self._since = now
         if bins and bins[-1][0] == start:
             bins[-1][1] += count
         else:
@@ -103,13 +109,16 @@ class TokenBucket:
         return max(0.0, (wanted - self._tokens) / self.rate)
 
     def achieved(self) -> float:
-        """Bytes per second sent over the last L{RATE_WINDOW} seconds (since the first, if later)."""
+        """
+        Bytes per second sent over the last L{RATE_WINDOW} seconds, or since
+        sending began, if later (the link idle for L{IDLE} seconds before).
+        """
         now = self.clock.seconds()
-        recent = [(start, count) for start, count in self._bins if start > now - RATE_WINDOW]
+        since = self._since - self._since % _BIN
+        recent = [(start, count) for start, count in self._bins if start > now - RATE_WINDOW and start >= since]
         if not recent:
             return 0.0
-        sending = self._bins[0][0] <= now - RATE_WINDOW  # since before the window
-        span = RATE_WINDOW if sending else max(now - recent[0][0], _BIN)
+        span = min(RATE_WINDOW, max(now - self._since, _BIN))
         return sum(count for _, count in recent) / span
 
 
