@@ -15,8 +15,10 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.python import usage
 from twisted.test.proto_helpers import EventLoggingObserver
@@ -25,11 +27,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.helpers import inThread
 from tests.test_tls import TLSMigration
 from twisted_criu import cli
+from twisted_criu.cli.control import describeLink
+from twisted_criu.daemons.metrics import DaemonCollector, ErrorCounter
+from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.flow import ratelimit
 from twisted_criu.flow.ratelimit import LinkThrottle, RateLimitedEndpoint, TokenBucket, describeRate, throttleOf
+from twisted_criu.progress import Activity, Direction
 from twisted_criu.twistd import proxy_tap
 from twisted_criu.twistd.options import cacheEndpoint
 from twisted_criu.twistd.parsers import parseRate
+from twisted_criu.views import LinkView
 
 
 def shortDirectory(test: SynchronousTestCase) -> str:
@@ -385,3 +392,85 @@ class PlainLinkTests(LimitedLinkMixin, TestCase):
 
 class TLSLinkTests(LimitedLinkMixin, TestCase):
     link = ()
+
+
+class ShownTests(SynchronousTestCase):
+    """What the operator sees of the limit: progress lines, log fields, status, metrics."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.bucket = TokenBucket(self.clock, 16e6)
+        self.activity = Activity(self.clock, interval=1.0)
+        self.activity.linkLimit = self.bucket
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+
+    def test_progressLines(self) -> None:
+        """Lines of images going to the cache add the link's rate and the limit; others do not."""
+        done = [0]
+        self.activity.startReporting()
+        self.addCleanup(self.activity.stopReporting)
+        self.activity.begin(Direction.TO_CACHE, "pages-1.img", 64 << 20, lambda: done[0])
+        self.activity.begin(Direction.FROM_CRIU, "pages-2.img", None, lambda: done[0])
+        for _ in range(8):
+            self.bucket.spend(4_000_000)
+            done[0] += 4_000_000
+            self.clock.advance(0.25)
+        lines = [formatEvent(e) for e in self.events if "progress:" in e.get("log_format", "")]
+        self.assertEqual(
+            lines[-2:],
+            [
+                "progress: pages-1.img to the cache: 30.5 MiB of 64.0 MiB (48 %), 16.0 MB/s, ETA 2 s"
+                " (link: 16 MB/s, --rate-limit 16 MB/s)",
+                "progress: pages-2.img from criu: 30.5 MiB so far, 16.0 MB/s",
+            ],
+        )
+        event = [e for e in self.events if "progress:" in e.get("log_format", "")][-2]
+        self.assertEqual((event["rateLimit"], event["linkRate"]), (16e6, 16e6))
+
+    def test_imageLine(self) -> None:
+        transfer = self.activity.begin(Direction.TO_CACHE, "pages-1.img", 8 << 20, lambda: 0)
+        self.clock.advance(0.5)
+        self.bucket.spend(8 << 20)
+        fields = self.activity.end(transfer, 8 << 20)
+        self.assertEqual(fields["timing"], "in 0.50 s, 16.8 MB/s (link: 33.6 MB/s, --rate-limit 16 MB/s)")
+        self.assertEqual(fields["rateLimit"], 16e6)
+        unlimited = Activity(self.clock)
+        fields = unlimited.end(unlimited.begin(Direction.TO_CACHE, "pages-1.img", 8 << 20, lambda: 0), 8 << 20)
+        self.assertNotIn("rateLimit", fields)
+        self.assertNotIn("--rate-limit", fields["timing"])
+
+    def test_ls(self) -> None:
+        link = LinkView(16e6, 800_000, 15.9e6, 48 << 20).toJSON()
+        self.assertEqual(describeLink(link), "  link: 15.9 MB/s now, --rate-limit 16 MB/s; 48.0 MiB sent\n")
+        self.assertEqual(describeLink(None), "")
+
+    def test_metrics(self) -> None:
+        """A proxy with a limit has its series; without one (or a cache), none."""
+        clock = MemoryReactorClock()
+
+        def proxy(bucket: TokenBucket | None) -> ImageProxyService:
+            local = serverFromString(clock, "unix:/nonexistent/img-proxy.sock")
+            cache = clientFromString(clock, "tcp:host=127.0.0.1:port=9")
+            return ImageProxyService(clock, local, cache, rateLimit=bucket)
+
+        def linkSeries(daemon: ImageProxyService) -> dict[str, float]:
+            return {
+                metric.name: metric.samples[0].value
+                for metric in DaemonCollector(daemon, ErrorCounter()).collect()
+                if metric.name.startswith("twisted_criu_link")
+            }
+
+        bucket = TokenBucket(clock, 16e6)
+        clock.advance(1)
+        bucket.spend(1234)
+        clock.advance(1)
+        collected = linkSeries(proxy(bucket))
+        self.assertEqual(linkSeries(proxy(None)), {})
+        self.assertEqual(
+            collected,
+            {
+                "twisted_criu_link_rate_limit_bytes_per_second": 16e6,
+                "twisted_criu_link_rate_bytes_per_second": 1234.0,
+                "twisted_criu_link_sent_bytes": 1234,
+            },
+        )

@@ -103,11 +103,15 @@ class Activity:
         seconds = max(0.0, self.clock.seconds() - transfer.started)
         rate = size / seconds if seconds > 0 else None
         timing = f"in {seconds:.2f} s"
+        limited = self.linkLimit is not None and transfer.direction is Direction.TO_CACHE
         if rate is not None and size >= RATE_THRESHOLD:
             timing += f", {formatRate(rate)}"
-            if transfer.direction is Direction.TO_CACHE:
+            if limited:
                 timing += self.limitNote()
-        return {"seconds": round(seconds, 3), "rate": rate, "timing": timing}
+        fields = {"seconds": round(seconds, 3), "rate": rate, "timing": timing}
+        if limited:
+            fields.update(self.limitFields())
+        return fields
 
     def abandon(self, transfer: ImageInFlight) -> None:
         if transfer in self.active:
@@ -124,6 +128,13 @@ class Activity:
         if limit is None:
             return ""
         return f" (link: {describeRate(limit.achieved())}, --rate-limit {describeRate(limit.rate)})"
+
+    def limitFields(self) -> dict[str, Any]:
+        """The limit and the link's achieved rate, for a log event's fields (JSON logs)."""
+        limit = self.linkLimit
+        if limit is None:
+            return {}
+        return {"rateLimit": limit.rate, "linkRate": round(limit.achieved(), 1)}
 
     # -- the progress line -------------------------------------------------
 
@@ -157,7 +168,8 @@ class Activity:
             else:
                 eta = ""
                 amount = f"{formatBytes(done)} so far"
-            limit = self.limitNote() if transfer.direction is Direction.TO_CACHE else ""
+            limited = transfer.direction is Direction.TO_CACHE
+            limit = self.limitNote() if limited else ""
             self.log.info(
                 "progress: {image} {direction}: {amount}, {rateText}{eta}{limit}",
                 image=transfer.image,
@@ -170,4 +182,5 @@ class Activity:
                 size=transfer.size,
                 rate=rate,
                 elapsed=elapsed,
+                **(self.limitFields() if limited else {}),
             )
