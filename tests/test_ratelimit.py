@@ -154,7 +154,7 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertGreater(largestWindow(taken), 0.99e6)
 
     def test_achieved(self) -> None:
-        """What was sent over the last 5 s, or since sending began if that is later."""
+        """What was sent over the last 2 s, or since sending began if that is later."""
         clock = Clock()
         bucket = TokenBucket(clock, 1e6)
         self.assertEqual(bucket.achieved(), 0.0)
@@ -162,7 +162,7 @@ class TokenBucketTests(SynchronousTestCase):
             clock.advance(0.25)
             bucket.spend(250_000)
         self.assertAlmostEqual(bucket.achieved(), 1e6, delta=1)
-        clock.advance(2.5)
+        clock.advance(1)
         self.assertAlmostEqual(bucket.achieved(), 0.5e6, delta=1)  # half the window was idle
         clock.advance(60)
         self.assertEqual(bucket.achieved(), 0.0)
@@ -308,8 +308,9 @@ class LimitedLinkMixin:
     """
     48 MiB through a proxy limited to 16 MB/s (and 24 MiB pushed at 12
     MB/s): the relay between it and the cache never sees more than the
-    limit and a burst, give or take what a busy machine bunches together,
-    in any second, and the transfer takes as long as the limit says.
+    limit and a burst in any second (give or take what a busy machine
+    bunches together: 30 %), and the transfer takes as long as the limit
+    says.
     Without the limit the same bytes cross loopback in well under a second.
     """
 
@@ -321,7 +322,7 @@ class LimitedLinkMixin:
         case: Any = self
         burst = max(rate / 20, 1 << 16)
         case.assertGreaterEqual(relay.total, size)
-        case.assertLess(largestWindow(relay.arrivals), rate * 1.2 + burst)
+        case.assertLess(largestWindow(relay.arrivals), rate * 1.3 + burst)  # bunched by a busy machine
         # the first burst is free; the rest can only come at the rate
         case.assertGreater(elapsed, (size - burst) / rate * 0.97)
         case.assertLess(elapsed, size / rate * 4 + 5)  # and it does not crawl
@@ -412,16 +413,17 @@ class ShownTests(SynchronousTestCase):
         self.activity.begin(Direction.TO_CACHE, "pages-1.img", 64 << 20, lambda: done[0])
         self.activity.begin(Direction.FROM_CRIU, "pages-2.img", None, lambda: done[0])
         for _ in range(8):
+            self.clock.advance(0.25)
             self.bucket.spend(4_000_000)
             done[0] += 4_000_000
-            self.clock.advance(0.25)
         lines = [formatEvent(e) for e in self.events if "progress:" in e.get("log_format", "")]
         self.assertEqual(
             lines[-2:],
             [
-                "progress: pages-1.img to the cache: 30.5 MiB of 64.0 MiB (48 %), 16.0 MB/s, ETA 2 s"
+                # the link's rate counts from its first byte, 0.25 s in
+                "progress: pages-1.img to the cache: 26.7 MiB of 64.0 MiB (42 %), 14.0 MB/s, ETA 3 s"
                 " (link: 16 MB/s, --rate-limit 16 MB/s)",
-                "progress: pages-2.img from criu: 30.5 MiB so far, 16.0 MB/s",
+                "progress: pages-2.img from criu: 26.7 MiB so far, 14.0 MB/s",
             ],
         )
         event = [e for e in self.events if "progress:" in e.get("log_format", "")][-2]
@@ -429,10 +431,11 @@ class ShownTests(SynchronousTestCase):
 
     def test_imageLine(self) -> None:
         transfer = self.activity.begin(Direction.TO_CACHE, "pages-1.img", 8 << 20, lambda: 0)
-        self.clock.advance(0.5)
-        self.bucket.spend(8 << 20)
+        for _ in range(8):
+            self.bucket.spend(1 << 20)
+            self.clock.advance(0.0625)
         fields = self.activity.end(transfer, 8 << 20)
-        self.assertEqual(fields["timing"], "in 0.50 s, 16.8 MB/s (link: 33.6 MB/s, --rate-limit 16 MB/s)")
+        self.assertEqual(fields["timing"], "in 0.50 s, 16.8 MB/s (link: 16.8 MB/s, --rate-limit 16 MB/s)")
         self.assertEqual(fields["rateLimit"], 16e6)
         unlimited = Activity(self.clock)
         fields = unlimited.end(unlimited.begin(Direction.TO_CACHE, "pages-1.img", 8 << 20, lambda: 0), 8 << 20)

@@ -42,20 +42,58 @@ MIN_BURST = 1 << 16
 MAX_WAKE = 0.25
 #: Fewer tokens than this (and than a wake's worth) are not worth a system call.
 MIN_PIECE = 1 << 14
-#: How far back the achieved rate looks, and the width of its bins (seconds).
-RATE_WINDOW = 5.0
-_BIN = 0.25
-#: Idle this long, the link's achieved rate starts afresh.
-IDLE = 1.0
+#: How far back the achieved rate looks (seconds), and the width of its bins.
+RATE_WINDOW = 2.0
+RATE_BIN = 0.05
+#: Idle this long (more than a wake), the link's achieved rate starts afresh.
+IDLE = 2 * MAX_WAKE
 
 #: The throttle of each limited connection, until it is lost.
 _throttles: dict[Any, LinkThrottle] = {}
 
 
+class RateMeter:
+    """
+    Bytes per second lately: over the last L{RATE_WINDOW} seconds, or since
+    sending began if that is later (after L{IDLE} seconds without a byte:
+    a TLS handshake, then a link idle until criu writes, is not averaged in).
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._bins: deque[list[float]] = deque()  # [start, bytes], RATE_BIN wide
+        self._since = self._last = clock.seconds()
+
+    def add(self, count: int) -> None:
+        now = self.clock.seconds()
+        if now - self._last >= IDLE or not self._bins:
+            self._since = now
+        self._last = now
+        start = now - now % RATE_BIN
+        bins = self._bins
+        if bins and bins[-1][0] == start:
+            bins[-1][1] += count
+        else:
+            bins.append([start, float(count)])
+        while bins[0][0] <= now - RATE_WINDOW - RATE_BIN:
+            bins.popleft()
+
+    def rate(self) -> float:
+        now = self.clock.seconds()
+        if now - self._since < RATE_WINDOW:  # began within the window
+            since = self._since - self._since % RATE_BIN
+            total = sum(count for start, count in self._bins if start >= since)
+            span = now - self._since
+        else:
+            total = sum(count for start, count in self._bins if start > now - RATE_WINDOW)
+            span = RATE_WINDOW
+        return total / max(span, RATE_BIN) if total else 0.0
+
+
 class TokenBucket:
     """
     C{rate} bytes per second, at most C{burst} at once, on C{clock}.  Also
-    measures what was achieved: L{sent} in all, L{achieved} lately.
+    says what was achieved: L{sent} in all, L{achieved} lately.
 
     @ivar quantum: the tokens a connection out of them waits for.
     """
@@ -70,16 +108,13 @@ class TokenBucket:
         self.sent = 0
         self._tokens = float(self.burst)
         self._when = clock.seconds()
-        self._bins: deque[list[float]] = deque()
-        #: When sending began, after the link was idle for L{IDLE} seconds.
-        self._since = self._when
+        self._meter = RateMeter(clock)
 
-    def _refill(self) -> float:
+    def _refill(self) -> None:
         now = self.clock.seconds()
         if now > self._when:
             self._tokens = min(float(self.burst), self._tokens + (now - self._when) * self.rate)
             self._when = now
-        return now
 
     def available(self) -> int:
         """Bytes that may go now (0 or less: none)."""
@@ -88,19 +123,10 @@ class TokenBucket:
 
     def spend(self, count: int) -> None:
         """C{count} bytes went (the tokens may go below 0: a debt paid by waiting)."""
-        now = self._refill()
+        self._refill()
         self._tokens -= count
         self.sent += count
-        start = now - now % _BIN
-        bins = self._bins
-        if not bins or bins[-1][0] < now - IDLE:
-            self._since = now
-        if bins and bins[-1][0] == start:
-            bins[-1][1] += count
-        else:
-            bins.append([start, float(count)])
-        while bins and bins[0][0] < now - RATE_WINDOW - _BIN:
-            bins.popleft()
+        self._meter.add(count)
 
     def delayFor(self, count: int) -> float:
         """Seconds until C{count} bytes (at most a burst) may go."""
@@ -109,17 +135,8 @@ class TokenBucket:
         return max(0.0, (wanted - self._tokens) / self.rate)
 
     def achieved(self) -> float:
-        """
-        Bytes per second sent over the last L{RATE_WINDOW} seconds, or since
-        sending began, if later (the link idle for L{IDLE} seconds before).
-        """
-        now = self.clock.seconds()
-        since = self._since - self._since % _BIN
-        recent = [(start, count) for start, count in self._bins if start > now - RATE_WINDOW and start >= since]
-        if not recent:
-            return 0.0
-        span = min(RATE_WINDOW, max(now - self._since, _BIN))
-        return sum(count for _, count in recent) / span
+        """Bytes per second sent lately (see L{RateMeter})."""
+        return self._meter.rate()
 
 
 class LinkThrottle:
