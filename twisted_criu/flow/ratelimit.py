@@ -21,6 +21,16 @@ clock once enough are due.  Over any interval of C{t} seconds the socket
 takes at most C{rate * t + burst} bytes (plus, at most, the few header
 bytes of the piece under way).  Without C{--rate-limit} nothing of this
 module is on the path.
+
+Like C{twisted_criu.flow._fastpath}, it steps outside Twisted's public API:
+it replaces, on the connection itself, the C{writeSomeData} and
+C{connectionLost} of Twisted's C{tcp.Connection} (and puts them back once
+the connection is lost).  Twisted's own
+C{twisted.protocols.policies.ThrottlingFactory} wraps the protocol
+instead: the link would lose its C{sendfile} and read fast paths (they
+need the socket's own transport), and it counts whole seconds, letting a
+second's worth through at once.  C{tests.test_ratelimit} pins this module
+against real sockets, plain and TLS.
 """
 
 from __future__ import annotations
