@@ -42,6 +42,9 @@ class _NoSessions:
     def storeView(self) -> StoreView:
         return StoreView(0, 0, None)
 
+    def linkView(self) -> None:
+        return None
+
     def sessionImage(self, sessionId: str, key: ImageKey) -> IStoredImage | None:
         return None
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from twisted_criu import wire
-    from twisted_criu.views import SessionView, StoreView
+    from twisted_criu.views import LinkView, SessionView, StoreView
     from twisted_criu.keys import ImageKey
 
 
@@ -299,6 +299,9 @@ class ISessionControl(Interface):
 
     def storeView() -> StoreView:
         """How many image bytes the daemon holds in memory, and how many spilled."""
+
+    def linkView() -> LinkView | None:
+        """The link's rate limit and achieved rate; L{None} without C{--rate-limit}."""
 
     def sessionImage(sessionId: str, key: ImageKey) -> IStoredImage | None:
         """A complete image of a session, if it has it."""

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from twisted_criu.flow.ratelimit import TokenBucket, describeRate
+
 #: Images smaller than this get no rate in their log line (it means nothing).
 RATE_THRESHOLD = 1 << 16
 
@@ -79,6 +81,8 @@ class Activity:
         self.abandoned: Counter[Direction] = Counter()
         self.notFound = 0
         self.waitedReads = 0
+        #: The link's C{--rate-limit}, if any: its progress says what it achieves.
+        self.linkLimit: TokenBucket | None = None
         self._reporter: LoopingCall | None = None
 
     def begin(
@@ -99,9 +103,15 @@ class Activity:
         seconds = max(0.0, self.clock.seconds() - transfer.started)
         rate = size / seconds if seconds > 0 else None
         timing = f"in {seconds:.2f} s"
+        limited = self.linkLimit is not None and transfer.direction is Direction.TO_CACHE
         if rate is not None and size >= RATE_THRESHOLD:
             timing += f", {formatRate(rate)}"
-        return {"seconds": round(seconds, 3), "rate": rate, "timing": timing}
+            if limited:
+                timing += self.limitNote()
+        fields = {"seconds": round(seconds, 3), "rate": rate, "timing": timing}
+        if limited:
+            fields.update(self.limitFields())
+        return fields
 
     def abandon(self, transfer: ImageInFlight) -> None:
         if transfer in self.active:
@@ -111,6 +121,20 @@ class Activity:
     @property
     def bytesInFlight(self) -> int:
         return sum(transfer.progress() for transfer in self.active)
+
+    def limitNote(self) -> str:
+        """C{" (link: 15.9 MB/s, --rate-limit 16 MB/s)"}, or nothing without a limit."""
+        limit = self.linkLimit
+        if limit is None:
+            return ""
+        return f" (link: {describeRate(limit.achieved())}, --rate-limit {describeRate(limit.rate)})"
+
+    def limitFields(self) -> dict[str, Any]:
+        """The limit and the link's achieved rate, for a log event's fields (JSON logs)."""
+        limit = self.linkLimit
+        if limit is None:
+            return {}
+        return {"rateLimit": limit.rate, "linkRate": round(limit.achieved(), 1)}
 
     # -- the progress line -------------------------------------------------
 
@@ -144,15 +168,19 @@ class Activity:
             else:
                 eta = ""
                 amount = f"{formatBytes(done)} so far"
+            limited = transfer.direction is Direction.TO_CACHE
+            limit = self.limitNote() if limited else ""
             self.log.info(
-                "progress: {image} {direction}: {amount}, {rateText}{eta}",
+                "progress: {image} {direction}: {amount}, {rateText}{eta}{limit}",
                 image=transfer.image,
                 direction=transfer.direction.value,
                 amount=amount,
                 rateText=formatRate(rate),
                 eta=eta,
+                limit=limit,
                 done=done,
                 size=transfer.size,
                 rate=rate,
                 elapsed=elapsed,
+                **(self.limitFields() if limited else {}),
             )

@@ -77,3 +77,22 @@ class StoreView:
             "spilled_bytes": self.spilledBytes,
             "memory_limit_bytes": self.memoryLimit,
         }
+
+
+@frozen
+class LinkView:
+    """The link's rate limit (C{--rate-limit}) and what it achieves, in bytes per second."""
+
+    rateLimit: float
+    burst: int
+    achievedRate: float
+    #: Bytes the link's sockets took since the daemon started (after TLS).
+    sentBytes: int
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "rate_limit_bytes_per_second": self.rateLimit,
+            "burst_bytes": self.burst,
+            "achieved_bytes_per_second": round(self.achievedRate, 1),
+            "sent_bytes": self.sentBytes,
+        }

@@ -19,6 +19,7 @@ from twisted_criu.cli.bar import ProgressBar
 from twisted_criu.cli.client import ControlClient
 from twisted_criu.cli.common import AnyOrderOptions, CommandError, positiveSeconds
 from twisted_criu.errors import ProtocolError
+from twisted_criu.flow.ratelimit import describeRate
 from twisted_criu.progress import formatBytes
 
 
@@ -74,6 +75,7 @@ def ls(reactor: Any, options: LsOptions, out: Any, barStream: Any = None) -> Any
     sessions = listing["sessions"]
     out.write(f"criu-{listing['role']} at {options['from']}: {len(sessions)} session(s)\n")
     out.write(describeStore(listing.get("store")))
+    out.write(describeLink(listing.get("link")))
     for s in sessions:
         ids = ", ".join(i or '""' for i in s["snapshot_ids"]) or "-"
         spilled = s.get("spilled_bytes") or 0
@@ -96,6 +98,17 @@ def describeStore(store: dict[str, Any] | None) -> str:
     return (
         f"  store: {formatBytes(store['memory_bytes'])} in memory{budget},"
         f" {formatBytes(store['spilled_bytes'])} spilled to disk\n"
+    )
+
+
+def describeLink(link: dict[str, Any] | None) -> str:
+    """The link's rate limit and what it achieves, as one line (none without --rate-limit)."""
+    if not link:
+        return ""
+    return (
+        f"  link: {describeRate(link['achieved_bytes_per_second'])} now,"
+        f" --rate-limit {describeRate(link['rate_limit_bytes_per_second'])};"
+        f" {formatBytes(link['sent_bytes'])} sent\n"
     )
 
 

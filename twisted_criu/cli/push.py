@@ -18,8 +18,9 @@ from twisted_criu import wire
 from twisted_criu.cli.bar import ProgressBar
 from twisted_criu.cli.common import AnyOrderOptions, CommandError, Watchdog, positiveSeconds, tcpPort
 from twisted_criu.cli.linkwatch import WatchedEndpoint
+from twisted_criu.flow.ratelimit import describeRate
 from twisted_criu.progress import formatBytes
-from twisted_criu.twistd.options import LinkTLSOptions
+from twisted_criu.twistd.options import RATE_LIMIT_OPTION, LinkTLSOptions
 
 
 def _endpointError(option: str, value: str, error: ValueError) -> usage.UsageError:
@@ -45,6 +46,7 @@ class PushOptions(AnyOrderOptions, LinkTLSOptions):
         ["to", None, None, "Client endpoint of the cache (instead of --address/--port)."],
         ["snapshot-id", None, None, "Push as this snapshot id (criu restore --remote -D SNAPSHOT_ID)."],
         ["timeout", None, 60.0, "Give up when the push got no further for this many seconds (the cache unreachable, stalled, or dropping the link).", positiveSeconds],
+        RATE_LIMIT_OPTION,
     ]
     optFlags: list[list[Any]] = [
         ["checksum", None, "Send each image's SHA-256 (a twisted-criu cache checks it)."],
@@ -173,13 +175,14 @@ def push(reactor: Any, options: PushOptions, out: Any, barStream: Any = None) ->
     from twisted_criu.daemons.proxysession import ProxySession
     from twisted_criu.progress import Activity
     from twisted_criu.storage.files import FileImage
-    from twisted_criu.twistd.options import cacheEndpoint
+    from twisted_criu.twistd.options import cacheEndpoint, linkRateLimit
 
     directory = options["directory"]
     names = imageFiles(directory)
     if not names:
         raise CommandError(f"no *.img files in {directory} (DIR: the directory criu dump -D wrote)")
-    cache, retryPolicy, description = cacheEndpoint(reactor, options, 5.0)
+    rateLimit = linkRateLimit(reactor, options)
+    cache, retryPolicy, description = cacheEndpoint(reactor, options, 5.0, rateLimit)
     security = "plain" if options["plain-link"] else "tls" if options["tls"] else "key"
     delivered: Deferred[Any] = Deferred()
 
@@ -191,6 +194,7 @@ def push(reactor: Any, options: PushOptions, out: Any, barStream: Any = None) ->
         reactor, cache, clientFromString(reactor, options["connect"]), options["connect"], security, fail
     )
     activity = Activity(reactor, interval=10.0)
+    activity.linkLimit = rateLimit
     session = ProxySession(
         reactor, watch, retryPolicy, options["timeout"], options["checksum"], "push", activity
     )
@@ -209,7 +213,8 @@ def push(reactor: Any, options: PushOptions, out: Any, barStream: Any = None) ->
         registry.publish((snapshotId, name), FileImage(os.path.join(directory, name)))
     registry.close()
     total = registry.totalBytes
-    out.write(f"pushing {len(names)} images ({formatBytes(total)}) from {directory} to {description}\n")
+    limited = "" if rateLimit is None else f" at most {describeRate(rateLimit.rate)} (--rate-limit)"
+    out.write(f"pushing {len(names)} images ({formatBytes(total)}) from {directory} to {description}{limited}\n")
     out.flush()
 
     problems = _Problems(watch)

@@ -121,6 +121,12 @@ class _SessionResource(resource.Resource):
         return _json(request, {"dropped": dropped.toJSON(withImages=False)})
 
 
+def _linkJSON(control: ISessionControl) -> dict[str, Any] | None:
+    """The link's rate limit and achieved rate (L{None}: no C{--rate-limit})."""
+    link = control.linkView()
+    return None if link is None else link.toJSON()
+
+
 class _SessionsResource(resource.Resource):
     def __init__(self, control: ISessionControl) -> None:
         super().__init__()
@@ -137,6 +143,7 @@ class _SessionsResource(resource.Resource):
             {
                 "role": self.control.role,
                 "store": self.control.storeView().toJSON(),
+                "link": _linkJSON(self.control),
                 "sessions": [s.toJSON(withImages=False) for s in self.control.listSessions()],
             },
         )

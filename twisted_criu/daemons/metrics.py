@@ -128,6 +128,23 @@ class DaemonCollector(Collector):
             "Reads waiting now for an image to arrive.",
             value=daemon.readsWaiting,
         )
+        link = daemon.linkView()
+        if link is not None:
+            yield GaugeMetricFamily(
+                "twisted_criu_link_rate_limit_bytes_per_second",
+                "The link's --rate-limit.",
+                value=link.rateLimit,
+            )
+            yield GaugeMetricFamily(
+                "twisted_criu_link_rate_bytes_per_second",
+                "Bytes per second the link's sockets took over the last few seconds (after TLS).",
+                value=link.achievedRate,
+            )
+            yield CounterMetricFamily(
+                "twisted_criu_link_sent_bytes",
+                "Bytes the link's sockets took under the rate limit (after TLS).",
+                value=link.sentBytes,
+            )
         store = daemon.storeView()
         for name, value, text in (
             ("memory_bytes", store.memoryBytes, "Image bytes the store holds in memory."),

@@ -22,6 +22,7 @@ from twisted_criu.daemons.endpoints import LoggingClientEndpoint, ObservedServer
 from twisted_criu.daemons.proxysession import ProxySession, RetryPolicy
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
+from twisted_criu.flow.ratelimit import TokenBucket
 from twisted_criu.criu.settle import LiveConnections, settled
 from twisted_criu.errors import DumpAborted, HookRefused, SessionBusy
 from twisted_criu.interfaces import ICaptureService, IImageStore
@@ -38,6 +39,9 @@ class ImageProxyService(ImageDaemon[ProxySession]):
     @param streamLocal: where criu --stream connects, if at all
         (C{unix:DIR/streamer-capture.sock}).
     @param cache: where the image cache listens.
+    @param rateLimit: the bucket C{cache}'s connections are limited by
+        (L{twisted_criu.flow.ratelimit.RateLimitedEndpoint}), shown in the
+        daemon's progress, status and metrics.
     """
 
     log = Logger()
@@ -58,10 +62,13 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         keep: bool = False,
         progressInterval: float = 10.0,
         cutThrough: bool = True,
+        rateLimit: TokenBucket | None = None,
     ) -> None:
         super().__init__(
             reactor, store, readVariant, linkTimeout, clientTimeout, keep, progressInterval
         )
+        #: What C{cache} is limited by (its progress and metrics say so).
+        self.activity.linkLimit = rateLimit
         #: Forward images to a twisted-criu cache while criu writes them.
         self.cutThrough = cutThrough
         self.checksum = checksum

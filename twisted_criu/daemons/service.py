@@ -24,7 +24,7 @@ from twisted_criu.interfaces import IImageStore, ISession, ISessionControl
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary
 from twisted_criu.storage.memory import MemoryStore
-from twisted_criu.views import SessionView, StoreView
+from twisted_criu.views import LinkView, SessionView, StoreView
 
 SessionT = TypeVar("SessionT", bound=ISession)
 
@@ -96,6 +96,12 @@ class ImageDaemon(SessionHolder[SessionT], MultiService):
         return StoreView(
             getattr(store, "inMemory", 0), getattr(store, "onDisk", 0), getattr(store, "memoryLimit", None)
         )
+
+    def linkView(self) -> LinkView | None:
+        limit = self.activity.linkLimit
+        if limit is None:
+            return None
+        return LinkView(limit.rate, limit.burst, limit.achieved(), limit.sent)
 
     def hookAction(self, action: str, report: Callable[[str], None]) -> Deferred[dict[str, Any]]:
         raise NotImplementedError()

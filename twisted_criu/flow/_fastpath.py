@@ -18,6 +18,8 @@ from typing import Any, Callable, TypeGuard
 
 from twisted.internet import abstract, main, tcp
 
+from twisted_criu.flow.ratelimit import charge
+
 _buffers: dict[int, memoryview] = {}
 
 
@@ -60,6 +62,7 @@ def sendAhead(transport: Any, data: bytes) -> bool:
         written = transport.socket.send(data, socket.MSG_MORE)
     except BlockingIOError:
         written = 0
+    charge(transport, written)  # --rate-limit
     if written < len(data):
         transport.write(data[written:])
         return False

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_criu.flow._fastpath import askWhenWritable, descriptorOf, sendAhead
+from twisted_criu.flow.ratelimit import throttleOf
 from twisted_criu.interfaces import IKernelSource
 
 #: Bytes one sendfile() may move into a socket.
@@ -112,6 +113,10 @@ class SocketSendfile:
             self._primed = True
             askWhenWritable(transport)
             return
+        throttle = throttleOf(transport)  # --rate-limit
+        allowance = SENDFILE_SIZE if throttle is None else throttle.allowance()
+        if not allowance:
+            return  # asked again once the link may carry more
         if not self._pieceLeft:
             piece = self._framing.nextPiece(self)
             if piece is None:
@@ -128,7 +133,7 @@ class SocketSendfile:
             readable.addCallback(self._woken)
             return
         try:
-            count = min(self._pieceLeft, SENDFILE_SIZE)
+            count = min(self._pieceLeft, SENDFILE_SIZE, allowance)
             sent: int | None = self._source.sendfile(descriptorOf(transport), count)
         except BlockingIOError:
             sent = None
@@ -139,6 +144,8 @@ class SocketSendfile:
             self._broken(self._framing.short(self._pieceLeft))
             return
         if sent:
+            if throttle is not None:
+                throttle.charge(sent)
             self.sent += sent
             self._pieceLeft -= sent
             if self._framing.over(self.sent):

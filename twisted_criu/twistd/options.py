@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twisted_criu.flow.ratelimit import RateLimitedEndpoint, TokenBucket, describeRate
 from twisted_criu.link import tls
 from twisted_criu.link.key import LinkKey, LinkKeyError, defaultKeyPath, loadKey
 from twisted_criu.link.tls import TLSClientEndpoint, clientConnectionCreator
@@ -25,6 +26,7 @@ from twisted_criu.twistd.parsers import (
     parseMode,
     parseNumber,
     parsePort,
+    parseRate,
     parseSeconds,
     parseSize,
     parseVariant,
@@ -184,6 +186,34 @@ class LinkTLSOptions(usage.Options):
             )
 
 
+#: C{--rate-limit}, of the proxy and of push.
+RATE_LIMIT_OPTION: list[Any] = [
+    "rate-limit",
+    None,
+    None,
+    "Never put more than RATE bytes per second on the link (counted after TLS), so that a"
+    " migration does not starve other traffic: e.g. 300M. k, M, G are powers of 1000;"
+    " Ki, Mi, Gi powers of 1024; optionally followed by B/s or /s. Bursts are at most"
+    " 1/20 s of it (64 KiB or more). [default: no limit]",
+    parseRate,
+]
+
+
+def linkRateLimit(reactor: Any, options: usage.Options) -> TokenBucket | None:
+    """The token bucket C{--rate-limit} asks for, said in the log; L{None} without it."""
+    rate = options["rate-limit"]
+    if rate is None:
+        return None
+    bucket = TokenBucket(reactor, rate)
+    log.info(
+        "link rate limited to {rate} (--rate-limit), in bursts of at most {burst} bytes",
+        rate=describeRate(rate),
+        burst=bucket.burst,
+        rateLimit=rate,
+    )
+    return bucket
+
+
 def checkCacheEndpoint(options: LinkTLSOptions) -> None:
     """
     After C{--connect} is known: refuse TLS inside TLS, and note the name
@@ -196,13 +226,15 @@ def checkCacheEndpoint(options: LinkTLSOptions) -> None:
 
 
 def cacheEndpoint(
-    reactor: Any, options: LinkTLSOptions, maxRetryDelay: float
+    reactor: Any, options: LinkTLSOptions, maxRetryDelay: float, rateLimit: TokenBucket | None = None
 ) -> tuple[IStreamClientEndpoint, Callable[[int], float], str]:
     """
-    The endpoint of the cache (with TLS around it if asked), the retry
-    policy for it, and its description for the log.
+    The endpoint of the cache (with TLS around it if asked, and C{rateLimit}
+    under TLS), the retry policy for it, and its description for the log.
     """
     cache: IStreamClientEndpoint = clientFromString(reactor, options["connect"])
+    if rateLimit is not None:
+        cache = RateLimitedEndpoint(cache, rateLimit)
     retryPolicy = backoffPolicy(maxDelay=maxRetryDelay)
     description = options["connect"]
     key = options.linkKey()

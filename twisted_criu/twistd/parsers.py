@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from twisted.python import usage
 
@@ -116,3 +117,33 @@ def parseFd(value: str) -> int:
     if fd < 0:
         raise ValueError("not a file descriptor number")
     return fd
+
+
+_RATE = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)(?P<unit>[kKMGT]i?)?(?:B/s|/s)?")
+_RATE_UNITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+#: The lowest --rate-limit (a bare number is bytes per second: C{300} is a slip).
+MIN_RATE = 1000
+
+
+def parseRate(value: str) -> float:
+    """
+    Bytes per second: C{300M} -> 3e8.  k, M, G, T are powers of 1000; Ki,
+    Mi, Gi, Ti powers of 1024; optionally followed by C{B/s} or C{/s}.
+    """
+    text = value.strip()
+    match = _RATE.fullmatch(text)
+    if match is None:
+        bits = " (bytes, not bits: 1 Gbit/s is 125M)" if text.endswith(("b/s", "bit", "bps")) else ""
+        raise ValueError(f"not a rate in bytes per second (try 300M, 1.5G, 64Mi or 50MB/s){bits}")
+    unit = match["unit"] or ""
+    if unit.endswith("i"):
+        scale = 1024 ** ("KMGT".index(unit[0].upper()) + 1)
+    else:
+        scale = _RATE_UNITS[unit]
+    rate = float(match["number"]) * scale
+    if not rate > 0:
+        raise ValueError("a rate limit must be above 0")
+    if rate < MIN_RATE:
+        raise ValueError(f"below the lowest rate, 1k (bytes per second: did you mean {match['number']}M?)")
+    return rate

@@ -9,7 +9,14 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.twistd.listening import checkEndpointString, checkHostResolves
-from twisted_criu.twistd.options import DaemonOptions, cacheEndpoint, checkCacheEndpoint, daemonArguments
+from twisted_criu.twistd.options import (
+    RATE_LIMIT_OPTION,
+    DaemonOptions,
+    cacheEndpoint,
+    checkCacheEndpoint,
+    daemonArguments,
+    linkRateLimit,
+)
 from twisted_criu.twistd.parsers import parseSeconds
 
 
@@ -35,6 +42,7 @@ class Options(DaemonOptions):
         ["address", None, "localhost", "Host of the criu-cache."],
         ["connect", None, None, "Client endpoint of the cache (overrides --address/--port), e.g. tcp:host=dst:port=9996."],
         ["max-retry-delay", None, 10.0, "Longest wait between attempts to reach the cache, in seconds.", parseSeconds],
+        RATE_LIMIT_OPTION,
     ]
 
     def postOptions(self) -> None:
@@ -55,7 +63,8 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     checkHostResolves(options.cacheNamed, options["connect"])
-    cache, retryPolicy, description = cacheEndpoint(reactor, options, options["max-retry-delay"])
+    rateLimit = linkRateLimit(reactor, options)
+    cache, retryPolicy, description = cacheEndpoint(reactor, options, options["max-retry-delay"], rateLimit)
     options.logLinkSecurity("cache")
     service = ImageProxyService(
         reactor,
@@ -65,6 +74,7 @@ def makeService(options: Options) -> IService:
         cacheDescription=description,
         checksum=options["checksum"],
         cutThrough=not options["store-and-forward"],
+        rateLimit=rateLimit,
         **daemonArguments(reactor, options),
     )
     return finishDaemon(reactor, service, options)
