@@ -209,6 +209,10 @@ class Resumption:
         self._points = {}
         if not self._unfinished or previous is None or previous.peerVersion < 4:
             return
+        self.log.info(
+            "the link broke with {images} on its way: asking the cache where to resume",
+            images=", ".join(describe(key) for key in self._unfinished),
+        )
         synced = self._expectSynced(sender, ASK_RESUME)
         sender.sendMarker(wire.Marker.SYNC, ASK_RESUME)
         sender.held = True
@@ -259,4 +263,7 @@ class Resumption:
                 image=describe(key),
             )
             return 0
+        self.log.info(
+            "resuming {image} at byte {offset}: the cache kept that much", image=describe(key), offset=offset
+        )
         return offset
