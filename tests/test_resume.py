@@ -435,3 +435,27 @@ class ResumptionTests(SynchronousTestCase):
         self.assertEqual(self.ask().markers, [])
         growing.close()
         writer.abort()
+
+
+class CacheAskTests(SynchronousTestCase):
+    """On the real cache: asking where to resume confirms nothing."""
+
+    def test_askDoesNotDeliver(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_criu.daemons.cache import ImageCacheService
+
+        clock = MemoryReactorClock()
+        cache = ImageCacheService(
+            clock, serverFromString(clock, "unix:/nonexistent/c.sock"), serverFromString(clock, "tcp:0")
+        )
+        receiver = RemoteReceiver(cache)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(header() + DATA + marker(wire.Marker.SYNC, sequence=ASK_RESUME))
+        session = cache.session
+        assert session is not None
+        self.assertEqual(session.state, "dumping")
+        receiver.dataReceived(marker(wire.Marker.SYNC, sequence=1))
+        self.assertEqual(session.state, "delivered")
