@@ -111,6 +111,16 @@ class CacheOptionsTests(SynchronousTestCase):
         options.parseOptions(["--local", "unix:x", "--once"])
         self.assertIsInstance(cache_tap.makeService(options), ImageCacheService)
 
+    def test_resumeGrace(self) -> None:
+        """--resume-grace: 60 s by default; durations; 0 keeps nothing."""
+        for argv, seconds in (([], 60.0), (["--resume-grace", "5m"], 300.0), (["--resume-grace", "0"], 0.0)):
+            options = cache_tap.Options()
+            options.parseOptions(["--local", "unix:x", *argv])
+            service = cache_tap.makeService(options)
+            assert isinstance(service, ImageCacheService)
+            self.assertEqual(service.partials.grace, seconds, argv)
+        self.assertRaises(usage.UsageError, cache_tap.Options().parseOptions, ["--local", "unix:x", "--resume-grace", "soon"])
+
 
 class OperationsOptionsTests(SynchronousTestCase):
     """The options both daemons share for operators."""

@@ -109,6 +109,16 @@ class IKernelSink(Interface):
         """
 
 
+class ISkippingReader(IImageReader):
+    """A reader that can pass over bytes without reading them (to resume an image)."""
+
+    def skip(count: int) -> int:
+        """
+        Move on C{count} bytes (fewer at the end of what there is now);
+        returns how many.  Only before the first read.
+        """
+
+
 class IImageStore(Interface):
     """Where images are kept between their arrival and their last read."""
 
@@ -246,7 +256,7 @@ class IReceivingLink(Interface):
         """End the link once what was written is flushed."""
 
     def abort() -> None:
-        """Drop the link now; the image it was sending is discarded."""
+        """Drop the link now; the image it was sending is discarded (or kept to resume)."""
 
 
 class IRemoteImageSink(Interface):
@@ -284,6 +294,23 @@ class IRemoteImageSink(Interface):
         An image of C{token}'s session could not be stored (no descriptor
         left): the session must never be restored; its proxy is told.
         """
+
+    def keepPartial(receiver: IReceivingLink, header: wire.RemoteHeader, writer: IImageWriter) -> bool:
+        """
+        The link broke in the middle of C{header}'s image (link version 4):
+        keep C{writer}, unpublished, for the proxy to resume?  False: the
+        caller discards it.
+        """
+
+    def resumeWriter(receiver: IReceivingLink, header: wire.RemoteHeader) -> IImageWriter | None:
+        """
+        An image header of a version-4 link: the kept part that its
+        C{offset} continues (any other kept part of it is discarded).
+        L{None} with an C{offset}: nothing matches, the link is dropped.
+        """
+
+    def keptStatuses(receiver: IReceivingLink, token: str | None) -> list[wire.LinkStatus]:
+        """A version-4 SYNC: one RESUME_AT per image kept for C{token}'s session."""
 
 
 # -- operators ----------------------------------------------------------------
@@ -360,6 +387,7 @@ class ISendingLink(Interface):
 
     progress = Attribute("Bytes handed over on this connection, counting the image being forwarded.")
     peerVersion = Attribute("The link extension version the cache said HELLO with (0: none yet).")
+    held = Attribute("Nothing is sent while set (the cache is asked where to resume).")
     imagesSent = Attribute("Images handed over on this connection.")
 
     def whenLost() -> Deferred[None]:
@@ -406,3 +434,9 @@ class ILinkSource(Interface):
 
     def forwardFailed(key: ImageKey, why: str) -> None:
         """The image under C{key} could not be opened to forward it (no descriptor left)."""
+
+    def resumeOffset(key: ImageKey, version: IStoredImage | IGrowingImage) -> int:
+        """Where to send C{version} of C{key} from: the bytes the cache kept of it, or 0."""
+
+    def forwarding(key: ImageKey, version: IStoredImage | IGrowingImage | None) -> None:
+        """The link starts sending C{version} of C{key}, or (L{None}) is done with it."""

@@ -608,7 +608,9 @@ class ProxyKilledTests(_DaemonTest):
         finally:
             cache.signal(signal.SIGCONT)
 
-        lost = cache.waitForLog(rf"link lost in the middle of {SNAP}/pages-1.img: {arrivedPart(size)}; discarded")
+        lost = cache.waitForLog(
+            rf"link lost in the middle of {SNAP}/pages-1.img: {arrivedPart(size)}; kept for its proxy to resume"
+        )
         arrived = int(lost.group(1))
         self.assertTrue(0 < arrived < size, arrived)
         cache.waitForLog(
@@ -628,6 +630,9 @@ class ProxyKilledTests(_DaemonTest):
         cache.waitForLog(
             r"session 1 aborted: its proxy did not come back within 2 s and its dump was"
             r" never delivered; it will never be restored"
+        )
+        cache.waitForLog(
+            rf"discarded the {arrived} bytes kept of {SNAP}/pages-1.img \(session 1\): the session is aborted"
         )
 
         # Nothing of the aborted dump is ever served, not even the images
@@ -808,7 +813,9 @@ class NetworkStallTests(_DaemonTest):
             r"link stalled: no bytes from the proxy for 2.0 s in the middle of a frame; dropping it"
         )
         seen["cache"] = time.monotonic()
-        lost = cache.waitForLog(rf"link lost in the middle of {SNAP}/{name}: {arrivedPart(size)}; discarded")
+        lost = cache.waitForLog(
+            rf"link lost in the middle of {SNAP}/{name}: {arrivedPart(size)}; kept for its proxy to resume"
+        )
         self.assertTrue(0 < int(lost.group(1)) <= 8 * MiB, lost.group(0))
         proxy.waitForLog(
             rf"link stalled: no progress forwarding {SNAP}/{name} for 2.0 s"
@@ -831,6 +838,9 @@ class NetworkStallTests(_DaemonTest):
         # within the cache's --timeout: the session's dump goes on.
         proxy.waitForLog(r"connected to the cache", count=2)
         cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(big)} bytes\)")
+        # Only the rest of the image: from where the cache's kept part ends.
+        resumed = proxy.waitForLog(rf"resuming {SNAP}/pages-1.img at byte (\d+): the cache kept that much")
+        self.assertEqual(resumed.group(1), cache.waitForLog(rf"resuming {SNAP}/pages-1.img \(session 1\) at byte (\d+)").group(1))
         self.assertEqual(len(relay.connections), 2)
         self.assertEqual(len(cache.lines(r"session \d+ started")), 1, cache.log())
 

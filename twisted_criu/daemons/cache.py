@@ -22,12 +22,14 @@ from twisted_criu.criu.images import LocalImageFactory
 from twisted_criu.criu.variants import ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
 from twisted_criu.daemons.cachesession import DUMPING, FINAL, RESTORED, CacheSession
+from twisted_criu.daemons.partials import RESUME_GRACE, KeptParts
 from twisted_criu.daemons.restores import LINKED_GRACE, RestoreChooser, RestoreReads
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
 from twisted_criu.errors import HookRefused, SessionBusy
 from twisted_criu.interfaces import (
     IImageStore,
+    IImageWriter,
     IRestoreService,
     IReceivingLink,
     IRemoteImageSink,
@@ -61,6 +63,8 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         restore for its confirmation) before it is dropped.
     @param restoreGrace: seconds a restore with nothing to read waits for a
         linked proxy that has sent nothing yet, or after the cache started.
+    @param resumeGrace: seconds the part of an image received before its
+        link broke is kept for its proxy to resume (0: never kept).
     """
 
     log = Logger()
@@ -79,12 +83,15 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         progressInterval: float = 10.0,
         retain: float = 3600.0,
         restoreGrace: float = LINKED_GRACE,
+        resumeGrace: float = RESUME_GRACE,
     ) -> None:
         super().__init__(
             reactor, store, readVariant, linkTimeout, clientTimeout, keep, progressInterval
         )
         self.retain = retain
         self.restoreGrace = restoreGrace
+        #: Images whose link broke in the middle, kept for their proxy.
+        self.partials = KeptParts(reactor, resumeGrace)
         #: When the cache started (restores wait a little for proxies coming back).
         self.startedAt = reactor.seconds()
         #: Sessions not yet over, by id, oldest first.
@@ -113,6 +120,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         for session in self.sessions.values():
             session.cancel("giveUp")
             session.cancel("retention")
+        self.partials.clear()
         self.restores.stop()
 
     @property
@@ -149,6 +157,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         while len(self._ended) > REMEMBERED_TOKENS:
             self._ended.popitem(last=False)
         self.restores.sessionOver(session)
+        self.partials.discardSession(session.id, f"the session is {session.state}")
         for link in list(session.links):
             link.sendStatus(_endStatus(session.state))
             link.close()
@@ -368,6 +377,23 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         session = self._byToken.get(self.linkToken(receiver, token))
         if session is not None:
             self.abortSession(session, why)
+
+    def keepPartial(self, receiver: IReceivingLink, header: wire.RemoteHeader, writer: IImageWriter) -> bool:
+        session = self._byToken.get(self.linkToken(receiver, header.session))
+        if not self.running or session is None or session.state != DUMPING:
+            return False  # (stopping: nothing is kept)
+        return self.partials.keep(session.id, (header.snapshotId, header.name), writer)
+
+    def resumeWriter(self, receiver: IReceivingLink, header: wire.RemoteHeader) -> IImageWriter | None:
+        session = self._byToken.get(self.linkToken(receiver, header.session))
+        sessionId = "none" if session is None else session.id
+        return self.partials.take(sessionId, (header.snapshotId, header.name), header.offset)
+
+    def keptStatuses(self, receiver: IReceivingLink, token: str | None) -> list[wire.LinkStatus]:
+        session = self._byToken.get(self.linkToken(receiver, token))
+        if session is None or not self._oneLink(session, receiver):  # (an old link's image is kept now)
+            return []
+        return self.partials.statuses(session.id)
 
     @property
     def proxiesLinked(self) -> bool:

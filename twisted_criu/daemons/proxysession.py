@@ -44,6 +44,7 @@ from twisted_criu.interfaces import (
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey, describe
+from twisted_criu.link.resume import Resumption
 from twisted_criu.link.sender import RemoteSenderFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
@@ -112,6 +113,8 @@ class ProxySession:
         self._hello = HelloWaiters(reactor, lambda: self._sender)
         self._syncWaiters: dict[int, tuple[ISendingLink, Deferred[wire.LinkStatus]]] = {}
         self._syncSequence = 0
+        #: Images on their way when a link broke, and where they resume.
+        self._resume = Resumption(self.expectSynced, reactor, linkTimeout)
         self._abortGiveUp: Any = None
         #: criu's post-dump hook got the cache's confirmation: the chain ends with this dump.
         self.committed = False
@@ -180,11 +183,12 @@ class ProxySession:
 
     def linkUp(self, sender: ISendingLink) -> None:
         self.log.info("connected to the cache")
-        self._sender = sender
+        previous, self._sender = self._sender, sender
         if self.state == ABORTED:
             self._sendAbort(sender)
             return
         self._ending.linkUp()
+        self._resume.linkUp(sender, previous)
         for key in self.registry.publishOrder:
             sender.enqueue(key)
         self.maybeEndDump()
@@ -200,14 +204,24 @@ class ProxySession:
             return True, known[1]
         return False, None
 
+    def resumeOffset(self, key: ImageKey, version: IStoredImage | IGrowingImage) -> int:
+        return self._resume.offsetFor(key, version)
+
+    def forwarding(self, key: ImageKey, version: IStoredImage | IGrowingImage | None) -> None:
+        self._resume.forwarding(key, version)
+
     def nextLive(self) -> tuple[ImageKey, IGrowingImage] | None:
-        """The oldest image criu is still writing, for a link that is free."""
-        while self._writes:
-            key = next(iter(self._writes))
-            writer = self._writes.pop(key)
+        """The oldest image criu is still writing, for a link that is free (a broken-off one first)."""
+        again = self._resume.liveToResume()
+        while again is not None or self._writes:
+            key, writer = again if again is not None else next(iter(self._writes.items()))
+            self._writes.pop(key, None)
+            again = None
             if writer.writing:
                 try:
-                    return key, writer.follow()
+                    growing = writer.follow()
+                    self._resume.followed(growing, writer)
+                    return key, growing
                 except OSError as e:  # no descriptor: it goes whole once complete
                     self.log.warn("cannot cut {image} through: {why}", image=describe(key), why=e.strerror)
         return None
@@ -233,6 +247,8 @@ class ProxySession:
             waiting = self._syncWaiters.pop(status.sequence, None)
             if waiting is not None and waiting[0] is sender:
                 waiting[1].callback(status)
+        elif kind is wire.LinkStatusKind.RESUME_AT:
+            self._resume.resumeAt(status)
         elif kind is wire.LinkStatusKind.DUMP_RECEIVED:
             self._ending.dumpReceived(sender, status)
         elif kind is wire.LinkStatusKind.SESSION_DONE:
@@ -250,6 +266,7 @@ class ProxySession:
         """criu started writing an image: the link may cut it through."""
         if not self.cutThrough or not IGrowableWriter.providedBy(writer):
             return
+        self._resume.writeStarted(key, writer)
         self._writes.pop(key, None)
         self._writes[key] = writer
         sender = self._sender
@@ -257,6 +274,7 @@ class ProxySession:
             sender.offerLive()
 
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
+        self._resume.published(key, image)
         writer = self._writes.get(key)
         if writer is not None and not writer.writing:
             del self._writes[key]

@@ -23,6 +23,7 @@ from twisted_criu.flow._fastpath import BufferedReads
 from twisted_criu.flow.pacing import pauseWhileBehind
 from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IReceivingLink, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
+from twisted_criu.link.resume import ASK_RESUME
 from twisted_criu.progress import Direction, ImageInFlight
 
 #: How much of an image body one read on the link may take.  Bodies are
@@ -89,8 +90,8 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def abort(self) -> None:
-        """Drop the link now; the image it was sending is discarded, now."""
-        if self._writer is not None:
+        """Drop the link now; the image it was sending is discarded (or kept to resume), now."""
+        if self._writer is not None and not self._keepImage():
             self._dropImage()
         self.transport.abortConnection()
 
@@ -102,6 +103,12 @@ class RemoteReceiver(Protocol, TimeoutMixin):
     def _marker(self, header: wire.RemoteHeader) -> None:
         """A header that carries no image: the end of a dump, SYNC or ABORT."""
         if header.marker is wire.Marker.SYNC:
+            if (header.linkVersion or 0) >= 4:
+                for status in self.sink.keptStatuses(self, header.session):
+                    self.sendStatus(status)
+                if header.sequence == ASK_RESUME:  # where to resume: no confirmation
+                    self.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=ASK_RESUME))
+                    return
             self.sendStatus(self.sink.syncRequested(self, header.session, header.sequence))
             return
         if header.marker is wire.Marker.ABORT:
@@ -221,14 +228,20 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         if not header.chunked and not self._roomFor(key, header.size, "announced"):
             return False
         registry = self._registry = self.sink.imageArriving(self, header.session)
+        resumed = None
+        if registry is not None and (header.linkVersion or 0) >= 4:
+            resumed = self.sink.resumeWriter(self, header)  # (it logs why not)
+            if header.offset and resumed is None:
+                self.transport.abortConnection()
+                return False
         if registry is not None:
             registry.beginWrite(key)
         self._header = header
         self._hash = hashlib.sha256() if header.sha256 is not None else None
-        self._writer = store.newWriter()
+        self._writer = resumed if resumed is not None else store.newWriter()
         self._chunked = header.chunked
         self._remaining = header.size
-        self._received = 0
+        self._received = 0 if resumed is None else header.offset
         self._moving = self.sink.activity.begin(
             Direction.FROM_PROXY,
             describe(key),
@@ -312,6 +325,31 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         )
         self._dropImage()
 
+    def _keepImage(self) -> bool:
+        """
+        The link breaks in the middle of the current image: keep what
+        arrived for its proxy to resume (link version 4), if the sink will.
+        """
+        header, writer, registry = self._header, self._writer, self._registry
+        assert header is not None and writer is not None
+        resumable = (
+            (header.linkVersion or 0) >= 4
+            and header.session is not None
+            and header.sha256 is None
+            and wire.openKind(header.openMode) is wire.OpenKind.WRITE
+            and registry is not None
+            and not self._failed
+        )
+        if not resumable or not self.sink.keepPartial(self, header, writer):
+            return False
+        assert registry is not None
+        self._header, self._writer, self._chunked = None, None, False
+        moving, self._moving = self._moving, None
+        if moving is not None:
+            self.sink.activity.abandon(moving)
+        registry.abortWrite((header.snapshotId, header.name))
+        return True
+
     def _dropImage(self) -> None:
         """Throw away the image being received: nothing of it is published."""
         header, writer = self._header, self._writer
@@ -383,14 +421,17 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         header, writer = self._header, self._writer
         clean = reason.check(ConnectionDone) is not None and writer is None
         if header is not None and writer is not None:
-            self.log.error(
-                "link lost in the middle of {image}: {got} {of} arrived; discarded ({why})",
+            kept = self._keepImage()
+            (self.log.warn if kept else self.log.error)(
+                "link lost in the middle of {image}: {got} {of} arrived; {fate} ({why})",
                 image=describe((header.snapshotId, header.name)),
                 got=self._received,
                 of="bytes of a cut-through image" if header.chunked else f"of {header.size} bytes",
+                fate="kept for its proxy to resume" if kept else "discarded",
                 why=reason.getErrorMessage(),
             )
-            self._dropImage()
+            if not kept:
+                self._dropImage()
         elif self._frames.pending:
             clean = False
             self.log.error(

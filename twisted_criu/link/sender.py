@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -28,6 +29,7 @@ from twisted_criu.interfaces import (
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey, describe
+from twisted_criu.link.resume import ResumedImage
 from twisted_criu.progress import Activity, Direction, ImageInFlight
 
 
@@ -86,6 +88,8 @@ class RemoteSender(Protocol):
         self.imagesSent = 0
         self.bytesSent = 0
         self.lost = False
+        #: Send nothing yet: the cache is asked where to resume (L{twisted_criu.link.resume}).
+        self.held = False
         #: We are closing the link on purpose (end of session, or a stall).
         self._dropping = False
 
@@ -198,19 +202,29 @@ class RemoteSender(Protocol):
     def sendLive(self, key: ImageKey, growing: IGrowingImage) -> None:
         """Send the image criu is writing under C{key} as it grows."""
         assert self.idle and self.peerVersion >= 2
+        offset = self._source.resumeOffset(key, growing)
+        self._source.forwarding(key, growing)
+        if offset:
+            growing = ResumedImage.ofGrowing(growing, offset)
+        self._cutThrough[key] = growing
+        self._sendChunks(key, growing, offset)
+
+    def _sendChunks(self, key: ImageKey, growing: IGrowingImage, offset: int) -> None:
+        """Send C{growing} as chunks: from byte C{offset} of its image, resuming it."""
         snapshotId, name = key
         transfer = OutgoingGrowingImage(growing)
-        header = self._header(name, snapshotId, 0, chunked=True)
-        self._cutThrough[key] = growing
+        header = attrs.evolve(self._header(name, snapshotId, 0, chunked=True), offset=offset)
         moving = self._begin(key, header, transfer, None)
+        how = f", resumed at byte {offset}" if offset else ", cut through"
 
         def sent(size: int) -> None:
-            self._forwarded(key, size, moving, ", cut through")
+            self._forwarded(key, size, moving, how, offset)
 
         def failed(reason: Failure) -> None:
             self._ended(moving)
             self._cutThrough.pop(key, None)
             if reason.check(ImageAborted):
+                self._source.forwarding(key, None)
                 self.log.info(
                     "criu's write of {image} broke off: the cache discards it", image=describe(key)
                 )
@@ -232,6 +246,8 @@ class RemoteSender(Protocol):
         return d
 
     def _sendNext(self) -> None:
+        if self.held:
+            return
         while not self._sending and not self.lost and self._queue:
             key = next(iter(self._queue))
             del self._queue[key]
@@ -254,6 +270,14 @@ class RemoteSender(Protocol):
 
     def _send(self, key: ImageKey, image: IStoredImage, digest: bytes | None) -> None:
         snapshotId, name = key
+        offset = self._source.resumeOffset(key, image)
+        self._source.forwarding(key, image)
+        if offset:
+            try:
+                self._sendChunks(key, ResumedImage.ofStored(image, offset), offset)
+                return
+            except (OSError, ImageSizeMismatch) as e:  # sent whole instead
+                self.log.warn("cannot resume {image}: {why}", image=describe(key), why=str(e))
         try:
             transfer = OutgoingImage(image)
         except OSError as e:  # no descriptor to read it with
@@ -306,17 +330,18 @@ class RemoteSender(Protocol):
         if moving is not None:
             self._activity.abandon(moving)
 
-    def _forwarded(self, key: ImageKey, size: int, moving: ImageInFlight, how: str) -> None:
-        """All of C{key} is handed over: count it, say so, send the next."""
+    def _forwarded(self, key: ImageKey, size: int, moving: ImageInFlight, how: str, offset: int = 0) -> None:
+        """All of C{key} (its C{size} bytes from C{offset} on) is handed over: count it, say so, send the next."""
         self._ended(None)
+        self._source.forwarding(key, None)
         self.imagesSent += 1
         self.bytesSent += size
         self.imagesSinceMarker += 1
-        self.bytesSinceMarker += size
+        self.bytesSinceMarker += offset + size
         self.log.info(
             "forwarded {image} ({size} bytes{how}) {timing}",
             image=describe(key),
-            size=size,
+            size=offset + size,
             how=how,
             **self._activity.end(moving, size),
         )

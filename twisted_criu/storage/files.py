@@ -8,10 +8,10 @@ import os
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from twisted_criu.interfaces import IImageReader, IKernelSource, IStoredImage
+from twisted_criu.interfaces import IImageReader, IKernelSource, ISkippingReader, IStoredImage
 
 
-@implementer(IKernelSource)
+@implementer(IKernelSource, ISkippingReader)
 class _FileReader:
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -21,6 +21,11 @@ class _FileReader:
         chunk = os.pread(self._fd, size, self._offset)
         self._offset += len(chunk)
         return chunk
+
+    def skip(self, count: int) -> int:
+        skipped = max(0, min(count, os.fstat(self._fd).st_size - self._offset))
+        self._offset += skipped
+        return skipped
 
     def whenReadable(self) -> Deferred[None] | None:
         return None  # the kernel reads the file in sendfile

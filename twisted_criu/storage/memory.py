@@ -7,10 +7,10 @@ from typing import Protocol
 
 from zope.interface import implementer
 
-from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, IStoredImage
+from twisted_criu.interfaces import IImageReader, IImageStore, IImageWriter, ISkippingReader, IStoredImage
 
 
-@implementer(IImageReader)
+@implementer(ISkippingReader)
 class _ChunkReader:
     def __init__(self, chunks: list[bytes]) -> None:
         self._chunks = chunks
@@ -30,6 +30,17 @@ class _ChunkReader:
             self._index += 1
             self._offset = 0
         return piece
+
+    def skip(self, count: int) -> int:
+        skipped = 0
+        while skipped < count and self._index < len(self._chunks):
+            n = min(count - skipped, len(self._chunks[self._index]) - self._offset)
+            skipped += n
+            self._offset += n
+            if self._offset >= len(self._chunks[self._index]):
+                self._index += 1
+                self._offset = 0
+        return skipped
 
     def close(self) -> None:
         self._index = len(self._chunks)

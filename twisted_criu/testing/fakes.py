@@ -27,10 +27,12 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.criu.variants import ReadVariant, readsInline
+from twisted_criu.daemons.partials import RESUME_GRACE, KeptParts
 from twisted_criu.interfaces import (
     IGrowingImage,
     ICaptureService,
     IImageStore,
+    IImageWriter,
     ILinkSource,
     IRestoreService,
     IReceivingLink,
@@ -119,6 +121,8 @@ class FakeSink:
         self.aborted: list[str | None] = []
         self.lost: list[tuple[str | None, str]] = []
         self.refuse: set[str | None] = set()
+        #: Images whose link broke, kept by session token (C{"None"}: no token).
+        self.partials = KeptParts(self.reactor, RESUME_GRACE)
 
     def linkOpened(self, receiver: IReceivingLink) -> None:
         pass
@@ -145,6 +149,15 @@ class FakeSink:
 
     def imageLost(self, receiver: IReceivingLink, token: str | None, why: str) -> None:
         self.lost.append((token, why))
+
+    def keepPartial(self, receiver: IReceivingLink, header: wire.RemoteHeader, writer: IImageWriter) -> bool:
+        return self.partials.keep(str(header.session), (header.snapshotId, header.name), writer)
+
+    def resumeWriter(self, receiver: IReceivingLink, header: wire.RemoteHeader) -> IImageWriter | None:
+        return self.partials.take(str(header.session), (header.snapshotId, header.name), header.offset)
+
+    def keptStatuses(self, receiver: IReceivingLink, token: str | None) -> list[wire.LinkStatus]:
+        return self.partials.statuses(str(token))
 
 
 def storedImage(store: IImageStore, data: bytes) -> IStoredImage:
@@ -221,6 +234,10 @@ class FakeLinkSource:
         self.statuses: list[wire.LinkStatus] = []
         #: Images that could not be opened to forward them, and why.
         self.unforwarded: list[tuple[ImageKey, str]] = []
+        #: Where images resume (the cache kept their first bytes), by key; taken once.
+        self.offsets: dict[ImageKey, int] = {}
+        #: What the link said it forwards (L{None}: done with the key), in order.
+        self.forwards: list[tuple[ImageKey, IStoredImage | IGrowingImage | None]] = []
 
     def linkUp(self, sender: ISendingLink) -> None:
         self.connected.append(sender)
@@ -239,3 +256,9 @@ class FakeLinkSource:
 
     def forwardFailed(self, key: ImageKey, why: str) -> None:
         self.unforwarded.append((key, why))
+
+    def resumeOffset(self, key: ImageKey, version: IStoredImage | IGrowingImage) -> int:
+        return self.offsets.pop(key, 0)
+
+    def forwarding(self, key: ImageKey, version: IStoredImage | IGrowingImage | None) -> None:
+        self.forwards.append((key, version))

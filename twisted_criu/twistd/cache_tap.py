@@ -38,12 +38,15 @@ class Options(DaemonOptions):
         ["listen", None, None, "Server endpoint for the proxy (overrides --address/--port), e.g. tcp:9996:interface=10.0.0.2."],
         ["allow-from", None, None, "Only these addresses or networks may open a link, e.g. 10.0.0.1 or 10.0.0.0/24 (comma separated) [default: any]."],
         ["retain", None, "1h", "How long a delivered session waits for its restore, or a restore for its confirmation, before its images are dropped: 90, 30m, 1h (0: forever).", parseDuration],
+        ["resume-grace", None, "60", "How long the part of an image received before its link broke is kept for its proxy to come back and send the rest (0: never kept): 60, 5m.", parseDuration],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
         if isinstance(self["retain"], str):  # the default is not coerced
             self["retain"] = parseDuration(self["retain"])
+        if isinstance(self["resume-grace"], str):
+            self["resume-grace"] = parseDuration(self["resume-grace"])
         if self["allow-from"] is not None:
             try:
                 self["allow-from"] = AddressFilter(parseNetworks(self["allow-from"]))
@@ -91,6 +94,7 @@ def makeService(options: Options) -> IService:
         options.listenEndpoint(reactor, "local"),
         listen,
         retain=options["retain"],
+        resumeGrace=options["resume-grace"],
         **daemonArguments(reactor, options),
     )
     return finishDaemon(reactor, service, options)

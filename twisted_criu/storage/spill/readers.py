@@ -12,8 +12,8 @@ from concurrent.futures import Future
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from twisted_criu.interfaces import IKernelSource
-from twisted_criu.storage.spill.diskio import STAGE_SIZE, _closeBuffers, _DiskIO, _Segment
+from twisted_criu.interfaces import IKernelSource, ISkippingReader
+from twisted_criu.storage.spill.diskio import BLOCK, STAGE_SIZE, _closeBuffers, _DiskIO, _Segment
 
 
 #: Bytes of a memfd mapped at a time to write them into a loopback TCP
@@ -52,7 +52,7 @@ def _preadInto(fd: int, buffer: mmap.mmap, offset: int) -> int:
     return os.preadv(fd, [buffer], offset)
 
 
-@implementer(IKernelSource)
+@implementer(IKernelSource, ISkippingReader)
 class _SpillReader:
     """
     Reads an image's runs in order: memfd runs with C{pread}, C{sendfile},
@@ -164,6 +164,28 @@ class _SpillReader:
             chunk = os.pread(fd, min(size, left), self._offset)
         self._consumed(len(chunk))
         return chunk
+
+    def skip(self, count: int) -> int:
+        """Move on C{count} bytes (fewer at the end): only before the first read."""
+        assert not self._pending and self._ahead is None, "skip before reading"
+        skipped = 0
+        while skipped < count:
+            current = self._current()
+            if current is None:
+                break
+            _, left, onDisk = current
+            n = min(left, count - skipped)
+            if onDisk and n < left:  # direct I/O: to a block boundary, then read the rest
+                target = self._offset + n
+                aligned = target - target % BLOCK
+                skipped += aligned - self._offset
+                self._offset = aligned
+                if target > aligned:
+                    skipped += len(self.read(target - aligned))
+                break  # (it ends inside this run)
+            self._offset += n
+            skipped += n
+        return skipped
 
     def sendfile(self, out: int, count: int) -> int:
         """

@@ -127,6 +127,10 @@ class _GrowingReader(_SpillReader):
         self._refresh()
         return super().sendfile(out, count)
 
+    def skip(self, count: int) -> int:
+        self._refresh()
+        return super().skip(count)
+
     def close(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
