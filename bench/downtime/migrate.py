@@ -74,16 +74,22 @@ def waitRusage(process: subprocess.Popen[bytes], timeout: float, what: str) -> f
     return usage.ru_utime + usage.ru_stime
 
 
+def listensOn(procNetTcp: str, port: int) -> bool:
+    """Whether a C{/proc/PID/net/tcp} text has a socket listening on C{port}."""
+    for line in procNetTcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            return True
+    return False
+
+
 def listening(pid: int, port: int) -> bool:
     """Whether a TCP socket listens on C{port} in the network namespace of process C{pid}."""
     try:
         with open(f"/proc/{pid}/net/tcp") as f:
-            lines = f.readlines()[1:]
+            return listensOn(f.read(), port)
     except OSError:
         return False
-    return any(
-        line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in lines
-    )
 
 
 def runCriu(tools: Tools, argv: list[str], directory: Path) -> None:

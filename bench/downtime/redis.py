@@ -37,14 +37,17 @@ def command(*args: bytes | str | int) -> bytes:
 class RedisClient:
     """A blocking RESP client on a UNIX socket: enough for PING, INFO and pipelined writes."""
 
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+    def __init__(self, path: str, timeout: float = 60.0, sock: socket.socket | None = None) -> None:
+        """Connect to C{path} (or talk on C{sock}, already connected)."""
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+            except OSError:
+                sock.close()
+                raise
+        self.sock = sock
         self.buffer = b""
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ C{--compress}.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,4 +84,4 @@ def proxyHelp() -> str:
 
 def hasCompress(helpText: str) -> bool:
     """Whether the proxy's help lists C{--compress}."""
-    return any(line.split()[:1] == ["--compress"] or "--compress=" in line for line in helpText.splitlines())
+    return re.search(r"(^|\s)--compress(=|\s|$)", helpText, re.M) is not None
