@@ -111,6 +111,12 @@ class Run:
         self.workload = workload
         self.started = 0.0
         self.wire = (0, 0)
+        #: Seconds from the start to the end of each step (dump, transfer, restore).
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """C{phase} ends now."""
+        self.phases[phase] = time.monotonic() - self.started
 
     def startClock(self) -> None:
         self.wire = (self.namespace.wireBytes(), self.namespace.qdiscBytes() or 0)
@@ -126,23 +132,28 @@ class Run:
         finally:
             client.close()
         if restored != digest:
-            raise MigrationFailed(f"the restored redis's DEBUG DIGEST is {restored}, not {digest}: data lost")
+            raise MigrationFailed(
+                f"the restored redis's DEBUG DIGEST is {restored}, not the data set's {digest}: data lost or changed"
+            )
         qdisc = self.namespace.qdiscBytes()
         return {
             "downtime_s": downtime,
             "wire_bytes": self.namespace.wireBytes() - self.wire[0],
             "qdisc_bytes": None if qdisc is None else qdisc - self.wire[1],
             "digest": restored,
+            "phases_s": {**self.phases, "answered": downtime},
         }
 
     def dump(self, *extra: str) -> None:
         src = self.directory / "src"
         runCriu(self.tools, ["dump", *extra, "-t", str(self.workload.pid), "-D", str(src), "-o", "dump.log"], src)
+        self.mark("dump")
         self.workload.reap()
 
     def restore(self, *extra: str) -> None:
         dst = self.directory / "dst"
         runCriu(self.tools, ["restore", *extra, "-d", "-D", str(dst), "-o", "restore.log"], dst)
+        self.mark("restore")
 
     def cleanUp(self) -> None:
         self.workload.kill()
@@ -172,6 +183,7 @@ def baseline(run: Run, digest: str) -> dict[str, Any]:
         )
         sent = waitRusage(sender, run.tools.timeout, "tar c | socat (sending)")
         received = waitRusage(receiver, run.tools.timeout, "socat | tar x (receiving)")
+        run.mark("transfer")
         run.restore()
         result = run.finish(digest)
     finally:

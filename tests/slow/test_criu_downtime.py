@@ -86,7 +86,8 @@ class BenchDowntimeTests(SynchronousTestCase):
                 if rate == "none":
                     self.assertIsNone(figures["qdisc_bytes"])
                 else:
-                    self.assertEqual(figures["qdisc_bytes"], figures["wire_bytes"])
+                    # The shaping qdisc saw the same packets (give or take the link's last messages).
+                    self.assertLess(abs(figures["qdisc_bytes"] - figures["wire_bytes"]), 64 << 10, figures)
             self.assertEqual(set(run["baseline"]["cpu_s"]), {"sender", "receiver"})
             self.assertEqual(set(run["none"]["cpu_s"]), {"proxy", "cache"})
             self.assertGreater(run["none"]["cpu_s"]["cache"], 0)
@@ -137,4 +138,4 @@ class BenchDowntimeTests(SynchronousTestCase):
         client.call("SET", "late", "write")
         client.close()
         error = self.assertRaises(migrate.MigrationFailed, run.finish, digest)
-        self.assertIn(f"not {digest}: data lost", str(error))
+        self.assertIn(f"not the data set's {digest}: data lost", str(error))
