@@ -12,7 +12,7 @@ import socket
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench.downtime import dataset, report
-from bench.downtime.command import parser
+from bench.downtime.command import parser, phases
 from bench.downtime.migrate import listensOn
 from bench.downtime.netns import burstFor, parseLinkBytes, parseQdiscBytes, rateBits, shapeCommand
 from bench.downtime.redis import RedisClient, RedisError, command
@@ -221,6 +221,13 @@ class CommandLineTests(SynchronousTestCase):
     def test_badLists(self) -> None:
         for argv in (["--rates", "fast"], ["--modes", "baseline,zstd9"], ["--rates", ","]):
             self.assertRaises(SystemExit, parser().parse_args, argv)
+
+    def test_phases(self) -> None:
+        """Each step's end, in the order the migration reached them."""
+        self.assertEqual(
+            phases({"dump": 0.871, "transfer": 5.4, "restore": 6.299, "answered": 6.3}),
+            "dump 0.87 transfer 5.40 restore 6.30 answered 6.30",
+        )
 
     def test_compressOption(self) -> None:
         self.assertFalse(hasCompress("Options:\n  --cache-port=  port\n  --checksum  ...\n"))
