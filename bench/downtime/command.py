@@ -28,7 +28,10 @@ from bench.downtime.tools import ROOT, SetupError, ensurePackages, findCriu, has
 from twisted_criu.testing.demo.real import hookProgram
 from twisted_criu.twistd.parsers import parseSize
 
-MODES = ("baseline", "none", "auto")
+#: The variants: the baseline, and twisted-criu with each C{--compress} mode.
+MODES = ("baseline", "none", "auto", "zstd", "lz4")
+#: The ones run by default.
+DEFAULT_MODES = ("baseline", "none", "auto")
 
 
 def say(text: str = "") -> None:
@@ -72,8 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parseSize, default=parseSize("512M"), help="redis's used memory after the fill [512M]")
     p.add_argument("--rates", type=listOf(checkRate), default=["1gbit", "10gbit", "none"],
                    help="link rates (tc rates; none = unshaped) [1gbit,10gbit,none]")
-    p.add_argument("--modes", type=listOf(checkMode), default=list(MODES),
-                   help="variants: baseline (tar|socat), none and auto (twisted-criu --compress) [baseline,none,auto]")
+    p.add_argument("--modes", type=listOf(checkMode), default=list(DEFAULT_MODES),
+                   help="variants: baseline (tar|socat); none, auto, zstd, lz4 (twisted-criu --compress MODE)"
+                   " [baseline,none,auto]")
     p.add_argument("--seed", type=int, default=12, help="the data set's seed [12]")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--timeout", type=float, default=300, help="seconds any one step may take [300]")
@@ -195,9 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     compress = hasCompress(proxyHelp())
     modes = list(args.modes)
     if not compress:
-        if "auto" in modes:
-            modes.remove("auto")
-        say("note: this criu-proxy has no --compress option: mode 'none' runs it without the flag, 'auto' is left out")
+        left = [mode for mode in modes if mode not in ("baseline", "none")]
+        modes = [mode for mode in modes if mode in ("baseline", "none")]
+        say(
+            "note: this criu-proxy has no --compress option: mode 'none' runs it without the flag"
+            + (f"; left out: {', '.join(left)}" if left else "")
+        )
     args.modes = modes
     base = Path(tempfile.mkdtemp(prefix="tcriu-downtime-", dir="/dev/shm"))
     tools = migrate.Tools(
@@ -205,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis=shutil.which("redis-server") or "redis-server",
         hook=hookProgram(base),
         timeout=args.timeout,
-        proxyArgs={mode: ["--compress", mode] for mode in ("none", "auto")} if compress else {},
+        proxyArgs={mode: ["--compress", mode] for mode in MODES if mode != "baseline"} if compress else {},
     )
     namespace = Namespace(f"tcriu-{os.getpid()}")
     migrate.becomeSubreaper()
