@@ -1,0 +1,1 @@
+"""Benchmarks (bench/README.md); bench.downtime is the real-workload downtime benchmark."""

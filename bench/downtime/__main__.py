@@ -1,0 +1,5 @@
+import sys
+
+from bench.downtime.command import main
+
+sys.exit(main())

@@ -1,0 +1,246 @@
+"""
+The downtime benchmark's helpers (C{bench.downtime}): rates and shaping,
+link counters, RESP, the data set, memory sampling, the report and the
+command line.  The whole command runs in C{tests.slow.test_criu_downtime}.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench.downtime import dataset, report
+from bench.downtime.command import parser, phases
+from bench.downtime.migrate import listensOn
+from bench.downtime.netns import burstFor, parseLinkBytes, parseQdiscBytes, rateBits, shapeCommand
+from bench.downtime.redis import RedisClient, RedisError, command
+from bench.downtime.sample import BLOCK, samplePoints, writableMappings
+from bench.downtime.tools import hasCompress, missingPackages
+
+
+class RateTests(SynchronousTestCase):
+    def test_rateBits(self) -> None:
+        self.assertEqual(rateBits("1gbit"), 10**9)
+        self.assertEqual(rateBits("10Gbit"), 10**10)
+        self.assertEqual(rateBits("500mbit"), 5 * 10**8)
+        self.assertEqual(rateBits("2.5gbit"), 25 * 10**8)
+
+    def test_notARate(self) -> None:
+        for bad in ("fast", "1gb/s", "", "gbit", "1 gbyte"):
+            self.assertRaises(ValueError, rateBits, bad)
+
+    def test_burstIsEightMillisecondsAtLeastOneMiB(self) -> None:
+        """The issue's shaping: 1gbit with a 1mb burst, 10gbit with 10mb; slower links keep 1mb."""
+        self.assertEqual(burstFor("1gbit"), "1mb")
+        self.assertEqual(burstFor("10gbit"), "10mb")
+        self.assertEqual(burstFor("100mbit"), "1mb")
+        self.assertEqual(burstFor("40gbit"), "40mb")
+
+    def test_shapeCommand(self) -> None:
+        self.assertEqual(
+            shapeCommand("tcriu-1", "1gbit"),
+            "tc -n tcriu-1 qdisc replace dev lo root tbf rate 1gbit burst 1mb latency 100ms".split(),
+        )
+
+
+class CounterTests(SynchronousTestCase):
+    def test_linkBytes(self) -> None:
+        text = json.dumps([{"ifname": "lo", "stats64": {"rx": {"bytes": 5}, "tx": {"bytes": 1234, "packets": 3}}}])
+        self.assertEqual(parseLinkBytes(text), 1234)
+
+    def test_qdiscBytes(self) -> None:
+        tbf = [{"kind": "tbf", "handle": "8001:", "root": True, "bytes": 987, "packets": 2}]
+        self.assertEqual(parseQdiscBytes(json.dumps(tbf)), 987)
+
+    def test_noqueueCountsNothing(self) -> None:
+        """An unshaped loopback has noqueue, whose counters stay 0: no figure rather than a wrong one."""
+        noqueue = [{"kind": "noqueue", "handle": "0:", "root": True, "bytes": 0}]
+        self.assertIsNone(parseQdiscBytes(json.dumps(noqueue)))
+
+    def test_listensOn(self) -> None:
+        text = (
+            "  sl  local_address rem_address   st tx_queue\n"
+            "   0: 0100007F:270C 00000000:0000 0A 00000000:00000000\n"
+            "   1: 0100007F:270D 0100007F:9C40 01 00000000:00000000\n"
+        )
+        self.assertTrue(listensOn(text, 9996))
+        self.assertFalse(listensOn(text, 9997), "established, not listening")
+        self.assertFalse(listensOn(text, 80))
+
+
+class RespTests(SynchronousTestCase):
+    def client(self, answer: bytes) -> tuple[RedisClient, socket.socket]:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        theirs.sendall(answer)
+        return RedisClient("", sock=ours), theirs
+
+    def test_command(self) -> None:
+        self.assertEqual(command("SET", "k", b"\x00\r\n", 12), b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\x00\r\n\r\n$2\r\n12\r\n")
+
+    def test_replies(self) -> None:
+        client, _ = self.client(b"+PONG\r\n:42\r\n$5\r\nab\r\nc\r\n$-1\r\n")
+        self.assertEqual(client.reply(), b"PONG")
+        self.assertEqual(client.reply(), 42)
+        self.assertEqual(client.reply(), b"ab\r\nc")
+        self.assertIsNone(client.reply())
+
+    def test_errorReply(self) -> None:
+        client, _ = self.client(b"-ERR unknown command\r\n")
+        self.assertRaises(RedisError, client.reply)
+
+    def test_usedMemoryAndDigest(self) -> None:
+        info = b"# Memory\r\nused_memory:123456\r\nused_memory_human:120K\r\n"
+        client, theirs = self.client(b"$%d\r\n%s\r\n+0123abcd\r\n" % (len(info), info))
+        self.assertEqual(client.usedMemory(), 123456)
+        self.assertEqual(client.digest(), "0123abcd")
+        self.assertEqual(theirs.recv(1000), command("INFO", "memory") + command("DEBUG", "DIGEST"))
+
+    def test_pipelineReadsEveryReply(self) -> None:
+        client, _ = self.client(b"+OK\r\n:1\r\n+OK\r\n+PONG\r\n")
+        client.pipeline(b"", 3)
+        self.assertEqual(client.reply(), b"PONG")
+
+
+class DatasetTests(SynchronousTestCase):
+    def test_sameSeedSameData(self) -> None:
+        self.assertEqual(next(dataset.Records(5).batches()), next(dataset.Records(5).batches()))
+        self.assertNotEqual(next(dataset.Records(5).batches())[0], next(dataset.Records(6).batches())[0])
+
+    def test_mix(self) -> None:
+        """Of every 20 keys: BLOB_SHARE random blobs, 11 user hashes, the rest JSON sessions."""
+        records = dataset.Records(1)
+        kinds = [records.next().split(b"\r\n")[4].split(b":")[0] for _ in range(40)]
+        self.assertEqual(kinds.count(b"blob"), 2 * dataset.BLOB_SHARE)
+        self.assertEqual(kinds.count(b"user"), 22)
+        self.assertEqual(kinds.count(b"session"), 40 - 22 - 2 * dataset.BLOB_SHARE)
+
+    def test_buildStopsAtTarget(self) -> None:
+        sent: list[int] = []
+        batches = dataset.build(3, 3, lambda payload, count: sent.append(count), lambda: len(sent))
+        self.assertEqual(len(batches), 3)
+        self.assertEqual(sent, [dataset.BATCH] * 3)
+        self.assertEqual(batches[0], next(dataset.Records(3).batches()))
+
+
+class SampleTests(SynchronousTestCase):
+    MAPS = (
+        "55d0c0000000-55d0c0100000 r-xp 00000000 08:01 123 /usr/bin/redis-check-rdb\n"
+        "55d0c0200000-55d0c0300000 rw-p 00100000 08:01 123 /usr/bin/redis-check-rdb\n"
+        "55d0c1000000-55d0c5000000 rw-p 00000000 00:00 0 [heap]\n"
+        "7f0000000000-7f0004000000 rw-p 00000000 00:00 0 \n"
+        "7f0010000000-7f0010100000 rw-s 00000000 00:05 9 /dev/zero (deleted)\n"
+        "7f0020000000-7f0020100000 rw-s 00000000 00:00 0 \n"
+        "7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]\n"
+        "7ffc000fe000-7ffc00100000 r-xp 00000000 00:00 0 [vdso]\n"
+    )
+
+    def test_privateWritableOnly(self) -> None:
+        self.assertEqual(
+            list(writableMappings(self.MAPS)),
+            [(0x55D0C1000000, 0x55D0C5000000), (0x7F0000000000, 0x7F0004000000), (0x7FFC00000000, 0x7FFC00021000)],
+        )
+
+    def test_spreadOverAllRanges(self) -> None:
+        ranges = [(0, 64 * BLOCK), (1 << 40, (1 << 40) + 64 * BLOCK)]
+        points = samplePoints(ranges, 8 * BLOCK)
+        self.assertEqual(len(points), 8)
+        self.assertEqual([p for p, _ in points[:4]], [0, 16 * BLOCK, 32 * BLOCK, 48 * BLOCK])
+        self.assertEqual([p for p, _ in points[4:]], [(1 << 40) + k * 16 * BLOCK for k in range(4)])
+        self.assertTrue(all(length == BLOCK for _, length in points))
+
+    def test_smallMemoryWhole(self) -> None:
+        """Less memory than the limit: every block once, the last one short."""
+        points = samplePoints([(0, 2 * BLOCK + 4096)], 64 * BLOCK)
+        self.assertEqual(points, [(0, BLOCK), (BLOCK, BLOCK), (2 * BLOCK, 4096)])
+
+
+class ReportTests(SynchronousTestCase):
+    @staticmethod
+    def result(downtime: float, **cpu: float) -> dict[str, object]:
+        return {"downtime_s": downtime, "wire_bytes": 10**6, "cpu_s": cpu}
+
+    def runs(self, auto: float) -> report.Runs:
+        return [
+            {"baseline": self.result(6.0, sender=1), "none": self.result(6.0, proxy=1), "auto": self.result(auto, proxy=2)},
+            {"baseline": self.result(4.0, sender=1), "none": self.result(5.0, proxy=1), "auto": self.result(auto, proxy=2)},
+        ]
+
+    def test_ratiosAreRunByRun(self) -> None:
+        self.assertEqual(report.ratios(self.runs(2.0), "auto", "baseline"), [2.0 / 6.0, 2.0 / 4.0])
+        self.assertEqual(report.ratios([{"none": self.result(1)}], "auto", "baseline"), [])
+
+    def test_summary(self) -> None:
+        summary = report.summary(self.runs(2.0), ["baseline", "none", "auto"])
+        self.assertEqual(summary["baseline"]["median_downtime_s"], 5.0)
+        self.assertEqual(summary["none"]["downtimes_s"], [6.0, 5.0])
+        self.assertEqual(summary["none"]["x_baseline"], (1.0 + 1.25) / 2)
+        self.assertEqual(summary["auto"]["median_cpu_s"], {"proxy": 2})
+
+    def test_targets(self) -> None:
+        self.assertEqual(
+            report.targetLine("1gbit", self.runs(2.0)),
+            "target (1gbit): auto <= 0.5 x baseline: 0.42 x, met",
+        )
+        self.assertEqual(
+            report.targetLine("10gbit", self.runs(5.0)),
+            "target (10gbit): auto <= 0.8 x baseline: 1.04 x, NOT met",
+        )
+        self.assertEqual(
+            report.targetLine("none", self.runs(5.0)),
+            "target (none): auto within 10 % of none: 0.92 x, met",
+        )
+        self.assertIsNone(report.targetLine("300mbit", self.runs(5.0)))
+        self.assertIn("not measured", report.targetLine("1gbit", [{"none": self.result(1)}]) or "")
+
+    def test_table(self) -> None:
+        lines = list(report.table("1gbit", self.runs(2.0), ["baseline", "none", "auto"]))
+        self.assertEqual(len(lines), 5)
+        self.assertTrue(lines[3].startswith("auto"))
+        self.assertIn("2.00 2.00", lines[3])
+        self.assertTrue(lines[3].rstrip().endswith("0.42"))
+        self.assertTrue(lines[4].startswith("target (1gbit)"))
+
+
+class CommandLineTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        args = parser().parse_args([])
+        self.assertEqual((args.runs, args.size), (3, 512 << 20))
+        self.assertEqual(args.rates, ["1gbit", "10gbit", "none"])
+        self.assertEqual(args.modes, ["baseline", "none", "auto"])
+
+    def test_lists(self) -> None:
+        args = parser().parse_args(["--rates", "500mbit, NONE", "--modes", "baseline,none", "--size", "16M"])
+        self.assertEqual(args.rates, ["500mbit", "none"])
+        self.assertEqual(args.modes, ["baseline", "none"])
+        self.assertEqual(args.size, 16 << 20)
+
+    def test_badLists(self) -> None:
+        args = parser().parse_args(["--modes", "zstd,lz4"])
+        self.assertEqual(args.modes, ["zstd", "lz4"])
+        for argv in (["--rates", "fast"], ["--modes", "baseline,zstd9"], ["--rates", ","]):
+            self.assertRaises(SystemExit, parser().parse_args, argv)
+
+    def test_phases(self) -> None:
+        """Each step's end, in the order the migration reached them."""
+        self.assertEqual(
+            phases({"dump": 0.871, "transfer": 5.4, "restore": 6.299, "answered": 6.3}),
+            "dump 0.87 transfer 5.40 restore 6.30 answered 6.30",
+        )
+
+    def test_compressOption(self) -> None:
+        self.assertFalse(hasCompress("Options:\n  --cache-port=  port\n  --checksum  ...\n"))
+        self.assertTrue(hasCompress("Options:\n      --compress=  auto|none|zstd|lz4 [default: auto]\n"))
+        self.assertTrue(hasCompress("  -z, --compress   compress the link\n"))
+        self.assertFalse(hasCompress("      --compress-level=  3\n      --no-compress  raw\n"))
+
+    def test_missingPackages(self) -> None:
+        present = {"tar", "socat"}
+        self.assertEqual(
+            missingPackages(lambda name: f"/usr/bin/{name}" if name in present else None),
+            ["redis-server", "zstd", "iproute2"],
+        )
+        self.assertEqual(missingPackages(lambda name: "/bin/" + name), [])
