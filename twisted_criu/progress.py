@@ -77,6 +77,9 @@ class Activity:
         self.images: Counter[Direction] = Counter()
         self.bytes: Counter[Direction] = Counter()
         self.abandoned: Counter[Direction] = Counter()
+        #: Image bytes on the link (compressed or not), and the raw bytes they carried.
+        self.wireBytes: Counter[Direction] = Counter()
+        self.linkRawBytes: Counter[Direction] = Counter()
         self.notFound = 0
         self.waitedReads = 0
         self._reporter: LoopingCall | None = None
@@ -102,6 +105,11 @@ class Activity:
         if rate is not None and size >= RATE_THRESHOLD:
             timing += f", {formatRate(rate)}"
         return {"seconds": round(seconds, 3), "rate": rate, "timing": timing}
+
+    def onWire(self, direction: Direction, raw: int, wire: int) -> None:
+        """An image of C{raw} bytes crossed the link as C{wire} bytes."""
+        self.linkRawBytes[direction] += raw
+        self.wireBytes[direction] += wire
 
     def abandon(self, transfer: ImageInFlight) -> None:
         if transfer in self.active:

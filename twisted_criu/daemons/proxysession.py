@@ -44,6 +44,7 @@ from twisted_criu.interfaces import (
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey, describe
+from twisted_criu.flow.compress import LinkCompression
 from twisted_criu.link.sender import RemoteSenderFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
@@ -85,6 +86,7 @@ class ProxySession:
         sessionId: str = "1",
         activity: Activity | None = None,
         cutThrough: bool = True,
+        compression: LinkCompression | None = None,
     ) -> None:
         self.id = sessionId
         #: Names this session on the link: unique to this proxy process and session.
@@ -119,7 +121,7 @@ class ProxySession:
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
         factory = RemoteSenderFactory(
-            self, clock=reactor, stallTimeout=linkTimeout, activity=activity
+            self, clock=reactor, stallTimeout=linkTimeout, activity=activity, compression=compression
         )
         self._link = ClientService(cache, factory, **kwargs)
 
