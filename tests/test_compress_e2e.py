@@ -8,12 +8,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.trial.unittest import TestCase
 
-from twisted_criu.flow.compress import Mode
+from twisted_criu import wire
+from twisted_criu.flow import compressing
+from twisted_criu.flow.compress import LinkCompression, Mode
+from twisted_criu.flow.rawrun import RawRun
+from twisted_criu.link.receiver import RemoteReceiverFactory
+from twisted_criu.link.sender import RemoteSenderFactory
 from twisted_criu.progress import Direction
+from twisted_criu.registry import readAll
+from twisted_criu.storage.spill import SpillStore
+from twisted_criu.testing.fakes import FakeLinkSource, FakeSink, storedImage
 
-from .helpers import MigrationCase, inThread
+from .helpers import MigrationCase, inThread, waitFor
 
 TEXT = b"".join(b"user:%07d,state=active,cart=[item-%d],token=%s\n" % (i, i % 7, os.urandom(4).hex().encode()) for i in range(120000))
 
@@ -77,3 +88,50 @@ class AutoTests(NoneTests):
     def check(self, raw: int, onWire: int) -> None:
         # Whatever it chose, never more than a few chunk words over the raw bytes.
         self.assertLessEqual(onWire, raw)
+
+
+class RawRunTests(TestCase):
+    """Raw chunks of a compressed image go by sendfile on a plain socket, in runs."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_runsBetweenCompressedChunks(self) -> Any:
+        runs: list[RawRun] = []
+
+        class RecordedRun(RawRun):
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                runs.append(self)
+
+        self.patch(compressing, "RawRun", RecordedRun)
+        sink = FakeSink()
+        sink.reactor = reactor  # type: ignore[assignment]
+        port: Any = reactor.listenTCP(0, RemoteReceiverFactory(sink), interface="127.0.0.1")  # type: ignore[arg-type]
+        self.addCleanup(port.stopListening)
+        compression = LinkCompression(Mode.AUTO, reactor)
+        self.addCleanup(compression.stop)
+        source = FakeLinkSource()
+        data = TEXT[: 3 << 20] + os.urandom(9 << 20) + TEXT[: 2 << 20] + b"tail"
+        source.images[("snap1", "pages-1.img")] = storedImage(SpillStore(64 << 20, self.mktemp()), data)
+        hello: Deferred[None] = Deferred()
+
+        class Hello(FakeLinkSource):
+            def statusReceived(self, sender: Any, status: Any) -> None:
+                if not hello.called:
+                    hello.callback(None)
+
+        source.__class__ = Hello
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        sender = yield endpoint.connect(RemoteSenderFactory(source, compression=compression))
+        self.addCleanup(sender.transport.loseConnection)
+        sender.sendMarker(wire.Marker.SYNC)  # the cache answers HELLO
+        yield hello
+        sender.enqueue(("snap1", "pages-1.img"))
+        yield sender.whenIdle()
+        yield waitFor(lambda: sink.registry.get(("snap1", "pages-1.img")) is not None)
+        image = sink.registry.get(("snap1", "pages-1.img"))
+        assert image is not None
+        self.assertEqual(readAll(image), data)
+        self.assertTrue(runs)
+        self.assertTrue(any(run.chunks for run in runs))

@@ -103,6 +103,10 @@ class LinkCompression:
         if pool is None:
             pool = self._pool = ThreadPool(1, self.threads, "twisted-criu-compress")
             pool.start()
+            # However the proxy ends, its threads must not keep the process alive.
+            trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+            if trigger is not None:
+                trigger("during", "shutdown", self.stop)
         return deferToThreadPool(self._reactor, pool, compressChunk, data)  # type: ignore[arg-type]
 
     def stop(self) -> None:

@@ -21,14 +21,19 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.errors import ImageAborted, ImageSizeMismatch
+from twisted_criu.flow._fastpath import onDescriptor
 from twisted_criu.flow.compress import CHUNK, LinkCompression
-from twisted_criu.interfaces import IGrowingImage, IImageReader, IStoredImage
+from twisted_criu.flow.rawrun import RawRun
+from twisted_criu.flow.sockets import SocketSendfile
+from twisted_criu.interfaces import IGrowingImage, IImageReader, IKernelSource, IStoredImage
 
 _END = wire.CHUNK_LENGTH.pack(wire.CHUNK_END)
 _ABORT = wire.CHUNK_LENGTH.pack(wire.CHUNK_ABORT)
 
 #: A backlogged stretch shorter than this says nothing of the link's rate.
 MIN_DRAIN_SECONDS = 0.02
+#: A raw run shorter than this says nothing of the link's rate either.
+MIN_DRAIN_BYTES = 1 << 22
 
 
 class _Chunk:
@@ -64,7 +69,7 @@ class CompressedImage:
         else:
             self.size = source.size
             self._reader = source.open()
-        self.sent = 0
+        self._sent = 0
         self.read = 0
         self.wireBytes = 0
         self.compressedChunks = 0
@@ -77,6 +82,16 @@ class CompressedImage:
         #: Since when the link has been the bottleneck, and what it took since.
         self._backlogSince: float | None = None
         self._backlogBytes = 0
+        #: Raw chunks going out by sendfile, between compressed ones.
+        self._run: SocketSendfile | None = None
+        #: The policy's choice for the next chunk, once asked.
+        self._compressNext: bool | None = None
+
+    @property
+    def sent(self) -> int:
+        """Raw bytes handed to the transport."""
+        run = self._run
+        return self._sent + (0 if run is None else run.sent)
 
     @property
     def waiting(self) -> bool:
@@ -104,19 +119,27 @@ class CompressedImage:
     def stopProducing(self) -> None:
         self._finish(b"", Failure(ConnectionLost("the link went away during the image")))
 
-    def _nextRaw(self) -> bytes | None:
-        """The next chunk's raw bytes, or L{None} for now (or for good: C{_sourceEnded})."""
+    def _available(self) -> int:
         growing = self._growing
-        if growing is not None:
-            if growing.aborted:
-                self._sourceEnded = True
-                return None
-            left = growing.available - self.read
-            if left < CHUNK and not (growing.complete or growing.aborted):
-                return None
-            data = growing.read(CHUNK) if left else b""
-        else:
-            data = self._reader.read(CHUNK)
+        return growing.available if growing is not None else self.size or 0
+
+    def _complete(self) -> bool:
+        growing = self._growing
+        return growing is None or bool(growing.complete)
+
+    def _chunkReady(self) -> bool:
+        """Is a whole chunk (or the image's last bytes, or its end) there to take?"""
+        growing = self._growing
+        if growing is None:
+            return True
+        if growing.aborted:
+            self._sourceEnded = True
+            return False
+        return growing.complete or growing.available - self.read >= CHUNK
+
+    def _nextRaw(self) -> bytes | None:
+        """The next chunk's raw bytes, or L{None} at the end (C{_sourceEnded})."""
+        data = self._reader.read(CHUNK)
         if not data:
             self._sourceEnded = True
             return None
@@ -125,16 +148,59 @@ class CompressedImage:
 
     def _fill(self) -> None:
         """Read (and start compressing) chunks while fewer than the threads wait."""
-        while not self._sourceEnded and len(self._queue) < self._compression.threads:
+        while not self._sourceEnded and self._run is None and len(self._queue) < self._compression.threads:
+            if not self._chunkReady():
+                return
+            if self._compressNext is None:
+                self._compressNext = self._compression.compressNext()
+            compress = self._compressNext
+            if not compress and self._canRun():
+                if self._queue:
+                    return  # the run starts once the chunks before it are out
+                self._compressNext = None
+                self._startRun(self._compression.policy.rawRun() * CHUNK)
+                return
+            self._compressNext = None
             raw = self._nextRaw()
             if raw is None:
                 return
             chunk = _Chunk(raw)
             self._queue.append(chunk)
-            if self._compression.compressNext():
+            if compress:
                 self._compression.compress(raw).addBoth(self._compressed, chunk)
             else:
                 chunk.ready = True
+
+    def _canRun(self) -> bool:
+        """Can raw chunks go by sendfile (a plain socket, a store's descriptor)?"""
+        return onDescriptor(self._transport) and IKernelSource.providedBy(self._reader) and self.read < self._available()
+
+    def _startRun(self, limit: int) -> None:
+        """Send up to C{limit} raw bytes by sendfile, then go on with chunks."""
+        self._drained()
+        self._transport.unregisterProducer()
+        framing = RawRun(self._available, self._complete, self.read, limit, CHUNK)
+        run = self._run = SocketSendfile(self._reader, self._transport, framing)  # type: ignore[arg-type]
+        started = self._clock.seconds()
+
+        def ran(result: Any) -> None:
+            self._run = None
+            self.read += run.sent
+            self._sent += run.sent
+            self.wireBytes += run.sent
+            if isinstance(result, Failure):
+                self._finish(b"", result)
+                return
+            seconds = self._clock.seconds() - started
+            if run.sent >= MIN_DRAIN_BYTES and seconds >= MIN_DRAIN_SECONDS:
+                self._compression.policy.drained(run.sent, seconds)
+            if self.read >= self._available() and self._complete():
+                self._sourceEnded = True
+            self._paused = False  # a new registration: the transport pauses us anew
+            self._transport.registerProducer(self, True)
+            self._pump()
+
+        run.start().addBoth(ran)
 
     def _compressed(self, result: Any, chunk: _Chunk) -> None:
         if isinstance(result, Failure):
@@ -148,7 +214,7 @@ class CompressedImage:
         self._pump()
 
     def _pump(self) -> None:
-        if self._finished:
+        if self._finished or self._run is not None:
             return
         self._fill()
         while not self._paused and self._queue and self._queue[0].ready:
@@ -169,7 +235,7 @@ class CompressedImage:
         else:
             body = chunk.raw
             word = wire.chunkWord(len(body))
-        self.sent += len(chunk.raw)
+        self._sent += len(chunk.raw)
         self.wireBytes += len(body)
         if self._backlogSince is not None:
             self._backlogBytes += len(body)
@@ -199,7 +265,7 @@ class CompressedImage:
         self._finished = True
         self._queue.clear()
         transport = self._transport
-        if transport is not None:
+        if transport is not None and self._run is None:
             transport.unregisterProducer()
             if marker:
                 transport.write(marker)
@@ -208,7 +274,7 @@ class CompressedImage:
             growing.onChange = lambda: None
         self._reader.close()
         if failure is None:
-            self._done.callback(self.sent)
+            self._done.callback(self._sent)
         else:
             self._done.errback(failure)
 

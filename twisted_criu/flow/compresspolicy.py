@@ -26,6 +26,8 @@ WEIGHT = 0.3
 PROBE_INTERVAL = 2.0
 #: Chunks a raw probe sends (enough for the link to be the bottleneck).
 RAW_PROBE_CHUNKS = 8
+#: Chunks sent raw in a row, once raw is the choice, before asking again.
+RAW_RUN_CHUNKS = 32
 
 
 def _average(old: float | None, new: float) -> float:
@@ -95,6 +97,16 @@ class CompressionPolicy:
                 return False
             return True
         return self._probeDue()  # one chunk, to see whether the data changed
+
+    def rawRun(self) -> int:
+        """
+        After L{compressNext} said raw: how many chunks, that one included,
+        may go raw (in one run, by sendfile where it can) before asking again.
+        """
+        if self._rawProbeLeft:
+            count, self._rawProbeLeft = self._rawProbeLeft + 1, 0
+            return count
+        return 1 if self.worthIt() else RAW_RUN_CHUNKS
 
     def plainImage(self) -> bool:
         """
