@@ -283,5 +283,6 @@ def onTheWire(size: int, transfer: Any) -> tuple[int, str]:
     """Bytes of an image's body on the link, and what its log line adds about them."""
     if not isinstance(transfer, CompressedImage):
         return size, ""
-    codec = "zstd" if transfer.compressedChunks else "zstd: sent raw"
-    return transfer.wireBytes, f", {transfer.wireBytes} on the wire, {codec}"
+    if not transfer.compressedChunks:  # none shrank: said as before
+        return transfer.wireBytes, ""
+    return transfer.wireBytes, f", {transfer.wireBytes} on the wire, zstd"

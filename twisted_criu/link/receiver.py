@@ -60,8 +60,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         self._decoder: ChunkDecoder | None = None
         #: The compressed chunk being received, until it is whole.
         self._frame: bytearray | None = None
-        #: Bytes of the current image's chunks on the link.
+        #: Bytes of the current image's chunks on the link, and how many were compressed.
         self._onWire = 0
+        self._compressedChunks = 0
         #: Bytes of the current image received so far.
         self._received = 0
         self._reads: BufferedReads | None = None
@@ -263,7 +264,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         except ProtocolError as e:
             self._badFrame(f"{e} ({describe(key)})")
             return False
-        self._decoder, self._frame, self._onWire = decoder, None, 0
+        self._decoder, self._frame, self._onWire, self._compressedChunks = decoder, None, 0, 0
         registry = self._registry = self.sink.imageArriving(self, header.session)
         if registry is not None:
             registry.beginWrite(key)
@@ -327,6 +328,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             return None
         if compressed:
             self._frame = bytearray()  # room is checked for its raw bytes, once decoded
+            self._compressedChunks += 1
         elif not self._roomFor(key, self._received + length, "so far"):
             return None
         self._remaining = length
@@ -408,7 +410,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             image=describe(key),
             size=size,
             onWire=onWire,
-            wire=f", {onWire} on the wire, zstd" if header.compression is wire.Codec.ZSTD else "",
+            wire=f", {onWire} on the wire, zstd" if self._compressedChunks else "",
             **self.sink.activity.end(moving, size),
         )
         if wire.openKind(header.openMode) is wire.OpenKind.APPEND:
