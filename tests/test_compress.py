@@ -153,3 +153,26 @@ class ModeTests(SynchronousTestCase):
         self.assertEqual([parseMode(m) for m in ("auto", "ZSTD", "none")], [Mode.AUTO, Mode.ZSTD, Mode.NONE])
         error = self.assertRaises(ValueError, parseMode, "lz4")
         self.assertEqual(str(error), "--compress takes auto|none|zstd, not 'lz4'")
+
+
+class GrowingImageTests(SynchronousTestCase):
+    def test_chunksAsCriuWrites(self) -> None:
+        """An image criu is writing goes out a whole chunk at a time; the end once committed."""
+        from twisted_criu.flow.compressing import CompressedImage
+        from twisted_criu.storage.spill import SpillStore
+
+        writer: Any = SpillStore(64 << 20, self.mktemp()).newWriter()
+        writer.write(TEXT[:100])
+        transfer = CompressedImage(writer.follow(), InlineCompression(Mode.ZSTD, Clock()))
+        transport = StringTransport()
+        done = transfer.sendTo(transport)
+        self.assertTrue(transfer.waiting)  # for criu: no stall
+        self.assertEqual(transport.value(), b"")
+        writer.write(TEXT[100:CHUNK + 200])
+        self.assertEqual(transfer.sent, CHUNK)
+        self.assertTrue(transfer.waiting)
+        writer.commit()
+        self.assertEqual(self.successResultOf(done), CHUNK + 200)
+        self.assertFalse(transfer.waiting)
+        stream = transport.value()
+        self.assertEqual(stream[-4:], wire.CHUNK_LENGTH.pack(wire.CHUNK_END))

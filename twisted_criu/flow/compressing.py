@@ -96,7 +96,10 @@ class CompressedImage:
     @property
     def waiting(self) -> bool:
         """Waiting for criu, not for the link (no stall)."""
-        return self._growing is not None and not self._queue and not self._sourceEnded
+        growing = self._growing
+        if growing is None or self._queue or self._sourceEnded or self._run is not None:
+            return False
+        return not growing.complete and growing.available - self.read < CHUNK
 
     def sendTo(self, transport: Any) -> Deferred[int]:
         self._transport = transport
