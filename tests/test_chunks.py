@@ -17,6 +17,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 
 from tests.helpers import MigrationCase, inThread, waitFor
+from twisted_criu.flow.compress import Mode
 from twisted_criu import wire
 from twisted_criu.link.receiver import RemoteReceiver
 from twisted_criu.storage.spill import SpillStore
@@ -38,7 +39,7 @@ class _Pair(MigrationCase):
         yield waitFor(lambda: self.m.proxy.session._sender.peerVersion == wire.LINK_EXTENSION_VERSION)  # type: ignore[union-attr]
 
     def proxyArgs(self) -> dict[str, Any]:
-        return {"store": self.store}
+        return {"store": self.store, "compress": Mode.NONE}  # raw chunks (tests.test_compress_e2e: others)
 
     def messages(self) -> list[str]:
         return [e["log_format"].format(**e) for e in self.events if "log_format" in e]

@@ -298,7 +298,7 @@ class MutualTLSTests(TestCase):
         m = self.m
         pki = m.pki
         yield m.startCache(*pki.args(pki.cache))
-        proxy, dump = m.startProxy(*pki.args(pki.proxy))
+        proxy, dump = m.startProxy(*pki.args(pki.proxy), "--compress=none")
         yield inThread(dump.pushSnapshotId, "snap1")
         yield m.waitForLog("the cache speaks twisted-criu's link extension (version 4)")
         data = os.urandom((3 << 20) + 5)
@@ -313,6 +313,30 @@ class MutualTLSTests(TestCase):
         yield inThread(write)
         yield proxy.whenSessionDone()
         self.assertEqual(len(m.lines(f"forwarded snap1/pages-1.img ({len(data)} bytes, cut through)")), 1)
+        self.assertEqual((yield m.restoreAll(["pages-1.img"])), {"pages-1.img": data})
+
+    @inlineCallbacks
+    def test_compressedCutThroughOverTLS(self) -> Any:
+        """With --compress zstd, an image cut through over TLS goes compressed and arrives whole."""
+        m = self.m
+        pki = m.pki
+        yield m.startCache(*pki.args(pki.cache))
+        proxy, dump = m.startProxy(*pki.args(pki.proxy), "--compress=zstd")
+        yield inThread(dump.pushSnapshotId, "snap1")
+        yield m.waitForLog("the cache speaks twisted-criu's link extension (version 4)")
+        data = b"".join(b"record %08d: state=active\n" % i for i in range(150000))
+
+        def write() -> None:
+            writer = dump.openWrite("snap1", "pages-1.img")
+            for start in range(0, len(data), 1 << 18):
+                writer.write(data[start : start + (1 << 18)])
+            writer.close()
+            dump.finishDump()
+
+        yield inThread(write)
+        yield proxy.whenSessionDone()
+        [line] = m.lines(f"forwarded snap1/pages-1.img ({len(data)} bytes, ")
+        self.assertIn(", zstd, cut through)", line)
         self.assertEqual((yield m.restoreAll(["pages-1.img"])), {"pages-1.img": data})
 
     @inlineCallbacks

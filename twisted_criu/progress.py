@@ -79,6 +79,9 @@ class Activity:
         self.images: Counter[Direction] = Counter()
         self.bytes: Counter[Direction] = Counter()
         self.abandoned: Counter[Direction] = Counter()
+        #: Image bytes on the link (compressed or not), and the raw bytes they carried.
+        self.wireBytes: Counter[Direction] = Counter()
+        self.linkRawBytes: Counter[Direction] = Counter()
         self.notFound = 0
         self.waitedReads = 0
         #: The link's C{--rate-limit}, if any: its progress says what it achieves.
@@ -112,6 +115,11 @@ class Activity:
         if limited:
             fields.update(self.limitFields())
         return fields
+
+    def onWire(self, direction: Direction, raw: int, wire: int) -> None:
+        """An image of C{raw} bytes crossed the link as C{wire} bytes."""
+        self.linkRawBytes[direction] += raw
+        self.wireBytes[direction] += wire
 
     def abandon(self, transfer: ImageInFlight) -> None:
         if transfer in self.active:

@@ -21,6 +21,7 @@ from twisted_criu.cli.linkwatch import WatchedEndpoint
 from twisted_criu.flow.ratelimit import describeRate
 from twisted_criu.progress import formatBytes
 from twisted_criu.twistd.options import RATE_LIMIT_OPTION, LinkTLSOptions
+from twisted_criu.twistd.parsers import parseCompress
 
 
 def _endpointError(option: str, value: str, error: ValueError) -> usage.UsageError:
@@ -45,6 +46,7 @@ class PushOptions(AnyOrderOptions, LinkTLSOptions):
         ["port", "p", 9996, "TCP port of the criu-cache.", tcpPort],
         ["to", None, None, "Client endpoint of the cache (instead of --address/--port)."],
         ["snapshot-id", None, None, "Push as this snapshot id (criu restore --remote -D SNAPSHOT_ID)."],
+        ["compress", None, "auto", "Compress images on the link: auto, zstd or none (see twistd criu-proxy --help).", parseCompress],
         ["timeout", None, 60.0, "Give up when the push got no further for this many seconds (the cache unreachable, stalled, or dropping the link).", positiveSeconds],
         RATE_LIMIT_OPTION,
     ]
@@ -173,6 +175,7 @@ def push(reactor: Any, options: PushOptions, out: Any, barStream: Any = None) ->
     given, a progress bar to it.
     """
     from twisted_criu.daemons.proxysession import ProxySession
+    from twisted_criu.flow.compress import LinkCompression, parseMode
     from twisted_criu.progress import Activity
     from twisted_criu.storage.files import FileImage
     from twisted_criu.twistd.options import cacheEndpoint, linkRateLimit
@@ -195,8 +198,10 @@ def push(reactor: Any, options: PushOptions, out: Any, barStream: Any = None) ->
     )
     activity = Activity(reactor, interval=10.0)
     activity.linkLimit = rateLimit
+    compression = LinkCompression(parseMode(options["compress"]), reactor)
     session = ProxySession(
-        reactor, watch, retryPolicy, options["timeout"], options["checksum"], "push", activity
+        reactor, watch, retryPolicy, options["timeout"], options["checksum"], "push", activity,
+        compression=compression,
     )
     session.onDelivered = delivered.callback
     session.onAborted = lambda why, dumping: fail(f"the push was aborted: {why}")
@@ -253,6 +258,7 @@ def push(reactor: Any, options: PushOptions, out: Any, barStream: Any = None) ->
         yield session.stop()
     except Exception:
         pass  # the outcome is known; a link that fails to close changes nothing
+    compression.stop()
     if outcome is not None:
         raise outcome
     seconds = reactor.seconds() - started

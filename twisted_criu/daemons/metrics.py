@@ -85,6 +85,20 @@ class DaemonCollector(Collector):
             abandoned.add_metric([label], activity.abandoned[direction])
             active.add_metric([label], moving[direction])
         yield from (images, data, abandoned, active)
+        linkRaw = CounterMetricFamily(
+            "twisted_criu_link_raw_bytes",
+            "Image bytes that crossed the link, before compression, by direction.",
+            labels=["direction"],
+        )
+        linkWire = CounterMetricFamily(
+            "twisted_criu_link_wire_bytes",
+            "Bytes those images took on the link (compressed or raw chunks), by direction.",
+            labels=["direction"],
+        )
+        for direction in (Direction.TO_CACHE, Direction.FROM_PROXY):
+            linkRaw.add_metric([_DIRECTIONS[direction]], activity.linkRawBytes[direction])
+            linkWire.add_metric([_DIRECTIONS[direction]], activity.wireBytes[direction])
+        yield from (linkRaw, linkWire)
         yield GaugeMetricFamily(
             "twisted_criu_bytes_in_flight",
             "Bytes of the images moving now that have moved so far.",

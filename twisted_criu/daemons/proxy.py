@@ -24,6 +24,7 @@ from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
 from twisted_criu.flow.ratelimit import TokenBucket
 from twisted_criu.criu.settle import LiveConnections, settled
+from twisted_criu.flow.compress import LinkCompression, Mode
 from twisted_criu.errors import DumpAborted, HookRefused, SessionBusy
 from twisted_criu.interfaces import ICaptureService, IImageStore
 from twisted_criu.registry import SnapshotRegistry
@@ -63,6 +64,7 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         progressInterval: float = 10.0,
         cutThrough: bool = True,
         rateLimit: TokenBucket | None = None,
+        compress: Mode = Mode.AUTO,
     ) -> None:
         super().__init__(
             reactor, store, readVariant, linkTimeout, clientTimeout, keep, progressInterval
@@ -72,6 +74,8 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         #: Forward images to a twisted-criu cache while criu writes them.
         self.cutThrough = cutThrough
         self.checksum = checksum
+        #: Compresses images on the link (C{--compress}), in threads of its own.
+        self.compression = LinkCompression(compress, reactor)
         self._cache = LoggingClientEndpoint(cache, cacheDescription)
         self._retryPolicy = retryPolicy
         self.session: ProxySession | None = None
@@ -93,6 +97,13 @@ class ImageProxyService(ImageDaemon[ProxySession]):
         super().startService()
         self._newSession()
 
+    def stopService(self) -> Deferred[None]:
+        return super().stopService().addBoth(self._stopCompressing)
+
+    def _stopCompressing(self, result: object) -> object:
+        self.compression.stop()
+        return result
+
     def stopSessions(self) -> Deferred[None] | None:
         sessions = [*self._earlier.values(), *([self.session] if self.session else [])]
         if not sessions:
@@ -109,6 +120,7 @@ class ImageProxyService(ImageDaemon[ProxySession]):
             sessionId=self.nextSessionId(),
             activity=self.activity,
             cutThrough=self.cutThrough,
+            compression=self.compression,
         )
         earlier = self.session
         if earlier is not None and not earlier.ended.called:

@@ -45,6 +45,7 @@ from twisted_criu.interfaces import (
 )
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.link.resume import Resumption
+from twisted_criu.flow.compress import LinkCompression
 from twisted_criu.link.sender import RemoteSenderFactory
 from twisted_criu.progress import Activity
 from twisted_criu.registry import SessionSummary, SnapshotRegistry
@@ -86,6 +87,7 @@ class ProxySession:
         sessionId: str = "1",
         activity: Activity | None = None,
         cutThrough: bool = True,
+        compression: LinkCompression | None = None,
     ) -> None:
         self.id = sessionId
         #: Names this session on the link: unique to this proxy process and session.
@@ -122,7 +124,7 @@ class ProxySession:
         if retryPolicy is not None:
             kwargs["retryPolicy"] = retryPolicy
         factory = RemoteSenderFactory(
-            self, clock=reactor, stallTimeout=linkTimeout, activity=activity
+            self, clock=reactor, stallTimeout=linkTimeout, activity=activity, compression=compression
         )
         self._link = ClientService(cache, factory, **kwargs)
 

@@ -21,6 +21,7 @@ from twisted_criu import filelimit, wire
 from twisted_criu.errors import ProtocolError
 from twisted_criu.flow._fastpath import BufferedReads
 from twisted_criu.flow.pacing import pauseWhileBehind
+from twisted_criu.link.decompress import ChunkDecoder
 from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IReceivingLink, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.link.resume import ASK_RESUME
@@ -56,6 +57,13 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         #: The current image is chunked (cut through): lengths come between chunks.
         self._chunked = False
         self._chunkLength = bytearray()
+        #: Decodes the current image's compressed chunks (link version 4).
+        self._decoder: ChunkDecoder | None = None
+        #: The compressed chunk being received, until it is whole.
+        self._frame: bytearray | None = None
+        #: Bytes of the current image's chunks on the link, and how many were compressed.
+        self._onWire = 0
+        self._compressedChunks = 0
         #: Bytes of the current image received so far.
         self._received = 0
         self._reads: BufferedReads | None = None
@@ -164,27 +172,14 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     chunk, data = data, b""
                 else:
                     chunk, data = data[:remaining], data[remaining:]
-                if self._hash is not None:
-                    self._hash.update(chunk)
-                try:
-                    self._writer.write(chunk)
-                except OSError as e:
-                    if filelimit.exhausted(e):
-                        assert self._header is not None
-                        header = self._header
-                        self._dropImage()
-                        self._outOfDescriptors(header, e)
-                        return
-                    self.log.error(
-                        "cannot store {image}, dropping the link: {why}",
-                        image=describe(self._currentKey()),
-                        why=str(e),
-                    )
-                    self.transport.abortConnection()
-                    return
-                pauseWhileBehind(self._writer, self.transport)
                 self._remaining -= len(chunk)
-                self._received += len(chunk)
+                if self._frame is not None:
+                    self._frame += chunk
+                    if not self._remaining and not self._decodeChunk():
+                        return
+                    continue
+                if not self._store(chunk):
+                    return
                 if not self._remaining and not self._chunked and not self._finishImage():
                     return
                 continue
@@ -218,6 +213,50 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             if not self._startImage(header):
                 return
 
+    def _store(self, chunk: bytes | memoryview) -> bool:
+        """Write raw bytes of the current image; L{False} if it failed (the link is closing)."""
+        assert self._writer is not None
+        if self._hash is not None:
+            self._hash.update(chunk)
+        try:
+            self._writer.write(chunk)
+        except OSError as e:
+            if filelimit.exhausted(e):
+                assert self._header is not None
+                header = self._header
+                self._dropImage()
+                self._outOfDescriptors(header, e)
+                return False
+            self.log.error(
+                "cannot store {image}, dropping the link: {why}",
+                image=describe(self._currentKey()),
+                why=str(e),
+            )
+            self.transport.abortConnection()
+            return False
+        pauseWhileBehind(self._writer, self.transport)
+        self._received += len(chunk)
+        return True
+
+    def _decodeChunk(self) -> bool:
+        """A compressed chunk is whole: store its raw bytes (L{False}: the link is closing)."""
+        frame, self._frame = self._frame, None
+        assert frame is not None and self._decoder is not None
+        key = self._currentKey()
+        try:
+            raw = self._decoder.decode(frame)
+        except ProtocolError as e:
+            self._badFrame(f"{e} in {describe(key)}")
+            return False
+        if not self._roomFor(key, self._received + len(raw), "so far"):
+            return False
+        return self._store(raw)
+
+    def _badFrame(self, why: str) -> None:
+        """The proxy broke the protocol: drop the link (and the image being received)."""
+        self.log.error("bad frame from the proxy, dropping the link: {error}", error=why)
+        self.transport.abortConnection()
+
     def _currentKey(self) -> ImageKey:
         assert self._header is not None
         return (self._header.snapshotId, self._header.name)
@@ -227,6 +266,12 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         store: IImageStore = self.sink.store
         if not header.chunked and not self._roomFor(key, header.size, "announced"):
             return False
+        try:
+            decoder = None if header.compression is wire.Codec.NONE else ChunkDecoder(header.compression)
+        except ProtocolError as e:
+            self._badFrame(f"{e} ({describe(key)})")
+            return False
+        self._decoder, self._frame, self._onWire, self._compressedChunks = decoder, None, 0, 0
         registry = self._registry = self.sink.imageArriving(self, header.session)
         resumed = None
         if registry is not None and (header.linkVersion or 0) >= 4:
@@ -279,27 +324,28 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         data = data[need:]
         if len(self._chunkLength) < wire.CHUNK_LENGTH.size:
             return None
-        (length,) = wire.CHUNK_LENGTH.unpack(self._chunkLength)
+        (word,) = wire.CHUNK_LENGTH.unpack(self._chunkLength)
         self._chunkLength.clear()
-        if length == wire.CHUNK_END:
+        if word == wire.CHUNK_END:
             return data if self._finishImage() else None
-        if length == wire.CHUNK_ABORT:
+        if word == wire.CHUNK_ABORT:
             self._discardImage()
             return data
         key = self._currentKey()
-        if length > wire.MAX_CHUNK:
-            self.log.error(
-                "bad frame from the proxy, dropping the link: a chunk of {length} bytes in {image}"
-                " (at most {limit})",
-                length=length,
-                image=describe(key),
-                limit=wire.MAX_CHUNK,
-            )
-            self.transport.abortConnection()
+        try:
+            length, compressed = wire.parseChunkWord(word)
+            if compressed and self._decoder is None:
+                raise ProtocolError("a compressed chunk in an image sent without compression")
+        except ProtocolError as e:
+            self._badFrame(f"{e} in {describe(key)}")
             return None
-        if not self._roomFor(key, self._received + length, "so far"):
+        if compressed:
+            self._frame = bytearray()  # room is checked for its raw bytes, once decoded
+            self._compressedChunks += 1
+        elif not self._roomFor(key, self._received + length, "so far"):
             return None
         self._remaining = length
+        self._onWire += length
         return data
 
     def _outOfDescriptors(self, header: wire.RemoteHeader, error: OSError) -> None:
@@ -355,6 +401,7 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         header, writer = self._header, self._writer
         assert header is not None and writer is not None
         self._header, self._writer, self._chunked = None, None, False
+        self._decoder = self._frame = None
         moving, self._moving = self._moving, None
         if moving is not None:
             self.sink.activity.abandon(moving)
@@ -367,7 +414,9 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         assert header is not None and writer is not None
         registry = self._registry
         self._header, self._writer, self._chunked = None, None, False
+        self._decoder = self._frame = None
         size = self._received
+        onWire = self._onWire if header.chunked else size
         key = (header.snapshotId, header.name)
         digest, self._hash = self._hash, None
         moving, self._moving = self._moving, None
@@ -393,10 +442,13 @@ class RemoteReceiver(Protocol, TimeoutMixin):
         image = writer.commit()
         self.imagesReceived += 1
         self.bytesReceived += size
+        self.sink.activity.onWire(Direction.FROM_PROXY, size, onWire)
         self.log.info(
-            "received {image} ({size} bytes) {timing}",
+            "received {image} ({size} bytes{wire}) {timing}",
             image=describe(key),
             size=size,
+            onWire=onWire,
+            wire=f", {onWire} on the wire, zstd" if self._compressedChunks else "",
             **self.sink.activity.end(moving, size),
         )
         if wire.openKind(header.openMode) is wire.OpenKind.APPEND:

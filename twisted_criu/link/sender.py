@@ -21,6 +21,8 @@ from zope.interface import implementer
 from twisted_criu import filelimit, wire
 from twisted_criu.errors import ImageAborted, ImageSizeMismatch, ProtocolError
 from twisted_criu.flow.chunks import OutgoingGrowingImage
+from twisted_criu.flow.compress import LinkCompression
+from twisted_criu.flow.compressing import CompressedImage, onTheWire
 from twisted_criu.flow.send import OutgoingImage
 from twisted_criu.interfaces import (
     IGrowingImage,
@@ -50,14 +52,17 @@ class RemoteSender(Protocol):
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
         activity: Activity | None = None,
+        compression: LinkCompression | None = None,
     ) -> None:
         """
         @param source: the images to forward, and who hears of the link.
         @param clock: times the stall watchdog (none without it).
         @param stallTimeout: seconds an image may make no progress.
         @param activity: counts and times the transfers.
+        @param compression: compresses images for a cache of link version 4.
         """
         self._source = source
+        self._compression = compression
         if activity is None:  # counted nowhere else, but timed all the same
             from twisted.internet import reactor
 
@@ -80,7 +85,7 @@ class RemoteSender(Protocol):
         self._clock = clock
         self.stallTimeout = stallTimeout
         self._watchdog: IDelayedCall | None = None
-        self._transfer: OutgoingImage | OutgoingGrowingImage | None = None
+        self._transfer: OutgoingImage | OutgoingGrowingImage | CompressedImage | None = None
         self._queue: dict[ImageKey, None] = {}
         self._sending = False
         self._idleWaiters: list[Deferred[None]] = []
@@ -149,14 +154,22 @@ class RemoteSender(Protocol):
         return 0.0 if self.firstHeaderAt is None else now - self.firstHeaderAt
 
     def _header(
-        self, name: str, snapshotId: str, size: int, digest: bytes | None = None, chunked: bool = False
+        self, name: str, snapshotId: str, size: int, digest: bytes | None = None, chunked: bool = False,
+        compression: wire.Codec = wire.Codec.NONE,
     ) -> wire.RemoteHeader:
         """An image header (or, with no name, the end-of-dump marker) of this session."""
         mode = wire.O_WRONLY if name else wire.O_RDONLY
         return wire.RemoteHeader(
             name, snapshotId, mode, size, digest, wire.LINK_EXTENSION_VERSION, chunked,
-            self._source.sessionToken,
+            self._source.sessionToken, compression=compression,
         )
+
+    def _compressing(self, size: int | None) -> LinkCompression | None:
+        """The compression the next image (C{size} bytes, or growing) is sent with, if it is."""
+        compression = self._compression
+        if compression is None or not compression.chunked(self.peerVersion, size):
+            return None
+        return compression
 
     @property
     def progress(self) -> int:
@@ -212,13 +225,20 @@ class RemoteSender(Protocol):
     def _sendChunks(self, key: ImageKey, growing: IGrowingImage, offset: int) -> None:
         """Send C{growing} as chunks: from byte C{offset} of its image, resuming it."""
         snapshotId, name = key
-        transfer = OutgoingGrowingImage(growing)
-        header = attrs.evolve(self._header(name, snapshotId, 0, chunked=True), offset=offset)
+        compression = self._compressing(None)
+        transfer: OutgoingGrowingImage | CompressedImage
+        if compression is None:
+            transfer = OutgoingGrowingImage(growing)
+            header = self._header(name, snapshotId, 0, chunked=True)
+        else:
+            transfer = CompressedImage(growing, compression)
+            header = self._header(name, snapshotId, 0, chunked=True, compression=compression.codec)
+        header = attrs.evolve(header, offset=offset)
         moving = self._begin(key, header, transfer, None)
         how = f", resumed at byte {offset}" if offset else ", cut through"
 
         def sent(size: int) -> None:
-            self._forwarded(key, size, moving, how, offset)
+            self._forwarded(key, size, moving, how, transfer, offset)
 
         def failed(reason: Failure) -> None:
             self._ended(moving)
@@ -278,17 +298,22 @@ class RemoteSender(Protocol):
                 return
             except (OSError, ImageSizeMismatch) as e:  # sent whole instead
                 self.log.warn("cannot resume {image}: {why}", image=describe(key), why=str(e))
+        compression = None if digest is not None else self._compressing(image.size)
+        transfer: OutgoingImage | CompressedImage
         try:
-            transfer = OutgoingImage(image)
+            transfer = OutgoingImage(image) if compression is None else CompressedImage(image, compression)
         except OSError as e:  # no descriptor to read it with
             self.log.error("cannot forward {image}: {why}", image=describe(key), why=filelimit.describe(e))
             self._source.forwardFailed(key, f"{describe(key)} could not be read to forward it: {e.strerror}")
             return
-        header = self._header(name, snapshotId, transfer.size, digest)
-        moving = self._begin(key, header, transfer, transfer.size)
+        if compression is None:
+            header = self._header(name, snapshotId, image.size, digest)
+        else:
+            header = self._header(name, snapshotId, 0, chunked=True, compression=compression.codec)
+        moving = self._begin(key, header, transfer, image.size)
 
-        def sent(_: None) -> None:
-            self._forwarded(key, transfer.size, moving, "")
+        def sent(_: object) -> None:
+            self._forwarded(key, image.size, moving, "", transfer)
 
         def failed(reason: Failure) -> None:
             self._ended(moving)
@@ -312,7 +337,7 @@ class RemoteSender(Protocol):
         self,
         key: ImageKey,
         header: wire.RemoteHeader,
-        transfer: OutgoingImage | OutgoingGrowingImage,
+        transfer: OutgoingImage | OutgoingGrowingImage | CompressedImage,
         size: int | None,
     ) -> ImageInFlight:
         """Start forwarding C{key}: its header now, its bytes by C{transfer}."""
@@ -330,18 +355,26 @@ class RemoteSender(Protocol):
         if moving is not None:
             self._activity.abandon(moving)
 
-    def _forwarded(self, key: ImageKey, size: int, moving: ImageInFlight, how: str, offset: int = 0) -> None:
+    def _forwarded(
+        self, key: ImageKey, size: int, moving: ImageInFlight, how: str, transfer: object, offset: int = 0
+    ) -> None:
         """All of C{key} (its C{size} bytes from C{offset} on) is handed over: count it, say so, send the next."""
         self._ended(None)
         self._source.forwarding(key, None)
+        onWire, wireText = onTheWire(size, transfer)
+        self._activity.onWire(Direction.TO_CACHE, size, onWire)
+        if self._compression is not None and size >= 1 << 23 and isinstance(transfer, OutgoingImage):
+            self._compression.policy.drained(size, self._activity.clock.seconds() - moving.started)
         self.imagesSent += 1
         self.bytesSent += size
         self.imagesSinceMarker += 1
         self.bytesSinceMarker += offset + size
         self.log.info(
-            "forwarded {image} ({size} bytes{how}) {timing}",
+            "forwarded {image} ({size} bytes{wire}{how}) {timing}",
             image=describe(key),
             size=offset + size,
+            wire=wireText,
+            onWire=onWire,
             how=how,
             **self._activity.end(moving, size),
         )
@@ -419,15 +452,18 @@ class RemoteSenderFactory(Factory):
         clock: IReactorTime | None = None,
         stallTimeout: float = 60.0,
         activity: Activity | None = None,
+        compression: LinkCompression | None = None,
     ) -> None:
         self.source = source
         self.clock = clock
         self.stallTimeout = stallTimeout
         self.activity = activity
+        self.compression = compression
 
     def buildProtocol(self, addr: Any) -> RemoteSender:
         protocol = RemoteSender(
-            self.source, clock=self.clock, stallTimeout=self.stallTimeout, activity=self.activity
+            self.source, clock=self.clock, stallTimeout=self.stallTimeout, activity=self.activity,
+            compression=self.compression,
         )
         protocol.factory = self
         return protocol

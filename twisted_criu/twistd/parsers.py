@@ -11,6 +11,13 @@ from twisted.python import usage
 from twisted_criu.criu.images import ReadVariant
 
 
+def parseCompress(value: str) -> str:
+    """A C{--compress} mode (auto, zstd, none), checked."""
+    from twisted_criu.flow.compress import parseMode
+
+    return parseMode(value).value
+
+
 def parsePort(value: str) -> int:
     """A TCP port number, 1 to 65535."""
     try:

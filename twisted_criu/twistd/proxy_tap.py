@@ -8,6 +8,7 @@ from twisted.internet.endpoints import quoteStringArgument
 
 from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.daemons.proxy import ImageProxyService
+from twisted_criu.flow.compress import parseMode
 from twisted_criu.twistd.listening import checkEndpointString, checkHostResolves
 from twisted_criu.twistd.options import (
     RATE_LIMIT_OPTION,
@@ -17,7 +18,7 @@ from twisted_criu.twistd.options import (
     daemonArguments,
     linkRateLimit,
 )
-from twisted_criu.twistd.parsers import parseSeconds
+from twisted_criu.twistd.parsers import parseCompress, parseSeconds
 
 
 class Options(DaemonOptions):
@@ -43,6 +44,7 @@ class Options(DaemonOptions):
         ["connect", None, None, "Client endpoint of the cache (overrides --address/--port), e.g. tcp:host=dst:port=9996."],
         ["max-retry-delay", None, 10.0, "Longest wait between attempts to reach the cache, in seconds.", parseSeconds],
         RATE_LIMIT_OPTION,
+        ["compress", None, "auto", "Compress images on the link to a twisted-criu cache: auto (when that gets them across sooner, judged chunk by chunk), zstd (always) or none.", parseCompress],
     ]
 
     def postOptions(self) -> None:
@@ -75,6 +77,7 @@ def makeService(options: Options) -> IService:
         checksum=options["checksum"],
         cutThrough=not options["store-and-forward"],
         rateLimit=rateLimit,
+        compress=parseMode(options["compress"]),
         **daemonArguments(reactor, options),
     )
     return finishDaemon(reactor, service, options)

@@ -1,0 +1,80 @@
+"""Tests for C{--compress auto}'s choice, L{twisted_criu.flow.compresspolicy}, on a fake clock."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_criu.flow.compresspolicy import PROBE_INTERVAL, RAW_PROBE_CHUNKS, CompressionPolicy
+
+MB = 1_000_000
+
+
+class PolicyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.policy = CompressionPolicy(self.clock, threads=2)
+
+    def feed(self, ratio: float, compressorRate: float, linkRate: float, times: int = 10) -> None:
+        """Measurements of chunks of 1 MB: compressed C{ratio}x at C{compressorRate}, over a link of C{linkRate}."""
+        for _ in range(times):
+            self.policy.compressed(MB, int(MB / ratio), MB / compressorRate)
+            self.policy.drained(10 * MB, 10 * MB / linkRate)
+
+    def choices(self, count: int, step: float = 0.01) -> list[bool]:
+        made = []
+        for _ in range(count):
+            made.append(self.policy.compressNext())
+            self.clock.advance(step)
+        return made
+
+    def test_compressesFirstToMeasure(self) -> None:
+        """Nothing measured yet: the first chunk is compressed (that measures it)."""
+        self.assertTrue(self.policy.compressNext())
+        self.assertFalse(self.policy.plainImage())
+
+    def test_compressibleOnASlowLink(self) -> None:
+        """2.6x data, 170 MB/s a core, a 125 MB/s link: compress (and probe raw rarely)."""
+        self.feed(2.6, 170 * MB, 125 * MB)
+        made = self.choices(100)  # one second of chunks
+        self.assertEqual(made.count(False), 0)
+        self.assertFalse(self.policy.plainImage())
+
+    def test_randomGoesRaw(self) -> None:
+        """Data that does not compress goes raw, even on a slow link; whole images the plain way."""
+        self.feed(1.0, 700 * MB, 125 * MB)
+        made = self.choices(100)
+        self.assertEqual(made.count(True), 0)
+        self.assertTrue(self.policy.plainImage())
+
+    def test_fastLinkGoesRaw(self) -> None:
+        """A link faster than two compressing cores: raw."""
+        self.feed(2.6, 170 * MB, 2000 * MB)
+        self.assertEqual(self.choices(100).count(True), 0)
+        self.assertTrue(self.policy.plainImage())
+
+    def test_changeNoticed(self) -> None:
+        """Random data turned compressible: a probe every interval sees it, and compression resumes."""
+        self.feed(1.0, 700 * MB, 125 * MB)
+        self.assertEqual(self.choices(50).count(True), 0)
+        self.clock.advance(PROBE_INTERVAL)
+        made = self.choices(1)
+        self.assertEqual(made, [True])  # the probe
+        self.feed(2.6, 170 * MB, 125 * MB, times=5)
+        self.assertTrue(all(self.choices(20)))
+
+    def test_linkGotFastNoticed(self) -> None:
+        """While compressing, a raw run now and then measures the link again."""
+        self.feed(2.6, 170 * MB, 125 * MB)
+        self.assertTrue(all(self.choices(10)))
+        self.clock.advance(PROBE_INTERVAL)
+        made = self.choices(RAW_PROBE_CHUNKS)
+        self.assertEqual(made, [False] * RAW_PROBE_CHUNKS)
+        for _ in range(10):
+            self.policy.drained(10 * MB, 10 * MB / (5000 * MB))
+        self.assertFalse(any(self.choices(20)))
+
+    def test_unknownLinkIsProbedRaw(self) -> None:
+        """Compression measured but the link never: a raw run measures it."""
+        self.policy.compressed(MB, MB // 3, MB / (170 * MB))
+        self.assertEqual(self.choices(RAW_PROBE_CHUNKS), [False] * RAW_PROBE_CHUNKS)
