@@ -21,7 +21,7 @@ from twisted_criu.daemons.partials import KeptParts
 from twisted_criu.errors import ImageSizeMismatch
 from twisted_criu.interfaces import ISendingLink
 from twisted_criu.link.receiver import RemoteReceiver
-from twisted_criu.link.resume import ASK_RESUME, ResumedImage, Resumption, skipBytes
+from twisted_criu.link.resume import ResumedImage, Resumption, skipBytes
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
@@ -130,24 +130,40 @@ class ResumingTests(_Case):
 
     def test_askAnsweredWithResumeAt(self) -> None:
         receiver, transport = self.connect()
-        receiver.dataReceived(marker(wire.Marker.SYNC, sequence=ASK_RESUME))
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=5))
         self.assertEqual(
             self.statuses(transport),
             [
                 wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION),
                 wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name="pages-1.img", snapshotId="snap1"),
-                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=ASK_RESUME),
+                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=5),
             ],
         )
 
-    def test_commitSyncListsThemToo(self) -> None:
+    def test_askListsImagesHeldWhole(self) -> None:
+        """Images of the session received whole are listed with C{images=1} and their size."""
+        self.sink.registry.publish(("snap1", "inventory.img"), storedImage(self.sink.store, b"inventory"))
+        receiver, transport = self.connect()
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=5))
+        self.assertEqual(
+            self.statuses(transport)[1:],
+            [
+                wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name="pages-1.img", snapshotId="snap1"),
+                wire.LinkStatus(
+                    wire.LinkStatusKind.RESUME_AT, images=1, size=9, name="inventory.img", snapshotId="snap1"
+                ),
+                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=5),
+            ],
+        )
+
+    def test_commitSyncListsNothing(self) -> None:
+        """A SYNC is a commit's: answered by SYNCED alone (RESUME_AT answers only RESUME)."""
         receiver, transport = self.connect()
         receiver.dataReceived(marker(wire.Marker.SYNC, sequence=7))
-        kinds = [s.kind for s in self.statuses(transport)]
         self.assertEqual(
-            kinds, [wire.LinkStatusKind.HELLO, wire.LinkStatusKind.RESUME_AT, wire.LinkStatusKind.SYNCED]
+            [(s.kind, s.sequence) for s in self.statuses(transport)],
+            [(wire.LinkStatusKind.HELLO, 0), (wire.LinkStatusKind.SYNCED, 7)],
         )
-        self.assertEqual(self.statuses(transport)[-1].sequence, 7)
 
     def test_resumedAtTheKeptOffset(self) -> None:
         receiver, transport = self.connect()
@@ -348,8 +364,12 @@ class ResumptionTests(SynchronousTestCase):
             self.waiting[sequence] = d
             return d
 
-        self.resume = Resumption(expectSynced, self.clock, 30)
+        self.sequences = iter(range(1, 100))
+        #: The session's current version of each image.
+        self.current: dict[tuple[str, str], Any] = {}
+        self.resume = Resumption(expectSynced, lambda: next(self.sequences), self.current.get, self.clock, 30)
         self.image = storedImage(MemoryStore(), DATA)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def ask(self, previous: int = 4) -> _Link:
         link = _Link()
@@ -363,9 +383,9 @@ class ResumptionTests(SynchronousTestCase):
     def test_asksAndHoldsUntilSynced(self) -> None:
         self.resume.forwarding(KEY, self.image)
         link = self.ask()
-        self.assertEqual((link.markers, link.held), ([(wire.Marker.SYNC, ASK_RESUME)], True))
+        self.assertEqual((link.markers, link.held), ([(wire.Marker.RESUME, 1)], True))
         self.resume.resumeAt(wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0]))
-        self.waiting.pop(ASK_RESUME).callback(wire.LinkStatus(wire.LinkStatusKind.SYNCED))
+        self.waiting.pop(1).callback(wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=1))
         self.assertEqual((link.held, link.offered), (False, 1))
         self.assertEqual(self.resume.offsetFor(KEY, self.image), 4000)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -381,9 +401,129 @@ class ResumptionTests(SynchronousTestCase):
         self.assertEqual(self.resume.offsetFor(KEY, storedImage(MemoryStore(), DATA)), 0)
 
     def test_finishedIsForgotten(self) -> None:
+        """An image handed over whole is not resumed: the cache's part is of another connection."""
         self.resume.forwarding(KEY, self.image)
         self.resume.forwarding(KEY, None)
-        self.assertEqual(self.ask().markers, [])
+        self.current[KEY] = self.image
+        self.answer(self.ask(), wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0]))
+        self.assertEqual(self.resume.offsetFor(KEY, self.image), 0)
+
+    # -- images the cache holds whole ------------------------------------------
+
+    def answer(self, link: _Link, *statuses: wire.LinkStatus) -> None:
+        """The cache answers C{link}'s RESUME with C{statuses}, then SYNCED."""
+        [(kind, sequence)] = link.markers
+        self.assertEqual(kind, wire.Marker.RESUME)
+        for status in statuses:
+            self.resume.resumeAt(status)
+        self.waiting.pop(sequence).callback(wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=sequence))
+        self.assertFalse(link.held)
+
+    def whole(self, size: int = len(DATA), key: tuple[str, str] = KEY) -> wire.LinkStatus:
+        return wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, images=1, size=size, name=key[1], snapshotId=key[0])
+
+    def withAnother(self) -> None:
+        """Another image, skippable: the cache is asked."""
+        other = ("snap1", "core-1.img")
+        self.current[other] = storedImage(MemoryStore(), b"core")
+        self.sentWhole(self.current[other], other)
+
+    def sentWhole(self, image: Any, key: tuple[str, str] = KEY) -> None:
+        self.resume.forwarding(key, image)
+        self.resume.forwarding(key, None)
+
+    def test_wholeSentIsAskedAbout(self) -> None:
+        """Nothing was on its way, but images went out whole: the cache is asked which it holds."""
+        self.sentWhole(self.image)
+        self.assertEqual(self.ask().markers, [(wire.Marker.RESUME, 1)])
+        self.assertEqual(self.ask(previous=3).markers, [])
+
+    def test_exactVersionHeldWholeIsSkipped(self) -> None:
+        other = ("snap1", "core-1.img")
+        small = storedImage(MemoryStore(), b"core")
+        self.sentWhole(self.image)
+        self.sentWhole(small, other)
+        self.current.update({KEY: self.image, other: small})
+        link = self.ask()
+        self.answer(link, self.whole(), self.whole(4, other))
+        self.assertEqual((self.resume.skips(KEY, self.image), self.resume.skips(other, small)), (True, True))
+        self.assertEqual(link.offered, 1)
+        said = [e["log_format"].format(**e) for e in self.events]
+        self.assertIn("the cache holds 2 images (10.0 KiB) of this session whole: not sent again", said)
+        # Only on that connection: the next one asks again.
+        self.ask()
+        self.assertFalse(self.resume.skips(KEY, self.image))
+
+    def test_changedVersionIsSent(self) -> None:
+        """The session's image is another version now (of the same size): sent."""
+        self.sentWhole(self.image)
+        self.current[KEY] = storedImage(MemoryStore(), DATA)
+        self.answer(self.ask(), self.whole())
+        self.assertFalse(self.resume.skips(KEY, self.current[KEY]))
+        self.assertFalse(self.resume.skips(KEY, self.image))
+
+    def test_differentSizeIsSent(self) -> None:
+        self.sentWhole(self.image)
+        self.current[KEY] = self.image
+        self.answer(self.ask(), self.whole(len(DATA) - 1))
+        self.assertFalse(self.resume.skips(KEY, self.image))
+
+    def test_notHandedOverWholeIsSent(self) -> None:
+        """A version the link never finished: the cache's whole copy cannot be it."""
+        self.resume.forwarding(KEY, self.image)
+        self.current[KEY] = self.image
+        self.answer(self.ask(), self.whole())
+        self.assertFalse(self.resume.skips(KEY, self.image))
+
+    def test_twoVersionsWentOutIsSent(self) -> None:
+        """
+        Two versions went out: the cache may hold the first whole (the
+        second broke off after the link took it), of the same size.
+        """
+        first, second = self.image, storedImage(MemoryStore(), DATA)
+        self.withAnother()
+        self.sentWhole(first)
+        self.sentWhole(second)
+        self.current[KEY] = second
+        self.answer(self.ask(), self.whole())
+        self.assertFalse(self.resume.skips(KEY, second))
+        self.sentWhole(second)  # and it stays unknown
+        self.answer(self.ask(), self.whole())
+        self.assertFalse(self.resume.skips(KEY, second))
+
+    def test_cutThroughWholeIsItsImage(self) -> None:
+        """A write cut through to its end: the version that went out is the image it became."""
+        store = SpillStore(1 << 30, self.mktemp())
+        self.addCleanup(store.close)
+        writer: Any = store.newWriter()
+        growing = writer.follow()
+        self.resume.followed(growing, writer)
+        self.resume.forwarding(KEY, growing)
+        writer.write(DATA)
+        image = writer.commit()
+        self.resume.forwarding(KEY, None)
+        self.resume.published(KEY, image)
+        growing.close()
+        self.current[KEY] = image
+        self.answer(self.ask(), self.whole())
+        self.assertTrue(self.resume.skips(KEY, image))
+
+    def test_cutThroughBrokenOffIsNotWhole(self) -> None:
+        """criu's write broke off (the cache discarded it): nothing of it is held whole."""
+        store = SpillStore(1 << 30, self.mktemp())
+        self.addCleanup(store.close)
+        writer: Any = store.newWriter()
+        growing = writer.follow()
+        self.resume.followed(growing, writer)
+        self.resume.forwarding(KEY, growing)
+        writer.write(DATA)
+        writer.abort()
+        self.resume.forwarding(KEY, None)
+        growing.close()
+        self.current[KEY] = self.image  # an older version, which never went out in this session
+        self.withAnother()
+        self.answer(self.ask(), self.whole())
+        self.assertFalse(self.resume.skips(KEY, self.image))
 
     def test_noAnswerDropsTheLink(self) -> None:
         self.resume.forwarding(KEY, self.image)
@@ -441,6 +581,7 @@ class CacheAskTests(SynchronousTestCase):
     """On the real cache: asking where to resume confirms nothing."""
 
     def test_askDoesNotDeliver(self) -> None:
+        """A RESUME, of any sequence, lists what is held and confirms nothing; a SYNC delivers."""
         from twisted.internet.endpoints import serverFromString
         from twisted.internet.testing import MemoryReactorClock
 
@@ -453,9 +594,41 @@ class CacheAskTests(SynchronousTestCase):
         receiver = RemoteReceiver(cache)
         transport = StringTransport()
         receiver.makeConnection(transport)
-        receiver.dataReceived(header() + DATA + marker(wire.Marker.SYNC, sequence=ASK_RESUME))
+        receiver.dataReceived(header() + DATA + marker(wire.Marker.RESUME, sequence=1))
         session = cache.session
         assert session is not None
         self.assertEqual(session.state, "dumping")
-        receiver.dataReceived(marker(wire.Marker.SYNC, sequence=1))
+        statuses = [wire.LinkStatus.fromBytes(p) for p in wire.iterFrames(transport.value())]
+        self.assertEqual(
+            statuses[1:],
+            [
+                wire.LinkStatus(
+                    wire.LinkStatusKind.RESUME_AT, images=1, size=len(DATA), name=KEY[1], snapshotId=KEY[0]
+                ),
+                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=1),
+            ],
+        )
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=2))
+        self.assertEqual(session.state, "dumping")
+        receiver.dataReceived(marker(wire.Marker.SYNC, sequence=3))
         self.assertEqual(session.state, "delivered")
+
+    def test_askForAnUnknownSessionCreatesNone(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_criu.daemons.cache import ImageCacheService
+
+        clock = MemoryReactorClock()
+        cache = ImageCacheService(
+            clock, serverFromString(clock, "unix:/nonexistent/c.sock"), serverFromString(clock, "tcp:0")
+        )
+        receiver = RemoteReceiver(cache)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=4))
+        self.assertIsNone(cache.session)
+        self.assertEqual(
+            [wire.LinkStatus.fromBytes(p).kind for p in wire.iterFrames(transport.value())],
+            [wire.LinkStatusKind.HELLO, wire.LinkStatusKind.SYNCED],
+        )

@@ -114,7 +114,7 @@ class ProxySession:
         self._syncWaiters: dict[int, tuple[ISendingLink, Deferred[wire.LinkStatus]]] = {}
         self._syncSequence = 0
         #: Images on their way when a link broke, and where they resume.
-        self._resume = Resumption(self.expectSynced, reactor, linkTimeout)
+        self._resume = Resumption(self.expectSynced, self.nextSyncSequence, self.registry.get, reactor, linkTimeout)
         self._abortGiveUp: Any = None
         #: criu's post-dump hook got the cache's confirmation: the chain ends with this dump.
         self.committed = False
@@ -194,7 +194,8 @@ class ProxySession:
         self.maybeEndDump()
 
     def imageFor(self, key: ImageKey) -> IStoredImage | None:
-        return self.registry.get(key)
+        image = self.registry.get(key)
+        return None if image is not None and self._resume.skips(key, image) else image  # (held whole)
 
     def digestFor(self, key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
         if not self.checksum:
