@@ -59,7 +59,8 @@ class ProxySession:
     and one link forwarding them.
 
     Every connection of the link starts by sending everything the chain
-    holds (a restarted cache holds nothing), then follows new publications.
+    holds but what a version-4 cache holds whole of it (L{Resumption}; a
+    restarted cache holds nothing), then follows new publications.
     When a dump has finished locally and everything is handed over, the
     dump is ended (L{DumpEnding}): with an end-of-dump marker, confirmed by
     the cache, if the cache speaks twisted-criu's link extension, else (a C
