@@ -150,7 +150,9 @@ def _sameVersion(a: Version, b: Version) -> bool:
 class Resumption:
     """
     A proxy session's images that were on their way when a link broke,
-    and where the cache says each may resume on the current connection.
+    the one version of each image that went out, and what the cache says
+    of them on the current connection: where each resumes, which it holds
+    whole.
 
     @param expectSynced: the session's C{expectSynced}.
     @param nextSequence: the session's next sync sequence, for a RESUME.
@@ -260,7 +262,7 @@ class Resumption:
         where they resume (a RESUME marker), and hold the link until the
         cache answers.
         """
-        self._points, self._whole, self._skip = {}, {}, {}
+        self._points, self._whole, self._skip, self._going = {}, {}, {}, {}
         if previous is None or previous.peerVersion < 4:
             return
         if self._unfinished:
