@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resume -*-
+# -*- test-case-name: tests.test_resume,tests.test_resume_proxy -*-
 """
 Resuming after a link break (link extension version 4), the proxy's side.
 
