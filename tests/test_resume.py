@@ -1,14 +1,14 @@
 """
 Tests for resuming an image after a link break (link version 4): the
 cache's kept parts (L{twisted_criu.daemons.partials}), the receiver that
-keeps and continues them, and the proxy's side (L{twisted_criu.link.resume}).
+keeps and continues them, its answer to RESUME, and the proxy's link
+sending from an offset (the proxy's decisions: tests.test_resume_proxy).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
@@ -19,9 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_criu import wire
 from twisted_criu.daemons.partials import KeptParts
 from twisted_criu.errors import ImageSizeMismatch
-from twisted_criu.interfaces import ISendingLink
 from twisted_criu.link.receiver import RemoteReceiver
-from twisted_criu.link.resume import ASK_RESUME, ResumedImage, Resumption, skipBytes
+from twisted_criu.link.resume import skipBytes
 from twisted_criu.link.sender import RemoteSender
 from twisted_criu.registry import readAll
 from twisted_criu.storage.memory import MemoryStore
@@ -130,24 +129,40 @@ class ResumingTests(_Case):
 
     def test_askAnsweredWithResumeAt(self) -> None:
         receiver, transport = self.connect()
-        receiver.dataReceived(marker(wire.Marker.SYNC, sequence=ASK_RESUME))
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=5))
         self.assertEqual(
             self.statuses(transport),
             [
                 wire.LinkStatus(wire.LinkStatusKind.HELLO, wire.LINK_EXTENSION_VERSION),
                 wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name="pages-1.img", snapshotId="snap1"),
-                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=ASK_RESUME),
+                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=5),
             ],
         )
 
-    def test_commitSyncListsThemToo(self) -> None:
+    def test_askListsImagesHeldWhole(self) -> None:
+        """Images of the session received whole are listed with C{images=1} and their size."""
+        self.sink.registry.publish(("snap1", "inventory.img"), storedImage(self.sink.store, b"inventory"))
+        receiver, transport = self.connect()
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=5))
+        self.assertEqual(
+            self.statuses(transport)[1:],
+            [
+                wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name="pages-1.img", snapshotId="snap1"),
+                wire.LinkStatus(
+                    wire.LinkStatusKind.RESUME_AT, images=1, size=9, name="inventory.img", snapshotId="snap1"
+                ),
+                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=5),
+            ],
+        )
+
+    def test_commitSyncListsNothing(self) -> None:
+        """A SYNC is a commit's: answered by SYNCED alone (RESUME_AT answers only RESUME)."""
         receiver, transport = self.connect()
         receiver.dataReceived(marker(wire.Marker.SYNC, sequence=7))
-        kinds = [s.kind for s in self.statuses(transport)]
         self.assertEqual(
-            kinds, [wire.LinkStatusKind.HELLO, wire.LinkStatusKind.RESUME_AT, wire.LinkStatusKind.SYNCED]
+            [(s.kind, s.sequence) for s in self.statuses(transport)],
+            [(wire.LinkStatusKind.HELLO, 0), (wire.LinkStatusKind.SYNCED, 7)],
         )
-        self.assertEqual(self.statuses(transport)[-1].sequence, 7)
 
     def test_resumedAtTheKeptOffset(self) -> None:
         receiver, transport = self.connect()
@@ -309,138 +324,11 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual(self.source.forwards, [(KEY, self.image)])
 
 
-class _Link:
-    """Enough of an L{ISendingLink} for L{Resumption}."""
-
-    def __init__(self, peerVersion: int = 4) -> None:
-        self.peerVersion = peerVersion
-        self.held = False
-        self.lost = False
-        self.markers: list[tuple[wire.Marker, int]] = []
-        self.offered = 0
-        self.aborted = False
-        self._lost: Deferred[None] = Deferred()
-
-    def sendMarker(self, kind: wire.Marker, sequence: int = 0) -> None:
-        self.markers.append((kind, sequence))
-
-    def offerLive(self) -> None:
-        self.offered += 1
-
-    def whenLost(self) -> Deferred[None]:
-        return self._lost
-
-    def abort(self) -> None:
-        self.aborted = True
-        self.lost = True
-        self._lost.callback(None)
-
-
-class ResumptionTests(SynchronousTestCase):
-    """The proxy asks where to resume, and checks the version it holds."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.waiting: dict[int, Deferred[wire.LinkStatus]] = {}
-
-        def expectSynced(sender: ISendingLink, sequence: int) -> Deferred[wire.LinkStatus]:
-            d: Deferred[wire.LinkStatus] = Deferred(lambda d: None if self.waiting.pop(sequence, None) else None)
-            self.waiting[sequence] = d
-            return d
-
-        self.resume = Resumption(expectSynced, self.clock, 30)
-        self.image = storedImage(MemoryStore(), DATA)
-
-    def ask(self, previous: int = 4) -> _Link:
-        link = _Link()
-        self.resume.linkUp(link, _Link(previous))  # type: ignore[arg-type]
-        return link
-
-    def test_nothingUnfinishedNothingAsked(self) -> None:
-        link = self.ask()
-        self.assertEqual((link.markers, link.held), ([], False))
-
-    def test_asksAndHoldsUntilSynced(self) -> None:
-        self.resume.forwarding(KEY, self.image)
-        link = self.ask()
-        self.assertEqual((link.markers, link.held), ([(wire.Marker.SYNC, ASK_RESUME)], True))
-        self.resume.resumeAt(wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0]))
-        self.waiting.pop(ASK_RESUME).callback(wire.LinkStatus(wire.LinkStatusKind.SYNCED))
-        self.assertEqual((link.held, link.offered), (False, 1))
-        self.assertEqual(self.resume.offsetFor(KEY, self.image), 4000)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_versionThreeCacheIsNotAsked(self) -> None:
-        self.resume.forwarding(KEY, self.image)
-        self.assertEqual(self.ask(previous=3).markers, [])
-
-    def test_anotherVersionGoesFromTheStart(self) -> None:
-        self.resume.forwarding(KEY, self.image)
-        self.ask()
-        self.resume.resumeAt(wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0]))
-        self.assertEqual(self.resume.offsetFor(KEY, storedImage(MemoryStore(), DATA)), 0)
-
-    def test_finishedIsForgotten(self) -> None:
-        self.resume.forwarding(KEY, self.image)
-        self.resume.forwarding(KEY, None)
-        self.assertEqual(self.ask().markers, [])
-
-    def test_noAnswerDropsTheLink(self) -> None:
-        self.resume.forwarding(KEY, self.image)
-        link = self.ask()
-        self.clock.advance(30)
-        self.assertTrue(link.aborted)
-        self.assertEqual(self.waiting, {})
-
-    def test_liveWriteResumedLiveOrAsItsImage(self) -> None:
-        """A write cut through: resumed as it grows, or as the image it became."""
-        store = SpillStore(1 << 30, self.mktemp())
-        self.addCleanup(store.close)
-        writer: Any = store.newWriter()
-        writer.write(DATA[:6000])
-        growing = writer.follow()
-        self.resume.followed(growing, writer)
-        self.resume.forwarding(KEY, growing)
-        growing.close()  # the link broke
-        self.assertEqual(self.resume.liveToResume(), (KEY, writer))
-        self.ask()
-        point = wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0])
-        self.resume.resumeAt(point)
-        again = writer.follow()
-        self.resume.followed(again, writer)
-        self.assertEqual(self.resume.offsetFor(KEY, again), 4000)
-        rest = ResumedImage.ofGrowing(again, 4000)
-        self.assertEqual((rest.available, rest.complete), (2000, False))
-        writer.write(DATA[6000:])
-        image = writer.commit()
-        self.assertEqual(readAll(image), DATA)
-        self.assertEqual(rest.read(1 << 20), DATA[4000:])
-        rest.close()
-        # The link breaks again (never finished); the write is complete now.
-        self.resume.published(KEY, image)
-        self.assertIsNone(self.resume.liveToResume())
-        self.ask()
-        self.resume.resumeAt(point)
-        self.assertEqual(self.resume.offsetFor(KEY, image), 4000)
-
-    def test_aNewWriteIsAnotherVersion(self) -> None:
-        store = SpillStore(1 << 30, self.mktemp())
-        self.addCleanup(store.close)
-        writer: Any = store.newWriter()
-        growing = writer.follow()
-        self.resume.followed(growing, writer)
-        self.resume.forwarding(KEY, growing)
-        self.resume.writeStarted(KEY, store.newWriter())  # type: ignore[arg-type]
-        self.assertIsNone(self.resume.liveToResume())
-        self.assertEqual(self.ask().markers, [])
-        growing.close()
-        writer.abort()
-
-
 class CacheAskTests(SynchronousTestCase):
     """On the real cache: asking where to resume confirms nothing."""
 
     def test_askDoesNotDeliver(self) -> None:
+        """A RESUME, of any sequence, lists what is held and confirms nothing; a SYNC delivers."""
         from twisted.internet.endpoints import serverFromString
         from twisted.internet.testing import MemoryReactorClock
 
@@ -453,9 +341,41 @@ class CacheAskTests(SynchronousTestCase):
         receiver = RemoteReceiver(cache)
         transport = StringTransport()
         receiver.makeConnection(transport)
-        receiver.dataReceived(header() + DATA + marker(wire.Marker.SYNC, sequence=ASK_RESUME))
+        receiver.dataReceived(header() + DATA + marker(wire.Marker.RESUME, sequence=1))
         session = cache.session
         assert session is not None
         self.assertEqual(session.state, "dumping")
-        receiver.dataReceived(marker(wire.Marker.SYNC, sequence=1))
+        statuses = [wire.LinkStatus.fromBytes(p) for p in wire.iterFrames(transport.value())]
+        self.assertEqual(
+            statuses[1:],
+            [
+                wire.LinkStatus(
+                    wire.LinkStatusKind.RESUME_AT, images=1, size=len(DATA), name=KEY[1], snapshotId=KEY[0]
+                ),
+                wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=1),
+            ],
+        )
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=2))
+        self.assertEqual(session.state, "dumping")
+        receiver.dataReceived(marker(wire.Marker.SYNC, sequence=3))
         self.assertEqual(session.state, "delivered")
+
+    def test_askForAnUnknownSessionCreatesNone(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_criu.daemons.cache import ImageCacheService
+
+        clock = MemoryReactorClock()
+        cache = ImageCacheService(
+            clock, serverFromString(clock, "unix:/nonexistent/c.sock"), serverFromString(clock, "tcp:0")
+        )
+        receiver = RemoteReceiver(cache)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(marker(wire.Marker.RESUME, sequence=4))
+        self.assertIsNone(cache.session)
+        self.assertEqual(
+            [wire.LinkStatus.fromBytes(p).kind for p in wire.iterFrames(transport.value())],
+            [wire.LinkStatusKind.HELLO, wire.LinkStatusKind.SYNCED],
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu import wire
@@ -243,6 +244,29 @@ class MessageTests(SynchronousTestCase):
         hostile = wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=1, name="../x", snapshotId="s")
         with self.assertRaises(ProtocolError):
             wire.LinkStatus.fromBytes(hostile.toBytes()[4:])
+
+    def test_resumeAtHeldWhole(self) -> None:
+        """C{images=1}: the cache holds the image whole (field 3); 0 is left out, more is refused."""
+        whole = wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, images=1, size=5, name="a.img", snapshotId="s")
+        raw = whole.toBytes()[4:]
+        self.assertEqual(raw, bytes.fromhex("0806") + bytes.fromhex("1801") + bytes.fromhex("2005") + b"\x32\x05a.img:\x01s")
+        self.assertEqual(wire.LinkStatus.fromBytes(raw), whole)
+        part = wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=5, name="a.img", snapshotId="s")
+        self.assertEqual(part.toBytes()[4:], raw.replace(bytes.fromhex("1801"), b""))
+        with self.assertRaises(ProtocolError) as e:
+            wire.LinkStatus.fromBytes(raw.replace(bytes.fromhex("1801"), bytes.fromhex("1802")))
+        self.assertIn("images=2", str(e.exception))
+
+    def test_resumeMarker(self) -> None:
+        """Marker 3, RESUME, with a sequence: only on link version 4."""
+        header = wire.RemoteHeader("", "", 0, 0, None, 4, session="t", marker=wire.Marker.RESUME, sequence=7)
+        raw = header.toBytes()[4:]
+        self.assertIn(bytes.fromhex("4803") + bytes.fromhex("5007"), raw)  # fields 9 and 10
+        parsed = wire.RemoteHeader.fromBytes(raw)
+        self.assertEqual((parsed, parsed.isMarker, parsed.isEndOfDump), (header, True, False))
+        with self.assertRaises(ProtocolError) as e:
+            wire.RemoteHeader.fromBytes(attrs.evolve(header, linkVersion=3).toBytes()[4:])
+        self.assertIn("RESUME marker on link version 3", str(e.exception))
 
     def test_linkStatus(self) -> None:
         hello = wire.LinkStatus(wire.LinkStatusKind.HELLO, version=1)

@@ -310,7 +310,11 @@ class IRemoteImageSink(Interface):
         """
 
     def keptStatuses(receiver: IReceivingLink, token: str | None) -> list[wire.LinkStatus]:
-        """A version-4 SYNC: one RESUME_AT per image kept for C{token}'s session."""
+        """
+        A RESUME marker (link version 4): one RESUME_AT per image kept in
+        part for C{token}'s session, and one (C{images=1}) per image it
+        holds whole.  Nothing is delivered.
+        """
 
 
 # -- operators ----------------------------------------------------------------
@@ -418,7 +422,7 @@ class ILinkSource(Interface):
         """A connection to the cache is made: C{sender} forwards on it."""
 
     def imageFor(key: ImageKey) -> IStoredImage | None:
-        """The complete image to forward under C{key} now, if any."""
+        """The complete image to forward under C{key} now, if any (none: the cache holds exactly it)."""
 
     def digestFor(key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
         """

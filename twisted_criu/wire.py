@@ -268,6 +268,8 @@ class RemoteHeader:
                     marker = Marker(m.marker)
                 except ValueError:
                     raise ProtocolError(f"unknown link marker {m.marker}") from None
+            if marker is Marker.RESUME and version < 4:
+                raise ProtocolError(f"a RESUME marker on link version {version} (it needs 4)")
             return cls("", "", m.open_mode, 0, None, version, session=session, marker=marker, sequence=m.sequence)
         if m.HasField("marker"):
             raise ProtocolError("a marker with an image name")
@@ -302,6 +304,9 @@ class Marker(IntEnum):
     SYNC = 1
     #: The session's dump failed and criu resumed the process: never serve it.
     ABORT = 2
+    #: Version 4: where do my images resume?  Answered by RESUME_AT statuses,
+    #: then SYNCED with the marker's sequence; it confirms and delivers nothing.
+    RESUME = 3
 
 
 #: The version of the link extension this code speaks: 1 link statuses,
@@ -352,7 +357,9 @@ class LinkStatusKind(IntEnum):
     SESSION_DONE = 3
     SYNCED = 4
     SESSION_ABORTED = 5
-    #: Version 4: the cache kept the first C{size} bytes of an image.
+    #: Version 4, answering a RESUME marker: the cache kept the first C{size}
+    #: bytes of an image (C{images=0}), or holds it whole, C{size} bytes
+    #: (C{images=1}).
     RESUME_AT = 6
 
 
@@ -365,7 +372,7 @@ class LinkStatus:
     images: int = 0
     size: int = 0
     sequence: int = 0
-    #: RESUME_AT: the image kept in part.
+    #: RESUME_AT: the image kept in part, or (C{images=1}) held whole.
     name: str = ""
     snapshotId: str = ""
 
@@ -379,6 +386,8 @@ class LinkStatus:
         if self.kind is LinkStatusKind.SYNCED:
             message.sequence = self.sequence
         if self.kind is LinkStatusKind.RESUME_AT:
+            if self.images:
+                message.images = self.images
             message.bytes = self.size
             message.name = self.name
             message.snapshot_id = self.snapshotId
@@ -392,6 +401,8 @@ class LinkStatus:
         except ValueError:
             raise ProtocolError(f"unknown link status {m.kind}") from None
         if kind is LinkStatusKind.RESUME_AT:
+            if m.images > 1:
+                raise ProtocolError(f"a RESUME_AT with images={m.images} (0: kept in part, 1: held whole)")
             checkName(m.name)
             checkSnapshotId(m.snapshot_id)
         return cls(kind, m.version, m.images, m.bytes, m.sequence, m.name, m.snapshot_id)

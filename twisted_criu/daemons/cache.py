@@ -22,7 +22,7 @@ from twisted_criu.criu.images import LocalImageFactory
 from twisted_criu.criu.variants import ReadVariant, readsInline
 from twisted_criu.criu.stream import StreamServeFactory
 from twisted_criu.daemons.cachesession import DUMPING, FINAL, RESTORED, CacheSession
-from twisted_criu.daemons.partials import RESUME_GRACE, KeptParts
+from twisted_criu.daemons.partials import RESUME_GRACE, KeptParts, heldWhole
 from twisted_criu.daemons.restores import LINKED_GRACE, RestoreChooser, RestoreReads
 from twisted_criu.daemons.service import ImageDaemon
 from twisted_criu.daemons.sessions import viewOf
@@ -393,7 +393,7 @@ class ImageCacheService(ImageDaemon[CacheSession]):
         session = self._byToken.get(self.linkToken(receiver, token))
         if session is None or not self._oneLink(session, receiver):  # (an old link's image is kept now)
             return []
-        return self.partials.statuses(session.id)
+        return self.partials.statuses(session.id) + heldWhole(session.registry)
 
     @property
     def proxiesLinked(self) -> bool:

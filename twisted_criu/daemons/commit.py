@@ -9,8 +9,9 @@ C{twisted-criu-hook} asks the proxy to L{commitDump}: wait until criu's
 connections are settled (everything it wrote is read and stored), then
 until the link has handed every image over, then send a SYNC marker and
 wait for the cache's SYNCED, whose counts must match ours.  A broken link
-is retried on the next connection (which sends everything again); no
-progress for the link timeout, or a cache that cannot confirm, fails.
+is retried on the next connection (which sends again what the cache
+lacks); no progress for the link timeout, or a cache that cannot
+confirm, fails.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ async def commitDump(
                 )
             index, _ = await watch.guard(race([sender.whenIdle(), sender.whenLost()]))
             if index == 1 or sender.lost:
-                continue  # the next connection sends everything again
+                continue  # the next connection sends again what the cache lacks
             summary = session.registry.summary()
             synced = session.expectSynced(sender, sequence)
             sender.sendMarker(wire.Marker.SYNC, sequence)

@@ -8,6 +8,10 @@ A kept part is an image's writer, never committed: nothing of it is
 published or served.  Its bytes stay in the store (and count against its
 room) until the proxy resumes it, starts it over, or does not come back
 within the grace; or until its session ends.
+
+The proxy's RESUME marker is answered with the kept parts and with the
+images the session holds whole (L{heldWhole}), which the proxy need not
+send again.
 """
 
 from __future__ import annotations
@@ -19,11 +23,25 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twisted_criu import wire
-from twisted_criu.interfaces import IImageWriter
+from twisted_criu.interfaces import IImageWriter, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
 
 #: How long a kept part waits for its proxy, by default (C{--resume-grace}).
 RESUME_GRACE = 60.0
+
+
+def heldWhole(registry: ISnapshotRegistry) -> list[wire.LinkStatus]:
+    """One RESUME_AT with C{images=1} per image C{registry} holds whole, with its size."""
+    statuses = []
+    for key in registry.keys():
+        image = registry.get(key)
+        if image is not None:
+            statuses.append(
+                wire.LinkStatus(
+                    wire.LinkStatusKind.RESUME_AT, images=1, size=image.size, name=key[1], snapshotId=key[0]
+                )
+            )
+    return statuses
 
 
 @define

@@ -60,7 +60,8 @@ class ProxySession:
     and one link forwarding them.
 
     Every connection of the link starts by sending everything the chain
-    holds (a restarted cache holds nothing), then follows new publications.
+    holds but what a version-4 cache holds whole of it (L{Resumption}; a
+    restarted cache holds nothing), then follows new publications.
     When a dump has finished locally and everything is handed over, the
     dump is ended (L{DumpEnding}): with an end-of-dump marker, confirmed by
     the cache, if the cache speaks twisted-criu's link extension, else (a C
@@ -116,7 +117,7 @@ class ProxySession:
         self._syncWaiters: dict[int, tuple[ISendingLink, Deferred[wire.LinkStatus]]] = {}
         self._syncSequence = 0
         #: Images on their way when a link broke, and where they resume.
-        self._resume = Resumption(self.expectSynced, reactor, linkTimeout)
+        self._resume = Resumption(self.expectSynced, self.nextSyncSequence, self.registry.get, reactor, linkTimeout)
         self._abortGiveUp: Any = None
         #: criu's post-dump hook got the cache's confirmation: the chain ends with this dump.
         self.committed = False
@@ -196,7 +197,8 @@ class ProxySession:
         self.maybeEndDump()
 
     def imageFor(self, key: ImageKey) -> IStoredImage | None:
-        return self.registry.get(key)
+        image = self.registry.get(key)
+        return None if image is not None and self._resume.skips(key, image) else image  # (held whole)
 
     def digestFor(self, key: ImageKey, image: IStoredImage) -> tuple[bool, bytes | None]:
         if not self.checksum:

@@ -24,7 +24,6 @@ from twisted_criu.flow.pacing import pauseWhileBehind
 from twisted_criu.link.decompress import ChunkDecoder
 from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IReceivingLink, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
-from twisted_criu.link.resume import ASK_RESUME
 from twisted_criu.progress import Direction, ImageInFlight
 
 #: How much of an image body one read on the link may take.  Bodies are
@@ -109,14 +108,13 @@ class RemoteReceiver(Protocol, TimeoutMixin):
             self.transport.write(status.toBytes())
 
     def _marker(self, header: wire.RemoteHeader) -> None:
-        """A header that carries no image: the end of a dump, SYNC or ABORT."""
+        """A header that carries no image: the end of a dump, SYNC, ABORT or RESUME."""
+        if header.marker is wire.Marker.RESUME:  # where to resume: it confirms nothing
+            for status in self.sink.keptStatuses(self, header.session):
+                self.sendStatus(status)
+            self.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=header.sequence))
+            return
         if header.marker is wire.Marker.SYNC:
-            if (header.linkVersion or 0) >= 4:
-                for status in self.sink.keptStatuses(self, header.session):
-                    self.sendStatus(status)
-                if header.sequence == ASK_RESUME:  # where to resume: no confirmation
-                    self.sendStatus(wire.LinkStatus(wire.LinkStatusKind.SYNCED, sequence=ASK_RESUME))
-                    return
             self.sendStatus(self.sink.syncRequested(self, header.session, header.sequence))
             return
         if header.marker is wire.Marker.ABORT:

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from twisted_criu import wire
 from twisted_criu.criu.variants import ReadVariant, readsInline
-from twisted_criu.daemons.partials import RESUME_GRACE, KeptParts
+from twisted_criu.daemons.partials import RESUME_GRACE, KeptParts, heldWhole
 from twisted_criu.interfaces import (
     IGrowingImage,
     ICaptureService,
@@ -157,7 +157,7 @@ class FakeSink:
         return self.partials.take(str(header.session), (header.snapshotId, header.name), header.offset)
 
     def keptStatuses(self, receiver: IReceivingLink, token: str | None) -> list[wire.LinkStatus]:
-        return self.partials.statuses(str(token))
+        return self.partials.statuses(str(token)) + heldWhole(self.registry)
 
 
 def storedImage(store: IImageStore, data: bytes) -> IStoredImage:
