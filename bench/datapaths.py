@@ -17,8 +17,9 @@ sender and receiver sharing both cores, and pinned to one core each.
     b  splice -> socket            c  tee -> holding pipes, splice -> socket
     d  read + send                 e  read + TLS 1.3 AES-128-GCM + send
   cache (loopback TCP -> memfd; the far end sends from a mapping):
-    f  recv_into + write (today)   g  splice socket -> pipe -> memfd
-    h  recv_into a mapped memfd (MADV_POPULATE_WRITE)
+    f  recv_into + write (today)   f2 the same into pages allocated beforehand
+    g  splice socket -> pipe -> memfd
+    h  recv_into a mapped memfd (MADV_POPULATE_WRITE); h2 the same, pages allocated beforehand
     k  splice socket -> holding pipes (the socket's pages kept: no store)
   serve (memfd -> the restore's pipe; the far end reads into a buffer):
     i  sendfile (today)            j  pread + write
@@ -41,19 +42,20 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from datapaths_io import (  # noqa: E402
-    F_SETPIPE_SZ, GB, MiB, PAGE, TCP_ULP, Meter, block, cacheMove, collect, criuFeeder, discardSink,
+    F_SETPIPE_SZ, GB, allocatedMemfd, MiB, PAGE, TCP_ULP, Meter, block, cacheMove, collect, criuFeeder, discardSink,
     cipherCost, expectedCrc, handshake, newMemfd, pipeSink, proxyMove, serveMove, signal, softirq, spawn,
     tcpFeeder, tlsConnection, wait,
 )
 from twisted_criu.twistd.parsers import parseSize  # noqa: E402
 
 SIDES = {"a": "proxy", "a2": "proxy", "b": "proxy", "c": "proxy", "d": "proxy", "e": "proxy",
-         "f": "cache", "g": "cache", "h": "cache", "k": "cache", "i": "serve", "j": "serve"}
+         "f": "cache", "f2": "cache", "g": "cache", "h": "cache", "h2": "cache", "k": "cache", "i": "serve", "j": "serve"}
 NAMES = {
     "a": "splice->memfd, sendfile->sock", "a2": "splice->memfd, mmap write->sock",
     "b": "splice pipe->sock", "c": "tee->hold pipes, splice->sock", "d": "read + send",
     "e": "read + TLS(AES-128-GCM) + send", "f": "recv_into + write->memfd",
-    "g": "splice sock->pipe->memfd", "h": "recv_into mmap'd memfd", "k": "splice sock->hold pipes", "i": "sendfile memfd->pipe",
+    "f2": "recv_into + write->allocated memfd",
+    "g": "splice sock->pipe->memfd", "h": "recv_into mmap'd memfd", "h2": "recv_into mmap'd allocated memfd", "k": "splice sock->hold pipes", "i": "sendfile memfd->pipe",
     "j": "pread + write->pipe",
 }
 
@@ -102,11 +104,12 @@ def runOnce(kind: str, size: int, opts: argparse.Namespace, split: bool) -> dict
     elif side == "cache":
         def cacheJob() -> dict[str, Any]:
             sock, _ = listener.accept()
+            pool = allocatedMemfd(size) if kind in ("f2", "h2") else -1
             signal(readyW)
             wait(goR)
             meter = Meter()
             meter.start()
-            kept = cacheMove(kind, sock, size, opts.holdSize)
+            kept = cacheMove(kind, sock, size, opts.holdSize, pool)
             return meter.result(**kept.check(opts.verify))
 
         children["path"] = spawn(cacheJob, here, ours, readyW)
@@ -273,7 +276,7 @@ def main(argv: list[str], say: Callable[[str], None] = print) -> int:
         opts.holdSize = min(granted, 64 * MiB)
     say(probeKernelTLS())
     say(f"largest pipe F_SETPIPE_SZ grants: {granted // MiB} MiB (next: {why}); pipe-max-size "
-        f"{open('/proc/sys/fs/pipe-max-size').read().strip()}; loadavg {' '.join(os.getloadavg().__str__()[1:-1].split(', '))}")
+        f"{open('/proc/sys/fs/pipe-max-size').read().strip()}; loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     modes = {"both": ["shared", "split"], "shared": ["shared"], "split": ["split"]}[opts.affinity]
     report: dict[str, Any] = {"size": opts.size, "runs": {}, "medians": {}}
     for mode in modes:

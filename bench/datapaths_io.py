@@ -446,10 +446,17 @@ def spliceKeep(sock: socket.socket, holdSize: int) -> Kept:
     return Kept(pipes=holds)
 
 
-def cacheMove(kind: str, sock: socket.socket, size: int, holdSize: int) -> Kept:
-    """Store what C{sock} brings (C{size} bytes) in a memfd, the C{kind} way."""
-    if kind == "f":  # today
-        fd, buf = newMemfd(), bytearray(MiB)
+def allocatedMemfd(size: int) -> int:
+    """A memfd whose C{size} bytes of pages are already allocated (a pool of store pages, reused)."""
+    fd = newMemfd()
+    os.posix_fallocate(fd, 0, size)
+    return fd
+
+
+def cacheMove(kind: str, sock: socket.socket, size: int, holdSize: int, pool: int = -1) -> Kept:
+    """Store what C{sock} brings (C{size} bytes) in a memfd (C{pool} if given), the C{kind} way."""
+    if kind in ("f", "f2"):  # today (f2: into pages allocated beforehand)
+        fd, buf = newMemfd() if pool < 0 else pool, bytearray(MiB)
         view = memoryview(buf)
         while n := sock.recv_into(buf):
             os.write(fd, view[:n])
@@ -465,7 +472,7 @@ def cacheMove(kind: str, sock: socket.socket, size: int, holdSize: int) -> Kept:
         os.close(r)
         os.close(w)
         return Kept(memfd=fd, size=size)
-    fd = newMemfd(size)
+    fd = newMemfd(size) if pool < 0 else pool  # h2: pages allocated beforehand
     m = mmap.mmap(fd, size)
     view, got, ahead, step = memoryview(m), 0, 0, 8 * MiB
     while got < size:

@@ -15,7 +15,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "datapaths.py")
-PATHS = ["a", "a2", "b", "c", "d", "e", "f", "g", "h", "k", "i", "j"]
+PATHS = ["a", "a2", "b", "c", "d", "e", "f", "f2", "g", "h", "h2", "k", "i", "j"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
