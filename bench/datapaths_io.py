@@ -390,7 +390,7 @@ def teeThrough(pipe: int, out: int, holdSize: int) -> Kept:
     os.set_blocking(pipe, False)
     while True:
         if not teed:
-            if not room and poller.poll(0):
+            if not room and poller.poll(0) and _hasBytes(pipe):
                 if w >= 0:
                     os.close(w)  # a full holding pipe needs only its read end
                 r, w, room = newHoldingPipe(holdSize)
