@@ -42,10 +42,10 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from datapaths_io import (  # noqa: E402
-    F_SETPIPE_SZ, GB, allocatedMemfd, MiB, PAGE, TCP_ULP, Meter, block, cacheMove, collect, criuFeeder, discardSink,
-    cipherCost, expectedCrc, handshake, newMemfd, pipeSink, proxyMove, serveMove, signal, softirq, spawn,
-    tcpFeeder, tlsConnection, wait,
+    F_SETPIPE_SZ, GB, MiB, PAGE, TCP_ULP, Meter, block, cipherCost, collect, criuFeeder, discardSink,
+    expectedCrc, handshake, pipeSink, signal, softirq, spawn, tcpFeeder, tlsConnection, wait,
 )
+from datapaths_paths import allocatedMemfd, cacheMove, newMemfd, proxyMove, serveMove  # noqa: E402
 from twisted_criu.twistd.parsers import parseSize  # noqa: E402
 
 SIDES = {"a": "proxy", "a2": "proxy", "b": "proxy", "c": "proxy", "d": "proxy", "e": "proxy",
