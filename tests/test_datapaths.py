@@ -1,5 +1,5 @@
 """
-bench/datapaths.py, so that it does not rot: every path once at a tiny
+bench/datapaths (python -m bench.datapaths), so that it does not rot: every path once at a tiny
 size with the bytes checked at both ends (what arrived and what was kept),
 and its command line refusing sizes it cannot use.
 """
@@ -14,12 +14,14 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "datapaths.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ["a", "a2", "b", "c", "d", "e", "f", "f2", "g", "h", "h2", "k", "i", "j"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "bench.datapaths", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 class DataPathsTests(SynchronousTestCase):

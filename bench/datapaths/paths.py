@@ -1,5 +1,5 @@
 """
-The paths of bench/datapaths.py: each moves a whole transfer as a blocking
+The paths of bench/datapaths: each moves a whole transfer as a blocking
 loop of 1 MiB system calls, in the process the caller forked for it, and
 returns what it kept (checked and freed after the timing).
 """
@@ -16,7 +16,7 @@ import struct
 import termios
 from typing import Any
 
-from datapaths_io import F_SETPIPE_SZ, MADV_POPULATE_WRITE, SPLICE_F_NONBLOCK, Crc, MiB, tee
+from bench.datapaths.plumbing import F_SETPIPE_SZ, MADV_POPULATE_WRITE, SPLICE_F_NONBLOCK, Crc, MiB, tee
 
 
 def newMemfd(size: int = 0) -> int:

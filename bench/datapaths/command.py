@@ -24,7 +24,7 @@ sender and receiver sharing both cores, and pinned to one core each.
   serve (memfd -> the restore's pipe; the far end reads into a buffer):
     i  sendfile (today)            j  pread + write
 
-    python bench/datapaths.py [--size 1G] [--runs 3] [--paths a,b,...]
+    python -m bench.datapaths [--size 1G] [--runs 3] [--paths a,b,...]
         [--affinity both|shared|split] [--verify] [--json FILE]
 """
 
@@ -39,14 +39,12 @@ import statistics
 import sys
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from datapaths_io import (  # noqa: E402
+from bench.datapaths.plumbing import (
     F_SETPIPE_SZ, GB, MiB, PAGE, TCP_ULP, Meter, block, cipherCost, collect, criuFeeder, discardSink,
     expectedCrc, handshake, pipeSink, signal, softirq, spawn, tcpFeeder, tlsConnection, wait,
 )
-from datapaths_paths import allocatedMemfd, cacheMove, newMemfd, proxyMove, serveMove  # noqa: E402
-from twisted_criu.twistd.parsers import parseSize  # noqa: E402
+from bench.datapaths.paths import allocatedMemfd, cacheMove, newMemfd, proxyMove, serveMove
+from twisted_criu.twistd.parsers import parseSize
 
 SIDES = {"a": "proxy", "a2": "proxy", "b": "proxy", "c": "proxy", "d": "proxy", "e": "proxy",
          "f": "cache", "f2": "cache", "g": "cache", "h": "cache", "h2": "cache", "k": "cache", "i": "serve", "j": "serve"}
@@ -237,7 +235,7 @@ def positiveSize(text: str) -> int:
 
 
 def parseArgs(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="admin/bench-datapaths", description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=positiveSize, default=positiveSize("1G"), help="bytes per transfer (default 1G)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each path; medians are reported (default 3)")
     parser.add_argument("--paths", default=",".join(SIDES), help="comma-separated paths (default: all)")
@@ -294,6 +292,3 @@ def main(argv: list[str], say: Callable[[str], None] = print) -> int:
             json.dump(report, f, indent=1)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

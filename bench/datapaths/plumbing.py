@@ -1,5 +1,5 @@
 """
-The plumbing of bench/datapaths.py: the syscalls Python lacks (vmsplice,
+The plumbing of bench/datapaths: the syscalls Python lacks (vmsplice,
 tee), the stamped bytes, the per-process meter and fork, TLS, and the far
 ends (criu's feeder, the discarding receiver, criu restore's reader).
 """

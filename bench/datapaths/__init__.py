@@ -1,0 +1,1 @@
+"""What each way of moving image bytes costs in CPU, measured alone (python -m bench.datapaths)."""
