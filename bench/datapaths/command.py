@@ -36,7 +36,6 @@ import json
 import os
 import socket
 import statistics
-import sys
 from typing import Any, Callable
 
 from bench.datapaths.plumbing import (
