@@ -24,6 +24,7 @@ from twisted_criu.flow.pacing import pauseWhileBehind
 from twisted_criu.link.decompress import ChunkDecoder
 from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IReceivingLink, ISnapshotRegistry
 from twisted_criu.keys import ImageKey, describe
+from twisted_criu.link.headers import readHeader
 from twisted_criu.progress import Direction, ImageInFlight
 
 #: How much of an image body one read on the link may take.  Bodies are
@@ -182,21 +183,11 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                     return
                 continue
             try:
-                if self.imagesReceived == 0 and not self._frames.pending and _looksLikeTLS(data):
-                    raise ProtocolError(
-                        "the peer speaks TLS (a proxy with the link key, or --tls) and this"
-                        " link is plain (--plain-link): give both ends the same choice"
-                    )
-                payload = self._frames.feed(bytes(data))
-                if payload is None:
-                    return
-                header = wire.RemoteHeader.fromBytes(payload)
+                header = readHeader(self._frames, data, first=self.imagesReceived == 0)
             except ProtocolError as e:
-                self.log.error(
-                    "bad frame from the proxy, dropping the link: {error}",
-                    error=str(e),
-                )
-                self.transport.abortConnection()
+                self._badFrame(str(e))
+                return
+            if header is None:
                 return
             data = self._frames.takeRest()
             if header.linkVersion is not None and not self.peerExtended:
@@ -488,11 +479,6 @@ class RemoteReceiver(Protocol, TimeoutMixin):
                 "link lost inside a header frame ({n} bytes)", n=self._frames.pending
             )
         self.sink.linkClosed(self, clean)
-
-
-def _looksLikeTLS(data: bytes | memoryview) -> bool:
-    """A TLS handshake record (type 22, version 3.x), where a header frame should start."""
-    return len(data) >= 3 and data[0] == 0x16 and data[1] == 0x03 and 1 <= data[2] <= 4
 
 
 class RemoteReceiverFactory(Factory):
