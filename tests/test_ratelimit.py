@@ -30,7 +30,6 @@ from twisted_criu import cli
 from twisted_criu.cli.control import describeLink
 from twisted_criu.daemons.metrics import DaemonCollector, ErrorCounter
 from twisted_criu.daemons.proxy import ImageProxyService
-from twisted_criu.flow import ratelimit
 from twisted_criu.flow.ratelimit import LinkThrottle, RateLimitedEndpoint, TokenBucket, describeRate, throttleOf
 from twisted_criu.progress import Activity, Direction
 from twisted_criu.twistd import proxy_tap
