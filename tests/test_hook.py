@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -28,6 +29,22 @@ class HookCommandTests(SynchronousTestCase):
     def test_otherActionsExitZeroAtOnce(self) -> None:
         for action in ("pre-dump", "network-lock", "post-restore", "pre-resume", "pre-stream"):
             self.assertEqual(self.main({"CRTOOLS_SCRIPT_ACTION": action}), (0, "", ""))
+
+    def test_ignoredActionsImportNothing(self) -> None:
+        """
+        criu runs the hook a dozen times while the process is frozen: the
+        actions it ignores load no network, HTTP or temp-file module.
+        """
+        probe = (
+            "import sys\n"
+            "from twisted_criu import hook\n"
+            "try:\n"
+            "    hook.main([], {'CRTOOLS_SCRIPT_ACTION': 'network-unlock'})\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('socket', 'http.client', 'json', 'tempfile') if m in sys.modules))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.stdout.strip(), "0 []", result.stderr)
 
     def test_notRunByCriu(self) -> None:
         code, _, err = self.main({})

@@ -21,16 +21,17 @@ and starts in a fraction of the time a reactor would take.
 
 from __future__ import annotations
 
+# criu runs its action script at every step of a dump or a restore (a
+# dozen times), and the process is frozen meanwhile: the actions this hook
+# ignores must cost only the interpreter's start, so every other import
+# is made where it is needed.
 import os
-import socket
-import stat
 import sys
-import tempfile
-import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import http.client
+    from typing import Any, TextIO
 
 #: Where each action's daemon listens, in criu's images directory.
 CONTROL_SOCKETS = {
@@ -68,6 +69,7 @@ def unixConnection(path: str, timeout: float) -> http.client.HTTPConnection:
     actions need no HTTP at all).
     """
     import http.client
+    import socket
 
     class UnixConnection(http.client.HTTPConnection):
         def connect(self) -> None:
@@ -109,6 +111,9 @@ def controlPath(action: str, environ: dict[str, str], criuPid: int) -> str | Non
 
 def _stateDirectory() -> str:
     """A directory only this user can write, for what one run of criu's hooks tells the next."""
+    import stat
+    import tempfile
+
     base = "/run" if os.geteuid() == 0 and os.path.isdir("/run") else tempfile.gettempdir()
     directory = os.path.join(base, f"twisted-criu-hook-{os.geteuid()}")
     try:
@@ -154,9 +159,12 @@ def runHook(action: str, path: str, out: TextIO) -> int:
     """Ask the daemon at C{path} to do C{action}; print what happens; the exit status."""
     daemon = "proxy" if CONTROL_SOCKETS[action].startswith("proxy") else "cache"
     consequence = "; criu resumes the process" if action == "post-dump" else ""
-    started = time.monotonic()
     import http.client
     import json
+    import socket
+    import time
+
+    started = time.monotonic()
 
     connection = unixConnection(path, SILENCE)
     try:
