@@ -10,6 +10,7 @@ close their descriptor when done and report how they ended.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from typing import Any, Callable
@@ -29,6 +30,32 @@ PIPE_READ_SIZE = 1 << 18
 
 #: How much one splice or sendfile may move.
 SPLICE_SIZE = 1 << 20
+
+#: The capacity criu's pipes are given (the default is 64 KiB: a reactor
+#: round trip, and a wake-up of criu, per 64 KiB moved).
+PIPE_SIZE = 1 << 20
+
+_F_GETPIPE_SZ = 1032
+_F_SETPIPE_SZ = 1031
+
+
+def enlargePipe(fd: int, size: int = PIPE_SIZE) -> int:
+    """
+    Give the pipe C{fd} a capacity of C{size} if it has less, as far as
+    the system lets us (an unprivileged user's pipes may not grow past
+    C{/proc/sys/fs/pipe-max-size}, nor past its pipe page budget): its
+    capacity after.
+    """
+    try:
+        current: int = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+        if current >= size:
+            return current
+        return int(fcntl.fcntl(fd, _F_SETPIPE_SZ, size))
+    except OSError:
+        try:
+            return int(fcntl.fcntl(fd, _F_GETPIPE_SZ))
+        except OSError:
+            return 0
 
 
 def checkPipe(fd: int) -> None:
@@ -69,6 +96,7 @@ class PipeReader(abstract.FileDescriptor):
     ) -> None:
         super().__init__(reactor)
         os.set_blocking(fd, False)
+        enlargePipe(fd)
         self._fd = fd
         self._dataReceived = dataReceived
         self._spliceInto = spliceInto
@@ -150,6 +178,7 @@ class PipeWriter(abstract.FileDescriptor):
     ) -> None:
         super().__init__(reactor)
         os.set_blocking(fd, False)
+        enlargePipe(fd)
         self._fd = fd
         self._ended: Callable[[Failure], None] | None = ended
         self.connected = 1
