@@ -176,3 +176,39 @@ class GrowingImageTests(SynchronousTestCase):
         self.assertFalse(transfer.waiting)
         stream = transport.value()
         self.assertEqual(stream[-4:], wire.CHUNK_LENGTH.pack(wire.CHUNK_END))
+
+
+class LinkRateTests(SynchronousTestCase):
+    def test_backloggedLinkMeasured(self) -> None:
+        """
+        While the link keeps pausing us (its buffers full), what it takes
+        per second is its rate: measured without a raw probe (on a TLS
+        link, where raw chunks are written, none ever measured it and auto
+        kept sending raw).
+        """
+        from twisted_criu.flow.compressing import BACKLOG_WINDOW, CompressedImage
+
+        clock = Clock()
+        compression = InlineCompression(Mode.ZSTD, clock)
+        data = os.urandom(1 << 20) * 24
+        transfer = CompressedImage(storedImage(MemoryStore(), data), compression)
+        transport = _FullAfterEachWrite()
+        transfer.sendTo(transport)
+        written = len(transport.value())
+        while compression.policy.linkRate is None:
+            clock.advance(BACKLOG_WINDOW / 4)
+            transfer.resumeProducing()  # a little drained: one more chunk goes
+            self.assertGreater(len(transport.value()), written, "nothing written: the test cannot measure")
+            written = len(transport.value())
+        rate = compression.policy.linkRate
+        expected = CHUNK / (BACKLOG_WINDOW / 4)  # a chunk each time the link made room
+        self.assertTrue(0.75 * expected <= rate <= 1.25 * expected, (rate, expected))
+
+
+class _FullAfterEachWrite(StringTransport):
+    """A link whose buffers are full after every write: it pauses its producer."""
+
+    def writeSequence(self, data: Any) -> None:
+        super().writeSequence(data)
+        if self.producer is not None:
+            self.producer.pauseProducing()

@@ -33,6 +33,17 @@ class PolicyTests(SynchronousTestCase):
         self.assertTrue(self.policy.compressNext())
         self.assertFalse(self.policy.plainImage())
 
+    def test_tinyImagesDecideNothing(self) -> None:
+        """
+        A 12-byte image never shrinks: it must not make a 512 MiB image that
+        follows go raw (it did, the whole image the plain way).
+        """
+        for _ in range(5):
+            self.policy.compressed(12, 21, 0.0001)
+            self.policy.compressed(2000, 1900, 0.0001)
+        self.assertTrue(self.policy.compressNext())
+        self.assertFalse(self.policy.plainImage())
+
     def test_compressibleOnASlowLink(self) -> None:
         """2.6x data, 170 MB/s a core, a 125 MB/s link: compress (and probe raw rarely)."""
         self.feed(2.6, 170 * MB, 125 * MB)

@@ -32,8 +32,10 @@ _ABORT = wire.CHUNK_LENGTH.pack(wire.CHUNK_ABORT)
 
 #: A backlogged stretch shorter than this says nothing of the link's rate.
 MIN_DRAIN_SECONDS = 0.02
+#: How long a stretch of backlog is measured at a time.
+BACKLOG_WINDOW = 0.25
 #: A raw run shorter than this says nothing of the link's rate either.
-MIN_DRAIN_BYTES = 1 << 22
+MIN_DRAIN_BYTES = 1 << 23
 
 
 class _Chunk:
@@ -117,7 +119,22 @@ class CompressedImage:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._measureBacklog()
         self._pump()
+
+    def _measureBacklog(self) -> None:
+        """
+        The link has been the bottleneck since it first paused us (its
+        buffers full): what it took since then, over a long enough
+        stretch, is its rate.
+        """
+        since = self._backlogSince
+        if since is None:
+            return
+        now = self._clock.seconds()
+        if now - since >= BACKLOG_WINDOW and self._backlogBytes >= MIN_DRAIN_BYTES:
+            self._compression.policy.drained(self._backlogBytes, now - since)
+            self._backlogSince, self._backlogBytes = now, 0
 
     def stopProducing(self) -> None:
         self._finish(b"", Failure(ConnectionLost("the link went away during the image")))

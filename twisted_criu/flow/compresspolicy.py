@@ -24,8 +24,13 @@ MARGIN = 1.1
 WEIGHT = 0.3
 #: Seconds between probes of the choice not taken.
 PROBE_INTERVAL = 2.0
-#: Chunks a raw probe sends (enough for the link to be the bottleneck).
-RAW_PROBE_CHUNKS = 8
+#: Chunks a raw probe sends (enough for the link to be the bottleneck:
+#: past the socket's buffer and a shaper's queue, which take several MiB
+#: at once and would make any link look fast).
+RAW_PROBE_CHUNKS = 16
+#: Chunks smaller than this say nothing of how the data compresses (a
+#: 12-byte image never shrinks), and are not counted.
+MIN_SAMPLE = 1 << 16
 #: Chunks sent raw in a row, once raw is the choice, before asking again.
 RAW_RUN_CHUNKS = 32
 
@@ -56,7 +61,7 @@ class CompressionPolicy:
 
     def compressed(self, raw: int, compressed: int, seconds: float) -> None:
         """A chunk of C{raw} bytes compressed to C{compressed} in C{seconds} of one thread."""
-        if raw <= 0:
+        if raw < MIN_SAMPLE:
             return
         self.ratio = _average(self.ratio, raw / max(compressed, 1))
         if seconds > 0:
