@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_criu.flow.pipes import PipeWriter
+from twisted_criu.flow.pipes import PIPE_SIZE, PipeWriter
 from twisted_criu.flow.send import CHUNK_SIZE, OutgoingImage
 from twisted_criu.interfaces import IStoredImage
 from twisted_criu.link.sender import RemoteSender
@@ -20,7 +20,8 @@ from twisted_criu.storage.memory import MemoryStore
 from twisted_criu.storage.spill import SpillStore
 from twisted_criu.testing.fakes import FakeLinkSource, FakeLocalService, pump, storedImage
 
-PIPE_CAPACITY = 1 << 16
+#: What PipeWriter gives criu's pipe (it enlarges it to that).
+PIPE_CAPACITY = PIPE_SIZE
 IMAGE = os.urandom(4 << 20)
 
 
