@@ -29,7 +29,7 @@ from twisted_criu.testing.demo.real import hookProgram
 from twisted_criu.twistd.parsers import parseSize
 
 #: The variants: the baseline, and twisted-criu with each C{--compress} mode.
-MODES = ("baseline", "none", "auto", "zstd", "lz4")
+MODES = ("baseline", "none", "auto", "zstd")
 #: The ones run by default.
 DEFAULT_MODES = ("baseline", "none", "auto")
 
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", type=listOf(checkRate), default=["1gbit", "10gbit", "none"],
                    help="link rates (tc rates; none = unshaped) [1gbit,10gbit,none]")
     p.add_argument("--modes", type=listOf(checkMode), default=list(DEFAULT_MODES),
-                   help="variants: baseline (tar|socat); none, auto, zstd, lz4 (twisted-criu --compress MODE)"
+                   help="variants: baseline (tar|socat); none, auto, zstd (twisted-criu --compress MODE)"
                    " [baseline,none,auto]")
     p.add_argument("--seed", type=int, default=12, help="the data set's seed [12]")
     p.add_argument("--json", help="also write the results to this file")
