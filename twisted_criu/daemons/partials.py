@@ -16,7 +16,7 @@ send again.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from attrs import define
 from twisted.internet.interfaces import IDelayedCall
@@ -121,16 +121,10 @@ class KeptParts:
             return kept.writer
         if kept is not None:
             size = kept.writer.size
-            self._drop(kept)
             if not offset:
-                self.log.info(
-                    "discarded the {size} bytes kept of {image} (session {id}): its proxy sends it"
-                    " from the start",
-                    size=size,
-                    image=describe(key),
-                    id=sessionId,
-                )
+                self._discard(sessionId, key, kept, "its proxy sends it from the start", self.log.info)
                 return None
+            self._drop(kept)
             self.log.error(
                 "the proxy resumes {image} (session {id}) at byte {offset}, but {size} bytes of it"
                 " are kept: discarded; dropping the link",
@@ -152,15 +146,7 @@ class KeptParts:
     def discardSession(self, sessionId: str, why: str) -> None:
         """C{sessionId} ended: discard what is kept of it."""
         for key, kept in self._parts.pop(sessionId, {}).items():
-            size = kept.writer.size
-            self._drop(kept)
-            self.log.warn(
-                "discarded the {size} bytes kept of {image} (session {id}): {why}",
-                size=size,
-                image=describe(key),
-                id=sessionId,
-                why=why,
-            )
+            self._discard(sessionId, key, kept, why)
 
     def clear(self) -> None:
         """The cache stops: discard everything, quietly."""
@@ -174,15 +160,20 @@ class KeptParts:
         if kept is None:
             return
         kept.timer = None
+        self._discard(sessionId, key, kept, f"its proxy did not come back within {self.grace:g} s")
+
+    def _discard(
+        self, sessionId: str, key: ImageKey, kept: _Kept, why: str, log: Callable[..., None] | None = None
+    ) -> None:
+        """Drop C{kept}, the part of C{key} kept for C{sessionId}, and say why."""
         size = kept.writer.size
         self._drop(kept)
-        self.log.warn(
-            "discarded the {size} bytes kept of {image} (session {id}): its proxy did not come"
-            " back within {grace} s",
+        (log or self.log.warn)(
+            "discarded the {size} bytes kept of {image} (session {id}): {why}",
             size=size,
             image=describe(key),
             id=sessionId,
-            grace=f"{self.grace:g}",
+            why=why,
         )
 
     def _pop(self, sessionId: str, key: ImageKey) -> _Kept | None:
