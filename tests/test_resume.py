@@ -11,8 +11,8 @@ from typing import Any
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -28,6 +28,7 @@ from twisted_criu.storage.spill import SpillStore
 from twisted_criu.testing.fakes import FakeLinkSource, FakeSink, driveProducer, storedImage
 
 from .helpers import marker
+from .test_receiver import _ReceiverCase
 
 TOKEN = FakeLinkSource.sessionToken
 KEY = ("snap1", "pages-1.img")
@@ -48,26 +49,15 @@ def resumed(offset: int, rest: bytes, end: int = wire.CHUNK_END) -> bytes:
     return out + wire.CHUNK_LENGTH.pack(end)
 
 
-class _Case(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.sink = FakeSink()
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
-
-    def connect(self) -> tuple[RemoteReceiver, StringTransport]:
-        receiver = RemoteReceiver(self.sink)
-        transport = StringTransport()
-        receiver.makeConnection(transport)
-        return receiver, transport
-
+class _Case(_ReceiverCase):
     def breakAfter(self, data: bytes) -> None:
         """A link that carries C{data}, then breaks."""
         receiver, _ = self.connect()
         receiver.dataReceived(data)
         receiver.connectionLost(Failure(ConnectionLost("cut")))
 
-    def stored(self) -> bytes | None:
-        image = self.sink.registry.get(KEY)
-        return None if image is None else readAll(image)
+    def stored(self, name: str = KEY[1]) -> bytes | None:
+        return super().stored(name)
 
     def logged(self, level: LogLevel = LogLevel.warn) -> list[str]:
         return [e["log_format"].format(**e) for e in self.events if e["log_level"] >= level]
