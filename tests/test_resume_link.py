@@ -189,6 +189,25 @@ class _Harness(TestCase):
         self.addCleanup(self.m.proxy.stopService)
 
 
+    def dump(self, gate: threading.Event) -> Deferred[None]:
+        """criu's dump, held half-way in its gated image until C{gate} is set."""
+        raise NotImplementedError
+
+    @inlineCallbacks
+    def dumpThroughRelay(self, tls: bool, schedule: int | list[int]) -> Any:
+        """
+        Both daemons, linked through a L{Relay} that cuts the link C{CUTS}
+        times by C{schedule}, and the dump, let past half-way at the second
+        cut; the relay.
+        """
+        key = loadKey(os.environ["TWISTED_CRIU_LINK_KEY"], create=True) if tls else None
+        port = yield self.startCache(key)
+        gate = threading.Event()
+        relay = Relay(port, schedule, CUTS, lambda n: reactor.callInThread(gate.set) if n == 2 else None)
+        yield self.startProxy(key, relay)
+        yield self.dump(gate)
+        return relay
+
 
 class ResumeTests(_Harness):
     """A session of one large image, cut in its middle."""
@@ -210,12 +229,7 @@ class ResumeTests(_Harness):
     @inlineCallbacks
     def migrate(self, tls: bool) -> Any:
         """Migrate a C{SIZE} image through a relay cutting it C{CUTS} times; the relay."""
-        key = loadKey(os.environ["TWISTED_CRIU_LINK_KEY"], create=True) if tls else None
-        port = yield self.startCache(key)
-        gate = threading.Event()
-        relay = Relay(port, EVERY, CUTS, lambda n: reactor.callInThread(gate.set) if n == 2 else None)
-        yield self.startProxy(key, relay)
-        yield self.dump(gate)
+        relay = yield self.dumpThroughRelay(tls, EVERY)
         restored = yield inThread(self.m.restore.read, "snap1", "pages-1.img")
         self.assertTrue(restored == self.data, "the restored image differs")
         self.assertEqual(relay.cuts, CUTS)
@@ -309,12 +323,7 @@ class SeveralImagesTests(_Harness):
     @inlineCallbacks
     def migrate(self, tls: bool) -> Any:
         """Migrate the images through a relay cutting the link C{CUTS} times in the second large one."""
-        key = loadKey(os.environ["TWISTED_CRIU_LINK_KEY"], create=True) if tls else None
-        port = yield self.startCache(key)
-        gate = threading.Event()
-        relay = Relay(port, SCHEDULE, CUTS, lambda n: reactor.callInThread(gate.set) if n == 2 else None)
-        yield self.startProxy(key, relay)
-        yield self.dump(gate)
+        relay = yield self.dumpThroughRelay(tls, SCHEDULE)
         for name, data in self.images.items():
             restored = yield inThread(self.m.restore.read, "snap1", name)
             self.assertTrue(restored == data, f"the restored {name} differs")
