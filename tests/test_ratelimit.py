@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.test.proto_helpers import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.helpers import inThread
+from tests.helpers import inThread, waitFor
 from tests.test_tls import TLSMigration
 from twisted_criu import cli
 from twisted_criu.cli.control import describeLink
@@ -384,6 +384,11 @@ class LimitedLinkMixin:
         elapsed = reactor.seconds() - started
         self.checkLimited(relay, rate, size, elapsed)
         case.assertIn("at most 12 MB/s (--rate-limit)", out.getvalue())
+        # push returns once the cache confirmed; its end of the link (through
+        # the relay) closes a moment later: not after the test.
+        cache = m.cache
+        assert cache is not None
+        yield waitFor(lambda: not cache.proxiesLinked)
 
 
 class PlainLinkTests(LimitedLinkMixin, TestCase):
