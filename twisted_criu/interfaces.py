@@ -157,9 +157,13 @@ class IGrowableWriter(IImageWriter):
     """A writer whose image can be read while it is being written."""
 
     writing = Attribute("Neither committed nor aborted yet.")
+    size = Attribute("Bytes written so far.")
 
     def follow() -> IGrowingImage:
         """A reader of this image from its first byte, following the writer."""
+
+    def whenGrown(size: int) -> Deferred[None]:
+        """Fires once the write holds C{size} bytes, or has ended (committed or aborted)."""
 
 
 # -- the snapshot registry ------------------------------------------------------

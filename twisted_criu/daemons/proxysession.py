@@ -44,6 +44,7 @@ from twisted_criu.interfaces import (
     IStoredImage,
 )
 from twisted_criu.keys import ImageKey, describe
+from twisted_criu.link.livewrites import LiveWrites
 from twisted_criu.link.resume import Resumption
 from twisted_criu.flow.compress import LinkCompression
 from twisted_criu.link.sender import RemoteSenderFactory
@@ -102,8 +103,8 @@ class ProxySession:
         self._hashing = 0
         self.registry.onPublish(self._published)
         self.registry.onWriteStarted(self._writeStarted)
-        #: Writes under way that the link may cut through, oldest first.
-        self._writes: dict[ImageKey, IGrowableWriter] = {}
+        #: Writes under way that the link may cut through.
+        self._writes = LiveWrites(self._offerLive)
         self.seed = False
         self.onDelivered: Callable[[SessionSummary], None] = lambda summary: None
         self.onAborted: Callable[[str, bool], None] = lambda why, dumping: None
@@ -215,19 +216,24 @@ class ProxySession:
         self._resume.forwarding(key, version)
 
     def nextLive(self) -> tuple[ImageKey, IGrowingImage] | None:
-        """The oldest image criu is still writing, for a link that is free (a broken-off one first)."""
-        again = self._resume.liveToResume()
-        while again is not None or self._writes:
-            key, writer = again if again is not None else next(iter(self._writes.items()))
-            self._writes.pop(key, None)
-            again = None
-            if writer.writing:
-                try:
-                    growing = writer.follow()
-                    self._resume.followed(growing, writer)
-                    return key, growing
-                except OSError as e:  # no descriptor: it goes whole once complete
-                    self.log.warn("cannot cut {image} through: {why}", image=describe(key), why=e.strerror)
+        """
+        For a link that is free: a broken-off cut-through first, else the
+        image criu is writing that L{LiveWrites} picks.
+        """
+        live = self._resume.liveToResume()
+        if live is not None:
+            self._writes.discard(live[0])
+        else:
+            live = self._writes.take()
+        while live is not None:
+            key, writer = live
+            try:
+                growing = writer.follow()
+                self._resume.followed(growing, writer)
+                return key, growing
+            except OSError as e:  # no descriptor: it goes whole once complete
+                self.log.warn("cannot cut {image} through: {why}", image=describe(key), why=e.strerror)
+            live = self._writes.take()
         return None
 
     def statusReceived(self, sender: ISendingLink, status: wire.LinkStatus) -> None:
@@ -271,17 +277,17 @@ class ProxySession:
         if not self.cutThrough or not IGrowableWriter.providedBy(writer):
             return
         self._resume.writeStarted(key, writer)
-        self._writes.pop(key, None)
-        self._writes[key] = writer
+        self._writes.started(key, writer)
+
+    def _offerLive(self) -> None:
+        """A write has grown enough to be cut through, if the link is free."""
         sender = self._sender
         if sender is not None:
             sender.offerLive()
 
     def _published(self, key: ImageKey, image: IStoredImage) -> None:
         self._resume.published(key, image)
-        writer = self._writes.get(key)
-        if writer is not None and not writer.writing:
-            del self._writes[key]
+        self._writes.ended(key)
         sender = self._sender
         if sender is not None and sender.cutThrough(key, image):
             return  # already on its way

@@ -150,6 +150,8 @@ class _SpillWriter:
         self._segments: list[_Segment] = []
         self._staged: _StagedFile | None = None
         self._followers: list[_GrowingReader] = []
+        #: Who waits for the write to reach a size (L{whenGrown}).
+        self._growthWaiters: list[tuple[int, Deferred[None]]] = []
         self.size = 0
         self.writing = True
 
@@ -162,6 +164,23 @@ class _SpillWriter:
         reader = _GrowingReader(self)
         self._followers.append(reader)
         return reader
+
+    def whenGrown(self, size: int) -> Deferred[None]:
+        """Fires once C{size} bytes are written, or the write has ended."""
+        d: Deferred[None] = Deferred()
+        self._growthWaiters.append((size, d))
+        self._wakeGrown()
+        return d
+
+    def _wakeGrown(self) -> None:
+        waiters = self._growthWaiters
+        if not waiters:
+            return
+        ended = not self.writing
+        self._growthWaiters = [(size, d) for size, d in waiters if size > self.size and not ended]
+        for size, d in waiters:
+            if size <= self.size or ended:
+                d.callback(None)
 
     def _unfollow(self, reader: _GrowingReader) -> None:
         if reader in self._followers:
@@ -223,6 +242,7 @@ class _SpillWriter:
         self._wrote(segment, n, n)
         if self._followers:
             self._notify()
+        self._wakeGrown()
 
     def spliceFrom(self, fd: int, count: int) -> int:
         """
@@ -242,6 +262,8 @@ class _SpillWriter:
         self._wrote(segment, count, n)
         if n and self._followers:
             self._notify()
+        if n:
+            self._wakeGrown()
         return n
 
     def _closeAll(self) -> None:
@@ -271,6 +293,7 @@ class _SpillWriter:
         if small is not None:
             for segment in segments:
                 self._store._drop(segment)
+        self._wakeGrown()
         return image
 
     def _asBytes(self, segments: list[_Segment]) -> MemoryImage | None:
@@ -293,6 +316,7 @@ class _SpillWriter:
         self._notify(aborted=True)
         self._closeAll()
         self.size = 0
+        self._wakeGrown()
 
 
 @implementer(IImageStore)
