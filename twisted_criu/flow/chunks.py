@@ -138,7 +138,10 @@ class _WrittenChunks:
                 return
             self.waiting = False
             self.sent += len(data)
-            self.transport.write(wire.CHUNK_LENGTH.pack(len(data)) + data)
+            # Two writes, not one of the two joined: TLS encrypts each at
+            # once, and joining copied every chunk (0.6 CPU-s/GB).
+            self.transport.write(wire.CHUNK_LENGTH.pack(len(data)))
+            self.transport.write(data)
 
     def _finish(self, marker: bytes, failure: Failure | None) -> None:
         if self.finished:

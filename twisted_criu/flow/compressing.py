@@ -259,7 +259,8 @@ class CompressedImage:
         self.wireBytes += len(body)
         if self._backlogSince is not None:
             self._backlogBytes += len(body)
-        self._transport.writeSequence([word, body])
+        self._transport.write(word)  # (not writeSequence: TLS joins it, a copy)
+        self._transport.write(body)
 
     def _drained(self) -> None:
         """The link caught up: what it took while backlogged is its rate."""
