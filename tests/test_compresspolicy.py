@@ -30,8 +30,15 @@ class PolicyTests(SynchronousTestCase):
             self.clock.advance(step)
         return made
 
-    def test_compressesFirstToMeasure(self) -> None:
-        """Nothing measured yet: the first chunk is compressed (that measures it)."""
+    def test_rawUntilTheLinkHoldsUp(self) -> None:
+        """
+        Nothing measured yet: raw, in chunks (that measures the link);
+        once the link has held bytes up, a chunk is compressed (that
+        measures the compressor).
+        """
+        self.assertEqual(self.choices(40), [False] * 40)
+        self.assertFalse(self.policy.plainImage())
+        self.policy.drained(10 * MB, 10 * MB / (125 * MB))
         self.assertTrue(self.policy.compressNext())
         self.assertFalse(self.policy.plainImage())
 
@@ -40,6 +47,7 @@ class PolicyTests(SynchronousTestCase):
         A 12-byte image never shrinks: it must not make a 512 MiB image that
         follows go raw (it did, the whole image the plain way).
         """
+        self.policy.drained(10 * MB, 10 * MB / (125 * MB))
         for _ in range(5):
             self.policy.compressed(12, 21, 0.0001)
             self.policy.compressed(2000, 1900, 0.0001)
@@ -91,6 +99,53 @@ class PolicyTests(SynchronousTestCase):
         """Compression measured but the link never: a raw run measures it."""
         self.policy.compressed(MB, MB // 3, MB / (170 * MB))
         self.assertEqual(self.choices(RAW_PROBE_CHUNKS), [False] * RAW_PROBE_CHUNKS)
+
+
+class SpareCoresPolicyTests(SynchronousTestCase):
+    """Compressing needs idle cores: on a busy machine it slows the migration down."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spare: list[float | None] = []
+        self.policy = CompressionPolicy(self.clock, threads=1, spareCores=lambda: self.spare.pop(0))
+
+    def feed(self, spare: float, compressing: float, times: int = 10) -> None:
+        """2.4x data at 300 MB/s a core over a 280 MB/s link, C{spare} cores idle, 0.25 s at a time."""
+        perChunk = MB / (300 * MB)
+        for _ in range(times):
+            for _ in range(max(1, round(compressing * 0.25 / perChunk))):
+                self.policy.compressed(MB, int(MB / 2.4), perChunk)
+            self.clock.advance(0.25)
+            self.spare.append(spare)
+            self.policy.drained(70 * MB, 0.25)
+
+    def test_busyMachineGoesRaw(self) -> None:
+        """Unshaped loopback on 2 cores: no core idle, raw (compressing made it 1.2x slower)."""
+        self.feed(spare=0.05, compressing=0.0)
+        self.assertLess(self.policy.cores or 0, 0.1)
+        self.assertFalse(self.policy.worthIt())
+
+    def test_idleCoreCompresses(self) -> None:
+        """The link holds the bytes up and a core sits idle: compress."""
+        self.policy.drained(10 * MB, 10 * MB / (125 * MB))  # a slow link
+        self.feed(spare=0.9, compressing=0.0, times=1)
+        self.policy.linkRate = 125 * MB
+        self.assertTrue(self.policy.worthIt())
+
+    def test_compressingCoresCount(self) -> None:
+        """Cores the compressing threads keep busy count as theirs: compression goes on."""
+        self.feed(spare=0.1, compressing=0.9)
+        self.policy.linkRate = 125 * MB
+        self.assertGreater(self.policy.cores or 0, 0.9)
+        self.assertTrue(self.policy.worthIt())
+
+    def test_pauseIsNotASample(self) -> None:
+        """Idle cores between two dumps say nothing of the next one's."""
+        self.feed(spare=0.05, compressing=0.0, times=3)
+        self.clock.advance(30)
+        self.spare.append(2.0)
+        self.policy.drained(70 * MB, 0.25)
+        self.assertLess(self.policy.cores or 0, 0.1)
 
 
 class ParallelCompressorsTests(SynchronousTestCase):

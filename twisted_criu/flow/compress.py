@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from twisted_criu import wire
 from twisted_criu.flow.compresspolicy import CompressionPolicy
+from twisted_criu.flow.sparecores import SpareCores
 
 #: Raw bytes per chunk of a compressed image.
 CHUNK = 1 << 20
@@ -87,7 +88,7 @@ class LinkCompression:
     def __init__(self, mode: Mode, clock: IReactorTime, threads: int | None = None) -> None:
         self.mode = mode
         self.threads = threads if threads is not None else max(1, min(2, os.cpu_count() or 1))
-        self.policy = CompressionPolicy(clock, parallelCompressors(self.threads, os.cpu_count() or 1))
+        self.policy = CompressionPolicy(clock, parallelCompressors(self.threads, os.cpu_count() or 1), SpareCores())
         self._pool: ThreadPool | None = None
         self._reactor = clock
 

@@ -4,15 +4,21 @@ When C{--compress auto} compresses a chunk: a small pure policy fed with
 what the proxy measures (the compressor's rate and ratio, the link's
 drain rate), so that it is unit-tested with a fake clock.
 
-Compressing gets raw bytes across at C{min(compressor rate x threads,
-link rate x ratio)}; sending raw at the link rate.  The policy compresses
-when the first is the larger (by a margin), sends raw when the data does
-not compress (ratio under L{MIN_RATIO}) or the link outruns the
-compressor, and now and then tries the other choice (a probe) so that a
-change of data or of link is noticed.
+Compressing gets raw bytes across at C{min(compressor rate x cores,
+link rate x ratio)}; sending raw at the link rate.  The cores are those
+the compressing threads can have: the idle ones, plus what they use
+already.  The policy compresses when the first is the larger (by a
+margin); it sends raw until the link has been seen to hold the bytes up
+(its rate measured), when the data does not compress (ratio under
+L{MIN_RATIO}), when the link outruns the compressor, and when no core is
+idle (on a machine that criu, TLS and the link keep busy, compressing
+slows the migration down); and now and then it tries the other choice (a
+probe) so that a change of data or of link is noticed.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -33,6 +39,9 @@ RAW_PROBE_CHUNKS = 16
 MIN_SAMPLE = 1 << 16
 #: Chunks sent raw in a row, once raw is the choice, before asking again.
 RAW_RUN_CHUNKS = 32
+#: Idle cores are sampled over the link's busy stretches: a longer gap is
+#: a pause (between images or dumps) and starts the next sample afresh.
+MAX_CORE_SAMPLE = 1.0
 
 
 def _average(old: float | None, new: float) -> float:
@@ -47,20 +56,29 @@ class CompressionPolicy:
     @ivar compressorRate: raw bytes per second one thread compresses.
     @ivar ratio: raw bytes per compressed byte, of recent chunks.
     @ivar linkRate: bytes per second the link drains when it is the bottleneck.
+    @ivar cores: cores the compressing threads can have (idle ones, plus
+        what they use), L{None} before it is measured (then: C{threads}).
     """
 
-    def __init__(self, clock: IReactorTime, threads: int) -> None:
+    def __init__(
+        self, clock: IReactorTime, threads: int, spareCores: Callable[[], float | None] = lambda: None
+    ) -> None:
         self._clock = clock
         self.threads = threads
         self.compressorRate: float | None = None
         self.ratio: float | None = None
         self.linkRate: float | None = None
+        self.cores: float | None = None
+        self._spareCores = spareCores
+        self._sampled = clock.seconds()
+        self._compressing = 0.0
         self._lastProbe = clock.seconds()
         self._rawProbeLeft = 0
         self._compressProbe = False
 
     def compressed(self, raw: int, compressed: int, seconds: float) -> None:
         """A chunk of C{raw} bytes compressed to C{compressed} in C{seconds} of one thread."""
+        self._compressing += seconds
         if raw < MIN_SAMPLE:
             return
         self.ratio = _average(self.ratio, raw / max(compressed, 1))
@@ -71,16 +89,30 @@ class CompressionPolicy:
         """The link took C{count} bytes in C{seconds} while it was the bottleneck."""
         if count > 0 and seconds > 0:
             self.linkRate = _average(self.linkRate, count / seconds)
+            self._sampleCores()
+
+    def _sampleCores(self) -> None:
+        """The cores compressing could have had since the last sample."""
+        now = self._clock.seconds()
+        elapsed = now - self._sampled
+        if elapsed <= 0:
+            return
+        spare = self._spareCores()
+        busy = self._compressing / elapsed
+        self._sampled, self._compressing = now, 0.0
+        if spare is not None and elapsed <= MAX_CORE_SAMPLE:
+            self.cores = _average(self.cores, min(float(self.threads), spare + busy))
 
     def worthIt(self) -> bool:
         """Do the measurements so far say compressing is faster?"""
+        if self.linkRate is None:
+            return False  # the link has not held anything up yet
         if self.ratio is None or self.compressorRate is None:
-            return True  # nothing measured yet: compress to measure
+            return True  # compress, to measure it
         if self.ratio < MIN_RATIO:
             return False
-        if self.linkRate is None:
-            return True
-        withCompression = min(self.compressorRate * self.threads, self.linkRate * self.ratio)
+        cores = self.threads if self.cores is None else self.cores
+        withCompression = min(self.compressorRate * cores, self.linkRate * self.ratio)
         return withCompression > self.linkRate * MARGIN
 
     def _probeDue(self) -> bool:
@@ -95,8 +127,10 @@ class CompressionPolicy:
         if self._rawProbeLeft:
             self._rawProbeLeft -= 1
             return False
+        if self.linkRate is None:
+            return False  # raw, measuring the link
         if self.worthIt():
-            if self.ratio is not None and (self.linkRate is None or self._probeDue()):
+            if self.ratio is not None and self._probeDue():
                 # Learn (again) how fast the link is without compression.
                 self._rawProbeLeft = RAW_PROBE_CHUNKS - 1
                 return False
@@ -118,8 +152,8 @@ class CompressionPolicy:
         Send a whole image the way C{--compress none} does (sendfile where
         it can), because raw is faster and no probe is due?
         """
-        if self.worthIt() or self._rawProbeLeft:
-            return False
+        if self.linkRate is None or self.worthIt() or self._rawProbeLeft:
+            return False  # (unmeasured: chunks, to measure the link)
         if self._clock.seconds() - self._lastProbe >= PROBE_INTERVAL:
             return False  # the image's first chunk is the probe
         return True
