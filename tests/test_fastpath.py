@@ -254,6 +254,70 @@ class SendingTests(LoopbackMixin):
 
         return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
 
+    def test_writeNowIntoAnEmptyBuffer(self) -> None:
+        """
+        With nothing buffered, C{writeNow} puts the bytes straight into the
+        socket (the transport buffers nothing), and the caller may reuse
+        its buffer at once.
+        """
+        protocol = Accepted()
+        got = bytearray()
+
+        async def scenario() -> None:
+            peer = await self.connect(protocol)
+            draining = self.drain(peer, got)
+            transport = protocol.transport
+            reused = bytearray(b"A" * 1000)
+            _fastpath.writeNow(transport, reused)
+            self.assertTrue(_fastpath.bufferEmpty(transport))
+            reused[:] = b"B" * 1000
+            _fastpath.writeNow(transport, memoryview(reused))
+            transport.loseConnection()
+            await protocol.lost
+            draining.join(PATIENCE)
+            self.assertEqual(bytes(got), b"A" * 1000 + b"B" * 1000)
+
+        return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
+
+    def test_writeNowBehindBufferedBytes(self) -> None:
+        """
+        Into a full socket, or behind bytes the transport still holds,
+        C{writeNow} copies what did not go (the caller's buffer may change
+        after), and everything arrives in order.
+        """
+        protocol = Accepted()
+        got = bytearray()
+
+        async def scenario() -> None:
+            peer = await self.connect(protocol)
+            transport = protocol.transport
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            reused = bytearray(os.urandom(1 << 20))
+            first = bytes(reused)
+            _fastpath.writeNow(transport, reused)  # the socket takes part of it
+            self.assertFalse(_fastpath.bufferEmpty(transport))
+            reused[:] = os.urandom(1 << 20)
+            second = bytes(reused)
+            _fastpath.writeNow(transport, reused)  # all of it waits behind the first
+            reused[:] = bytes(1 << 20)
+            draining = self.drain(peer, got)
+            await until(lambda: _fastpath.bufferEmpty(transport), "the buffer to be flushed")
+            transport.loseConnection()
+            await protocol.lost
+            draining.join(PATIENCE)
+            self.assertEqual(len(got), 2 << 20)
+            self.assertTrue(bytes(got) == first + second, "the bytes arrived changed or out of order")
+
+        return Deferred.fromCoroutine(scenario())  # type: ignore[return-value]
+
+    def test_writeNowElsewhere(self) -> None:
+        """A transport that is not a socket gets the bytes through C{write}, copied."""
+        transport = StringTransport()
+        reused = bytearray(b"abc")
+        _fastpath.writeNow(transport, reused)
+        reused[:] = b"xyz"
+        self.assertEqual(transport.value(), b"abc")
+
     def test_storedImageBySendfile(self) -> None:
         """A whole image goes by C{sendfile}, after what the transport had buffered."""
         protocol = Accepted()

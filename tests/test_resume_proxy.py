@@ -104,13 +104,27 @@ class ResumptionTests(SynchronousTestCase):
         self.resume.resumeAt(wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0]))
         self.assertEqual(self.resume.offsetFor(KEY, storedImage(MemoryStore(), DATA)), 0)
 
-    def test_finishedIsForgotten(self) -> None:
-        """An image handed over whole is not resumed: the cache's part is of another connection."""
+    def test_handedOverWholeKeptInPart(self) -> None:
+        """
+        An image the link took whole (into the socket's buffers) of which
+        the cache kept only part when the link broke: the one version that
+        went out, resumed where the cache's part ends.
+        """
         self.resume.forwarding(KEY, self.image)
         self.resume.forwarding(KEY, None)
         self.current[KEY] = self.image
         self.answer(self.ask(), wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0]))
-        self.assertEqual(self.resume.offsetFor(KEY, self.image), 0)
+        self.assertEqual(self.resume.offsetFor(KEY, self.image), 4000)
+
+    def test_twoVersionsHandedOverGoFromTheStart(self) -> None:
+        """Two versions went out whole: the cache's part may be of either, so none is resumed."""
+        second = storedImage(MemoryStore(), DATA)
+        self.withAnother()  # so that the cache is asked at all
+        self.sentWhole(self.image)
+        self.sentWhole(second)
+        self.current[KEY] = second
+        self.answer(self.ask(), wire.LinkStatus(wire.LinkStatusKind.RESUME_AT, size=4000, name=KEY[1], snapshotId=KEY[0]))
+        self.assertEqual(self.resume.offsetFor(KEY, second), 0)
 
     # -- images the cache holds whole ------------------------------------------
 

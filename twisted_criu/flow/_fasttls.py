@@ -9,8 +9,10 @@ record read from or written to its memory BIOs: on this VM that costs about
 2 CPU-seconds per GiB each way, four times the cipher's own cost.
 L{FastTLSMemoryBIOProtocol} does the same work once the handshake is done:
 it encrypts straight from the caller's buffer, drains the encrypted records
-into one reused buffer, and decrypts into another, handing the application
-up to 1 MiB at a time.  Anything unusual (a record OpenSSL will not write
+into one reused buffer, sends them from there straight into the socket
+while nothing waits before them (L{writeNow
+<twisted_criu.flow._fastpath.writeNow>}), and decrypts into another reused
+buffer, handing the application up to 1 MiB at a time.  Anything unusual (a record OpenSSL will not write
 now, an alert, the peer's close, an error) goes back to Twisted's own code,
 which handles it as it always did.
 
@@ -29,6 +31,8 @@ from typing import Any
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+
+from twisted_criu.flow._fastpath import writeNow
 
 try:
     from OpenSSL import SSL
@@ -129,10 +133,10 @@ class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
                     while (count := _lib.BIO_read(outgoing, sealed + filled, _sealedBuffer.size - filled)) > 0:
                         filled += count
                     if filled >= BATCH:
-                        transport.write(_ffi.buffer(sealed, filled)[:])
+                        writeNow(transport, _ffi.buffer(sealed, filled))
                         filled = 0
                 if filled:
-                    transport.write(_ffi.buffer(sealed, filled)[:])
+                    writeNow(transport, _ffi.buffer(sealed, filled))
         finally:
             del source  # before the view: a view with an export cannot be freed
         self.fastRecords = (self.fastRecords[0] + records, self.fastRecords[1])

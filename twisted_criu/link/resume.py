@@ -13,8 +13,9 @@ sent.
 
 An image the cache kept N bytes of then goes from byte N, as chunks (a
 header with C{offset=N}), if it is still the same version: the stored
-image that was on its way, or the write criu is still making (or has
-completed since).  An image the cache holds whole is not sent at all if
+image that was on its way, the write criu is still making (or has
+completed since), or the one version of it that went out in this session
+(the link took all of it, but not all of it reached the cache).  An image the cache holds whole is not sent at all if
 the proxy is certain it is exactly its version: only one version of it
 ever went out in this session, that version went out completely, it is
 still the current one, and the sizes agree.  Anything else goes from
@@ -334,6 +335,9 @@ class Resumption:
         if not offset:
             return 0
         unfinished = self._unfinished.get(key)
+        if unfinished is None and (sent := self._sent.get(key)) is not None and sent.whole:
+            # All of it went into the socket, not all of it reached the cache.
+            unfinished = sent.version
         if isinstance(unfinished, _Live):
             following = self._following.get(id(version))
             same = following is not None and following[1] is unfinished.writer
