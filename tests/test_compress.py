@@ -132,7 +132,7 @@ class SenderCompressionTests(SynchronousTestCase):
         [(_, chunks)] = chunksOf(stream)
         onWire = sum(length for length, _ in chunks)
         lines = [e["log_format"].format(**e) for e in events if "forwarded" in e["log_format"]]
-        self.assertIn(f"forwarded snap1/pages-1.img ({len(TEXT)} bytes, {onWire} on the wire, zstd)", lines[-1])
+        self.assertIn(f"forwarded snap1/pages-1.img ({len(TEXT)} bytes, {onWire} on the wire, zstd on 100% of it)", lines[-1])
         activity: Any = self.sender._activity
         self.assertEqual((sum(activity.linkRawBytes.values()), sum(activity.wireBytes.values())), (len(TEXT), onWire))
 

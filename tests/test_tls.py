@@ -336,7 +336,7 @@ class MutualTLSTests(TestCase):
         yield inThread(write)
         yield proxy.whenSessionDone()
         [line] = m.lines(f"forwarded snap1/pages-1.img ({len(data)} bytes, ")
-        self.assertIn(", zstd, cut through)", line)
+        self.assertIn(", zstd on 100% of it, cut through)", line)
         self.assertEqual((yield m.restoreAll(["pages-1.img"])), {"pages-1.img": data})
 
     @inlineCallbacks

@@ -75,6 +75,8 @@ class CompressedImage:
         self.read = 0
         self.wireBytes = 0
         self.compressedChunks = 0
+        #: Raw bytes of the chunks that went compressed.
+        self.compressedRaw = 0
         self._queue: deque[_Chunk] = deque()
         self._transport: Any = None
         self._paused = False
@@ -88,6 +90,8 @@ class CompressedImage:
         self._run: SocketSendfile | None = None
         #: The policy's choice for the next chunk, once asked.
         self._compressNext: bool | None = None
+        #: Chunks in the compressing threads.
+        self._compressing = 0
 
     @property
     def sent(self) -> int:
@@ -167,19 +171,27 @@ class CompressedImage:
         return data
 
     def _fill(self) -> None:
-        """Read (and start compressing) chunks while fewer than the threads wait."""
-        while not self._sourceEnded and self._run is None and len(self._queue) < self._compression.threads:
+        """
+        Read chunks ahead, starting to compress those the policy picks
+        while a thread is free; a raw chunk may wait behind them.
+        """
+        threads = self._compression.threads
+        while not self._sourceEnded and self._run is None and len(self._queue) <= threads:
             if not self._chunkReady():
                 return
             if self._compressNext is None:
                 self._compressNext = self._compression.compressNext()
             compress = self._compressNext
-            if not compress and self._canRun():
+            if compress and self._compressing >= threads:
+                return  # once a thread is free
+            if not compress and self._canRun() and not self._compression.policy.worthIt():
                 if self._queue:
                     return  # the run starts once the chunks before it are out
                 self._compressNext = None
                 self._startRun(self._compression.policy.rawRun() * CHUNK)
                 return
+            # (raw chunks between compressed ones go in the queue: a run
+            # would wait for the queue to empty first)
             self._compressNext = None
             raw = self._nextRaw()
             if raw is None:
@@ -187,6 +199,7 @@ class CompressedImage:
             chunk = _Chunk(raw)
             self._queue.append(chunk)
             if compress:
+                self._compressing += 1
                 self._compression.compress(raw).addBoth(self._compressed, chunk)
             else:
                 chunk.ready = True
@@ -223,6 +236,7 @@ class CompressedImage:
         run.start().addBoth(ran)
 
     def _compressed(self, result: Any, chunk: _Chunk) -> None:
+        self._compressing -= 1
         if isinstance(result, Failure):
             self.log.failure("compressing a chunk failed; it goes raw", result)
         else:
@@ -251,6 +265,7 @@ class CompressedImage:
         if frame is not None:
             body = frame
             self.compressedChunks += 1
+            self.compressedRaw += len(chunk.raw)
             word = wire.chunkWord(len(frame), compressed=True)
         else:
             body = chunk.raw
@@ -306,4 +321,5 @@ def onTheWire(size: int, transfer: Any) -> tuple[int, str]:
         return size, ""
     if not transfer.compressedChunks:  # none shrank: said as before
         return transfer.wireBytes, ""
-    return transfer.wireBytes, f", {transfer.wireBytes} on the wire, zstd"
+    share = transfer.compressedRaw / max(transfer.sent, 1)
+    return transfer.wireBytes, f", {transfer.wireBytes} on the wire, zstd on {share:.0%} of it"

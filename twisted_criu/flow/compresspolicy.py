@@ -4,16 +4,18 @@ When C{--compress auto} compresses a chunk: a small pure policy fed with
 what the proxy measures (the compressor's rate and ratio, the link's
 drain rate), so that it is unit-tested with a fake clock.
 
-Compressing gets raw bytes across at C{min(compressor rate x cores,
-link rate x ratio)}; sending raw at the link rate.  The cores are those
-the compressing threads can have: the idle ones, plus what they use
-already.  The policy compresses when the first is the larger (by a
-margin); it sends raw until the link has been seen to hold the bytes up
-(its rate measured), when the data does not compress (ratio under
-L{MIN_RATIO}), when the link outruns the compressor, and when no core is
-idle (on a machine that criu, TLS and the link keep busy, compressing
-slows the migration down); and now and then it tries the other choice (a
-probe) so that a change of data or of link is noticed.
+Sending raw gets bytes across at the link's rate.  Compressing a share
+of the chunks gets them across faster: the compressing threads take what
+they can (compressor rate x cores: the idle cores, plus what the threads
+use already), and raw chunks fill the rest of the link beside them.  If
+the threads keep up with the link (compressor rate x cores >= link rate
+x ratio), every chunk is compressed.  The policy compresses that share
+(L{CompressionPolicy.share}) when it beats raw by a margin; it sends raw
+until the link has been seen to hold the bytes up (its rate measured),
+when the data does not compress (ratio under L{MIN_RATIO}), and when too
+few cores are idle (on a machine that criu, TLS and the link keep busy,
+compressing slows the migration down); and now and then it tries the
+other choice (a probe) so that a change of data or of link is noticed.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 #: Data that compresses less than this goes raw (random or compressed pages).
 MIN_RATIO = 1.1
 #: Compress only if that is this much faster than raw: the rates are
-#: noisy, and decompressing costs the cache too.  At 1.1, on a 2-core
-#: machine whose TLS link ran at 250-300 MB/s, 3 of 6 runs compressed and
-#: were 0.5-1.2 s slower.  At 1.5, 4 of 6 still did (the link, measured
-#: while criu competes for the cores, looks slower than it is), at about
-#: the cost of raw: the measurement, not the margin, is what to improve.
-MARGIN = 1.5
+#: noisy, and decompressing costs the cache too.  When it was all or
+#: nothing, 1.1 and 1.5 both compressed on a CPU-bound 2-core TLS link at
+#: 250-300 MB/s (3 and 4 runs of 6), 0.5-1.2 s slower; with a share
+#: compressed beside raw chunks, such a link gains about 1.1x, and a
+#: 1 Gbit/s link with 0.7 idle core 1.7x.
+MARGIN = 1.25
 #: Weight of a new measurement in the moving averages.
 WEIGHT = 0.3
 #: Seconds between probes of the choice not taken.
@@ -65,6 +68,8 @@ class CompressionPolicy:
         what they use), L{None} before it is measured (then: C{threads}).
     """
 
+    log = Logger()
+
     def __init__(
         self, clock: IReactorTime, threads: int, spareCores: Callable[[], float | None] = lambda: None
     ) -> None:
@@ -80,6 +85,10 @@ class CompressionPolicy:
         self._lastProbe = clock.seconds()
         self._rawProbeLeft = 0
         self._compressProbe = False
+        #: What the log last said auto does: raw, all or a share.
+        self._lastMode = ""
+        #: Chunks owed to the compressor (the share, accumulated).
+        self._credit = 0.0
 
     def compressed(self, raw: int, compressed: int, seconds: float) -> None:
         """A chunk of C{raw} bytes compressed to C{compressed} in C{seconds} of one thread."""
@@ -108,17 +117,46 @@ class CompressionPolicy:
         if spare is not None and elapsed <= MAX_CORE_SAMPLE:
             self.cores = _average(self.cores, min(float(self.threads), spare + busy))
 
-    def worthIt(self) -> bool:
-        """Do the measurements so far say compressing is faster?"""
+    def share(self) -> float:
+        """
+        The share of chunks to compress (0: all raw, 1: all compressed),
+        from the measurements so far.
+        """
         if self.linkRate is None:
-            return False  # the link has not held anything up yet
+            return 0.0  # the link has not held anything up yet
         if self.ratio is None or self.compressorRate is None:
-            return True  # compress, to measure it
+            return 1.0  # compress, to measure it
         if self.ratio < MIN_RATIO:
-            return False
+            return 0.0
         cores = self.threads if self.cores is None else self.cores
-        withCompression = min(self.compressorRate * cores, self.linkRate * self.ratio)
-        return withCompression > self.linkRate * MARGIN
+        compressor = self.compressorRate * cores  # raw bytes a second the threads can take
+        link = self.linkRate
+        if compressor >= link * self.ratio:
+            return 1.0 if self.ratio >= MARGIN else 0.0
+        # The threads compress what they can; raw chunks fill the rest of the link.
+        total = compressor + link - compressor / self.ratio
+        if total < link * MARGIN:
+            return 0.0
+        return compressor / total
+
+    def worthIt(self) -> bool:
+        """Do the measurements so far say compressing (some chunks) is faster?"""
+        return self.share() > 0
+
+    def describe(self) -> str:
+        """What the policy has measured, for the log."""
+
+        def rate(value: float | None) -> str:
+            return "unmeasured" if value is None else f"{value / 1e6:.0f} MB/s"
+
+        ratio = "unmeasured" if self.ratio is None else f"{self.ratio:.2f}x"
+        cores = "unmeasured" if self.cores is None else f"{self.cores:.2f}"
+        share = self.share()
+        choice = "raw" if share <= 0 else "compress all" if share >= 1 else f"compress {share:.0%}"
+        return (
+            f"link {rate(self.linkRate)}, compressor {rate(self.compressorRate)} a thread"
+            f" on {cores} cores, ratio {ratio}: {choice}"
+        )
 
     def _probeDue(self) -> bool:
         now = self._clock.seconds()
@@ -129,17 +167,35 @@ class CompressionPolicy:
 
     def compressNext(self) -> bool:
         """Compress the next chunk?"""
+        choice = self._choose()
+        share = self.share()
+        mode = "raw" if share <= 0 else "all" if share >= 1 else "share"
+        if mode != self._lastMode:
+            self._lastMode = mode
+            self.log.debug("--compress auto: {policy}", policy=self.describe())
+        return choice
+
+    def _choose(self) -> bool:
         if self._rawProbeLeft:
             self._rawProbeLeft -= 1
             return False
         if self.linkRate is None:
             return False  # raw, measuring the link
-        if self.worthIt():
+        share = self.share()
+        if share >= 1.0:
             if self.ratio is not None and self._probeDue():
-                # Learn (again) how fast the link is without compression.
+                # Learn (again) how fast the link is without compression
+                # (with raw chunks beside compressed ones, it is measured
+                # all along).
                 self._rawProbeLeft = RAW_PROBE_CHUNKS - 1
                 return False
             return True
+        if share > 0:
+            self._credit += share
+            if self._credit >= 1.0:
+                self._credit -= 1.0
+                return True
+            return False
         return self._probeDue()  # one chunk, to see whether the data changed
 
     def rawRun(self) -> int:

@@ -378,6 +378,8 @@ class RemoteSender(Protocol):
             how=how,
             **self._activity.end(moving, size),
         )
+        if isinstance(transfer, CompressedImage) and self._compression is not None:
+            self.log.debug("--compress auto now: {policy}", policy=self._compression.policy.describe())
         self._sendNext()
 
     def _armWatchdog(self, key: ImageKey, lastSent: int, since: float | None = None) -> None:
