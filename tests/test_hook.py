@@ -46,6 +46,38 @@ class HookCommandTests(SynchronousTestCase):
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
         self.assertEqual(result.stdout.strip(), "0 []", result.stderr)
 
+    def test_installedScriptExitsBeforeImporting(self) -> None:
+        """
+        The installed C{twisted-criu-hook} (the script criu runs) exits 0
+        for an ignored action without importing twisted_criu at all, and
+        hands the actions the hook handles (and no action, and arguments)
+        to it.
+        """
+        script = os.path.join(os.path.dirname(sys.executable), "twisted-criu-hook")
+        self.assertTrue(os.access(script, os.X_OK), f"{script} is not installed")
+        with open(script) as f:
+            source = f.read()
+        self.assertIn(repr(("", *hook.CONTROL_SOCKETS)), source)  # the same actions as the hook's
+
+        def run(action: str | None, *argv: str) -> subprocess.CompletedProcess[str]:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CRTOOLS_")}
+            if action is not None:
+                env["CRTOOLS_SCRIPT_ACTION"] = action
+            return subprocess.run(
+                [sys.executable, "-X", "importtime", script, *argv], env=env, capture_output=True, text=True, timeout=60
+            )
+
+        ignored = run("network-unlock")
+        self.assertEqual(ignored.returncode, 0, ignored.stderr)
+        self.assertNotIn("twisted_criu", ignored.stderr)
+        unset = run(None)
+        self.assertEqual(unset.returncode, 2)
+        self.assertIn("CRTOOLS_SCRIPT_ACTION is not set", unset.stderr)
+        self.assertIn("--action-script twisted-criu-hook", run(None, "--help").stdout)
+        handled = run("post-dump")
+        self.assertEqual(handled.returncode, 1)
+        self.assertIn("CRTOOLS_IMAGE_DIR is not set", handled.stderr)
+
     def test_notRunByCriu(self) -> None:
         code, _, err = self.main({})
         self.assertEqual(code, 2)

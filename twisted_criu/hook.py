@@ -27,8 +27,8 @@ from __future__ import annotations
 # is made where it is needed.
 import os
 import sys
-from typing import TYPE_CHECKING
-
+# (not typing's: importing it costs each call 7 ms; mypy knows the name)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import http.client
     from typing import Any, TextIO
