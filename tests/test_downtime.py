@@ -7,11 +7,13 @@ command line.  The whole command runs in C{tests.slow.test_criu_downtime}.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from bench.downtime import dataset, report
+from bench.downtime import dataset, memory, report
 from bench.downtime.command import parser, phases
 from bench.downtime.migrate import listensOn
 from bench.downtime.netns import burstFor, parseLinkBytes, parseQdiscBytes, rateBits, shapeCommand
@@ -203,6 +205,42 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("2.00 2.00", lines[3])
         self.assertTrue(lines[3].rstrip().endswith("0.42"))
         self.assertTrue(lines[4].startswith("target (1gbit)"))
+
+    def test_perGigabyteAndPeakMemory(self) -> None:
+        """The daemons' CPU per GB of the process and their median peak memory, under the table."""
+        runs = self.runs(2.0)
+        for run, peak in zip(runs, (600, 800)):
+            run["auto"]["peak_memory_bytes"] = {"proxy": peak << 20, "cache": 100 << 20}
+        lines = list(report.table("1gbit", runs, ["baseline", "none", "auto"], processBytes=500 * 10**6))
+        self.assertEqual(len(lines), 6)
+        self.assertEqual(
+            lines[4], "auto      cpu s per GB of the process: proxy 4.00;  peak MiB (resident + memfds): proxy 700  cache 100"
+        )
+        self.assertTrue(lines[5].startswith("target (1gbit)"))
+
+
+class PeakMemoryTests(SynchronousTestCase):
+    def test_residentExceptShared(self) -> None:
+        status = "VmRSS:\t  900 kB\nRssAnon:\t  500 kB\nRssFile:\t  100 kB\nRssShmem:\t  300 kB\n"
+        self.assertEqual(memory.residentExceptShared(status), 600 << 10)
+
+    def test_countsMemfdsHeld(self) -> None:
+        """A memfd this process fills counts (it is not resident memory); its peak stays after it is closed."""
+        before = memory.memoryOf(os.getpid())
+        peak = memory.PeakMemory({"me": os.getpid()}, interval=0.01)
+        fd = os.memfd_create("test-peak")
+        try:
+            os.write(fd, b"x" * (64 << 20))
+            time.sleep(0.1)
+        finally:
+            os.close(fd)
+        self.assertGreaterEqual(memory.memfdBytes(os.getpid()), 0)
+        peaks = peak.stop()
+        self.assertGreater(peaks["me"], before + (60 << 20))
+        self.assertLess(memory.memoryOf(os.getpid()), before + (32 << 20))
+
+    def test_goneProcess(self) -> None:
+        self.assertEqual(memory.memoryOf(2**22 + 12345), 0)
 
 
 class CommandLineTests(SynchronousTestCase):

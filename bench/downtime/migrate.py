@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.downtime.memory import PeakMemory
 from bench.downtime.netns import Namespace
 from bench.downtime.redis import RedisClient, RedisServer, killRestored, waitForPing
 from twisted_criu.testing.processes import TWISTD, childEnvironment, dieWithParent, tail
@@ -247,11 +248,16 @@ def throughDaemons(run: Run, digest: str, mode: str) -> dict[str, Any]:
         proxy.ready(30)
         before = [proxy.cpu(), cache.cpu()]
         hook = ["--stream", "--action-script", str(run.tools.hook)]
-        run.startClock()
-        run.dump(*hook)
-        run.restore(*hook)
-        result = run.finish(digest)
+        peak = PeakMemory({"proxy": proxy.process.pid, "cache": cache.process.pid})
+        try:
+            run.startClock()
+            run.dump(*hook)
+            run.restore(*hook)
+            result = run.finish(digest)
+        finally:
+            peaks = peak.stop()
         result["cpu_s"] = {"proxy": proxy.cpu() - before[0], "cache": cache.cpu() - before[1]}
+        result["peak_memory_bytes"] = peaks
         result["startup_cpu_s"] = {"proxy": before[0], "cache": before[1]}
         return result
     except MigrationFailed as e:

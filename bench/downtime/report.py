@@ -41,15 +41,31 @@ def summary(runs: Runs, variants: list[str]) -> dict[str, dict[str, Any]]:
         cpu: dict[str, float] = {}
         for name in results[0]["cpu_s"]:
             cpu[name] = statistics.median(r["cpu_s"][name] for r in results)
+        peaks: dict[str, float] = {}
+        if all("peak_memory_bytes" in r for r in results):
+            for name in results[0]["peak_memory_bytes"]:
+                peaks[name] = statistics.median(r["peak_memory_bytes"][name] for r in results)
         toBaseline = ratios(runs, variant, "baseline")
         out[variant] = {
             "median_downtime_s": statistics.median(r["downtime_s"] for r in results),
             "downtimes_s": [r["downtime_s"] for r in results],
             "median_wire_bytes": statistics.median(r["wire_bytes"] for r in results),
             "median_cpu_s": cpu,
+            "median_peak_memory_bytes": peaks,
             "x_baseline": statistics.median(toBaseline) if toBaseline else None,
         }
     return out
+
+
+def perGigabyte(rows: dict[str, dict[str, Any]], processBytes: int) -> Iterator[str]:
+    """Per variant with daemons: their CPU seconds per GB of the process's memory, and their peak memory."""
+    for variant, row in rows.items():
+        peaks = row["median_peak_memory_bytes"]
+        if not peaks:
+            continue
+        cpu = "  ".join(f"{name} {value / (processBytes / 1e9):.2f}" for name, value in row["median_cpu_s"].items())
+        peak = "  ".join(f"{name} {value / 2**20:.0f}" for name, value in peaks.items())
+        yield f"{variant:<10}cpu s per GB of the process: {cpu};  peak MiB (resident + memfds): {peak}"
 
 
 def targetLine(rate: str, runs: Runs) -> str | None:
@@ -67,8 +83,8 @@ def targetLine(rate: str, runs: Runs) -> str | None:
     return f"{goal}: {ratio:.2f} x, {'met' if ratio <= bound else 'NOT met'}"
 
 
-def table(rate: str, runs: Runs, variants: list[str]) -> Iterator[str]:
-    """The lines of one rate's table."""
+def table(rate: str, runs: Runs, variants: list[str], processBytes: int | None = None) -> Iterator[str]:
+    """The lines of one rate's table (with the daemons' CPU per GB and peak memory if C{processBytes})."""
     rows = summary(runs, variants)
     yield f"{'variant':<10}{'median s':>9}  {'runs s':<22}{'wire MB':>9}  {'cpu s (median)':<32}{'x baseline':>10}"
     for variant, row in rows.items():
@@ -79,6 +95,8 @@ def table(rate: str, runs: Runs, variants: list[str]) -> Iterator[str]:
             f"{variant:<10}{row['median_downtime_s']:>9.2f}  {each:<22}{row['median_wire_bytes'] / 1e6:>9.1f}"
             f"  {cpu:<32}{ratio:>10}"
         )
+    if processBytes:
+        yield from perGigabyte(rows, processBytes)
     line = targetLine(rate, runs)
     if line is not None:
         yield line

@@ -1,0 +1,77 @@
+# -*- test-case-name: tests.test_downtime -*-
+"""
+The daemons' peak memory during a migration: their resident pages (not
+shared memory) plus the memfds they hold open, where image bytes live
+(C{VmHWM} counts neither those nor their pages).  A thread samples it
+every L{INTERVAL} seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+#: Seconds between samples.
+INTERVAL = 0.05
+
+
+def residentExceptShared(status: str) -> int:
+    """C{RssAnon + RssFile} of a C{/proc/PID/status} text, in bytes (mapped memfd pages are counted as memfds)."""
+    total = 0
+    for line in status.splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            total += int(line.split()[1]) << 10
+    return total
+
+
+def memfdBytes(pid: int) -> int:
+    """Bytes in memory of the memfds C{pid} holds open."""
+    directory = f"/proc/{pid}/fd"
+    total = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if os.readlink(path).startswith("/memfd:"):
+                total += os.stat(path).st_blocks * 512
+        except OSError:
+            continue  # closed meanwhile
+    return total
+
+
+def memoryOf(pid: int) -> int:
+    """C{pid}'s memory now: resident (not shared) plus its memfds; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except OSError:
+        return 0
+    return residentExceptShared(status) + memfdBytes(pid)
+
+
+class PeakMemory:
+    """Samples some processes' L{memoryOf} on a thread until L{stop}: the peaks."""
+
+    def __init__(self, pids: dict[str, int], interval: float = INTERVAL) -> None:
+        self._pids = pids
+        self._interval = interval
+        self.peaks = {name: memoryOf(pid) for name, pid in pids.items()}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stopped.wait(self._interval):
+            for name, pid in self._pids.items():
+                self.peaks[name] = max(self.peaks[name], memoryOf(pid))
+
+    def stop(self) -> dict[str, int]:
+        """Stop sampling (after one last sample): the peak of each, in bytes."""
+        self._stopped.set()
+        self._thread.join()
+        for name, pid in self._pids.items():
+            self.peaks[name] = max(self.peaks[name], memoryOf(pid))
+        return dict(self.peaks)
