@@ -234,10 +234,20 @@ class PeakMemoryTests(SynchronousTestCase):
             time.sleep(0.1)
         finally:
             os.close(fd)
-        self.assertGreaterEqual(memory.memfdBytes(os.getpid()), 0)
         peaks = peak.stop()
         self.assertGreater(peaks["me"], before + (60 << 20))
         self.assertLess(memory.memoryOf(os.getpid()), before + (32 << 20))
+
+    def test_memfdCountedOnce(self) -> None:
+        """A memfd open twice (a reader dups the writer's descriptor) is counted once."""
+        fd = os.memfd_create("test-once")
+        self.addCleanup(os.close, fd)
+        os.write(fd, b"x" * (8 << 20))
+        once = memory.memfdBytes(os.getpid())
+        other = os.dup(fd)
+        self.addCleanup(os.close, other)
+        self.assertEqual(memory.memfdBytes(os.getpid()), once)
+        self.assertGreaterEqual(once, 8 << 20)
 
     def test_goneProcess(self) -> None:
         self.assertEqual(memory.memoryOf(2**22 + 12345), 0)

@@ -81,7 +81,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=12, help="the data set's seed [12]")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--timeout", type=float, default=300, help="seconds any one step may take [300]")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, images) under /dev/shm")
+    p.add_argument("--keep", action="store_true", help=(
+            "keep the work directory (logs, images) under /dev/shm: the baseline's images stay in"
+            " memory, about the process's size a run, and later runs have that much less free memory"
+            " (in a full run with --keep, the later runs were slower); for logs, not for figures"
+        ))
     return p
 
 

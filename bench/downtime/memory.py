@@ -25,9 +25,9 @@ def residentExceptShared(status: str) -> int:
 
 
 def memfdBytes(pid: int) -> int:
-    """Bytes in memory of the memfds C{pid} holds open."""
+    """Bytes in memory of the memfds C{pid} holds open (each once, however many descriptors it has)."""
     directory = f"/proc/{pid}/fd"
-    total = 0
+    sizes: dict[tuple[int, int], int] = {}
     try:
         names = os.listdir(directory)
     except OSError:
@@ -36,10 +36,11 @@ def memfdBytes(pid: int) -> int:
         path = os.path.join(directory, name)
         try:
             if os.readlink(path).startswith("/memfd:"):
-                total += os.stat(path).st_blocks * 512
+                info = os.stat(path)
+                sizes[info.st_dev, info.st_ino] = info.st_blocks * 512
         except OSError:
             continue  # closed meanwhile
-    return total
+    return sum(sizes.values())
 
 
 def memoryOf(pid: int) -> int:

@@ -33,7 +33,7 @@ _ABORT = wire.CHUNK_LENGTH.pack(wire.CHUNK_ABORT)
 #: A backlogged stretch shorter than this says nothing of the link's rate.
 MIN_DRAIN_SECONDS = 0.02
 #: How long a stretch of backlog is measured at a time.
-BACKLOG_WINDOW = 0.25
+BACKLOG_WINDOW = 0.1
 #: A raw run shorter than this says nothing of the link's rate either.
 MIN_DRAIN_BYTES = 1 << 23
 
