@@ -183,7 +183,7 @@ class _Harness(TestCase):
         cache: Any = clientFromString(reactor, f"tcp:host=127.0.0.1:port={relayPort.getHost().port}")
         if key is not None:
             cache = TLSClientEndpoint(reactor, cache, key.clientCreator(), 10, "relay")
-        store = SpillStore(1 << 30, self.mktemp(), reactor.callFromThread)
+        store = SpillStore(1 << 30, self.mktemp(), reactor.callFromThread, holdPipes=True)  # as criu-proxy keeps it
         self.addCleanup(store.close)
         self.m.proxy = ImageProxyService(
             reactor,

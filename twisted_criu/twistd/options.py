@@ -55,16 +55,17 @@ def unixEndpoint(path: str, mode: str = "600") -> str:
     return f"unix:{quoteStringArgument(path)}:mode={mode}"
 
 
-def daemonArguments(reactor: Any, options: DaemonOptions) -> dict[str, Any]:
+def daemonArguments(reactor: Any, options: DaemonOptions, holdPipes: bool = False) -> dict[str, Any]:
     """
     The keyword arguments both daemons' services take from the options they
-    share: the store, the criu-facing endpoints' settings, timeouts, C{--keep}.
+    share: the store (keeping what criu splices in its pipes if
+    C{holdPipes}), the criu-facing endpoints' settings, timeouts, C{--keep}.
     """
     streamLocal: IStreamServerEndpoint | None = None
     if options["stream-local"] is not None:
         streamLocal = options.listenEndpoint(reactor, "stream-local")
     return {
-        "store": SpillStore(options["memory-limit"], options["spill-dir"], reactor.callFromThread),
+        "store": SpillStore(options["memory-limit"], options["spill-dir"], reactor.callFromThread, holdPipes),
         "readVariant": options["read-variant"],
         "linkTimeout": options["timeout"],
         "clientTimeout": options["client-timeout"],

@@ -9,6 +9,7 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted_criu.daemons.extras import finishDaemon
 from twisted_criu.daemons.proxy import ImageProxyService
 from twisted_criu.flow.compress import parseMode
+from twisted_criu.storage.spill import heldpipes
 from twisted_criu.twistd.listening import checkEndpointString, checkHostResolves
 from twisted_criu.twistd.options import (
     RATE_LIMIT_OPTION,
@@ -78,6 +79,7 @@ def makeService(options: Options) -> IService:
         cutThrough=not options["store-and-forward"],
         rateLimit=rateLimit,
         compress=parseMode(options["compress"]),
-        **daemonArguments(reactor, options),
+        # criu's pages stay in pipes as it spliced them (no copy into memory files)
+        **daemonArguments(reactor, options, holdPipes=heldpipes.available()),
     )
     return finishDaemon(reactor, service, options)

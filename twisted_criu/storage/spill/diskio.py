@@ -32,17 +32,43 @@ def _roundUp(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
-class _Segment:
-    """A run of an image's bytes in one file: a memfd (memory) or a spill file."""
+#: What holds a segment's bytes (see L{_Segment.kind}).
+MEMORY, DISK, HELD = 0, 1, 2
 
-    def __init__(self, fd: int, path: str | None) -> None:
+
+class _Segment:
+    """
+    A run of an image's bytes in one file: a memfd (memory), a spill file,
+    or a pipe holding them as criu handed them over (a hold, see
+    L{heldpipes<twisted_criu.storage.spill.heldpipes>}; its write end open
+    until it is sealed).
+    """
+
+    def __init__(self, fd: int, path: str | None, writeFd: int | None = None) -> None:
         self.fd = fd
-        self.path = path  # None for a memfd
+        self.path = path  # None for a memfd or a hold
         self.size = 0
+        self.held = writeFd is not None
+        self.writeFd = -1 if writeFd is None else writeFd
 
     @property
     def onDisk(self) -> bool:
         return self.path is not None
+
+    @property
+    def kind(self) -> int:
+        return DISK if self.path is not None else HELD if self.held else MEMORY
+
+    @property
+    def filling(self) -> bool:
+        """Is this a hold that takes more bytes (not sealed yet)?"""
+        return self.writeFd >= 0
+
+    def seal(self) -> None:
+        """A hold takes no more bytes (its readers may copy it now)."""
+        writeFd, self.writeFd = self.writeFd, -1
+        if writeFd >= 0:
+            os.close(writeFd)
 
 
 def _pwriteAll(fd: int, data: mmap.mmap | memoryview, offset: int) -> None:

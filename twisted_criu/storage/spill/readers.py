@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from twisted_criu.interfaces import IKernelSource, ISkippingReader
-from twisted_criu.storage.spill.diskio import BLOCK, STAGE_SIZE, _closeBuffers, _DiskIO, _Segment
+from twisted_criu.storage.spill.diskio import BLOCK, DISK, HELD, STAGE_SIZE, _closeBuffers, _DiskIO, _Segment
+from twisted_criu.storage.spill.heldpipes import HOLD_SIZE, HeldCopy
 
 
 #: Bytes of a memfd mapped at a time to write them into a loopback TCP
@@ -59,15 +60,15 @@ class _SpillReader:
     or C{write} from a mapped window (see L{writesFromMapping}), spill
     files in aligned blocks (direct I/O) into buffers of its own, the next
     block read ahead by the store's I/O thread (L{whenReadable} says when
-    it is in).
+    it is in), holds by a copy of their page references (L{HeldCopy}).
     """
 
     def __init__(self, segments: list[_Segment], io: _DiskIO) -> None:
         # Our own descriptors, so the bytes outlive a release during the read.
-        self._runs: list[tuple[int, int, bool]] = []
+        self._runs: list[tuple[int, int, int]] = []  # descriptor, size, kind
         try:
             for segment in segments:
-                self._runs.append((os.dup(segment.fd), segment.size, segment.onDisk))
+                self._runs.append((os.dup(segment.fd), segment.size, segment.kind))
         except OSError:  # no descriptor left (EMFILE): none of ours stays open
             for fd, _, _ in self._runs:
                 os.close(fd)
@@ -82,12 +83,14 @@ class _SpillReader:
         self._lastMayGrow = False
         self._window: tuple[int, int, mmap.mmap] | None = None  # run, start, mapping
         self._outKind = (-1, False)  # descriptor, writesFromMapping
+        self._held = HeldCopy()
+        self._heldRun = -1  # the run whose copy L{_held} has
 
-    def _current(self) -> tuple[int, int, bool] | None:
+    def _current(self) -> tuple[int, int, int] | None:
         while self._index < len(self._runs):
-            fd, size, onDisk = self._runs[self._index]
+            fd, size, kind = self._runs[self._index]
             if self._offset < size:
-                return fd, size - self._offset, onDisk
+                return fd, size - self._offset, kind
             if self._lastMayGrow and self._index == len(self._runs) - 1:
                 return None
             self._index += 1
@@ -123,7 +126,7 @@ class _SpillReader:
         """
         current = self._current()
         callFromThread = self._io.callFromThread
-        if current is None or self._pending or not current[2] or callFromThread is None:
+        if current is None or self._pending or current[2] != DISK or callFromThread is None:
             return None
         reading = self._readAt(current[0])
         if reading.done():
@@ -153,13 +156,32 @@ class _SpillReader:
         if self._pending:
             self._pending = self._pending[n:]
 
+    def _copyOfHold(self, fd: int) -> HeldCopy:
+        """The current run's hold, copied (at its start) if it was not yet."""
+        if self._heldRun != self._index:
+            assert self._offset == 0
+            self._held.load(fd, self._runs[self._index][1])
+            self._heldRun = self._index
+        return self._held
+
+    def _heldStaged(self, fd: int, left: int) -> memoryview:
+        """Bytes of the current hold at the read position."""
+        if not self._pending:
+            self._pending = memoryview(self._copyOfHold(fd).read(min(left, HOLD_SIZE)))
+        return self._pending
+
     def read(self, size: int) -> bytes:
         current = self._current()
         if current is None:
             return b""
-        fd, left, onDisk = current
-        if onDisk:
+        fd, left, kind = current
+        if kind == DISK:
             chunk = bytes(self._staged(fd, left)[:size])
+        elif kind == HELD:
+            if self._pending:
+                chunk = bytes(self._pending[:size])
+            else:
+                chunk = self._copyOfHold(fd).read(min(size, left))
         else:
             chunk = os.pread(fd, min(size, left), self._offset)
         self._consumed(len(chunk))
@@ -173,9 +195,14 @@ class _SpillReader:
             current = self._current()
             if current is None:
                 break
-            _, left, onDisk = current
+            fd, left, kind = current
             n = min(left, count - skipped)
-            if onDisk and n < left:  # direct I/O: to a block boundary, then read the rest
+            if kind == HELD and n < left:  # its copy, less what is skipped
+                self._copyOfHold(fd).discard(n)
+                self._offset += n
+                skipped += n
+                break
+            if kind == DISK and n < left:  # direct I/O: to a block boundary, then read the rest
                 target = self._offset + n
                 aligned = target - target % BLOCK
                 skipped += aligned - self._offset
@@ -196,9 +223,11 @@ class _SpillReader:
         current = self._current()
         if current is None:
             return 0
-        fd, left, onDisk = current
-        if onDisk:
+        fd, left, kind = current
+        if kind == DISK:
             sent = os.write(out, self._staged(fd, left)[:count])
+        elif kind == HELD:
+            sent = os.write(out, self._heldStaged(fd, left)[:count])
         elif self._fromMapping(out):
             sent = self._writeMapped(out, fd, left, count)
         else:
@@ -241,5 +270,6 @@ class _SpillReader:
             os.close(fd)
         self._unmap()
         self._pending.release()
+        self._held.close()
         _closeBuffers(self._buffers)
         self._buffers = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import shutil
 import tempfile
 from typing import Callable
@@ -31,11 +32,22 @@ from twisted_criu.storage.spill.directories import (
     removeStaleSpillDirs,
 )
 from twisted_criu.storage.spill.diskio import _DiskIO, _Segment, _StagedFile, _writeAll
+from twisted_criu.storage.spill.heldpipes import HOLD_SIZE, HeldCopy, newPipe, pending
 from twisted_criu.storage.memory import MemoryImage
+from twisted_criu.storage.spill.growing import _GrowingReader
 from twisted_criu.storage.spill.readers import _SpillReader
 
 #: Images up to this size are kept as bytes once complete, not in a memfd.
 SMALL_IMAGE = 64 * 1024
+
+
+def maxHolds() -> int:
+    """
+    How many holds a store keeps at most: an eighth of the descriptors the
+    process may open (each reader of a held image opens one per hold too).
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(0, soft // 8) if soft != resource.RLIM_INFINITY else 1 << 16
 
 
 @implementer(IStoredImage)
@@ -61,81 +73,6 @@ class SpillImage:
             self._store._drop(segment)
 
 
-
-@implementer(IGrowingImage)
-class _GrowingReader(_SpillReader):
-    """
-    Follows a L{_SpillWriter}: reads what is already in memory or durably
-    in the spill file (whole aligned buffers), and more after each change.
-    """
-
-    def __init__(self, writer: _SpillWriter) -> None:
-        super().__init__([], writer._store._io)
-        self._writer: _SpillWriter | None = writer
-        self._segments = writer._segments  # the list itself: commit hands it on
-        self._lastMayGrow = True
-        self.complete = False
-        self.aborted = False
-        #: The image the write became, once committed.
-        self.image: IStoredImage | None = None
-        self.onChange: Callable[[], None] = lambda: None
-        try:
-            self._refresh()  # our own descriptors now: raises here, if at all (EMFILE)
-        except OSError:
-            self.close()
-            raise
-
-    @property
-    def available(self) -> int:
-        self._refresh()
-        return sum(size for _, size, _ in self._runs)
-
-    def _refresh(self) -> None:
-        writer = self._writer
-        if writer is None:
-            return
-        for i, segment in enumerate(self._segments):
-            size = writer._durable(segment)
-            if i < len(self._runs):
-                fd, _, onDisk = self._runs[i]
-                self._runs[i] = (fd, size, onDisk)
-            else:
-                self._runs.append((os.dup(segment.fd), size, segment.onDisk))
-
-    def _changed(self, complete: bool = False, aborted: bool = False) -> None:
-        """Called by the writer after each change (before it drops anything)."""
-        if not aborted:
-            self._refresh()
-        if complete or aborted:
-            self._writer = None
-            self._lastMayGrow = False
-        self.complete, self.aborted = complete, aborted
-        self.onChange()
-
-    # After an abort, what was available stays readable (our own fds): a
-    # chunk already announced can still be completed.
-
-    def read(self, size: int) -> bytes:
-        self._refresh()
-        return super().read(size)
-
-    def whenReadable(self) -> Deferred[None] | None:
-        self._refresh()
-        return super().whenReadable()
-
-    def sendfile(self, out: int, count: int) -> int:
-        self._refresh()
-        return super().sendfile(out, count)
-
-    def skip(self, count: int) -> int:
-        self._refresh()
-        return super().skip(count)
-
-    def close(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer._unfollow(self)
-        super().close()
 
 @implementer(IGrowableWriter, IPacedWriter, ISpliceSink)
 class _SpillWriter:
@@ -187,7 +124,9 @@ class _SpillWriter:
             self._followers.remove(reader)
 
     def _durable(self, segment: _Segment) -> int:
-        """Bytes of C{segment} a follower may read now."""
+        """Bytes of C{segment} a follower may read now (of a hold: none until it is sealed)."""
+        if segment.filling:
+            return 0
         staged = self._staged
         if staged is not None and segment is self._segments[-1] and segment.onDisk:
             return staged.durable
@@ -200,11 +139,28 @@ class _SpillWriter:
         for follower in list(followers):
             follower._changed(complete, aborted)
 
-    def _segmentFor(self, n: int) -> _Segment:
-        """The segment the next C{n} bytes go to, with memory reserved."""
+    def _segmentFor(self, n: int, hold: bool = False) -> _Segment:
+        """
+        The segment the next C{n} bytes go to, with memory reserved: a hold
+        if C{hold} (and the store can), else a memfd, or past the budget a
+        spill file.
+        """
         last = self._segments[-1] if self._segments else None
+        if last is not None and last.filling and not (hold and last.size < HOLD_SIZE):
+            last.seal()
         if (last is None or not last.onDisk) and self._store._reserveMemory(n):
-            if last is None:
+            if hold:
+                if last is not None and last.filling:
+                    return last
+                try:
+                    held = self._store._newHold()
+                except OSError:
+                    self._store._freeMemory(n)
+                    raise
+                if held is not None:
+                    self._segments.append(held)
+                    return held
+            if last is None or last.held:
                 try:
                     last = _Segment(self._store._newMemfd(), None)
                 except OSError:
@@ -213,6 +169,8 @@ class _SpillWriter:
                 self._segments.append(last)
             return last
         if last is None or not last.onDisk:
+            if last is not None:
+                last.seal()
             last = _Segment(*self._store._newSpillFile())
             self._segments.append(last)
             self._staged = _StagedFile(last, self._store._io, self._notify)
@@ -250,16 +208,25 @@ class _SpillWriter:
         memory in the kernel).  Returns 0 at EOF; raises
         L{BlockingIOError} if the pipe is empty.
         """
-        segment = self._segmentFor(count)
+        segment = self._segmentFor(count, hold=self._store.holdsPipes)
+        waiting = 0
         try:
             if self._staged is not None:
                 n = self._staged.readFrom(fd, count)
+            elif segment.held:
+                waiting = pending(fd)  # (only we take bytes out of it)
+                n = os.splice(fd, segment.writeFd, min(count, HOLD_SIZE - segment.size))
             else:
                 n = os.splice(fd, segment.fd, count)
-        except OSError:
+        except OSError as e:
             self._wrote(segment, count, 0)
+            if isinstance(e, BlockingIOError) and waiting:
+                segment.seal()  # the hold's slots are full (before its bytes): the next one
+                return self.spliceFrom(fd, count)
             raise
         self._wrote(segment, count, n)
+        if segment.filling and segment.size >= HOLD_SIZE:
+            segment.seal()
         if n and self._followers:
             self._notify()
         if n:
@@ -276,6 +243,10 @@ class _SpillWriter:
 
     def commit(self) -> IStoredImage:
         self.writing = False
+        if self._segments and self._segments[-1].filling:
+            self._segments[-1].seal()
+            if not self._segments[-1].size:  # opened for bytes that never came (EOF)
+                self._store._drop(self._segments.pop())
         staged, self._staged = self._staged, None
         if staged is not None:
             try:
@@ -305,7 +276,15 @@ class _SpillWriter:
         if len(segments) != 1 or segments[0].onDisk or segments[0].size > SMALL_IMAGE:
             return None
         segment = segments[0]
-        data = os.pread(segment.fd, segment.size, 0)
+        if segment.held:
+            copy = HeldCopy()
+            try:
+                copy.load(segment.fd, segment.size)
+                data = b"".join(iter(lambda: copy.read(segment.size), b""))
+            finally:
+                copy.close()
+        else:
+            data = os.pread(segment.fd, segment.size, 0)
         if len(data) != segment.size:
             return None
         self._store.inMemory += segment.size  # dropping the memfd gives its share back
@@ -336,8 +315,13 @@ class SpillStore:
         memoryLimit: int,
         spillDir: str | None = None,
         callFromThread: Callable[[Callable[[], None]], None] | None = None,
+        holdPipes: bool = False,
     ) -> None:
         self.memoryLimit = memoryLimit
+        #: Bytes spliced in from pipes stay in pipes (holds) while the
+        #: budget and the descriptors allow; see L{heldpipes}.
+        self.holdsPipes = holdPipes
+        self._holds = 0
         self.spillParent = os.path.abspath(spillDir or tempfile.gettempdir())
         self.inMemory = 0
         self.onDisk = 0
@@ -405,6 +389,21 @@ class SpillStore:
     def _freeMemory(self, n: int) -> None:
         self.inMemory -= n
 
+    def _newHold(self) -> _Segment | None:
+        """A hold for bytes spliced in, or L{None} (use a memfd): too many held, or pipes cannot grow."""
+        if self._holds >= maxHolds():
+            return None
+        pipe = newPipe()
+        if pipe is None:
+            self.holdsPipes = False
+            self.log.warn(
+                "pipes cannot grow to {size} bytes here: image bytes go into memory files (a copy) instead",
+                size=HOLD_SIZE,
+            )
+            return None
+        self._holds += 1
+        return _Segment(pipe[0], None, writeFd=pipe[1])
+
     def _newMemfd(self) -> int:
         """A memfd for an image's bytes in memory (raises L{OSError}: EMFILE, ENFILE)."""
         return os.memfd_create("twisted-criu-image", os.MFD_CLOEXEC)
@@ -437,6 +436,9 @@ class SpillStore:
     def _drop(self, segment: _Segment) -> None:
         """Give back a segment's memory or disk space."""
         os.close(segment.fd)
+        if segment.held:
+            segment.seal()
+            self._holds -= 1
         if segment.path is None:
             self._freeMemory(segment.size)
         elif self._dir is not None:  # else closed: the directory is gone already
