@@ -214,7 +214,7 @@ class ReportTests(SynchronousTestCase):
         lines = list(report.table("1gbit", runs, ["baseline", "none", "auto"], processBytes=500 * 10**6))
         self.assertEqual(len(lines), 6)
         self.assertEqual(
-            lines[4], "auto      cpu s per GB of the process: proxy 4.00;  peak MiB (resident + memfds): proxy 700  cache 100"
+            lines[4], "auto      cpu s per GB of the process: proxy 4.00;  peak MiB (resident + memfds + pipes): proxy 700  cache 100"
         )
         self.assertTrue(lines[5].startswith("target (1gbit)"))
 
@@ -248,6 +248,15 @@ class PeakMemoryTests(SynchronousTestCase):
         self.addCleanup(os.close, other)
         self.assertEqual(memory.memfdBytes(os.getpid()), once)
         self.assertGreaterEqual(once, 8 << 20)
+
+    def test_pipesCounted(self) -> None:
+        """Bytes held in a pipe count (once for both its ends)."""
+        before = memory.memfdBytes(os.getpid())
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.write(w, b"x" * 50_000)
+        self.assertEqual(memory.memfdBytes(os.getpid()), before + 50_000)
 
     def test_goneProcess(self) -> None:
         self.assertEqual(memory.memoryOf(2**22 + 12345), 0)

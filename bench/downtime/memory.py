@@ -1,14 +1,17 @@
 # -*- test-case-name: tests.test_downtime -*-
 """
 The daemons' peak memory during a migration: their resident pages (not
-shared memory) plus the memfds they hold open, where image bytes live
-(C{VmHWM} counts neither those nor their pages).  A thread samples it
-every L{INTERVAL} seconds.
+shared memory) plus the memfds and pipes they hold open, where image bytes
+live (the proxy keeps criu's pages in pipes; C{VmHWM} counts neither).  A
+thread samples it every L{INTERVAL} seconds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
+import termios
 import threading
 
 #: Seconds between samples.
@@ -24,8 +27,22 @@ def residentExceptShared(status: str) -> int:
     return total
 
 
+def pipeBytes(path: str) -> int:
+    """Bytes waiting in the pipe another process has open as C{path} (C{/proc/PID/fd/N})."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        buffer = bytearray(4)
+        fcntl.ioctl(fd, termios.FIONREAD, buffer)
+        return int.from_bytes(buffer, sys.byteorder)
+    finally:
+        os.close(fd)
+
+
 def memfdBytes(pid: int) -> int:
-    """Bytes in memory of the memfds C{pid} holds open (each once, however many descriptors it has)."""
+    """
+    Bytes in memory of the memfds and pipes C{pid} holds open (each once,
+    however many descriptors it has).
+    """
     directory = f"/proc/{pid}/fd"
     sizes: dict[tuple[int, int], int] = {}
     try:
@@ -35,9 +52,13 @@ def memfdBytes(pid: int) -> int:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            if os.readlink(path).startswith("/memfd:"):
+            target = os.readlink(path)
+            if target.startswith("/memfd:"):
                 info = os.stat(path)
                 sizes[info.st_dev, info.st_ino] = info.st_blocks * 512
+            elif target.startswith("pipe:"):
+                info = os.stat(path)
+                sizes[info.st_dev, info.st_ino] = pipeBytes(path)
         except OSError:
             continue  # closed meanwhile
     return sum(sizes.values())

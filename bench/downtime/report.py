@@ -65,7 +65,7 @@ def perGigabyte(rows: dict[str, dict[str, Any]], processBytes: int) -> Iterator[
             continue
         cpu = "  ".join(f"{name} {value / (processBytes / 1e9):.2f}" for name, value in row["median_cpu_s"].items())
         peak = "  ".join(f"{name} {value / 2**20:.0f}" for name, value in peaks.items())
-        yield f"{variant:<10}cpu s per GB of the process: {cpu};  peak MiB (resident + memfds): {peak}"
+        yield f"{variant:<10}cpu s per GB of the process: {cpu};  peak MiB (resident + memfds + pipes): {peak}"
 
 
 def targetLine(rate: str, runs: Runs) -> str | None:

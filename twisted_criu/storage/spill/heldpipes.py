@@ -119,6 +119,13 @@ class HeldCopy:
         self.left -= len(data)
         return data
 
+    def spliceTo(self, out: int, count: int) -> int:
+        """Move up to C{count} of the loaded bytes into C{out} without copying them (L{BlockingIOError} if full)."""
+        assert self._scratch is not None
+        moved = os.splice(self._scratch[0], out, min(count, self.left), flags=os.SPLICE_F_NONBLOCK)
+        self.left -= moved
+        return moved
+
     def discard(self, count: int) -> None:
         """Drop the next C{count} loaded bytes."""
         while count:

@@ -227,7 +227,10 @@ class _SpillReader:
         if kind == DISK:
             sent = os.write(out, self._staged(fd, left)[:count])
         elif kind == HELD:
-            sent = os.write(out, self._heldStaged(fd, left)[:count])
+            if self._pending or self._fromMapping(out):  # (loopback TCP: see writesFromMapping)
+                sent = os.write(out, self._heldStaged(fd, left)[:count])
+            else:
+                sent = self._copyOfHold(fd).spliceTo(out, min(count, left))
         elif self._fromMapping(out):
             sent = self._writeMapped(out, fd, left, count)
         else:
