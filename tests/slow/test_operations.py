@@ -98,13 +98,18 @@ class ReadinessTests(SynchronousTestCase):
 
 class ManySessionsTests(pf._DaemonTest):
     """
-    Twenty migrations in a row through the same pair, spilling to disk:
+    Thirty migrations in a row through the same pair, spilling to disk:
     memory stays flat and every session's images and spill files are gone.
     """
 
-    SESSIONS = 20
+    SESSIONS = 30
+    #: Sessions before memory is counted: the allocator's own warm-up.
+    #: The proxy's resident memory rises about 4 MiB over its first 20
+    #: sessions of 16 MiB, then stays within a MiB (measured over 50:
+    #: 61.0, 62.3 at 10, 63.3 at 20, 64.4 at 24, 62.9-63.6 to 50).
+    WARM_UP = 10
 
-    def test_twentySessionsInARow(self) -> None:
+    def test_thirtySessionsInARow(self) -> None:
         base = pf.shortTempDir(self)
         spill = os.path.join(base, "spill")
         os.makedirs(spill)
@@ -146,14 +151,14 @@ class ManySessionsTests(pf._DaemonTest):
             self.assertEqual(listing.returncode, 0, listing.stderr)
             self.assertNotRegex(listing.stdout, r"\d+ images +[1-9]")
             self.assertEqual(pf.errorLines(daemon.log()), [])
-        # Flat: after warming up (sessions 1-2), no daemon grows by more than
-        # 3 MiB over 18 more sessions of 16 MiB each (288 MiB in all); a
-        # megabyte kept per session (a buffer per link, say) would show.
-        warm, last = rss[1], rss[-1]
+        # Flat: after warming up, no daemon grows by more than 3 MiB over
+        # 20 more sessions of 16 MiB each (320 MiB in all); a megabyte kept
+        # per session (a buffer per link, say) would show.
+        warm, last = rss[self.WARM_UP - 1], rss[-1]
         growth = [(last[i] - warm[i]) / MiB for i in range(2)]
         figures = (
             f"rss proxy {warm[0] / MiB:.1f} -> {last[0] / MiB:.1f} MiB,"
-            f" cache {warm[1] / MiB:.1f} -> {last[1] / MiB:.1f} MiB over sessions 2-{self.SESSIONS}"
+            f" cache {warm[1] / MiB:.1f} -> {last[1] / MiB:.1f} MiB over sessions {self.WARM_UP}-{self.SESSIONS}"
         )
         print(figures)
         self.assertLess(max(growth), 3, figures)
