@@ -89,6 +89,12 @@ class LoopbackMixin(TestCase):
         self.addCleanup(lambda: protocol.transport.abortConnection() if protocol.transport else None)
         return peer
 
+    async def connectNarrow(self, protocol: Accepted) -> socket.socket:
+        """L{connect}, with the server end's send buffer at its smallest (it fills at once)."""
+        peer = await self.connect(protocol)
+        protocol.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return peer
+
     def drain(self, peer: socket.socket, into: bytearray) -> threading.Thread:
         """Read C{peer} to EOF into C{into} on a thread."""
 
@@ -231,9 +237,8 @@ class SendingTests(LoopbackMixin):
         got = bytearray()
 
         async def scenario() -> None:
-            peer = await self.connect(protocol)
+            peer = await self.connectNarrow(protocol)
             transport = protocol.transport
-            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             filler = bytearray()
             while True:
                 try:
@@ -289,9 +294,8 @@ class SendingTests(LoopbackMixin):
         got = bytearray()
 
         async def scenario() -> None:
-            peer = await self.connect(protocol)
+            peer = await self.connectNarrow(protocol)
             transport = protocol.transport
-            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             reused = bytearray(os.urandom(1 << 20))
             first = bytes(reused)
             _fastpath.writeNow(transport, reused)  # the socket takes part of it
