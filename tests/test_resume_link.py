@@ -39,12 +39,6 @@ CUTS = 3
 #: What one cut may cost: the bytes in flight (the relay's buffer and the
 #: socket buffers between it and the cache) and a partly sent chunk.
 PER_CUT = 4 * MiB
-#: The cache's receive buffer (the kernel doubles it).  Most of what is in
-#: flight at a cut is there; left to itself the kernel grows it while the
-#: cache falls behind, up to C{tcp_rmem}'s maximum (32 MiB on some
-#: machines), and a cut costs that much.  Fixed, it makes L{PER_CUT} hold
-#: on any machine.
-CACHE_RCVBUF = 1 * MiB
 #: The relay's send buffer towards the cache (the kernel doubles it).
 RELAY_SNDBUF = 256 * 1024
 
@@ -172,7 +166,6 @@ class _Harness(TestCase):
         cache.startService()
         self.addCleanup(cache.stopService)
         port = yield cache.remoteEndpoint.whenListening()
-        port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CACHE_RCVBUF)  # inherited by accepted connections
         return port.getHost().port
 
     @inlineCallbacks
