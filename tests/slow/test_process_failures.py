@@ -743,6 +743,12 @@ class CacheKilledTests(_DaemonTest):
         big = randomBytes(32 * MiB, "big")
         writeImage(proxy.socketPath, "pages-1.img", big)
         cache.waitForLog(rf"received {SNAP}/pages-1.img \({len(big)} bytes\)")
+        # A large image is cut through (the link takes it while criu
+        # writes it) unless the proxy forwards only complete images.
+        forwarded = re.search(rf"forwarded {SNAP}/pages-1\.img \(\d+ bytes(, cut through)?\)", proxy.log())
+        self.assertIsNotNone(forwarded, proxy.log())
+        assert forwarded is not None
+        self.assertEqual(bool(forwarded.group(1)), not self.FORWARDING, forwarded.group(0))
 
         # The cache dies while pages-2.img is on its way.
         huge = randomBytes(64 * MiB, "huge")

@@ -84,7 +84,6 @@ class CompressionPolicy:
         self._compressing = 0.0
         self._lastProbe = clock.seconds()
         self._rawProbeLeft = 0
-        self._compressProbe = False
         #: What the log last said auto does: raw, all or a share.
         self._lastMode = ""
         #: Chunks owed to the compressor (the share, accumulated).
