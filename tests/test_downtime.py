@@ -243,20 +243,20 @@ class PeakMemoryTests(SynchronousTestCase):
         fd = os.memfd_create("test-once")
         self.addCleanup(os.close, fd)
         os.write(fd, b"x" * (8 << 20))
-        once = memory.memfdBytes(os.getpid())
+        once = memory.heldBytes(os.getpid())
         other = os.dup(fd)
         self.addCleanup(os.close, other)
-        self.assertEqual(memory.memfdBytes(os.getpid()), once)
+        self.assertEqual(memory.heldBytes(os.getpid()), once)
         self.assertGreaterEqual(once, 8 << 20)
 
     def test_pipesCounted(self) -> None:
         """Bytes held in a pipe count (once for both its ends)."""
-        before = memory.memfdBytes(os.getpid())
+        before = memory.heldBytes(os.getpid())
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         self.addCleanup(os.close, w)
         os.write(w, b"x" * 50_000)
-        self.assertEqual(memory.memfdBytes(os.getpid()), before + 50_000)
+        self.assertEqual(memory.heldBytes(os.getpid()), before + 50_000)
 
     def test_goneProcess(self) -> None:
         self.assertEqual(memory.memoryOf(2**22 + 12345), 0)

@@ -177,7 +177,7 @@ class Bench:
                 cpu = "  ".join(f"{name} {value:.2f}" for name, value in result["cpu_s"].items())
                 peaks = result.get("peak_memory_bytes")
                 if peaks:
-                    cpu += "  peak MiB: " + "  ".join(f"{name} {value / 2**20:.0f}" for name, value in peaks.items())
+                    cpu += "  peak MiB: " + report.mebibytes(peaks)
                 say(
                     f"  run {index + 1}/{self.args.runs} {mode:<8} downtime {result['downtime_s']:6.2f} s"
                     f"  wire {result['wire_bytes'] / 1e6:7.1f} MB  cpu s: {cpu}  digest ok"

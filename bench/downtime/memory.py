@@ -8,11 +8,10 @@ thread samples it every L{INTERVAL} seconds.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import sys
-import termios
 import threading
+
+from twisted_criu.storage.spill.heldpipes import pending
 
 #: Seconds between samples.  Each costs a few system calls per descriptor
 #: the daemons hold (the proxy holds a pipe per MiB: 10-20 ms of CPU for a
@@ -35,14 +34,12 @@ def pipeBytes(path: str) -> int:
     """Bytes waiting in the pipe another process has open as C{path} (C{/proc/PID/fd/N})."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        buffer = bytearray(4)
-        fcntl.ioctl(fd, termios.FIONREAD, buffer)
-        return int.from_bytes(buffer, sys.byteorder)
+        return pending(fd)
     finally:
         os.close(fd)
 
 
-def memfdBytes(pid: int) -> int:
+def heldBytes(pid: int) -> int:
     """
     Bytes in memory of the memfds and pipes C{pid} holds open (each once,
     however many descriptors it has).
@@ -68,13 +65,13 @@ def memfdBytes(pid: int) -> int:
 
 
 def memoryOf(pid: int) -> int:
-    """C{pid}'s memory now: resident (not shared) plus its memfds; 0 once it is gone."""
+    """C{pid}'s memory now: resident (not shared) plus its memfds and pipes; 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             status = f.read()
     except OSError:
         return 0
-    return residentExceptShared(status) + memfdBytes(pid)
+    return residentExceptShared(status) + heldBytes(pid)
 
 
 class PeakMemory:

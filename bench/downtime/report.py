@@ -57,6 +57,11 @@ def summary(runs: Runs, variants: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def mebibytes(values: dict[str, float]) -> str:
+    """C{name MiB  name MiB}: each daemon's memory."""
+    return "  ".join(f"{name} {value / 2**20:.0f}" for name, value in values.items())
+
+
 def perGigabyte(rows: dict[str, dict[str, Any]], processBytes: int) -> Iterator[str]:
     """Per variant with daemons: their CPU seconds per GB of the process's memory, and their peak memory."""
     for variant, row in rows.items():
@@ -64,8 +69,7 @@ def perGigabyte(rows: dict[str, dict[str, Any]], processBytes: int) -> Iterator[
         if not peaks:
             continue
         cpu = "  ".join(f"{name} {value / (processBytes / 1e9):.2f}" for name, value in row["median_cpu_s"].items())
-        peak = "  ".join(f"{name} {value / 2**20:.0f}" for name, value in peaks.items())
-        yield f"{variant:<10}cpu s per GB of the process: {cpu};  peak MiB (resident + memfds + pipes): {peak}"
+        yield f"{variant:<10}cpu s per GB of the process: {cpu};  peak MiB (resident + memfds + pipes): {mebibytes(peaks)}"
 
 
 def targetLine(rate: str, runs: Runs) -> str | None:

@@ -166,21 +166,20 @@ class CompressionPolicy:
 
     def compressNext(self) -> bool:
         """Compress the next chunk?"""
-        choice = self._choose()
         share = self.share()
         mode = "raw" if share <= 0 else "all" if share >= 1 else "share"
         if mode != self._lastMode:
             self._lastMode = mode
             self.log.debug("--compress auto: {policy}", policy=self.describe())
-        return choice
+        return self._choose(share)
 
-    def _choose(self) -> bool:
+    def _choose(self, share: float) -> bool:
+        """Compress the next chunk, given the L{share} to compress?"""
         if self._rawProbeLeft:
             self._rawProbeLeft -= 1
             return False
         if self.linkRate is None:
             return False  # raw, measuring the link
-        share = self.share()
         if share >= 1.0:
             if self.ratio is not None and self._probeDue():
                 # Learn (again) how fast the link is without compression

@@ -26,6 +26,8 @@ import ctypes
 import errno
 import fcntl
 import os
+import sys
+import termios
 
 from twisted_criu.flow.pipes import enlargePipe
 
@@ -38,15 +40,12 @@ if _tee is not None:
     _tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
     _tee.restype = ctypes.c_ssize_t
 
-_SPLICE_F_NONBLOCK = 2
-_FIONREAD = 0x541B
-
 
 def tee(source: int, target: int, count: int) -> int:
     """C{tee(2)}: duplicate up to C{count} bytes at the head of pipe C{source} into pipe C{target}."""
     if _tee is None:
         raise OSError(errno.ENOSYS, "tee(2) is not available")
-    n = int(_tee(source, target, count, _SPLICE_F_NONBLOCK))
+    n = int(_tee(source, target, count, os.SPLICE_F_NONBLOCK))
     if n < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
@@ -56,8 +55,8 @@ def tee(source: int, target: int, count: int) -> int:
 def pending(fd: int) -> int:
     """Bytes waiting in the pipe C{fd}."""
     buffer = bytearray(4)
-    fcntl.ioctl(fd, _FIONREAD, buffer)
-    return int.from_bytes(buffer, "little")
+    fcntl.ioctl(fd, termios.FIONREAD, buffer)
+    return int.from_bytes(buffer, sys.byteorder)
 
 
 def newPipe() -> tuple[int, int] | None:

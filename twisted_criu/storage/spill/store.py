@@ -32,7 +32,7 @@ from twisted_criu.storage.spill.directories import (
     removeStaleSpillDirs,
 )
 from twisted_criu.storage.spill.diskio import _DiskIO, _Segment, _StagedFile, _writeAll
-from twisted_criu.storage.spill.heldpipes import HOLD_SIZE, HeldCopy, newPipe, pending
+from twisted_criu.storage.spill.heldpipes import HOLD_SIZE, newPipe, pending
 from twisted_criu.storage.memory import MemoryImage
 from twisted_criu.storage.spill.growing import _GrowingReader
 from twisted_criu.storage.spill.readers import _SpillReader
@@ -276,15 +276,11 @@ class _SpillWriter:
         if len(segments) != 1 or segments[0].onDisk or segments[0].size > SMALL_IMAGE:
             return None
         segment = segments[0]
-        if segment.held:
-            copy = HeldCopy()
-            try:
-                copy.load(segment.fd, segment.size)
-                data = b"".join(iter(lambda: copy.read(segment.size), b""))
-            finally:
-                copy.close()
-        else:
-            data = os.pread(segment.fd, segment.size, 0)
+        reader = _SpillReader(segments, self._store._io)  # (a memfd or a hold)
+        try:
+            data = b"".join(iter(lambda: reader.read(SMALL_IMAGE), b""))
+        finally:
+            reader.close()
         if len(data) != segment.size:
             return None
         self._store.inMemory += segment.size  # dropping the memfd gives its share back
