@@ -198,6 +198,28 @@ class ReportTests(SynchronousTestCase):
         self.assertIsNone(report.targetLine("300mbit", self.runs(5.0)))
         self.assertIn("not measured", report.targetLine("1gbit", [{"none": self.result(1)}]) or "")
 
+    def test_localDumpAndRestore(self) -> None:
+        """The baseline less its transfer is a local dump and restore; the unshaped link judges against it."""
+        runs = self.runs(3.0)
+        for run, (dump, transfer, answered) in zip(runs, ((0.5, 1.5, 2.5), (0.5, 2.0, 3.5))):
+            run["baseline"]["phases_s"] = {"dump": dump, "transfer": transfer, "restore": answered, "answered": answered}
+        self.assertEqual(report.localDowntime(runs[0]["baseline"]), 1.5)
+        self.assertIsNone(report.localDowntime(self.result(1.0)))
+        # none: 6/1.5 and 5/2.0 -> median 3.25; auto: 3/1.5 and 3/2.0 -> 1.75.
+        self.assertEqual(
+            report.localLine("none", runs, ["baseline", "none", "auto"]),
+            "target (none): a migration <= 1.5 x a local dump + restore (the baseline without its transfer,"
+            " median 1.75 s): none 3.25 x (NOT met), auto 1.75 x (NOT met)",
+        )
+        for run in runs:
+            run["auto"]["downtime_s"] = 2.0
+        self.assertIn("auto 1.17 x (met)", report.localLine("none", runs, ["none", "auto"]) or "")
+        self.assertIsNone(report.localLine("1gbit", runs, ["none", "auto"]))
+        self.assertIsNone(report.localLine("none", self.runs(3.0), ["none", "auto"]))
+        lines = list(report.table("none", runs, ["baseline", "none", "auto"]))
+        self.assertTrue(lines[-2].startswith("target (none): auto within 10 %"))
+        self.assertTrue(lines[-1].startswith("target (none): a migration <= 1.5 x a local dump"))
+
     def test_table(self) -> None:
         lines = list(report.table("1gbit", self.runs(2.0), ["baseline", "none", "auto"]))
         self.assertEqual(len(lines), 5)

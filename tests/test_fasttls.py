@@ -21,7 +21,10 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zope.interface import implementer
+
 from twisted_criu.flow import _fasttls
+from twisted_criu.interfaces import ITransientDataReceiver
 from twisted_criu.link.key import loadKey
 
 
@@ -50,6 +53,27 @@ class Collector(Protocol):
         self.done.callback(None)
 
 
+class Keeper(Collector):
+    """Keeps every piece it hears as it was given, and the pieces' types."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[Any] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.pieces.append(data)
+
+
+@implementer(ITransientDataReceiver)
+class ViewTaker(Keeper):
+    """Takes views of the reused buffer: copies what it keeps."""
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.pieces[-1] = (type(data), bytes(data))
+
+
 class AvailableTests(SynchronousTestCase):
     def test_available(self) -> None:
         """The private pieces are there with the pyOpenSSL and Twisted we install."""
@@ -59,13 +83,26 @@ class AvailableTests(SynchronousTestCase):
         self.assertIs(type(factory), _fasttls.FastTLSMemoryBIOFactory)
 
 
+class TransientViewsTests(SynchronousTestCase):
+    def test_throughTheHandshakeGate(self) -> None:
+        """The link's receiver takes views, and the TLS handshake gate passes that on; others get copies."""
+        from twisted.internet.task import Clock
+
+        from twisted_criu.link.receiver import RemoteReceiver
+        from twisted_criu.link.tls.gate import _HandshakeGate
+
+        self.assertTrue(ITransientDataReceiver.implementedBy(RemoteReceiver))
+        self.assertTrue(ITransientDataReceiver.providedBy(_HandshakeGate(ViewTaker(), Clock(), 1)))
+        self.assertFalse(ITransientDataReceiver.providedBy(_HandshakeGate(Collector(), Clock(), 1)))
+
+
 class FastPathTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def connect(self, reply: bool = False) -> Any:
+    def connect(self, reply: bool = False, server: Collector | None = None) -> Any:
         key = loadKey(self.mktemp() + ".key", create=True)
-        server = Collector(reply)
+        server = server or Collector(reply)
         serverFactory = Factory.forProtocol(lambda: server)
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             _fasttls.tlsFactory(key.serverCreator(), False, serverFactory)
@@ -113,6 +150,36 @@ class FastPathTests(TestCase):
         yield server.done
 
     @inlineCallbacks
+    def test_readsIntoReusedBuffer(self) -> Any:
+        """
+        Once the handshake is done the socket is read into a reused buffer,
+        until the connection ends.  A protocol that keeps what it hears gets
+        bytes of its own; one that provides L{ITransientDataReceiver} gets
+        views, and copies.
+        """
+        payload = os.urandom(8 << 20)
+        for server, expected in ((Keeper(), bytes), (ViewTaker(), memoryview)):
+            client, _, tls = yield self.connect(server=server)
+            yield client.ready
+            tls.write(payload)
+            yield _until(lambda: server.received == len(payload))
+            serverTLS = server.transport
+            assert isinstance(serverTLS, _fasttls.FastTLSMemoryBIOProtocol)
+            socket = serverTLS.transport
+            self.assertIsNotNone(serverTLS._reads)
+            self.assertIn("doRead", vars(socket))
+            if expected is bytes:
+                self.assertEqual({type(piece) for piece in server.pieces}, {bytes})
+                self.assertEqual(b"".join(server.pieces), payload)
+            else:
+                self.assertEqual({kind for kind, _ in server.pieces}, {memoryview})
+                self.assertEqual(b"".join(piece for _, piece in server.pieces), payload)
+            self.assertGreater(len(server.pieces), 8)
+            tls.loseConnection()
+            yield server.done
+            self.assertNotIn("doRead", vars(socket))
+
+    @inlineCallbacks
     def test_repliesWhileReceiving(self) -> Any:
         """
         The application writes while the bytes it hears are still being
@@ -156,7 +223,8 @@ class FastPathTests(TestCase):
         original = serverTLS.dataReceived
         damaged: list[int] = []
 
-        def flip(data: bytes) -> None:
+        def flip(data: bytes | memoryview) -> None:
+            data = bytes(data)  # (a view of the reused read buffer)
             if not damaged and len(data) > 100:
                 data = data[:50] + bytes([data[50] ^ 1]) + data[51:]
                 damaged.append(1)

@@ -243,6 +243,14 @@ class IRestoreService(ILocalImageService):
 # -- the link -----------------------------------------------------------------
 
 
+class ITransientDataReceiver(Interface):
+    """
+    A protocol whose C{dataReceived} may be given a C{memoryview} of a
+    reused buffer, valid only until the call returns: it copies whatever it
+    keeps.  The link's fast paths then hand it bytes without a copy.
+    """
+
+
 class IReceivingLink(Interface):
     """The receiving end of one link, as the cache's sessions see it."""
 

@@ -3,7 +3,7 @@
 The benchmark's results: per rate, each variant's median downtime over the
 runs, every run's figure, bytes on the wire, the daemons' (or the baseline
 pipelines') CPU seconds, the ratio to the same run's baseline, and the
-issue's targets beside the ratios they judge.
+issues' targets beside the ratios they judge.
 """
 
 from __future__ import annotations
@@ -18,8 +18,49 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "none": ("auto", "none", 1.10),
 }
 
+#: The data path issue's target on the unshaped link: a migration through
+#: the daemons takes at most this many times a local dump and restore.
+LOCAL_BOUND = 1.5
+
 #: One rate's runs: run index -> variant -> that migration's result.
 Runs = list[dict[str, dict[str, Any]]]
+
+
+def localDowntime(baseline: dict[str, Any]) -> float | None:
+    """
+    A local C{criu dump -D} to tmpfs and C{criu restore} of the same process,
+    with no transfer at all: the baseline's run less its C{tar | socat} step
+    (L{None} if its phases were not recorded).
+    """
+    phases = baseline.get("phases_s", {})
+    if not all(name in phases for name in ("dump", "transfer", "answered")):
+        return None
+    return float(phases["dump"] + phases["answered"] - phases["transfer"])
+
+
+def localLine(rate: str, runs: Runs, variants: list[str]) -> str | None:
+    """
+    On the unshaped link: each variant with daemons against a local dump
+    and restore of the same run (the data path issue's target).
+    """
+    if rate != "none":
+        return None
+    local = [localDowntime(run["baseline"]) if "baseline" in run else None for run in runs]
+    measured = [t for t in local if t is not None]
+    if not measured:
+        return None
+    parts = []
+    for variant in variants:
+        each = [run[variant]["downtime_s"] / t for run, t in zip(runs, local) if t is not None and variant in run]
+        if variant != "baseline" and each:
+            ratio = statistics.median(each)
+            parts.append(f"{variant} {ratio:.2f} x ({'met' if ratio <= LOCAL_BOUND else 'NOT met'})")
+    if not parts:
+        return None
+    return (
+        f"target (none): a migration <= {LOCAL_BOUND:g} x a local dump + restore"
+        f" (the baseline without its transfer, median {statistics.median(measured):.2f} s): {', '.join(parts)}"
+    )
 
 
 def ratios(runs: Runs, variant: str, reference: str) -> list[float]:
@@ -101,9 +142,9 @@ def table(rate: str, runs: Runs, variants: list[str], processBytes: int | None =
         )
     if processBytes:
         yield from perGigabyte(rows, processBytes)
-    line = targetLine(rate, runs)
-    if line is not None:
-        yield line
+    for line in (targetLine(rate, runs), localLine(rate, runs, variants)):
+        if line is not None:
+            yield line
 
 
 def document(config: dict[str, Any], results: dict[str, Runs], variants: list[str]) -> dict[str, Any]:
@@ -111,7 +152,12 @@ def document(config: dict[str, Any], results: dict[str, Runs], variants: list[st
     return {
         "config": config,
         "rates": {
-            rate: {"runs": runs, "summary": summary(runs, variants), "target": targetLine(rate, runs)}
+            rate: {
+                "runs": runs,
+                "summary": summary(runs, variants),
+                "target": targetLine(rate, runs),
+                "local_target": localLine(rate, runs, variants),
+            }
             for rate, runs in results.items()
         },
     }

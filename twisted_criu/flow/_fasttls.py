@@ -12,9 +12,13 @@ it encrypts straight from the caller's buffer, drains the encrypted records
 into one reused buffer, sends them from there straight into the socket
 while nothing waits before them (L{writeNow
 <twisted_criu.flow._fastpath.writeNow>}), and decrypts into another reused
-buffer, handing the application up to 1 MiB at a time.  Anything unusual (a record OpenSSL will not write
-now, an alert, the peer's close, an error) goes back to Twisted's own code,
-which handles it as it always did.
+buffer, handing the application up to 1 MiB at a time (a view of that
+buffer, not a copy, if it provides L{ITransientDataReceiver}).  Once the
+handshake is done, the socket is read with C{recv_into} into a reused
+buffer too (L{BufferedReads}): a fresh C{bytes} per read cost the cache
+about 0.7 CPU-seconds per GiB.  Anything unusual (a record OpenSSL will
+not write now, an alert, the peer's close, an error) goes back to
+Twisted's own code, which handles it as it always did.
 
 It steps outside two public APIs: L{TLSMemoryBIOProtocol}'s private state
 (C{_handshakeDone}, C{_appSendBuffer}, C{_lostTLSConnection}, C{_aborted},
@@ -28,11 +32,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from twisted_criu.flow._fastpath import writeNow
+from twisted_criu.flow._fastpath import BufferedReads, writeNow
+from twisted_criu.interfaces import ITransientDataReceiver
 
 try:
     from OpenSSL import SSL
@@ -44,6 +50,8 @@ except ImportError:  # pragma: no cover - pyOpenSSL without its cffi binding
 RECORD = 1 << 14
 #: How much is encrypted, or decrypted, before it is handed on.
 BATCH = 1 << 20
+#: How much one read of the socket takes once the handshake is done.
+READ_SIZE = 1 << 18
 
 
 def available() -> bool:
@@ -92,6 +100,12 @@ class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
 
     #: Bulk records moved by the fast path, for tests: (written, read).
     fastRecords = (0, 0)
+    #: The socket's reads into a reused buffer, once the handshake is done
+    #: (L{None} on a transport that is not a TCP connection).
+    _reads: BufferedReads | None = None
+    _readsStarted = False
+    #: The application takes views of the decrypted bytes (no copy).
+    _transientViews = False
 
     def _ready(self) -> bool:
         connection = self._tlsConnection
@@ -151,6 +165,8 @@ class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
         if not self._ready():
             super()._flushReceiveBIO()
             return
+        if not self._readsStarted:
+            self._startBufferedReads()
         connection = self._tlsConnection
         records = 0
         failure: SSL.Error | None = None
@@ -180,9 +196,29 @@ class FastTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             self._readFailed(failure)
         self._flushSendBIO()
 
+    def _startBufferedReads(self) -> None:
+        """The handshake is done: read the socket into a reused buffer from now on."""
+        self._readsStarted = True
+        self._transientViews = ITransientDataReceiver.providedBy(self.wrappedProtocol)
+        self._reads = BufferedReads.install(self.transport, self._readSize, self._socketRead, READ_SIZE)
+
+    def _readSize(self) -> int:
+        """How much the next read of the socket takes into the reused buffer (0: Twisted's read)."""
+        return READ_SIZE if self._ready() else 0
+
+    def _socketRead(self, view: memoryview) -> None:
+        """Bytes read from the socket (looked up each time: tests wrap C{dataReceived})."""
+        self.dataReceived(view)
+
     def _deliver(self, opened: Any, count: int) -> None:
         if count and not self._aborted:
-            ProtocolWrapper.dataReceived(self, _ffi.buffer(opened, count)[:])
+            data = _ffi.buffer(opened, count)
+            ProtocolWrapper.dataReceived(self, memoryview(data) if self._transientViews else data[:])
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._reads is not None:
+            self._reads.restore()
+        super().connectionLost(reason)
 
     def _readFailed(self, error: SSL.Error) -> None:
         """What Twisted's C{_flushReceiveBIO} does with a failed read."""

@@ -22,7 +22,14 @@ from twisted_criu.errors import ProtocolError
 from twisted_criu.flow._fastpath import BufferedReads
 from twisted_criu.flow.pacing import pauseWhileBehind
 from twisted_criu.link.decompress import ChunkDecoder
-from twisted_criu.interfaces import IImageStore, IImageWriter, IRemoteImageSink, IReceivingLink, ISnapshotRegistry
+from twisted_criu.interfaces import (
+    IImageStore,
+    IImageWriter,
+    IRemoteImageSink,
+    IReceivingLink,
+    ISnapshotRegistry,
+    ITransientDataReceiver,
+)
 from twisted_criu.keys import ImageKey, describe
 from twisted_criu.link.headers import readHeader
 from twisted_criu.progress import Direction, ImageInFlight
@@ -33,7 +40,7 @@ from twisted_criu.progress import Direction, ImageInFlight
 LINK_READ_SIZE = 1 << 20
 
 
-@implementer(IReceivingLink)
+@implementer(IReceivingLink, ITransientDataReceiver)
 class RemoteReceiver(Protocol, TimeoutMixin):
     """
     The cache's end of a link: header, then exactly C{size} bytes, repeat.

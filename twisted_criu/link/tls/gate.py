@@ -17,8 +17,9 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
+from twisted_criu.interfaces import ITransientDataReceiver
 from twisted_criu.link.tls.diagnostics import _describeCertificate, _describeName
 from twisted_criu.link.tls.errors import TLSHandshakeFailed
 
@@ -40,6 +41,8 @@ class _HandshakeGate(Protocol):
 
     def __init__(self, wrapped: IProtocol, clock: IReactorTime, timeout: float) -> None:
         self.wrapped = wrapped
+        if ITransientDataReceiver.providedBy(wrapped):  # it passes data through as it comes
+            alsoProvides(self, ITransientDataReceiver)
         self._clock = clock
         self._timeout = timeout
         self._timer: IDelayedCall | None = None
