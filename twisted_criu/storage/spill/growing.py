@@ -33,6 +33,11 @@ class _GrowingReader(_SpillReader):
         #: The image the write became, once committed.
         self.image: IStoredImage | None = None
         self.onChange: Callable[[], None] = lambda: None
+        #: Runs known final (every segment but the writer's last, which is
+        #: sealed before the next is added), and their bytes: a change looks
+        #: at the last segment only, not at the hundreds of holds before it.
+        self._settled = 0
+        self._settledBytes = 0
         try:
             self._refresh()  # our own descriptors now: raises here, if at all (EMFILE)
         except OSError:
@@ -42,19 +47,25 @@ class _GrowingReader(_SpillReader):
     @property
     def available(self) -> int:
         self._refresh()
-        return sum(size for _, size, _ in self._runs)
+        return self._settledBytes + sum(size for _, size, _ in self._runs[self._settled :])
 
     def _refresh(self) -> None:
         writer = self._writer
         if writer is None:
             return
-        for i, segment in enumerate(self._segments):
+        segments, runs = self._segments, self._runs
+        last = len(segments) - 1
+        for i in range(self._settled, len(segments)):
+            segment = segments[i]
             size = writer._durable(segment)
-            if i < len(self._runs):
-                fd, _, kind = self._runs[i]
-                self._runs[i] = (fd, size, kind)
+            if i < len(runs):
+                fd, _, kind = runs[i]
+                runs[i] = (fd, size, kind)
             else:
-                self._runs.append((os.dup(segment.fd), size, segment.kind))
+                runs.append((os.dup(segment.fd), size, segment.kind))
+            if i < last and i == self._settled:
+                self._settled += 1
+                self._settledBytes += size
 
     def _changed(self, complete: bool = False, aborted: bool = False) -> None:
         """Called by the writer after each change (before it drops anything)."""
