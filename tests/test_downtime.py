@@ -17,7 +17,7 @@ from bench.downtime import dataset, memory, report
 from bench.downtime.command import parser, phases
 from bench.downtime.migrate import listensOn
 from bench.downtime.netns import burstFor, parseLinkBytes, parseQdiscBytes, rateBits, shapeCommand
-from bench.downtime.redis import RedisClient, RedisError, command
+from bench.downtime.redis import FirstAnswer, RedisClient, RedisError, command
 from bench.downtime.sample import BLOCK, samplePoints, writableMappings
 from bench.downtime.tools import hasCompress, missingPackages
 
@@ -105,6 +105,58 @@ class RespTests(SynchronousTestCase):
         client, _ = self.client(b"+OK\r\n:1\r\n+OK\r\n+PONG\r\n")
         client.pipeline(b"", 3)
         self.assertEqual(client.reply(), b"PONG")
+
+
+class FirstAnswerTests(SynchronousTestCase):
+    def test_answerSeenWhileTheRestoreRuns(self) -> None:
+        """
+        Polling starts before anything listens (a dumped redis's stale
+        socket): the first PONG is timed when it comes, not when asked for.
+        """
+        import shutil
+        import tempfile
+        import threading
+
+        base = tempfile.mkdtemp(prefix="tc-")  # AF_UNIX paths must stay short
+        self.addCleanup(shutil.rmtree, base, True)
+        path = os.path.join(base, "redis.sock")
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()  # the file stays, nothing listens: refused
+        watch = FirstAnswer(path, timeout=10, interval=0.001)
+        served: list[float] = []
+
+        def serve() -> None:
+            os.unlink(path)
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(path)
+            server.listen()
+            connection, _ = server.accept()
+            connection.recv(100)
+            served.append(time.monotonic())
+            connection.sendall(b"+PONG\r\n")
+            connection.close()
+            server.close()
+
+        time.sleep(0.2)
+        thread = threading.Thread(target=serve)
+        thread.start()
+        answered = watch.wait()
+        thread.join()
+        self.assertGreaterEqual(answered, served[0])
+        self.assertLess(answered - served[0], 0.1)
+        time.sleep(0.2)  # asked later, it still says when
+        self.assertEqual(watch.wait(), answered)
+
+    def test_noAnswer(self) -> None:
+        """Nothing answers within the timeout: a clear error; a cancelled watch stops at once."""
+        path = self.mktemp() + ".sock"
+        self.assertRaises(RedisError, FirstAnswer(path, timeout=0.05).wait)
+        watch = FirstAnswer(path, timeout=60)
+        started = time.monotonic()
+        watch.cancel()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIsNone(watch.answered)
 
 
 class DatasetTests(SynchronousTestCase):

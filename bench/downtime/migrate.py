@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.downtime.memory import PeakMemory
 from bench.downtime.netns import Namespace
-from bench.downtime.redis import RedisClient, RedisServer, killRestored, waitForPing
+from bench.downtime.redis import FirstAnswer, RedisClient, RedisServer, killRestored
 from twisted_criu.testing.processes import TWISTD, childEnvironment, dieWithParent, tail
 
 #: The link's port inside the namespace (the namespace is ours alone).
@@ -114,6 +114,8 @@ class Run:
         self.wire = (0, 0)
         #: Seconds from the start to the end of each step (dump, transfer, restore).
         self.phases: dict[str, float] = {}
+        #: Watches for the restored redis's first answer, from the restore's start.
+        self.answer: FirstAnswer | None = None
 
     def mark(self, phase: str) -> None:
         """C{phase} ends now."""
@@ -125,7 +127,9 @@ class Run:
 
     def finish(self, digest: str) -> dict[str, Any]:
         """Wait for the restored redis; check its data; the downtime and bytes on the wire."""
-        answered = waitForPing(self.workload.socketPath, timeout=self.tools.timeout)
+        if self.answer is None:
+            self.answer = FirstAnswer(self.workload.socketPath, self.tools.timeout)
+        answered = self.answer.wait()
         downtime = answered - self.started
         client = RedisClient(self.workload.socketPath, timeout=self.tools.timeout)
         try:
@@ -153,7 +157,14 @@ class Run:
 
     def restore(self, *extra: str) -> None:
         dst = self.directory / "dst"
-        runCriu(self.tools, ["restore", *extra, "-d", "-D", str(dst), "-o", "restore.log"], dst)
+        # The process serves once criu resumes it, before criu's
+        # post-resume scripts run and it exits: watch from the start.
+        self.answer = FirstAnswer(self.workload.socketPath, self.tools.timeout)
+        try:
+            runCriu(self.tools, ["restore", *extra, "-d", "-D", str(dst), "-o", "restore.log"], dst)
+        except BaseException:
+            self.answer.cancel()
+            raise
         self.mark("restore")
 
     def cleanUp(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Sequence, Union
@@ -128,15 +129,46 @@ def ping(path: str) -> bool:
         client.close()
 
 
+class FirstAnswer:
+    """
+    Polls PING on C{path} in a thread from now on: when redis first
+    answered.  Started before C{criu restore}, it sees the restored process
+    serve as soon as criu resumes it, not once criu has run its post-resume
+    scripts and exited.
+    """
+
+    def __init__(self, path: str, timeout: float, interval: float = 0.002) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.answered: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, interval: float) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self._stop.is_set() and time.monotonic() <= deadline:
+            if ping(self.path):
+                self.answered = time.monotonic()
+                return
+            time.sleep(interval)
+
+    def wait(self) -> float:
+        """The C{time.monotonic()} redis first answered; L{RedisError} if it did not in time."""
+        self._thread.join()
+        if self.answered is None:
+            raise RedisError(f"redis did not answer PING on {self.path} within {self.timeout:g} s")
+        return self.answered
+
+    def cancel(self) -> None:
+        """Stop polling (the restore failed)."""
+        self._stop.set()
+        self._thread.join()
+
+
 def waitForPing(path: str, timeout: float, interval: float = 0.002) -> float:
     """Poll PING until redis answers; the C{time.monotonic()} it first did."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if ping(path):
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise RedisError(f"redis did not answer PING on {path} within {timeout:g} s")
-        time.sleep(interval)
+    return FirstAnswer(path, timeout, interval).wait()
 
 
 def serverArgv(binary: str, directory: Path) -> list[str]:
