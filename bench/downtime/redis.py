@@ -166,11 +166,6 @@ class FirstAnswer:
         self._thread.join()
 
 
-def waitForPing(path: str, timeout: float, interval: float = 0.002) -> float:
-    """Poll PING until redis answers; the C{time.monotonic()} it first did."""
-    return FirstAnswer(path, timeout, interval).wait()
-
-
 def serverArgv(binary: str, directory: Path) -> list[str]:
     """C{redis-server} as a plain cache: no TCP, no persistence, DEBUG allowed, logging to a file."""
     return [

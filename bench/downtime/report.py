@@ -51,8 +51,10 @@ def localLine(rate: str, runs: Runs, variants: list[str]) -> str | None:
         return None
     parts = []
     for variant in variants:
+        if variant == "baseline":
+            continue
         each = [run[variant]["downtime_s"] / t for run, t in zip(runs, local) if t is not None and variant in run]
-        if variant != "baseline" and each:
+        if each:
             ratio = statistics.median(each)
             parts.append(f"{variant} {ratio:.2f} x ({'met' if ratio <= LOCAL_BOUND else 'NOT met'})")
     if not parts:
