@@ -206,6 +206,35 @@ class LinkRateTests(SynchronousTestCase):
         self.assertTrue(0.75 * expected <= rate <= 1.25 * expected, (rate, expected))
 
 
+class AcrossTests(SynchronousTestCase):
+    def test_compressedAcrossReported(self) -> None:
+        """
+        What got across while the image was sending, and how much of it
+        went compressed, reaches the policy: the check that stops
+        compressing where it makes the link slower.
+        """
+        from twisted_criu.flow.compressing import CompressedImage
+        from twisted_criu.flow.goodput import WINDOW
+
+        clock = Clock()
+        compression = InlineCompression(Mode.ZSTD, clock)
+        seen: list[tuple[int, int, float]] = []
+        compression.policy.delivered = lambda *a: seen.append(a)  # type: ignore[method-assign]
+        transfer = CompressedImage(storedImage(MemoryStore(), TEXT * 8), compression)
+        transport = _FullAfterEachWrite()
+        transfer.sendTo(transport)
+        for _ in range(100):
+            if seen:
+                break
+            clock.advance(WINDOW / 4)
+            transfer.resumeProducing()
+        self.assertTrue(seen, "nothing reported to the policy")
+        raw, compressedRaw, seconds = seen[0]
+        self.assertEqual(raw, compressedRaw, "--compress zstd: every chunk compressed")
+        self.assertGreaterEqual(seconds, WINDOW)
+        self.assertGreaterEqual(raw, 4 * CHUNK)
+
+
 class _FullAfterEachWrite(StringTransport):
     """A link whose buffers are full after every write: it pauses its producer."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 
@@ -324,13 +325,33 @@ class PeakMemoryTests(SynchronousTestCase):
         self.assertGreaterEqual(once, 8 << 20)
 
     def test_pipesCounted(self) -> None:
-        """Bytes held in a pipe count (once for both its ends)."""
-        before = memory.heldBytes(os.getpid())
-        r, w = os.pipe()
-        self.addCleanup(os.close, r)
-        self.addCleanup(os.close, w)
-        os.write(w, b"x" * 50_000)
-        self.assertEqual(memory.heldBytes(os.getpid()), before + 50_000)
+        """
+        Bytes held in a pipe count (once for both its ends), in a child
+        that holds nothing else (the test process's other pipes change
+        while it runs).
+        """
+        readyRead, readyWrite = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.closerange(0, readyWrite)
+                os.closerange(readyWrite + 1, 1 << 16)
+                r, w = os.pipe()
+                os.write(w, b"x" * 50_000)
+                os.write(readyWrite, b"!")
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        os.close(readyWrite)
+        self.addCleanup(os.close, readyRead)
+
+        def reap() -> None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+        self.addCleanup(reap)
+        self.assertEqual(os.read(readyRead, 1), b"!")
+        self.assertEqual(memory.heldBytes(pid), 50_000)
 
     def test_goneProcess(self) -> None:
         self.assertEqual(memory.memoryOf(2**22 + 12345), 0)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_compressing -*-
+# -*- test-case-name: tests.test_compress -*-
 """
 An image sent as chunks that are compressed or raw, chunk by chunk (link
 extension version 4): a stored image, or one criu is still writing.
@@ -23,6 +23,7 @@ from twisted_criu import wire
 from twisted_criu.errors import ImageAborted, ImageSizeMismatch
 from twisted_criu.flow._fastpath import onDescriptor
 from twisted_criu.flow.compress import CHUNK, LinkCompression
+from twisted_criu.flow.goodput import GoodputMeter
 from twisted_criu.flow.rawrun import RawRun
 from twisted_criu.flow.sockets import SocketSendfile
 from twisted_criu.interfaces import IGrowingImage, IImageReader, IKernelSource, IStoredImage
@@ -92,6 +93,8 @@ class CompressedImage:
         self._compressNext: bool | None = None
         #: Chunks in the compressing threads.
         self._compressing = 0
+        #: What got across while there was something to send: the policy checks its choice with it.
+        self._across = GoodputMeter(self._clock, compression.policy.delivered)
 
     @property
     def sent(self) -> int:
@@ -117,6 +120,7 @@ class CompressedImage:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._across.pushedBack()
         if self._backlogSince is None:
             self._backlogSince = self._clock.seconds()
             self._backlogBytes = 0
@@ -221,12 +225,14 @@ class CompressedImage:
             self.read += run.sent
             self._sent += run.sent
             self.wireBytes += run.sent
+            self._across.sent(run.sent, compressed=False)
             if isinstance(result, Failure):
                 self._finish(b"", result)
                 return
             seconds = self._clock.seconds() - started
             if run.sent >= MIN_DRAIN_BYTES and seconds >= MIN_DRAIN_SECONDS:
                 self._compression.policy.drained(run.sent, seconds)
+                self._across.pushedBack()  # (the next run's bytes count)
             if self.read >= self._available() and self._complete():
                 self._sourceEnded = True
             self._paused = False  # a new registration: the transport pauses us anew
@@ -248,6 +254,10 @@ class CompressedImage:
         self._pump()
 
     def _pump(self) -> None:
+        self._pumpChunks()
+        self._across.busy(not self._finished and not self.waiting)
+
+    def _pumpChunks(self) -> None:
         if self._finished or self._run is not None:
             return
         self._fill()
@@ -272,6 +282,7 @@ class CompressedImage:
             word = wire.chunkWord(len(body))
         self._sent += len(chunk.raw)
         self.wireBytes += len(body)
+        self._across.sent(len(chunk.raw), compressed=frame is not None)
         if self._backlogSince is not None:
             self._backlogBytes += len(body)
         self._transport.write(word)  # (not writeSequence: TLS joins it, a copy)
@@ -300,6 +311,7 @@ class CompressedImage:
             return
         self._finished = True
         self._queue.clear()
+        self._across.stop()
         transport = self._transport
         if transport is not None and self._run is None:
             transport.unregisterProducer()

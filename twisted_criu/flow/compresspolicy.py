@@ -16,6 +16,13 @@ when the data does not compress (ratio under L{MIN_RATIO}), and when too
 few cores are idle (on a machine that criu, TLS and the link keep busy,
 compressing slows the migration down); and now and then it tries the
 other choice (a probe) so that a change of data or of link is noticed.
+
+The model can be wrong where the link is short of CPU rather than of
+bandwidth (its two ends on one busy machine): compressing then takes the
+CPU the link runs on, and the link gets slower as the policy compresses
+more.  So whatever the model says is checked against what gets across
+(L{CompressionPolicy.delivered}): compressing that does not beat raw by
+L{TRIAL_GAIN} stops for L{VETO_SECONDS}.
 """
 
 from __future__ import annotations
@@ -50,6 +57,16 @@ RAW_RUN_CHUNKS = 32
 #: Idle cores are sampled over the link's busy stretches: a longer gap is
 #: a pause (between images or dumps) and starts the next sample afresh.
 MAX_CORE_SAMPLE = 1.0
+#: Compressing goes on only while it gets the raw bytes across this much
+#: faster than sending them raw did.
+TRIAL_GAIN = 1.1
+#: Windows of compressing (see L{twisted_criu.flow.goodput}) that judge it.
+TRIAL_WINDOWS = 2
+#: A window with less than this share of its bytes compressed is a probe
+#: among raw chunks, and judges nothing.
+TRIAL_MIN_SHARE = 0.1
+#: After compressing lost to raw, seconds of raw before it is tried again.
+VETO_SECONDS = 10.0
 
 
 def _average(old: float | None, new: float) -> float:
@@ -66,6 +83,10 @@ class CompressionPolicy:
     @ivar linkRate: bytes per second the link drains when it is the bottleneck.
     @ivar cores: cores the compressing threads can have (idle ones, plus
         what they use), L{None} before it is measured (then: C{threads}).
+    @ivar rawAcross: raw bytes per second that got across while sending
+        raw (and not waiting for criu), L{None} before it is measured.
+    @ivar compressedAcross: the same while compressing, over the last
+        L{TRIAL_WINDOWS} windows.
     """
 
     log = Logger()
@@ -88,6 +109,11 @@ class CompressionPolicy:
         self._lastMode = ""
         #: Chunks owed to the compressor (the share, accumulated).
         self._credit = 0.0
+        self.rawAcross: float | None = None
+        self.compressedAcross: float | None = None
+        self._trial: list[float] = []
+        #: Until when compressing lost to raw and is not tried.
+        self._vetoUntil: float | None = None
 
     def compressed(self, raw: int, compressed: int, seconds: float) -> None:
         """A chunk of C{raw} bytes compressed to C{compressed} in C{seconds} of one thread."""
@@ -103,6 +129,46 @@ class CompressionPolicy:
         if count > 0 and seconds > 0:
             self.linkRate = _average(self.linkRate, count / seconds)
             self._sampleCores()
+
+    def delivered(self, raw: int, compressedRaw: int, seconds: float) -> None:
+        """
+        C{raw} bytes got across in C{seconds} of sending (not waiting for
+        criu), C{compressedRaw} of them compressed: what the choice made
+        is checked against.
+        """
+        if raw <= 0 or seconds <= 0:
+            return
+        rate = raw / seconds
+        if not compressedRaw:
+            self.rawAcross = _average(self.rawAcross, rate)
+            return
+        if compressedRaw < raw * TRIAL_MIN_SHARE:
+            return
+        self._trial = self._trial[-(TRIAL_WINDOWS - 1) :] + [rate]
+        if len(self._trial) < TRIAL_WINDOWS or self.rawAcross is None:
+            return
+        self.compressedAcross = sum(self._trial) / len(self._trial)
+        if self.compressedAcross < self.rawAcross * TRIAL_GAIN:
+            self.log.info(
+                "--compress auto: compressing got {compressed:.0f} MB/s across against {raw:.0f} MB/s raw"
+                " (the link is short of CPU, not of bandwidth): raw for {seconds:.0f} s",
+                compressed=self.compressedAcross / 1e6,
+                raw=self.rawAcross / 1e6,
+                seconds=VETO_SECONDS,
+            )
+            self._vetoUntil = self._clock.seconds() + VETO_SECONDS
+            self._trial = []
+
+    def _vetoed(self) -> bool:
+        """Did compressing lose to raw a short while ago?"""
+        until = self._vetoUntil
+        if until is None:
+            return False
+        if self._clock.seconds() < until:
+            return True
+        self._vetoUntil = None  # try again: the link or the machine may have changed
+        self.compressedAcross = None
+        return False
 
     def _sampleCores(self) -> None:
         """The cores compressing could have had since the last sample."""
@@ -123,6 +189,8 @@ class CompressionPolicy:
         """
         if self.linkRate is None:
             return 0.0  # the link has not held anything up yet
+        if self._vetoed():
+            return 0.0
         if self.ratio is None or self.compressorRate is None:
             return 1.0  # compress, to measure it
         if self.ratio < MIN_RATIO:
@@ -152,9 +220,16 @@ class CompressionPolicy:
         cores = "unmeasured" if self.cores is None else f"{self.cores:.2f}"
         share = self.share()
         choice = "raw" if share <= 0 else "compress all" if share >= 1 else f"compress {share:.0%}"
+        if self._vetoUntil is not None:
+            choice += " (compressing lost to raw)"
+        across = ""
+        if self.rawAcross is not None:
+            across = f", across raw {rate(self.rawAcross)}"
+            if self.compressedAcross is not None:
+                across += f" compressed {rate(self.compressedAcross)}"
         return (
             f"link {rate(self.linkRate)}, compressor {rate(self.compressorRate)} a thread"
-            f" on {cores} cores, ratio {ratio}: {choice}"
+            f" on {cores} cores, ratio {ratio}{across}: {choice}"
         )
 
     def _probeDue(self) -> bool:
