@@ -357,6 +357,25 @@ class PeakMemoryTests(SynchronousTestCase):
         self.assertEqual(memory.memoryOf(2**22 + 12345), 0)
 
 
+class InterruptTests(SynchronousTestCase):
+    def test_laterSignalsIgnored(self) -> None:
+        """
+        The first signal stops the benchmark; one sent again while it
+        cleans up (timeout passes its SIGTERM on to the child) must not
+        cut the clean-up short (it left a redis running).
+        """
+        from bench.downtime.command import interrupt
+
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+            signal.signal(signum, interrupt)
+        with self.assertRaises(KeyboardInterrupt):
+            interrupt(signal.SIGTERM, None)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.assertIs(signal.getsignal(signum), signal.SIG_IGN)
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the test goes on
+
+
 class CommandLineTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         args = parser().parse_args([])

@@ -95,7 +95,18 @@ def phases(marks: dict[str, float]) -> str:
 
 
 def interrupt(signum: int, frame: FrameType | None) -> None:
+    """
+    Stop the benchmark (it cleans up as it unwinds).  Later signals are
+    ignored: one sent again (by C{timeout}, which passes its own on, or a
+    second Ctrl-C) landed inside a clean-up and left a redis behind.
+    """
+    ignoreInterrupts()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def ignoreInterrupts() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def gitRevision() -> str:
@@ -195,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         say("bench-downtime: needs root (criu, ip netns, tc)")
         return 2
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
     try:
         ensurePackages(say)
@@ -245,8 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"\nbench-downtime: FAILED: {e}")
         return 1
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
+        ignoreInterrupts()  # a second Ctrl-C must not stop the clean-up
         namespace.remove()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
