@@ -236,7 +236,10 @@ class CheckedChoiceTests(SynchronousTestCase):
         self.assertEqual(self.choices(50).count(True), 0)
         self.assertIn("compressing lost to raw", self.policy.describe())
         self.assertIn("across raw 450 MB/s compressed 255 MB/s", self.policy.describe())
-        self.clock.advance(VETO_SECONDS)
+        self.clock.advance(VETO_SECONDS / 2)
+        for _ in range(3):  # probes while raw: they judge nothing, nor extend the wait
+            self.policy.delivered(5 * MB, 1 * MB, 5 / 100)
+        self.clock.advance(VETO_SECONDS / 2)
         self.assertTrue(self.policy.worthIt(), "tried again later: the link may have changed")
 
     def test_compressingThatWinsGoesOn(self) -> None:

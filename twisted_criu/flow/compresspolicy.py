@@ -144,6 +144,8 @@ class CompressionPolicy:
             return
         if compressedRaw < raw * TRIAL_MIN_SHARE:
             return
+        if self._vetoUntil is not None and self._clock.seconds() < self._vetoUntil:
+            return  # (a probe's chunk in a short window: raw was chosen)
         self._trial = self._trial[-(TRIAL_WINDOWS - 1) :] + [rate]
         if len(self._trial) < TRIAL_WINDOWS or self.rawAcross is None:
             return
