@@ -94,6 +94,10 @@ def phases(marks: dict[str, float]) -> str:
     return " ".join(f"{name} {seconds:.2f}" for name, seconds in marks.items())
 
 
+#: The signals that stop the benchmark (it cleans up as it unwinds).
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def interrupt(signum: int, frame: FrameType | None) -> None:
     """
     Stop the benchmark (it cleans up as it unwinds).  Later signals are
@@ -105,7 +109,7 @@ def interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def ignoreInterrupts() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in INTERRUPTS:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -206,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         say("bench-downtime: needs root (criu, ip netns, tc)")
         return 2
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in INTERRUPTS:
         signal.signal(signum, interrupt)
     try:
         ensurePackages(say)
