@@ -7,7 +7,13 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_criu.flow.compresspolicy import PROBE_INTERVAL, RAW_PROBE_CHUNKS, VETO_SECONDS, CompressionPolicy
+from twisted_criu.flow.compresspolicy import (
+    PROBE_INTERVAL,
+    RAW_PROBE_CHUNKS,
+    RAW_RUN_CHUNKS,
+    VETO_SECONDS,
+    CompressionPolicy,
+)
 
 MB = 1_000_000
 
@@ -97,12 +103,43 @@ class PolicyTests(SynchronousTestCase):
         """While compressing, a raw run now and then measures the link again."""
         self.feed(2.6, 170 * MB, 125 * MB)
         self.assertTrue(all(self.choices(10)))
-        self.clock.advance(PROBE_INTERVAL)
+        self.clock.advance(self.policy.rawProbeInterval())
+        self.feed(2.6, 170 * MB, 125 * MB, times=1)  # (the chunks compressed meanwhile)
         made = self.choices(RAW_PROBE_CHUNKS)
         self.assertEqual(made, [False] * RAW_PROBE_CHUNKS)
         for _ in range(10):
             self.policy.drained(10 * MB, 10 * MB / (5000 * MB))
         self.assertFalse(any(self.choices(20)))
+
+    def test_noRawProbeRightAfterARawRun(self) -> None:
+        """
+        A proxy idle for a minute starts an image: the raw run that
+        measures the link is its raw measurement, and compressing follows
+        without a raw probe (it sent 16 MiB raw at once, 4 % of a 512 MiB
+        migration at 1 Gbit/s).
+        """
+        self.clock.advance(60)
+        self.policy.drained(10 * MB, 10 * MB / (125 * MB))
+        self.policy.linkRate = None  # (as before the image)
+        self.assertFalse(self.policy.compressNext())
+        self.assertEqual(self.policy.rawRun(), RAW_RUN_CHUNKS)  # the link unmeasured: a run measures it
+        self.feed(2.4, 300 * MB, 125 * MB, times=1)
+        made = self.choices(300)  # a second of chunks at 300 MB/s
+        self.assertEqual(made.count(False), 0)
+
+    def test_rawProbesWithinBudget(self) -> None:
+        """
+        Compressing all over a 1 Gbit/s link: the raw probes' extra bytes
+        take at most 2 % of the link's time (a probe every 2 s took 4 %),
+        and a probe still comes while a long image is sent.
+        """
+        self.feed(2.4, 300 * MB, 125 * MB)
+        made = self.choices(6000, step=1 / 300)  # 20 s of chunks at 300 MB/s raw
+        raw = made.count(False)
+        self.assertGreater(raw, 0)
+        extra = raw * MB * (1 - 1 / 2.4) / (125 * MB)
+        self.assertLessEqual(extra, 0.02 * 20)
+        self.assertAlmostEqual(self.policy.rawProbeInterval(), 16 * (1 << 20) * (1 - 1 / 2.4) / (125 * MB) / 0.02, places=3)
 
     def test_unknownLinkIsProbedRaw(self) -> None:
         """Compression measured but the link never: a raw run measures it."""

@@ -19,11 +19,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from twisted_criu import wire
-from twisted_criu.flow.compresspolicy import CompressionPolicy
+from twisted_criu.flow.compresspolicy import CHUNK as CHUNK, CompressionPolicy
 from twisted_criu.flow.sparecores import SpareCores
 
-#: Raw bytes per chunk of a compressed image.
-CHUNK = 1 << 20
 #: zstd's level: -1, the first of the fast levels: on redis's pages 1.35x the
 #: speed of level 1 (310 against 230 MB/s a core here) at nearly its ratio
 #: (2.38x against 2.45x); see docs/link.md.
