@@ -179,6 +179,65 @@ class GrowingImageTests(SynchronousTestCase):
         self.assertEqual(stream[-4:], wire.CHUNK_LENGTH.pack(wire.CHUNK_END))
 
 
+class UnmeasuredLinkTests(SynchronousTestCase):
+    """
+    Before the link has been measured, C{auto} compresses a first share of
+    what waits for the link, all of it if the link holds compressed chunks
+    up, and sends raw what criu trickles.
+    """
+
+    def follow(self, transport: StringTransport) -> tuple[Any, Any]:
+        from twisted_criu.flow.compressing import CompressedImage
+        from twisted_criu.storage.spill import SpillStore
+
+        writer: Any = SpillStore(64 << 20, self.mktemp()).newWriter()
+        transfer = CompressedImage(writer.follow(), InlineCompression(Mode.AUTO, Clock()))
+        self.done = transfer.sendTo(transport)
+        return writer, transfer
+
+    def test_criuAheadFirstChunksCompressed(self) -> None:
+        """
+        criu wrote 40 MiB at once (as it writes a dump's pages) to a link
+        that has not held anything up: the first 16 MiB go compressed, then
+        raw, which measures the link.
+        """
+        from twisted_criu.flow.compresspolicy import FIRST_COMPRESSED
+
+        writer, transfer = self.follow(StringTransport())
+        writer.write((TEXT * 15)[: 40 * CHUNK])
+        writer.commit()
+        self.assertEqual(self.successResultOf(self.done), 40 * CHUNK)
+        self.assertEqual(transfer.compressedRaw, FIRST_COMPRESSED)
+
+    def test_slowLinkKeepsCompressing(self) -> None:
+        """
+        A link that holds compressed chunks up before it is measured
+        (slower than the compressor, as a 100 Mbit/s link) gets every
+        chunk compressed, past the first 16 MiB too.
+        """
+        transport = _FullAfterEachWrite()
+        writer, transfer = self.follow(transport)
+        writer.write((TEXT * 15)[: 40 * CHUNK])
+        writer.commit()
+        for _ in range(200):
+            if self.done.called:
+                break
+            transfer.resumeProducing()
+        self.assertEqual(self.successResultOf(self.done), 40 * CHUNK)
+        self.assertEqual(transfer.compressedRaw, 40 * CHUNK)
+
+    def test_tricklingCriuRaw(self) -> None:
+        """criu writes a chunk at a time and the link keeps up: raw, no CPU spent compressing."""
+        writer, transfer = self.follow(StringTransport())
+        data = (TEXT * 4)[: 9 * CHUNK]
+        for offset in range(0, len(data), CHUNK):
+            writer.write(data[offset : offset + CHUNK])
+        writer.commit()
+        self.assertEqual(self.successResultOf(self.done), 9 * CHUNK)
+        self.assertEqual(transfer.compressedChunks, 0)
+        self.assertEqual(transfer.wireBytes, 9 * CHUNK)
+
+
 class LinkRateTests(SynchronousTestCase):
     def test_backloggedLinkMeasured(self) -> None:
         """

@@ -8,6 +8,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_criu.flow.compresspolicy import (
+    CHUNK,
+    FIRST_COMPRESSED,
     PROBE_INTERVAL,
     RAW_PROBE_CHUNKS,
     RAW_RUN_CHUNKS,
@@ -38,7 +40,7 @@ class PolicyTests(SynchronousTestCase):
 
     def test_rawUntilTheLinkHoldsUp(self) -> None:
         """
-        Nothing measured yet: raw, in chunks (that measures the link);
+        Nothing measured yet and criu not ahead of the link: raw, in chunks (that measures the link);
         once the link has held bytes up, a chunk is compressed (that
         measures the compressor).
         """
@@ -47,6 +49,42 @@ class PolicyTests(SynchronousTestCase):
         self.policy.drained(10 * MB, 10 * MB / (125 * MB))
         self.assertTrue(self.policy.compressNext())
         self.assertFalse(self.policy.plainImage())
+
+    def test_criuAheadOfAnUnmeasuredLink(self) -> None:
+        """
+        Nothing measured yet, but criu has written chunks the link has not
+        taken: the first 16 MiB go compressed, then raw (a run that
+        measures the link: where the link keeps up with the compressor,
+        compressing all of it before it is measured was slower).
+        """
+        first = FIRST_COMPRESSED // CHUNK
+        made = [self.policy.compressNext(ahead=True) for _ in range(first + 1)]
+        self.assertEqual(made, [True] * first + [False])
+
+    def test_linkSlowerThanTheCompressor(self) -> None:
+        """
+        The link held compressed chunks up before it was measured (a
+        100 Mbit/s link): compressing goes on until it is measured, and
+        then every chunk is compressed, with no raw probe at once.
+        """
+        self.clock.advance(60)  # (a proxy idle for a minute)
+        self.assertTrue(all(self.policy.compressNext(ahead=True) for _ in range(4)))
+        self.policy.heldUp(compressed=True)
+        self.assertTrue(all(self.policy.compressNext(ahead=True) for _ in range(40)))
+        self.feed(2.4, 300 * MB, 12.5 * MB, times=1)
+        self.assertEqual(self.choices(300).count(False), 0)
+
+    def test_heldUpAfterRawSaysNothing(self) -> None:
+        """Held up just after a raw chunk: nothing said of the compressor; raw measures the link."""
+        for _ in range(FIRST_COMPRESSED // CHUNK):
+            self.policy.compressNext(ahead=True)
+        self.policy.heldUp(compressed=False)
+        self.assertFalse(self.policy.compressNext(ahead=True))
+
+    def test_knownRandomRawEvenAhead(self) -> None:
+        """Data known not to shrink goes raw, ahead or not."""
+        self.policy.compressed(MB, MB + 20, MB / (700 * MB))
+        self.assertFalse(self.policy.compressNext(ahead=True))
 
     def test_tinyImagesDecideNothing(self) -> None:
         """

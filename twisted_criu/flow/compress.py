@@ -94,9 +94,12 @@ class LinkCompression:
     def codec(self) -> wire.Codec:
         return wire.Codec.NONE if self.mode is Mode.NONE else wire.Codec.ZSTD
 
-    def compressNext(self) -> bool:
-        """Compress the next chunk of an image that is being compressed?"""
-        return self.mode is Mode.ZSTD or self.policy.compressNext()
+    def compressNext(self, ahead: bool = False) -> bool:
+        """
+        Compress the next chunk of an image that is being compressed?
+        C{ahead}: criu has written several chunks more than it has sent.
+        """
+        return self.mode is Mode.ZSTD or self.policy.compressNext(ahead)
 
     def chunked(self, peerVersion: int, size: int | None) -> bool:
         """

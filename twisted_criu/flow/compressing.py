@@ -37,6 +37,10 @@ MIN_DRAIN_SECONDS = 0.02
 BACKLOG_WINDOW = 0.1
 #: A raw run shorter than this says nothing of the link's rate either.
 MIN_DRAIN_BYTES = 1 << 23
+#: Bytes criu has written beyond what the image has sent for them to be
+#: waiting for the link (see L{CompressionPolicy.compressNext}); once the
+#: image is complete, all of it waits.
+AHEAD = 4 * CHUNK
 
 
 class _Chunk:
@@ -93,6 +97,8 @@ class CompressedImage:
         self._compressNext: bool | None = None
         #: Chunks in the compressing threads.
         self._compressing = 0
+        #: Was the last chunk written compressed?
+        self._lastCompressed = False
         #: What got across while there was something to send: the policy checks its choice with it.
         self._across = GoodputMeter(self._clock, compression.policy.delivered)
 
@@ -121,6 +127,7 @@ class CompressedImage:
     def pauseProducing(self) -> None:
         self._paused = True
         self._across.pushedBack()
+        self._compression.policy.heldUp(self._lastCompressed)
         if self._backlogSince is None:
             self._backlogSince = self._clock.seconds()
             self._backlogBytes = 0
@@ -184,7 +191,7 @@ class CompressedImage:
             if not self._chunkReady():
                 return
             if self._compressNext is None:
-                self._compressNext = self._compression.compressNext()
+                self._compressNext = self._compression.compressNext(self._waitingForTheLink())
             compress = self._compressNext
             if compress and self._compressing >= threads:
                 return  # once a thread is free
@@ -207,6 +214,10 @@ class CompressedImage:
                 self._compression.compress(raw).addBoth(self._compressed, chunk)
             else:
                 chunk.ready = True
+
+    def _waitingForTheLink(self) -> bool:
+        """Are the image's next bytes written, and more of them than criu trickles (L{AHEAD}, or all)?"""
+        return self._complete() or self._available() - self.read >= AHEAD
 
     def _canRun(self) -> bool:
         """Can raw chunks go by sendfile (a plain socket, a store's descriptor)?"""
@@ -280,6 +291,7 @@ class CompressedImage:
         else:
             body = chunk.raw
             word = wire.chunkWord(len(body))
+        self._lastCompressed = frame is not None
         self._sent += len(chunk.raw)
         self.wireBytes += len(body)
         self._across.sent(len(chunk.raw), compressed=frame is not None)
