@@ -10,12 +10,14 @@ they can (compressor rate x cores: the idle cores, plus what the threads
 use already), and raw chunks fill the rest of the link beside them.  If
 the threads keep up with the link (compressor rate x cores >= link rate
 x ratio), every chunk is compressed.  The policy compresses that share
-(L{CompressionPolicy.share}) when it beats raw by a margin; it sends raw
-until the link has been seen to hold the bytes up (its rate measured),
-when the data does not compress (ratio under L{MIN_RATIO}), and when too
-few cores are idle (on a machine that criu, TLS and the link keep busy,
-compressing slows the migration down); and now and then it tries the
-other choice (a probe) so that a change of data or of link is noticed.
+(L{CompressionPolicy.share}) when it beats raw by a margin.  Until the
+link's rate is measured it compresses the first L{FIRST_COMPRESSED} bytes
+that wait for the link (all of them if the link holds them up) and then
+sends raw; it sends raw when the data does not compress (ratio under
+L{MIN_RATIO}), and when too few cores are idle (on a machine that criu,
+TLS and the link keep busy, compressing slows the migration down); and
+now and then it tries the other choice (a probe) so that a change of
+data or of link is noticed.
 
 The model can be wrong where the link is short of CPU rather than of
 bandwidth (its two ends on one busy machine): compressing then takes the
@@ -116,7 +118,8 @@ class CompressionPolicy:
         self._sampled = clock.seconds()
         self._compressing = 0.0
         self._lastProbe = clock.seconds()
-        #: When raw last went across in a run long enough to measure the link.
+        #: When raw last went across in a run long enough to measure the
+        #: link (or the unmeasured link first held compressed chunks up).
         self._lastRawRun = clock.seconds()
         self._rawProbeLeft = 0
         #: Raw bytes compressed before the link was measured.
