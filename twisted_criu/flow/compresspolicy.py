@@ -118,9 +118,10 @@ class CompressionPolicy:
         self._sampled = clock.seconds()
         self._compressing = 0.0
         self._lastProbe = clock.seconds()
-        #: When raw last went across in a run long enough to measure the
-        #: link (or the unmeasured link first held compressed chunks up).
-        self._lastRawRun = clock.seconds()
+        #: When the link was last checked against raw (a raw run long
+        #: enough to measure it, or the unmeasured link holding compressed
+        #: chunks up): raw probes count from then.
+        self._linkChecked = clock.seconds()
         self._rawProbeLeft = 0
         #: Raw bytes compressed before the link was measured.
         self._unmeasuredCompressed = 0
@@ -159,7 +160,7 @@ class CompressionPolicy:
         """
         if compressed and self.linkRate is None and not self._heldUpCompressed:
             self._heldUpCompressed = True
-            self._lastRawRun = self._clock.seconds()  # (slower than the compressor: no raw probe needed soon)
+            self._linkChecked = self._clock.seconds()  # (slower than the compressor: no raw probe needed soon)
 
     def delivered(self, raw: int, compressedRaw: int, seconds: float) -> None:
         """
@@ -285,11 +286,11 @@ class CompressionPolicy:
         return max(PROBE_INTERVAL, extra / RAW_PROBE_BUDGET)
 
     def _rawProbeDue(self) -> bool:
-        """Is it time to measure the link raw again (a raw run measured it last)?"""
+        """Is it time to measure the link raw again (L{rawProbeInterval} since it was last checked)?"""
         now = self._clock.seconds()
-        if now - self._lastRawRun < self.rawProbeInterval():
+        if now - self._linkChecked < self.rawProbeInterval():
             return False
-        self._lastRawRun = now
+        self._linkChecked = now
         return True
 
     def compressNext(self, ahead: bool = False) -> bool:
@@ -353,7 +354,7 @@ class CompressionPolicy:
             return count
         if self.worthIt():
             return 1
-        self._lastRawRun = self._clock.seconds()  # (it measures the link: no raw probe needed soon)
+        self._linkChecked = self._clock.seconds()  # (it measures the link: no raw probe needed soon)
         return RAW_RUN_CHUNKS
 
     def plainImage(self) -> bool:
